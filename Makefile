@@ -1,0 +1,51 @@
+# User targets: `make recipe=NAME [set="key=value ..."]`, `make ui`.  Developer: `make test`, `make lint`.
+# Every target builds the virtual environment (.venv) from pyproject.toml on first use.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+recipe ?= baseline
+set ?=
+port ?= 5000
+
+.DEFAULT_GOAL := run
+.PHONY: run validate stages ui test lint format sweep report clean-cache
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)  ## run recipes/$(recipe).yaml (or a path), with overrides in set="..."
+	$(PY) -m pipeline run $(recipe) $(set)
+
+validate: $(STAMP)
+	$(PY) -m pipeline validate $(recipe) $(set)
+
+stages: $(STAMP)
+	$(PY) -m pipeline stages
+
+ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store
+	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+		--host 127.0.0.1 --port $(port)
+
+sweep report: $(STAMP)
+	$(PY) -m pipeline $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline stages tests
+	$(VENV)/bin/ruff format --check pipeline stages tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format pipeline stages tests
+	$(VENV)/bin/ruff check --fix pipeline stages tests
+
+clean-cache:
+	rm -rf .cache

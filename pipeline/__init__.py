@@ -1,0 +1,13 @@
+"""Model-compression pipeline orchestrator: recipes of stages over timm models, tracked in MLflow."""
+
+__version__ = "0.1.0"
+
+
+def load_artifact(path):
+    """Turn any stage's artifact back into a runnable `torch.nn.Module` (see pipeline.artifacts)."""
+    from pipeline.artifacts import load_artifact as _load
+
+    return _load(path)
+
+
+__all__ = ["__version__", "load_artifact"]

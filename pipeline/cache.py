@@ -1,0 +1,114 @@
+"""Content-addressed store of completed stage outputs.
+
+A stage's key hashes its input's key, its name and its resolved config, so a rerun (or another
+recipe or ordering with the same prefix) finds finished work instead of redoing it. Entries are
+written to a temporary folder and renamed into place: a crash never leaves a half-written entry.
+Metrics are stored per evaluation setting, so changing how latency is measured re-measures the
+cached model instead of retraining it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.models import ModelState
+
+CACHE_FORMAT = 1
+STATE_FILE, ARTIFACT_FILE, RECORD_FILE, METRICS_DIR = "state.pt", "artifact.pt", "record.json", "metrics"
+
+
+def digest(obj: Any) -> str:
+    """Stable sha256 of a JSON-serialisable object (keys sorted)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stage_key(parent_key: str, stage_name: str, config: dict[str, Any]) -> str:
+    """Key of a stage output: its input's key, the stage name and its resolved config."""
+    return digest({"format": CACHE_FORMAT, "parent": parent_key, "stage": stage_name, "config": config})
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class CacheEntry:
+    """One completed stage output on disk."""
+
+    key: str
+    path: Path
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.path / ARTIFACT_FILE
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return json.loads((self.path / RECORD_FILE).read_text())
+
+    def load_state(self) -> ModelState:
+        # The cache holds whole modules (structured pruning and QAT change the architecture), so it is
+        # pickled; it is this tool's own output, never a downloaded file.
+        return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=False)
+
+    def metrics(self, eval_key: str) -> dict[str, float] | None:
+        path = self.path / METRICS_DIR / f"{eval_key}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put_metrics(self, eval_key: str, metrics: dict[str, float]) -> None:
+        (self.path / METRICS_DIR).mkdir(exist_ok=True)
+        write_json_atomic(self.path / METRICS_DIR / f"{eval_key}.json", metrics)
+
+
+class StageCache:
+    """Stage outputs under `root/<key[:2]>/<key>/`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def _path(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    def get(self, key: str) -> CacheEntry | None:
+        path = self._path(key)
+        return CacheEntry(key, path) if (path / RECORD_FILE).is_file() else None
+
+    def put(self, key: str, state: ModelState, record: dict[str, Any], write_artifact) -> CacheEntry:
+        """Store `state` under `key` atomically; `write_artifact(state, path)` writes the deployable file."""
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            torch.save(state, tmp / STATE_FILE)
+            write_artifact(state, tmp / ARTIFACT_FILE)
+            write_json_atomic(tmp / RECORD_FILE, {**record, "key": key, "status": "SUCCEEDED"})
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not (final / RECORD_FILE).is_file():  # a racing writer left a broken entry
+                    raise
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return CacheEntry(key, final)

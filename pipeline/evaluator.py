@@ -1,0 +1,109 @@
+"""Pure metric functions, and `evaluate`, which measures a model in its deployable form.
+
+Nothing here writes to disk or to MLflow: the runner does that with what these functions return.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+from pydantic import Field
+from torch import nn
+from torch.utils import benchmark
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from pipeline.config import StrictConfig
+from pipeline.data import TensorLoader
+
+
+class EvalConfig(StrictConfig):
+    """How the evaluator measures latency and throughput (accuracy always uses the whole test split)."""
+
+    threads: int = Field(1, ge=1, le=256, description="torch CPU threads for latency and throughput")
+    latency_runs: int = Field(200, ge=5, le=100_000, description="timed batch-1 forward passes")
+    warmup_runs: int = Field(20, ge=1, le=10_000, description="untimed forward passes before timing")
+    throughput_batch_size: int = Field(64, ge=1, le=4096, description="batch size of the throughput measurement")
+    throughput_runs: int = Field(10, ge=1, le=10_000, description="timed batches for throughput")
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, loader: TensorLoader, *, device: torch.device | str = "cpu",
+             progress: bool = False) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent over every batch of `loader`."""
+    model.eval()
+    top1 = top5 = seen = 0
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
+        logits = model(images.to(device))
+        labels = labels.to(device)
+        k = min(5, logits.shape[1])
+        best = logits.topk(k, dim=1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(dim=1).sum())
+        seen += labels.shape[0]
+    return 100.0 * top1 / max(seen, 1), 100.0 * top5 / max(seen, 1)
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters (learnable tensors' elements)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_params(model: nn.Module) -> int:
+    """Number of parameter elements that are not exactly zero."""
+    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+
+
+@torch.inference_mode()
+def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
+    """Multiply-accumulates for one image (FLOPs / 2, as counted by torch.utils.flop_counter)."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_size))
+    return counter.get_total_flops() // 2
+
+
+def latency_ms(model: nn.Module, input_size: tuple[int, ...], *, threads: int, runs: int,
+               warmup: int) -> tuple[float, float]:
+    """Batch-1 CPU latency in milliseconds: (median, 90th percentile) over `runs` single calls."""
+    x = torch.randn(1, *input_size)
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+    model.eval()
+    with torch.inference_mode():
+        timer.timeit(warmup)
+        times = sorted(timer.timeit(1).times[0] * 1e3 for _ in range(runs))
+    p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
+    return statistics.median(times), p90
+
+
+def throughput_ips(model: nn.Module, input_size: tuple[int, ...], *, batch_size: int, threads: int,
+                   runs: int) -> float:
+    """Images per second at `batch_size` on the CPU (median batch time over `runs`)."""
+    x = torch.randn(batch_size, *input_size)
+    timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
+    model.eval()
+    with torch.inference_mode():
+        timer.timeit(1)
+        seconds = statistics.median(timer.timeit(1).times[0] for _ in range(runs))
+    return batch_size / seconds
+
+
+def evaluate(model: nn.Module, test_loader: TensorLoader, input_size: tuple[int, ...], cfg: EvalConfig, *,
+             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
+    """Every evaluator metric except artifact_bytes (which belongs to the file the runner wrote)."""
+    top1, top5 = accuracy(model.to(device), test_loader, device=device, progress=progress)
+    model = model.to("cpu")
+    p50, p90 = latency_ms(model, input_size, threads=cfg.threads, runs=cfg.latency_runs, warmup=cfg.warmup_runs)
+    return {
+        "top1": top1,
+        "top5": top5,
+        "params": float(count_params(model)),
+        "nonzero_params": float(count_nonzero_params(model)),
+        "macs": float(count_macs(model, input_size)),
+        "latency_ms_p50": p50,
+        "latency_ms_p90": p90,
+        "throughput_ips": throughput_ips(model, input_size, batch_size=cfg.throughput_batch_size,
+                                         threads=cfg.threads, runs=cfg.throughput_runs),
+        "eval_threads": float(cfg.threads),
+    }

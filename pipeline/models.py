@@ -1,0 +1,134 @@
+"""Build timm models from a recipe, and the state that flows from stage to stage along a chain."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from pipeline.config import StrictConfig
+from pipeline.constraints import FixedWeights
+
+
+class ModelConfig(StrictConfig):
+    """Which timm model to build and where its starting weights come from."""
+
+    name: str = Field(description="any timm model name, e.g. resnet10t, resnet18, mobilenetv3_small_100")
+    pretrained: bool = Field(False, description="start from timm's pretrained weights (downloads; needs network)")
+    checkpoint: Path | None = Field(None, description="local state_dict to start from (loaded with weights_only)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+            hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
+            raise ValueError(f"unknown timm model {name!r}{hint}")
+        return name
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.expanduser().is_file():
+            raise ValueError(f"checkpoint file not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.pretrained and self.checkpoint is not None:
+            raise ValueError("set either pretrained: true or checkpoint:, not both")
+        reserved = {"num_classes", "pretrained"} & set(self.kwargs)
+        if reserved:
+            raise ValueError(f"kwargs may not set {sorted(reserved)}: they come from the data and `pretrained`")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the architecture: timm name, class count, create_model kwargs."""
+
+    name: str
+    num_classes: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, pretrained: bool = False) -> nn.Module:
+        return timm.create_model(self.name, pretrained=pretrained, num_classes=self.num_classes, **self.kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_classes": self.num_classes, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
+        return cls(d["name"], int(d["num_classes"]), dict(d.get("kwargs", {})))
+
+
+@dataclass
+class ModelState:
+    """What one stage hands to the next.
+
+    `fixed` holds the weights later training must keep; `artifact_format` names how the model is
+    shipped (see pipeline.artifacts); `preprocessing` is the input the model expects (timm's
+    pretrained_cfg keys: mean, std, input_size); `extras` is stage-specific state later stages or
+    the artifact writer need (e.g. INQ bit-widths), kept picklable.
+    """
+
+    model: nn.Module
+    spec: ModelSpec
+    preprocessing: dict[str, Any]
+    fixed: FixedWeights = field(default_factory=FixedWeights)
+    artifact_format: str = "dense"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class PretrainedUnavailableError(RuntimeError):
+    """timm's pretrained weights could not be fetched (typically: no network)."""
+
+
+def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, ModelSpec]:
+    """Build the recipe's model with its starting weights (random, timm pretrained, or a checkpoint)."""
+    spec = ModelSpec(cfg.name, num_classes, dict(cfg.kwargs))
+    if cfg.pretrained:
+        try:
+            model = spec.build(pretrained=True)
+        except Exception as err:  # hub errors come as many types (OSError, HTTPError, LocalEntryNotFound…)
+            raise PretrainedUnavailableError(
+                f"model.pretrained: could not fetch pretrained weights for {cfg.name!r} "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+                "offline, set pretrained: false or give a checkpoint:"
+            ) from err
+    else:
+        model = spec.build()
+    if cfg.checkpoint is not None:
+        load_checkpoint_(model, cfg.checkpoint)
+    return model, spec
+
+
+def load_checkpoint_(model: nn.Module, path: Path) -> None:
+    """Load a local checkpoint (a state_dict, or a dict with 'state_dict' / 'model') into `model`."""
+    blob = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and "state_dict" in blob:
+        blob = blob["state_dict"]
+    elif isinstance(blob, dict) and isinstance(blob.get("model"), dict):
+        blob = blob["model"]
+    missing, unexpected = model.load_state_dict(blob, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not fit the model: missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}"
+        )
+
+
+def pretrained_normalization(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The mean/std pretrained weights were trained with, or None when training from scratch."""
+    if not cfg.pretrained:
+        return None
+    pcfg = timm.models.get_pretrained_cfg(cfg.name)
+    if pcfg is None:
+        return None
+    return tuple(pcfg.mean), tuple(pcfg.std)

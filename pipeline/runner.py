@@ -1,0 +1,217 @@
+"""Runs a recipe: the baseline, then each stage in order, each evaluated, cached and tracked.
+
+For every stage: reuse the cached output when its key is known, else run it (from the previous
+output, loaded lazily), write its artifact and state atomically, then evaluate the artifact as it
+was written (the deployable form) and log everything to the stage's nested MLflow run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import __version__
+from pipeline.artifacts import load_artifact, save_artifact
+from pipeline.cache import CacheEntry, StageCache, digest, file_digest, stage_key
+from pipeline.data import DataBundle, load_data, locate
+from pipeline.evaluator import evaluate
+from pipeline.models import ModelState, PretrainedUnavailableError, create_model, pretrained_normalization
+from pipeline.recipe import Recipe, StageSpec
+from pipeline.tracking import Tracker
+from stages import StageContext, get_stage
+
+log = logging.getLogger("pipeline")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# Data settings that change only evaluation, not what a stage trains; they key metrics, not models.
+EVAL_ONLY_DATA_FIELDS = {"test_subset", "eval_batch_size"}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PIPELINE_CACHE_DIR") or PROJECT_ROOT / ".cache")
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """One step of the chain: index 0 is the baseline (`train`)."""
+
+    index: int
+    spec: StageSpec
+    key: str
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass
+class StageResult:
+    index: int
+    name: str
+    key: str
+    cached: bool
+    metrics: dict[str, float]
+    seconds: float
+    artifact_path: Path
+
+
+@dataclass
+class RunSummary:
+    recipe: str
+    ordering: str
+    run_id: str
+    results: list[StageResult] = field(default_factory=list)
+
+    @property
+    def reused(self) -> list[str]:
+        return [r.name for r in self.results if r.cached]
+
+
+def plan_chain(recipe: Recipe) -> list[PlannedStage]:
+    """The baseline plus the recipe's stages, each keyed by everything that determines its output."""
+    checkpoint = recipe.model.checkpoint
+    root = digest({
+        "version": __version__,
+        "seed": recipe.seed,
+        "model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}),
+        "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
+        "data": recipe.data.model_dump(mode="json", exclude=EVAL_ONLY_DATA_FIELDS | {"root"}),
+        "data_source": str(locate(recipe.data).path),
+    })
+    specs = [StageSpec("train", recipe.baseline), *recipe.stage_specs()]
+    chain, parent = [], root
+    for index, spec in enumerate(specs):
+        parent = stage_key(parent, spec.name, spec.config.model_dump(mode="json"))
+        chain.append(PlannedStage(index, spec, parent))
+    return chain
+
+
+def evaluation_key(recipe: Recipe) -> str:
+    """Identifies how metrics were measured; cached metrics are reused only under the same key."""
+    return digest({
+        "evaluation": recipe.evaluation.model_dump(mode="json"),
+        "data": recipe.data.model_dump(mode="json", include=EVAL_ONLY_DATA_FIELDS),
+        "data_source": str(locate(recipe.data).path),
+    })[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto': CUDA when present, else the CPU with all cores."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    torch.set_num_threads(os.cpu_count() or 1)
+    return torch.device("cpu")
+
+
+def check_pretrained(recipe: Recipe) -> None:
+    """Fetch pretrained weights up front so an offline machine fails before any run is created."""
+    if recipe.model.pretrained:
+        create_model(recipe.model, num_classes=2)  # raises PretrainedUnavailableError when offline
+
+
+class Runner:
+    """Runs one recipe's chain with a cache and a tracker."""
+
+    def __init__(self, recipe: Recipe, *, cache_dir: Path | None = None, tracker: Tracker | None = None,
+                 progress: bool = True, use_cache: bool = True) -> None:
+        self.recipe, self.progress, self.use_cache = recipe, progress, use_cache
+        self.cache_dir = Path(cache_dir or default_cache_dir())
+        self.cache = StageCache(self.cache_dir / "stages")
+        self.tracker = tracker
+        self.chain = plan_chain(recipe)
+        self.eval_key = evaluation_key(recipe)
+        self.device = torch.device("cpu")
+        self.data: DataBundle | None = None
+
+    def cached(self, stage: PlannedStage) -> CacheEntry | None:
+        return self.cache.get(stage.key) if self.use_cache else None
+
+    def run(self) -> RunSummary:
+        recipe = self.recipe
+        reusable = [s.name for s in self.chain if self.cached(s)]
+        if not self.cached(self.chain[0]):
+            check_pretrained(recipe)
+        self.device = resolve_device(recipe.device)
+        self.data = load_data(recipe.data, seed=recipe.seed, cache_dir=self.cache_dir / "datasets",
+                              normalization=pretrained_normalization(recipe.model))
+        if reusable:
+            log.info("reusing cached stages: %s", ", ".join(reusable))
+        tracker = self.tracker or Tracker()
+        tags = {"recipe": recipe.name, "ordering": recipe.ordering, "pipeline_version": __version__}
+        with tracker.run(recipe.name, tags) as parent_id:
+            summary = RunSummary(recipe.name, recipe.ordering, parent_id)
+            tracker.log_text(parent_id, recipe.to_yaml(), "recipe.yaml")
+            tracker.log_params(parent_id, {"seed": recipe.seed, "model": recipe.model.name,
+                                           "dataset": recipe.data.dataset, "device": str(self.device),
+                                           "stages": recipe.ordering})
+            state: ModelState | None = None
+            for stage in self.chain:
+                result, state = self._run_stage(tracker, parent_id, stage, state)
+                summary.results.append(result)
+                tracker.log_metrics(parent_id, result.metrics, step=stage.index)
+            final = summary.results[-1]
+            tracker.log_artifact(parent_id, final.artifact_path, "model")
+            tracker.log_dict(parent_id, {r.name + f"[{r.index}]": r.metrics for r in summary.results},
+                             "metrics.json")
+        return summary
+
+    def _run_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
+        entry = self.cached(stage)
+        tags = {"stage": stage.name, "stage_index": str(stage.index), "cached": str(entry is not None).lower(),
+                "ordering": self.recipe.ordering, "recipe": self.recipe.name, "cache_key": stage.key}
+        with tracker.run(f"{stage.index}-{stage.name}", tags, parent_id=parent_id) as run_id:
+            tracker.log_params(run_id, stage.spec.config.model_dump(mode="json"))
+            start = time.perf_counter()
+            if entry is None:
+                if state is None and stage.index > 0:
+                    state = self.cache.get(self.chain[stage.index - 1].key).load_state()
+                log.info("stage %d (%s): running", stage.index, stage.name)
+                entry, state = self._execute(tracker, run_id, stage, state)
+            else:
+                log.info("stage %d (%s): reused from cache %s", stage.index, stage.name, stage.key[:12])
+                state = None  # loaded only if a later stage needs to run from it
+            metrics = self._measure(entry)
+            metrics["stage_seconds"] = float(entry.record.get("seconds", 0.0))
+            tracker.log_metrics(run_id, metrics, step=stage.index)
+            tracker.log_dict(run_id, {"metrics": metrics, "record": entry.record}, "metrics.json")
+            tracker.log_artifact(run_id, entry.artifact_path, "model")
+        return StageResult(stage.index, stage.name, stage.key, tags["cached"] == "true", metrics,
+                           time.perf_counter() - start, entry.artifact_path), state
+
+    def _execute(self, tracker: Tracker, run_id: str, stage: PlannedStage, state: ModelState | None):
+        seed = (self.recipe.seed * 1_000_003 + int(stage.key[:8], 16)) % 2**31
+        torch.manual_seed(seed)
+        ctx = StageContext(
+            data=self.data, data_config=self.recipe.data, model_config=self.recipe.model, device=self.device,
+            seed=seed, baseline=lambda: self.cache.get(self.chain[0].key).load_state(), progress=self.progress,
+            on_epoch_end=lambda epoch, stats: tracker.log_metrics(run_id, stats, step=epoch),
+        )
+        start = time.perf_counter()
+        out = get_stage(stage.name).run(state, stage.spec.config, ctx)
+        out.state.model.to("cpu").eval()
+        record = {"stage": stage.name, "index": stage.index, "config": stage.spec.config.model_dump(mode="json"),
+                  "parent": self.chain[stage.index - 1].key if stage.index else None,
+                  "seconds": time.perf_counter() - start, "stage_metrics": out.metrics,
+                  "train_history": out.report.history if out.report else [], "version": __version__}
+        entry = self.cache.put(stage.key, out.state, record, save_artifact)
+        return entry, out.state
+
+    def _measure(self, entry: CacheEntry) -> dict[str, float]:
+        metrics = entry.metrics(self.eval_key)
+        if metrics is None:
+            model = load_artifact(entry.artifact_path)  # measure exactly what ships
+            metrics = evaluate(model, self.data.test_loader(self.recipe.data.eval_batch_size),
+                               self.data.input_size, self.recipe.evaluation, device=self.device,
+                               progress=self.progress)
+            metrics["artifact_bytes"] = float(entry.artifact_path.stat().st_size)
+            entry.put_metrics(self.eval_key, metrics)
+        return {**metrics, **entry.record.get("stage_metrics", {})}
+
+
+__all__ = ["PretrainedUnavailableError", "Runner", "RunSummary", "StageResult", "plan_chain"]

@@ -1,0 +1,150 @@
+"""The one training loop every stage trains through: baseline, fine-tuning, INQ retraining, QAT, distillation.
+
+Constraints from earlier stages are enforced here, once: gradients of fixed weights are masked
+before each optimizer step and fixed weights are projected back to their values after it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import timm.optim
+import torch
+from pydantic import Field
+from torch import nn
+from tqdm.auto import tqdm
+
+from pipeline.config import StrictConfig
+from pipeline.constraints import FixedWeights
+from pipeline.data import TensorLoader
+
+
+class TrainConfig(StrictConfig):
+    """Hyper-parameters of one training run through the shared loop."""
+
+    epochs: int = Field(ge=0, le=10_000, description="passes over the training split (0: no training)")
+    optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer, built by timm.optim")
+    lr: float = Field(0.1, gt=0, le=10, description="peak learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(True, description="Nesterov momentum (SGD)")
+    weight_decay: float = Field(5e-4, ge=0, le=1, description="L2 weight decay (not applied to norms and biases)")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("onecycle", description="per-step LR schedule")
+    warmup_fraction: float = Field(0.15, ge=0, lt=1, description="share of steps spent warming up (onecycle)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
+    grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""(model, images, labels) -> (loss, logits). Distillation supplies its own."""
+
+
+@dataclass
+class LoopHooks:
+    """What a stage may plug into the loop without copying it."""
+
+    loss: LossFn | None = None
+    after_step: Sequence[Callable[[nn.Module], None]] = ()
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+
+
+@dataclass
+class TrainReport:
+    """What the loop measured: per-epoch mean loss and train accuracy (percent), wall time in seconds."""
+
+    epochs: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # timm's factory keeps weight decay off norms and biases; its "sgd" is Nesterov, "momentum" is not.
+    opt = "adamw" if cfg.optimizer == "adamw" else ("sgd" if cfg.nesterov else "momentum")
+    return timm.optim.create_optimizer_v2(
+        model, opt=opt, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=max(cfg.warmup_fraction, 1e-3)
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def cross_entropy_loss(label_smoothing: float) -> LossFn:
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+
+    def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        return criterion(logits, labels), logits
+
+    return loss
+
+
+def train_(
+    model: nn.Module,
+    loader: TensorLoader,
+    cfg: TrainConfig,
+    *,
+    fixed: FixedWeights,
+    device: torch.device,
+    hooks: LoopHooks | None = None,
+    desc: str = "train",
+    progress: bool = True,
+) -> TrainReport:
+    """Train `model` in place for `cfg.epochs` epochs, keeping every fixed weight fixed."""
+    hooks = hooks or LoopHooks()
+    report = TrainReport()
+    if cfg.epochs == 0:
+        return report
+    loss_fn = hooks.loss or cross_entropy_loss(cfg.label_smoothing)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=cfg.epochs * len(loader))
+    fixed.project_(model)
+    start = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        stats = _train_epoch_(model, loader, cfg, optimizer, scheduler, fixed, device, hooks, loss_fn,
+                              desc=f"{desc} {epoch + 1}/{cfg.epochs}", progress=progress)
+        report.steps += len(loader)
+        report.history.append(stats)
+        if hooks.on_epoch_end is not None:
+            hooks.on_epoch_end(epoch, stats)
+    report.epochs = cfg.epochs
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _train_epoch_(model, loader, cfg, optimizer, scheduler, fixed, device, hooks, loss_fn, *, desc, progress):
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
+    for images, labels in bar:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        loss, logits = loss_fn(model, images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} (lower lr or check the input model)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        fixed.mask_grads_(model)
+        if cfg.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+        optimizer.step()
+        fixed.project_(model)
+        for hook in hooks.after_step:
+            hook(model)
+        scheduler.step()
+        batch = labels.shape[0]
+        loss_sum += loss.item() * batch
+        correct += int((logits.argmax(1) == labels).sum())
+        seen += batch
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
+    return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"]}

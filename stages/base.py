@@ -1,0 +1,97 @@
+"""The stage protocol and registry.
+
+A stage is a function `run(state, config, ctx) -> StageOutput`, registered under the name a recipe
+uses, with the config class that validates its recipe entry. Caching, evaluation, tracking and
+artifacts are the runner's job, so a stage only transforms a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from pipeline.config import StrictConfig
+from pipeline.data import DataBundle, DataConfig
+from pipeline.models import ModelConfig, ModelState
+from pipeline.training import TrainReport
+
+# Stages the product plans but that are not implemented yet: a recipe naming one fails at load time
+# with this pointer instead of running a silent no-op.
+PLANNED_STAGES = {"prune": 3, "inq": 4, "qat": 5, "distill": 6}
+
+
+@dataclass
+class StageContext:
+    """What a stage may use besides its input model and config."""
+
+    data: DataBundle
+    data_config: DataConfig
+    model_config: ModelConfig
+    device: torch.device
+    seed: int
+    baseline: Callable[[], ModelState]
+    progress: bool = True
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+
+
+@dataclass
+class StageOutput:
+    """The new model state, the stage's own measurements (e.g. achieved sparsity), its training report."""
+
+    state: ModelState
+    metrics: dict[str, float] = field(default_factory=dict)
+    report: TrainReport | None = None
+
+
+class StageFn(Protocol):
+    def __call__(self, state: ModelState | None, config: StrictConfig, ctx: StageContext) -> StageOutput: ...
+
+
+@dataclass(frozen=True)
+class StageEntry:
+    name: str
+    config: type[StrictConfig]
+    run: StageFn
+
+    @property
+    def summary(self) -> str:
+        return (self.run.__doc__ or "").strip().splitlines()[0] if self.run.__doc__ else ""
+
+
+class UnknownStageError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+_REGISTRY: dict[str, StageEntry] = {}
+
+
+def register_stage(name: str, *, config: type[StrictConfig]):
+    """Register a stage function under `name`, validated by `config`."""
+
+    def wrap(fn: StageFn) -> StageFn:
+        if name in _REGISTRY:
+            raise ValueError(f"stage {name!r} is registered twice")
+        _REGISTRY[name] = StageEntry(name, config, fn)
+        return fn
+
+    return wrap
+
+
+def available_stages() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_stage(name: str) -> StageEntry:
+    """The registered stage, or an error naming the known ones (and the issue of a planned one)."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    known = ", ".join(available_stages())
+    if name in PLANNED_STAGES:
+        raise UnknownStageError(
+            f"stage {name!r} is not yet supported (planned in issue #{PLANNED_STAGES[name]}); available: {known}"
+        )
+    raise UnknownStageError(f"unknown stage {name!r}; available: {known}")
