@@ -95,6 +95,10 @@ def load_artifact(path: str | Path) -> nn.Module:
         raise ValueError(f"{path}: artifact version {blob['version']} is newer than this tool ({ARTIFACT_VERSION})")
     spec = ModelSpec.from_dict(blob["model"])
     model = artifact_format(blob["format"]).decode(blob["payload"], spec.build())
-    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}), **blob["pretrained_cfg"],
-                            "num_classes": spec.num_classes, "architecture": spec.name}
+    model.pretrained_cfg = {
+        **getattr(model, "pretrained_cfg", {}),
+        **blob["pretrained_cfg"],
+        "num_classes": spec.num_classes,
+        "architecture": spec.name,
+    }
     return model.eval()

@@ -21,8 +21,12 @@ def _parser() -> argparse.ArgumentParser:
     for name, help_text in (("run", "run a recipe end to end"), ("validate", "validate a recipe, run nothing")):
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("recipe", help="a name in recipes/ (e.g. baseline) or a path to a YAML file")
-        cmd.add_argument("overrides", nargs="*", metavar="key=value",
-                         help="dotted overrides, e.g. data.train_subset=2000 baseline.epochs=1")
+        cmd.add_argument(
+            "overrides",
+            nargs="*",
+            metavar="key=value",
+            help="dotted overrides, e.g. data.train_subset=2000 baseline.epochs=1",
+        )
         if name == "run":
             cmd.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default .cache/)")
             cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
@@ -63,8 +67,12 @@ def _run(recipe, args) -> int:
     from pipeline.runner import Runner
 
     try:
-        summary = Runner(recipe, cache_dir=args.cache_dir, progress=not args.quiet and sys.stderr.isatty(),
-                         use_cache=not args.no_cache).run()
+        summary = Runner(
+            recipe,
+            cache_dir=args.cache_dir,
+            progress=not args.quiet and sys.stderr.isatty(),
+            use_cache=not args.no_cache,
+        ).run()
     except PretrainedUnavailableError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID

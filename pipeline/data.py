@@ -30,8 +30,10 @@ DATASET_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-TORCHVISION_LAYOUT = {"cifar10": ("cifar-10-batches-py", torchvision.datasets.CIFAR10),
-                      "cifar100": ("cifar-100-python", torchvision.datasets.CIFAR100)}
+TORCHVISION_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", torchvision.datasets.CIFAR10),
+    "cifar100": ("cifar-100-python", torchvision.datasets.CIFAR100),
+}
 
 
 class DataConfig(StrictConfig):
@@ -122,8 +124,16 @@ class DataBundle:
         return tuple(self.test.images.shape[1:])  # type: ignore[return-value]
 
     def train_loader(self, batch_size: int, *, seed: int, augment: bool) -> TensorLoader:
-        return TensorLoader(self.train, batch_size, mean=self.mean, std=self.std, shuffle=True,
-                            augment=augment, seed=seed, drop_last=len(self.train.labels) > batch_size)
+        return TensorLoader(
+            self.train,
+            batch_size,
+            mean=self.mean,
+            std=self.std,
+            shuffle=True,
+            augment=augment,
+            seed=seed,
+            drop_last=len(self.train.labels) > batch_size,
+        )
 
     def test_loader(self, batch_size: int) -> TensorLoader:
         return TensorLoader(self.test, batch_size, mean=self.mean, std=self.std)
@@ -143,10 +153,10 @@ def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.
     return torch.sort(torch.cat(chosen)).values
 
 
-def _decode_imagefolder(folder: Path, indices: torch.Tensor | None, img_size: int | None, desc: str):
-    tree = torchvision.datasets.ImageFolder(folder)  # only walks the tree; we decode ourselves
+def _decode_imagefolder(folder: Path, subset: int | None, seed: int, img_size: int | None, desc: str):
+    tree = torchvision.datasets.ImageFolder(folder)  # only walks the tree; the subset is decoded below
     labels = torch.tensor(tree.targets, dtype=torch.int64)
-    idx = torch.arange(len(labels)) if indices is None else indices
+    idx = balanced_subset(labels, subset, seed)
     images = []
     for i in tqdm(idx.tolist(), desc=desc, unit="img", leave=False, mininterval=1.0, disable=None):
         img = decode_image(tree.samples[i][0], mode=ImageReadMode.RGB)
@@ -162,9 +172,7 @@ def _decode_imagefolder(folder: Path, indices: torch.Tensor | None, img_size: in
 def _load_split(source: DataSource, cfg: DataConfig, train: bool, subset: int | None, seed: int):
     split = "train" if train else "test"
     if source.kind == "imagefolder":
-        labels = torch.tensor(torchvision.datasets.ImageFolder(source.path / split).targets)
-        idx = balanced_subset(labels, subset, seed)
-        return _decode_imagefolder(source.path / split, idx, cfg.img_size, desc=f"decode {source.dataset}/{split}")
+        return _decode_imagefolder(source.path / split, subset, seed, cfg.img_size, f"decode {source.dataset}/{split}")
     _, cls = TORCHVISION_LAYOUT[source.dataset]
     ds = cls(str(source.path), train=train, download=cfg.download)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
@@ -179,8 +187,8 @@ def _load_split(source: DataSource, cfg: DataConfig, train: bool, subset: int | 
 def _cached_split(source, cfg, train, subset, seed, cache_dir: Path | None):
     if cache_dir is None:
         return _load_split(source, cfg, train, subset, seed)
-    ident = f"{source}|{train}|{subset}|{seed}|{cfg.img_size}|v1"
-    path = cache_dir / f"{source.dataset}-{'train' if train else 'test'}-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.pt"
+    ident = hashlib.sha256(f"{source}|{train}|{subset}|{seed}|{cfg.img_size}|v1".encode()).hexdigest()[:16]
+    path = cache_dir / f"{source.dataset}-{'train' if train else 'test'}-{ident}.pt"
     if path.exists():
         blob = torch.load(path, weights_only=True)
         return Split(blob["images"], blob["labels"]), blob["classes"]
@@ -192,8 +200,13 @@ def _cached_split(source, cfg, train, subset, seed, cache_dir: Path | None):
     return split, classes
 
 
-def load_data(cfg: DataConfig, *, seed: int, cache_dir: Path | None = None,
-              normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> DataBundle:
+def load_data(
+    cfg: DataConfig,
+    *,
+    seed: int,
+    cache_dir: Path | None = None,
+    normalization: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+) -> DataBundle:
     """Decode (or read from the decode cache) both splits of the configured dataset.
 
     `normalization` (mean, std) overrides the dataset's own statistics, e.g. for pretrained weights.
@@ -220,8 +233,19 @@ class TensorLoader:
     tensors at once costs almost nothing.
     """
 
-    def __init__(self, split: Split, batch_size: int, *, mean, std, shuffle: bool = False,
-                 augment: bool = False, seed: int = 0, drop_last: bool = False, pad: int = 4) -> None:
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        mean,
+        std,
+        shuffle: bool = False,
+        augment: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        pad: int = 4,
+    ) -> None:
         self.split, self.batch_size = split, batch_size
         self.shuffle, self.augment, self.drop_last, self.pad = shuffle, augment, drop_last, pad
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
@@ -236,7 +260,7 @@ class TensorLoader:
         n = len(self.split.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             images = self.split.images[idx]
             if self.augment:
                 images = random_crop_flip(images, self.pad, self.generator)

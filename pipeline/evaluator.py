@@ -29,8 +29,9 @@ class EvalConfig(StrictConfig):
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, loader: TensorLoader, *, device: torch.device | str = "cpu",
-             progress: bool = False) -> tuple[float, float]:
+def accuracy(
+    model: nn.Module, loader: TensorLoader, *, device: torch.device | str = "cpu", progress: bool = False
+) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent over every batch of `loader`."""
     model.eval()
     top1 = top5 = seen = 0
@@ -64,8 +65,9 @@ def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
     return counter.get_total_flops() // 2
 
 
-def latency_ms(model: nn.Module, input_size: tuple[int, ...], *, threads: int, runs: int,
-               warmup: int) -> tuple[float, float]:
+def latency_ms(
+    model: nn.Module, input_size: tuple[int, ...], *, threads: int, runs: int, warmup: int
+) -> tuple[float, float]:
     """Batch-1 CPU latency in milliseconds: (median, 90th percentile) over `runs` single calls."""
     x = torch.randn(1, *input_size)
     timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
@@ -77,8 +79,7 @@ def latency_ms(model: nn.Module, input_size: tuple[int, ...], *, threads: int, r
     return statistics.median(times), p90
 
 
-def throughput_ips(model: nn.Module, input_size: tuple[int, ...], *, batch_size: int, threads: int,
-                   runs: int) -> float:
+def throughput_ips(model: nn.Module, input_size: tuple[int, ...], *, batch_size: int, threads: int, runs: int) -> float:
     """Images per second at `batch_size` on the CPU (median batch time over `runs`)."""
     x = torch.randn(batch_size, *input_size)
     timer = benchmark.Timer(stmt="model(x)", globals={"model": model, "x": x}, num_threads=threads)
@@ -89,8 +90,15 @@ def throughput_ips(model: nn.Module, input_size: tuple[int, ...], *, batch_size:
     return batch_size / seconds
 
 
-def evaluate(model: nn.Module, test_loader: TensorLoader, input_size: tuple[int, ...], cfg: EvalConfig, *,
-             device: torch.device | str = "cpu", progress: bool = False) -> dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    test_loader: TensorLoader,
+    input_size: tuple[int, ...],
+    cfg: EvalConfig,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, float]:
     """Every evaluator metric except artifact_bytes (which belongs to the file the runner wrote)."""
     top1, top5 = accuracy(model.to(device), test_loader, device=device, progress=progress)
     model = model.to("cpu")
@@ -103,7 +111,8 @@ def evaluate(model: nn.Module, test_loader: TensorLoader, input_size: tuple[int,
         "macs": float(count_macs(model, input_size)),
         "latency_ms_p50": p50,
         "latency_ms_p90": p90,
-        "throughput_ips": throughput_ips(model, input_size, batch_size=cfg.throughput_batch_size,
-                                         threads=cfg.threads, runs=cfg.throughput_runs),
+        "throughput_ips": throughput_ips(
+            model, input_size, batch_size=cfg.throughput_batch_size, threads=cfg.threads, runs=cfg.throughput_runs
+        ),
         "eval_threads": float(cfg.threads),
     }

@@ -127,7 +127,7 @@ def _validate_stage(index: int, entry: Any) -> StageSpec:
     path = f"stages[{index}]"
     if not isinstance(entry, dict) or len(entry) != 1:
         raise RecipeError(path, f"must be a one-key mapping {{stage_name: config}}, got {entry!r}")
-    (name, cfg), = entry.items()
+    ((name, cfg),) = entry.items()
     try:
         stage = get_stage(str(name))
     except UnknownStageError as err:
@@ -221,7 +221,7 @@ def _as_recipe_error(err: ValidationError, model: type[BaseModel], prefix: str =
         return RecipeError(path, "required field is missing")
     message = first["msg"]
     if message.startswith("Value error, "):
-        message = message[len("Value error, "):]
+        message = message[len("Value error, ") :]
     if "input" in first and kind not in {"value_error"}:
         message += f", got {first['input']!r}"
     return RecipeError(path, message)

@@ -12,7 +12,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -76,14 +75,16 @@ class RunSummary:
 def plan_chain(recipe: Recipe) -> list[PlannedStage]:
     """The baseline plus the recipe's stages, each keyed by everything that determines its output."""
     checkpoint = recipe.model.checkpoint
-    root = digest({
-        "version": __version__,
-        "seed": recipe.seed,
-        "model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}),
-        "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
-        "data": recipe.data.model_dump(mode="json", exclude=EVAL_ONLY_DATA_FIELDS | {"root"}),
-        "data_source": str(locate(recipe.data).path),
-    })
+    root = digest(
+        {
+            "version": __version__,
+            "seed": recipe.seed,
+            "model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}),
+            "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
+            "data": recipe.data.model_dump(mode="json", exclude=EVAL_ONLY_DATA_FIELDS | {"root"}),
+            "data_source": str(locate(recipe.data).path),
+        }
+    )
     specs = [StageSpec("train", recipe.baseline), *recipe.stage_specs()]
     chain, parent = [], root
     for index, spec in enumerate(specs):
@@ -94,11 +95,13 @@ def plan_chain(recipe: Recipe) -> list[PlannedStage]:
 
 def evaluation_key(recipe: Recipe) -> str:
     """Identifies how metrics were measured; cached metrics are reused only under the same key."""
-    return digest({
-        "evaluation": recipe.evaluation.model_dump(mode="json"),
-        "data": recipe.data.model_dump(mode="json", include=EVAL_ONLY_DATA_FIELDS),
-        "data_source": str(locate(recipe.data).path),
-    })[:16]
+    return digest(
+        {
+            "evaluation": recipe.evaluation.model_dump(mode="json"),
+            "data": recipe.data.model_dump(mode="json", include=EVAL_ONLY_DATA_FIELDS),
+            "data_source": str(locate(recipe.data).path),
+        }
+    )[:16]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,8 +121,15 @@ def check_pretrained(recipe: Recipe) -> None:
 class Runner:
     """Runs one recipe's chain with a cache and a tracker."""
 
-    def __init__(self, recipe: Recipe, *, cache_dir: Path | None = None, tracker: Tracker | None = None,
-                 progress: bool = True, use_cache: bool = True) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        cache_dir: Path | None = None,
+        tracker: Tracker | None = None,
+        progress: bool = True,
+        use_cache: bool = True,
+    ) -> None:
         self.recipe, self.progress, self.use_cache = recipe, progress, use_cache
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache = StageCache(self.cache_dir / "stages")
@@ -138,8 +148,12 @@ class Runner:
         if not self.cached(self.chain[0]):
             check_pretrained(recipe)
         self.device = resolve_device(recipe.device)
-        self.data = load_data(recipe.data, seed=recipe.seed, cache_dir=self.cache_dir / "datasets",
-                              normalization=pretrained_normalization(recipe.model))
+        self.data = load_data(
+            recipe.data,
+            seed=recipe.seed,
+            cache_dir=self.cache_dir / "datasets",
+            normalization=pretrained_normalization(recipe.model),
+        )
         if reusable:
             log.info("reusing cached stages: %s", ", ".join(reusable))
         tracker = self.tracker or Tracker()
@@ -147,9 +161,16 @@ class Runner:
         with tracker.run(recipe.name, tags) as parent_id:
             summary = RunSummary(recipe.name, recipe.ordering, parent_id)
             tracker.log_text(parent_id, recipe.to_yaml(), "recipe.yaml")
-            tracker.log_params(parent_id, {"seed": recipe.seed, "model": recipe.model.name,
-                                           "dataset": recipe.data.dataset, "device": str(self.device),
-                                           "stages": recipe.ordering})
+            tracker.log_params(
+                parent_id,
+                {
+                    "seed": recipe.seed,
+                    "model": recipe.model.name,
+                    "dataset": recipe.data.dataset,
+                    "device": str(self.device),
+                    "stages": recipe.ordering,
+                },
+            )
             state: ModelState | None = None
             for stage in self.chain:
                 result, state = self._run_stage(tracker, parent_id, stage, state)
@@ -157,14 +178,19 @@ class Runner:
                 tracker.log_metrics(parent_id, result.metrics, step=stage.index)
             final = summary.results[-1]
             tracker.log_artifact(parent_id, final.artifact_path, "model")
-            tracker.log_dict(parent_id, {r.name + f"[{r.index}]": r.metrics for r in summary.results},
-                             "metrics.json")
+            tracker.log_dict(parent_id, {r.name + f"[{r.index}]": r.metrics for r in summary.results}, "metrics.json")
         return summary
 
     def _run_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
         entry = self.cached(stage)
-        tags = {"stage": stage.name, "stage_index": str(stage.index), "cached": str(entry is not None).lower(),
-                "ordering": self.recipe.ordering, "recipe": self.recipe.name, "cache_key": stage.key}
+        tags = {
+            "stage": stage.name,
+            "stage_index": str(stage.index),
+            "cached": str(entry is not None).lower(),
+            "ordering": self.recipe.ordering,
+            "recipe": self.recipe.name,
+            "cache_key": stage.key,
+        }
         with tracker.run(f"{stage.index}-{stage.name}", tags, parent_id=parent_id) as run_id:
             tracker.log_params(run_id, stage.spec.config.model_dump(mode="json"))
             start = time.perf_counter()
@@ -181,24 +207,42 @@ class Runner:
             tracker.log_metrics(run_id, metrics, step=stage.index)
             tracker.log_dict(run_id, {"metrics": metrics, "record": entry.record}, "metrics.json")
             tracker.log_artifact(run_id, entry.artifact_path, "model")
-        return StageResult(stage.index, stage.name, stage.key, tags["cached"] == "true", metrics,
-                           time.perf_counter() - start, entry.artifact_path), state
+        return StageResult(
+            stage.index,
+            stage.name,
+            stage.key,
+            tags["cached"] == "true",
+            metrics,
+            time.perf_counter() - start,
+            entry.artifact_path,
+        ), state
 
     def _execute(self, tracker: Tracker, run_id: str, stage: PlannedStage, state: ModelState | None):
         seed = (self.recipe.seed * 1_000_003 + int(stage.key[:8], 16)) % 2**31
         torch.manual_seed(seed)
         ctx = StageContext(
-            data=self.data, data_config=self.recipe.data, model_config=self.recipe.model, device=self.device,
-            seed=seed, baseline=lambda: self.cache.get(self.chain[0].key).load_state(), progress=self.progress,
+            data=self.data,
+            data_config=self.recipe.data,
+            model_config=self.recipe.model,
+            device=self.device,
+            seed=seed,
+            baseline=lambda: self.cache.get(self.chain[0].key).load_state(),
+            progress=self.progress,
             on_epoch_end=lambda epoch, stats: tracker.log_metrics(run_id, stats, step=epoch),
         )
         start = time.perf_counter()
         out = get_stage(stage.name).run(state, stage.spec.config, ctx)
         out.state.model.to("cpu").eval()
-        record = {"stage": stage.name, "index": stage.index, "config": stage.spec.config.model_dump(mode="json"),
-                  "parent": self.chain[stage.index - 1].key if stage.index else None,
-                  "seconds": time.perf_counter() - start, "stage_metrics": out.metrics,
-                  "train_history": out.report.history if out.report else [], "version": __version__}
+        record = {
+            "stage": stage.name,
+            "index": stage.index,
+            "config": stage.spec.config.model_dump(mode="json"),
+            "parent": self.chain[stage.index - 1].key if stage.index else None,
+            "seconds": time.perf_counter() - start,
+            "stage_metrics": out.metrics,
+            "train_history": out.report.history if out.report else [],
+            "version": __version__,
+        }
         entry = self.cache.put(stage.key, out.state, record, save_artifact)
         return entry, out.state
 
@@ -206,9 +250,14 @@ class Runner:
         metrics = entry.metrics(self.eval_key)
         if metrics is None:
             model = load_artifact(entry.artifact_path)  # measure exactly what ships
-            metrics = evaluate(model, self.data.test_loader(self.recipe.data.eval_batch_size),
-                               self.data.input_size, self.recipe.evaluation, device=self.device,
-                               progress=self.progress)
+            metrics = evaluate(
+                model,
+                self.data.test_loader(self.recipe.data.eval_batch_size),
+                self.data.input_size,
+                self.recipe.evaluation,
+                device=self.device,
+                progress=self.progress,
+            )
             metrics["artifact_bytes"] = float(entry.artifact_path.stat().st_size)
             entry.put_metrics(self.eval_key, metrics)
         return {**metrics, **entry.record.get("stage_metrics", {})}

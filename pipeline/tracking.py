@@ -26,7 +26,7 @@ def tracking_uri() -> str:
 def _artifact_root(uri: str) -> str | None:
     """For a SQLite store, keep artifacts in `mlartifacts/` beside the database file."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
     return None  # a tracking server decides
 
 
@@ -52,8 +52,11 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         found = self.client.get_experiment_by_name(name)
-        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-            name, artifact_location=_artifact_root(self.uri))
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(name, artifact_location=_artifact_root(self.uri))
+        )
 
     @contextmanager
     def run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> Iterator[str]:
@@ -80,7 +83,7 @@ class Tracker:
         flat = flatten(params)
         items = [Param(k, v) for k, v in flat.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100])
+            self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
         from mlflow.entities import Metric

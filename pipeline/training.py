@@ -25,7 +25,7 @@ from pipeline.data import TensorLoader
 class TrainConfig(StrictConfig):
     """Hyper-parameters of one training run through the shared loop."""
 
-    epochs: int = Field(ge=0, le=10_000, description="passes over the training split (0: no training)")
+    epochs: int = Field(1, ge=0, le=10_000, description="passes over the training split (0: no training)")
     optimizer: Literal["sgd", "adamw"] = Field("sgd", description="optimizer, built by timm.optim")
     lr: float = Field(0.1, gt=0, le=10, description="peak learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
@@ -111,8 +111,19 @@ def train_(
     fixed.project_(model)
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        stats = _train_epoch_(model, loader, cfg, optimizer, scheduler, fixed, device, hooks, loss_fn,
-                              desc=f"{desc} {epoch + 1}/{cfg.epochs}", progress=progress)
+        stats = _train_epoch_(
+            model,
+            loader,
+            cfg,
+            optimizer,
+            scheduler,
+            fixed,
+            device,
+            hooks,
+            loss_fn,
+            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+            progress=progress,
+        )
         report.steps += len(loader)
         report.history.append(stats)
         if hooks.on_epoch_end is not None:
@@ -146,5 +157,8 @@ def _train_epoch_(model, loader, cfg, optimizer, scheduler, fixed, device, hooks
         correct += int((logits.argmax(1) == labels).sum())
         seen += batch
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-    return {"train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
-            "lr": optimizer.param_groups[0]["lr"]}
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_top1": 100.0 * correct / max(seen, 1),
+        "lr": optimizer.param_groups[0]["lr"],
+    }

@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny synthetic dataset, a tiny real-data recipe, isolated MLflow and cache folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.data import DataBundle, Split, default_data_root
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = "test_resnet"  # timm's own ~0.4M-parameter test ResNet
+
+
+def synthetic_bundle(n_train: int = 64, n_test: int = 32, classes: int = 4, size: int = 16, seed: int = 0):
+    """Random uint8 images whose class is encoded in the mean brightness, so a model can learn it."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(n):
+        labels = torch.arange(n) % classes
+        base = (labels.float() * (200 / max(classes - 1, 1)) + 20).view(-1, 1, 1, 1)
+        noise = torch.randint(-15, 16, (n, 3, size, size), generator=gen).float()
+        return Split((base + noise).clamp(0, 255).to(torch.uint8), labels)
+
+    return DataBundle(
+        split(n_train), split(n_test), [f"c{i}" for i in range(classes)], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    )
+
+
+@pytest.fixture
+def tiny_bundle():
+    return synthetic_bundle()
+
+
+@pytest.fixture
+def imagefolder(tmp_path: Path) -> Path:
+    """A small ImageFolder tree with train/ and test/, 3 classes of 12x12 PNGs."""
+    root = tmp_path / "folder"
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 6), ("test", 3)):
+        for c, name in enumerate(("ant", "bee", "cow")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (12, 12, 3), generator=gen, dtype=torch.uint8).numpy()
+                pixels[..., 0] = 80 * c
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_root() -> Path:
+    root = default_data_root() / "cifar10"
+    if not (root / "train").is_dir():
+        pytest.fail(f"CIFAR-10 ImageFolder tree not found at {root} (see ../shared/data/README.md)")
+    return root
+
+
+@pytest.fixture
+def isolated(tmp_path: Path, monkeypatch) -> dict[str, str]:
+    """Environment for a CLI run whose MLflow store and cache live in tmp_path."""
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env["PIPELINE_CACHE_DIR"] = str(tmp_path / "cache")
+    env.pop("MLFLOW_EXPERIMENT_NAME", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    monkeypatch.setenv("PIPELINE_CACHE_DIR", env["PIPELINE_CACHE_DIR"])
+    return env
+
+
+def tiny_recipe(**overrides) -> dict:
+    """A real CIFAR-10 recipe small enough to run in seconds: a few hundred images, timm's test ResNet."""
+    recipe = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"dataset": "cifar10", "batch_size": 32, "train_subset": 320, "test_subset": 100},
+        "model": {"name": TINY_MODEL},
+        "baseline": {"epochs": 2, "lr": 0.05},
+        "stages": [{"train": {"epochs": 1, "lr": 0.01, "schedule": "constant"}}],
+        "evaluation": {"latency_runs": 5, "warmup_runs": 2, "throughput_runs": 2, "throughput_batch_size": 8},
+    }
+    for key, value in overrides.items():
+        recipe[key] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        env=env,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )

@@ -1,0 +1,71 @@
+"""Artifacts load back, in a fresh process, into a model with the same outputs and preprocessing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+from pipeline import load_artifact
+from pipeline.artifacts import save_artifact
+from pipeline.evaluator import accuracy
+from pipeline.models import ModelSpec, ModelState
+from tests.conftest import PROJECT_ROOT, TINY_MODEL
+
+
+def _state(bundle) -> ModelState:
+    spec = ModelSpec(TINY_MODEL, bundle.num_classes)
+    torch.manual_seed(0)
+    return ModelState(
+        spec.build().eval(), spec, {"mean": bundle.mean, "std": bundle.std, "input_size": bundle.input_size}
+    )
+
+
+def test_dense_artifact_round_trips_in_a_fresh_process(tiny_bundle, tmp_path):
+    state = _state(tiny_bundle)
+    path = tmp_path / "model.pt"
+    size = save_artifact(state, path)
+    assert size == path.stat().st_size > 0
+    x = torch.randn(2, *tiny_bundle.input_size)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.inference_mode():
+        expected = state.model(x)
+    code = (
+        f"import torch; from pipeline import load_artifact; m = load_artifact({str(path)!r}); "
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}); torch.save(m(x).detach(), {str(tmp_path / 'y.pt')!r}); "
+        "print(m.pretrained_cfg['input_size'], m.pretrained_cfg['architecture'])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+    assert f"{tuple(tiny_bundle.input_size)} {TINY_MODEL}" in out.stdout
+
+
+def test_loaded_artifact_has_same_accuracy_and_preprocessing(tiny_bundle, tmp_path):
+    state = _state(tiny_bundle)
+    save_artifact(state, tmp_path / "a.pt")
+    loaded = load_artifact(tmp_path / "a.pt")
+    assert not loaded.training
+    assert loaded.pretrained_cfg["mean"] == tiny_bundle.mean and loaded.pretrained_cfg["num_classes"] == 4
+    loader = tiny_bundle.test_loader(8)
+    assert accuracy(loaded, loader) == accuracy(state.model, loader)
+    # Only tensors and plain data inside: loadable without unpickling code.
+    blob = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert blob["format"] == "dense" and blob["model"]["name"] == TINY_MODEL
+
+
+def test_non_artifacts_are_rejected(tmp_path):
+    torch.save(timm.create_model(TINY_MODEL).state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="is not a pipeline artifact"):
+        load_artifact(tmp_path / "plain.pt")
+
+
+def test_unknown_format_is_named(tiny_bundle, tmp_path):
+    state = _state(tiny_bundle)
+    state.artifact_format = "zip-of-dreams"
+    with pytest.raises(KeyError, match="unknown artifact format 'zip-of-dreams'; known: dense"):
+        save_artifact(state, tmp_path / "x.pt")
+    assert not list(tmp_path.iterdir())

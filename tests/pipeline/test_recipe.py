@@ -1,0 +1,146 @@
+"""Recipe validation: every bad recipe fails before compute with one line naming the field."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.recipe import RECIPES_DIR, RecipeError, apply_override_, load_recipe, validate_recipe
+from tests.conftest import run_cli, tiny_recipe, write_recipe
+
+SHIPPED = sorted(RECIPES_DIR.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_recipes_validate(path: Path):
+    recipe = load_recipe(path)
+    assert recipe.name
+    assert recipe.baseline.epochs >= 1
+
+
+def _set(recipe: dict, dotted: str, value):
+    apply_override_(recipe, f"{dotted}={value}")
+    return recipe
+
+
+BAD = [
+    # (change to the tiny recipe, expected start of the message)
+    (lambda r: r.update(colour="red"), "colour: unknown key; allowed: name, seed, device, data, model"),
+    (lambda r: r.pop("model"), "model: required field is missing"),
+    (lambda r: r["baseline"].update(lr="fast"), "baseline.lr: Input should be a valid number"),
+    (lambda r: r["baseline"].update(lr=-1), "baseline.lr: Input should be greater than 0"),
+    (lambda r: r["baseline"].update(optimizer="rmsprop"), "baseline.optimizer: Input should be 'sgd' or 'adamw'"),
+    (lambda r: r["baseline"].update(epocs=3), "baseline.epocs: unknown key; allowed: epochs, optimizer, lr"),
+    (lambda r: r["data"].update(batch_size=0), "data.batch_size: Input should be greater than or equal to 1"),
+    (lambda r: r["data"].update(dataset="mnist"), "data.dataset: Input should be 'cifar10', 'cifar100' or"),
+    (lambda r: r["data"].update(root="/nonexistent/data"), "data.root: cifar10 not found under /nonexistent/data"),
+    (lambda r: r["model"].update(name="resnet99"), "model.name: unknown timm model 'resnet99'; similar:"),
+    (lambda r: r["model"].update(checkpoint="/no/such.pt"), "model.checkpoint: checkpoint file not found"),
+    (lambda r: r["model"].update(kwargs={"num_classes": 3}), "model: kwargs may not set ['num_classes']"),
+    (lambda r: r.update(seed=-1), "seed: Input should be greater than or equal to 0"),
+    (lambda r: r.update(name="has space"), "name: String should match pattern"),
+    (lambda r: r.update(device="tpu"), "device: Input should be 'auto', 'cpu' or 'cuda'"),
+    (lambda r: r["evaluation"].update(threads=0), "evaluation.threads: Input should be greater than or equal to 1"),
+    (lambda r: r.update(orderings="all"), "orderings: ordering sweeps are not yet supported"),
+    (lambda r: r.update(stages=[{"bogus": {}}]), "stages[0]: unknown stage 'bogus'; available: train"),
+    (lambda r: r.update(stages=[{"prune": {}}]), "stages[0]: stage 'prune' is not yet supported (planned in issue #3)"),
+    (lambda r: r.update(stages=[{"train": {}, "x": {}}]), "stages[0]: must be a one-key mapping"),
+    (lambda r: r.update(stages=["train"]), "stages[0]: must be a one-key mapping"),
+    (
+        lambda r: r.update(stages=[{"train": {"epochs": 1}}, {"train": {"lrr": 1}}]),
+        "stages[1].train.lrr: unknown key; allowed: epochs",
+    ),
+    (lambda r: r.update(stages=[{"train": {"epochs": -2}}]), "stages[0].train.epochs: Input should be greater than"),
+    (lambda r: r.update(stages=[{"train": 5}]), "stages[0].train: must be a mapping of config keys"),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), BAD, ids=[b[1].split(":")[0] for b in BAD])
+def test_bad_recipes_fail_with_field_path(change, expected):
+    recipe = copy.deepcopy(tiny_recipe())
+    change(recipe)
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(recipe)
+    message = str(info.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_overrides_apply_dotted_and_indexed_paths():
+    raw = tiny_recipe()
+    for item in (
+        "data.train_subset=2000",
+        "baseline.epochs=1",
+        "stages[0].train.lr=0.5",
+        "stages.0.train.epochs=3",
+        "model.kwargs.drop_rate=0.1",
+        "baseline.label_smoothing=0.1",
+    ):
+        apply_override_(raw, item)
+    recipe = validate_recipe(raw)
+    assert recipe.data.train_subset == 2000 and recipe.baseline.epochs == 1
+    assert recipe.stage_specs()[0].config.lr == 0.5 and recipe.stage_specs()[0].config.epochs == 3
+    assert recipe.model.kwargs == {"drop_rate": 0.1}
+
+
+@pytest.mark.parametrize(
+    ("item", "expected"),
+    [
+        ("nonsense", "override 'nonsense' must look like key.path=value"),
+        ("stages[4].train.lr=1", "stages.4: no list item '4' to override"),
+        ("name.first=x", "name.first: cannot override inside a str"),
+    ],
+)
+def test_bad_overrides(item, expected):
+    with pytest.raises(RecipeError, match=expected.replace("[", r"\[").replace("(", r"\(")):
+        apply_override_(tiny_recipe(), item)
+
+
+def test_override_values_are_validated_like_the_file(tmp_path):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe())
+    with pytest.raises(RecipeError, match=r"^data.train_subset: Input should be greater than or equal to 1"):
+        load_recipe(path, ["data.train_subset=0"])
+
+
+def test_unknown_recipe_name_lists_available():
+    with pytest.raises(RecipeError, match="unknown recipe 'nope'; available: .*baseline"):
+        load_recipe("nope")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'name: !!python/object/apply:os.system ["touch {marker}"]\n')
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+    assert not marker.exists()
+
+
+def test_ordering_names_the_chain():
+    recipe = validate_recipe(tiny_recipe())
+    assert recipe.ordering == "train"
+    assert validate_recipe(tiny_recipe(stages=[])).ordering == "train"
+
+
+def test_resolved_recipe_round_trips_through_yaml(tmp_path):
+    recipe = validate_recipe(tiny_recipe())
+    again = load_recipe(write_recipe(tmp_path / "again.yaml", yaml.safe_load(recipe.to_yaml())))
+    assert again.to_dict() == recipe.to_dict()
+
+
+def test_cli_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path, isolated):
+    path = write_recipe(tmp_path / "bad.yaml", tiny_recipe())
+    result = run_cli(["run", str(path), "baseline.lr=0"], isolated)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == "error: baseline.lr: Input should be greater than 0, got 0"
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cli_not_yet_supported_commands_exit_2(isolated):
+    result = run_cli(["sweep", "baseline"], isolated)
+    assert result.returncode == 2 and "not yet supported" in result.stderr

@@ -1,0 +1,151 @@
+"""End to end through the CLI on real CIFAR-10 images: MLflow runs, cache reuse, resume, reproducibility."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline import load_artifact
+from pipeline.data import DataConfig, load_data
+from pipeline.evaluator import accuracy
+from tests.conftest import PROJECT_ROOT, run_cli, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+METRICS = {
+    "top1",
+    "top5",
+    "params",
+    "nonzero_params",
+    "artifact_bytes",
+    "latency_ms_p50",
+    "latency_ms_p90",
+    "throughput_ips",
+    "macs",
+    "stage_seconds",
+}
+
+
+def _runs(env) -> tuple[MlflowClient, list]:
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("compression")
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def _split(runs):
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.fixture
+def recipe_path(tmp_path, cifar_root) -> Path:
+    return write_recipe(tmp_path / "tiny.yaml", tiny_recipe())
+
+
+def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path):
+    result = run_cli(["run", str(recipe_path)], isolated)
+    assert result.returncode == 0, result.stderr
+    assert "reused from cache: none" in result.stdout
+
+    client, runs = _runs(isolated)
+    (parent,), children = _split(runs)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["recipe"] == "tiny" and parent.data.tags["ordering"] == "train"
+    children.sort(key=lambda r: int(r.data.tags["stage_index"]))
+    assert [(c.data.tags["stage"], c.data.tags["stage_index"], c.data.tags["cached"]) for c in children] == [
+        ("train", "0", "false"),
+        ("train", "1", "false"),
+    ]
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.info.status == "FINISHED"
+        assert set(child.data.metrics) >= METRICS
+        assert 0 <= child.data.metrics["top1"] <= 100
+        assert child.data.params["epochs"] in {"1", "2"}
+    # The parent charts each metric along the chain (step = stage index).
+    history = client.get_metric_history(parent.info.run_id, "top1")
+    assert sorted(m.step for m in history) == [0, 1]
+    # Per-epoch training curves live in the stage's run.
+    assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 2
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"recipe.yaml", "metrics.json", "model"} <= artifacts
+    local = Path(client.download_artifacts(parent.info.run_id, "model", str(tmp_path / "dl")))
+    model = load_artifact(next(local.glob("*.pt")))
+    data = load_data(DataConfig(train_subset=320, test_subset=100, batch_size=32), seed=0)
+    top1, _ = accuracy(model, data.test_loader(100))
+    assert top1 == pytest.approx(children[-1].data.metrics["top1"])
+
+
+def test_rerun_reuses_cache_and_new_eval_settings_remeasure(recipe_path, isolated):
+    assert run_cli(["run", str(recipe_path)], isolated).returncode == 0
+    again = run_cli(["run", str(recipe_path)], isolated)
+    assert again.returncode == 0, again.stderr
+    assert "reused from cache: train, train" in again.stdout
+    _, runs = _runs(isolated)
+    parents, children = _split(runs)
+    assert len(parents) == 2
+    latest = [c for c in children if c.data.tags["mlflow.parentRunId"] == parents[1].info.run_id]
+    assert {c.data.tags["cached"] for c in latest} == {"true"}
+    first = {
+        c.data.tags["stage_index"]: c.data.metrics
+        for c in children
+        if c.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    }
+    for c in latest:
+        assert c.data.metrics["top1"] == first[c.data.tags["stage_index"]]["top1"]
+    # A different evaluation setting re-measures the cached models instead of retraining them.
+    third = run_cli(["run", str(recipe_path), "evaluation.latency_runs=7"], isolated)
+    assert third.returncode == 0 and "reused from cache: train, train" in third.stdout
+
+
+def test_same_recipe_and_seed_give_the_same_metrics(recipe_path, isolated, tmp_path):
+    first = run_cli(["run", str(recipe_path)], isolated)
+    fresh = dict(isolated, PIPELINE_CACHE_DIR=str(tmp_path / "other-cache"))
+    second = run_cli(["run", str(recipe_path)], fresh)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr
+    _, runs = _runs(isolated)
+    _, children = _split(runs)
+    by_index: dict[str, list[dict]] = {}
+    for c in children:
+        by_index.setdefault(c.data.tags["stage_index"], []).append(c.data.metrics)
+    for a, b in by_index.values():
+        for key in ("top1", "top5", "params", "nonzero_params", "macs", "artifact_bytes"):
+            assert a[key] == b[key], key
+
+
+def test_interrupted_run_is_marked_killed_and_resumes(tmp_path, isolated, cifar_root):
+    long_stage = {"train": {"epochs": 300, "lr": 0.01, "schedule": "constant"}}
+    path = write_recipe(tmp_path / "long.yaml", tiny_recipe(stages=[long_stage]))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", str(path)],
+        env=isolated,
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "cache" / "stages").glob("*/*/record.json")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "baseline never finished"
+        time.sleep(0.2)
+    time.sleep(3)  # well inside the 300-epoch stage
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "rerun the same command to resume" in err
+    _, runs = _runs(isolated)
+    statuses = {(r.data.tags.get("stage_index", "parent")): r.info.status for r in runs}
+    assert statuses == {"parent": "KILLED", "0": "FINISHED", "1": "KILLED"}
+
+    resumed = run_cli(["run", str(path), "stages[0].train.epochs=1"], isolated)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage 0 (train): reused from cache" in resumed.stderr
+    assert "stage 1 (train): running" in resumed.stderr

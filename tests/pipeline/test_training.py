@@ -1,0 +1,113 @@
+"""The shared loop: it learns, and it keeps every fixed weight exactly where earlier stages put it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.constraints import FixedWeights
+from pipeline.training import LoopHooks, TrainConfig, train_
+from tests.conftest import synthetic_bundle
+
+
+def _tiny_cnn(classes: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    )
+
+
+def test_loop_learns_a_learnable_task():
+    bundle = synthetic_bundle(n_train=128)
+    model = _tiny_cnn()
+    seen = []
+    report = train_(
+        model,
+        bundle.train_loader(32, seed=0, augment=False),
+        TrainConfig(epochs=6, lr=0.1, schedule="onecycle"),
+        fixed=FixedWeights(),
+        device=torch.device("cpu"),
+        hooks=LoopHooks(on_epoch_end=lambda e, s: seen.append(e)),
+        progress=False,
+    )
+    assert report.epochs == 6 and report.steps == 6 * 4 and seen == list(range(6))
+    assert report.history[-1]["train_loss"] < report.history[0]["train_loss"]
+    assert report.history[-1]["train_top1"] > 60
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_fixed_weights_never_move(optimizer):
+    """Momentum and weight decay included: fixed entries stay bit-identical across many steps."""
+    bundle = synthetic_bundle(n_train=64)
+    model = _tiny_cnn()
+    conv = model[0].weight
+    mask = torch.rand(conv.shape, generator=torch.Generator().manual_seed(1)) < 0.5
+    values = torch.where(torch.rand(conv.shape) < 0.5, torch.zeros_like(conv), torch.full_like(conv, 0.25))
+    fixed = FixedWeights()
+    fixed.fix_("0.weight", mask, values)
+    before_free = conv.detach().clone()
+    train_(
+        model,
+        bundle.train_loader(16, seed=0, augment=True),
+        TrainConfig(epochs=3, optimizer=optimizer, lr=0.05, weight_decay=0.1, momentum=0.9),
+        fixed=fixed,
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    assert torch.equal(conv.detach()[mask], values[mask])
+    assert not torch.equal(conv.detach()[~mask], before_free[~mask])  # the rest did train
+
+
+def test_fixed_set_only_grows_and_keeps_old_values():
+    fixed = FixedWeights()
+    first = torch.tensor([True, False, False])
+    fixed.fix_("w", first, torch.tensor([0.5, 0.0, 0.0]))
+    fixed.fix_("w", torch.tensor([False, True, False]), torch.tensor([9.0, -1.0, 0.0]))
+    assert fixed.mask("w").tolist() == [True, True, False]
+    assert fixed.values("w").tolist() == [0.5, -1.0, 0.0]  # the first value was not overwritten
+    assert fixed.fixed_count() == 2
+    restored = FixedWeights.from_state_dict(fixed.state_dict())
+    assert torch.equal(restored.mask("w"), fixed.mask("w"))
+
+
+def test_fixed_weights_reject_unknown_parameters():
+    fixed = FixedWeights()
+    fixed.fix_("nope.weight", torch.ones(2, dtype=torch.bool), torch.zeros(2))
+    with pytest.raises(KeyError, match="nope.weight"):
+        fixed.project_(_tiny_cnn())
+
+
+def test_zero_epochs_does_nothing():
+    model = _tiny_cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = train_(
+        model,
+        synthetic_bundle().train_loader(16, seed=0, augment=False),
+        TrainConfig(epochs=0),
+        fixed=FixedWeights(),
+        device=torch.device("cpu"),
+        progress=False,
+    )
+    assert report.epochs == 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_diverging_loss_fails_loudly():
+    model = _tiny_cnn()
+    with torch.no_grad():
+        model[5].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        train_(
+            model,
+            synthetic_bundle().train_loader(16, seed=0, augment=False),
+            TrainConfig(epochs=1),
+            fixed=FixedWeights(),
+            device=torch.device("cpu"),
+            progress=False,
+        )

@@ -1,0 +1,57 @@
+"""Every registered stage, on a tiny model: its default config validates, its output still runs,
+and the evaluator's metrics of its artifact are present and sane. A new stage is tested by registering it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.artifacts import load_artifact, save_artifact
+from pipeline.evaluator import EvalConfig, evaluate
+from pipeline.models import ModelConfig
+from stages import StageContext, available_stages, get_stage
+from tests.conftest import TINY_MODEL
+
+FAST = EvalConfig(latency_runs=5, warmup_runs=1, throughput_runs=2, throughput_batch_size=4)
+
+
+def _context(bundle, baseline_state=None) -> StageContext:
+    from pipeline.data import DataConfig
+
+    return StageContext(
+        data=bundle,
+        data_config=DataConfig(batch_size=16),
+        model_config=ModelConfig(name=TINY_MODEL),
+        device=torch.device("cpu"),
+        seed=0,
+        baseline=lambda: baseline_state,
+        progress=False,
+    )
+
+
+@pytest.fixture
+def baseline(tiny_bundle):
+    torch.manual_seed(0)
+    return get_stage("train").run(None, get_stage("train").config(epochs=1), _context(tiny_bundle)).state
+
+
+@pytest.mark.parametrize("name", available_stages())
+def test_stage_contract(name, tiny_bundle, baseline, tmp_path):
+    stage = get_stage(name)
+    config = stage.config.model_validate({})  # the default config validates
+    out = stage.run(baseline, config, _context(tiny_bundle, baseline))
+    model = out.state.model.eval()
+    with torch.inference_mode():
+        logits = model(torch.randn(2, *tiny_bundle.input_size))
+    assert logits.shape == (2, tiny_bundle.num_classes) and torch.isfinite(logits).all()
+    assert all(isinstance(v, float | int) for v in out.metrics.values())
+
+    size = save_artifact(out.state, tmp_path / "artifact.pt")
+    metrics = evaluate(
+        load_artifact(tmp_path / "artifact.pt"), tiny_bundle.test_loader(8), tiny_bundle.input_size, FAST
+    )
+    assert size > 0
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
+    assert 0 < metrics["nonzero_params"] <= metrics["params"]
+    assert metrics["macs"] > 0 and 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p90"]
+    assert metrics["throughput_ips"] > 0
