@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-recipe ?= baseline
+recipe ?= prune-inq
 set ?=
 port ?= 5000
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui test lint format sweep report clean-cache
+.PHONY: run validate stages ui test lint format sweep report clean-cache bench bench-prune bench-inq
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,12 +40,20 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline stages tests
-	$(VENV)/bin/ruff format --check pipeline stages tests
+	$(VENV)/bin/ruff check pipeline stages tests bench
+	$(VENV)/bin/ruff format --check pipeline stages tests bench
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format pipeline stages tests
-	$(VENV)/bin/ruff check --fix pipeline stages tests
+	$(VENV)/bin/ruff format pipeline stages tests bench
+	$(VENV)/bin/ruff check --fix pipeline stages tests bench
+
+bench: bench-prune bench-inq  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+
+bench-prune: $(STAMP)
+	$(PY) bench/prune.py
+
+bench-inq: $(STAMP)
+	$(PY) bench/inq.py
 
 clean-cache:
 	rm -rf .cache

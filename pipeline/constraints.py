@@ -51,6 +51,12 @@ class FixedWeights:
         self._masks[name] = mask
         self._values[name] = torch.where(mask, values, torch.zeros_like(values))
 
+    def index_select_(self, name: str, dim: int, keep: torch.Tensor) -> None:
+        """Keep only the entries at `keep` along `dim` (structured pruning removed the rest)."""
+        if name in self._masks:
+            self._masks[name] = self._masks[name].index_select(dim, keep.cpu())
+            self._values[name] = self._values[name].index_select(dim, keep.cpu())
+
     def fixed_count(self) -> int:
         """Number of fixed weight entries over all parameters."""
         return int(sum(int(m.sum()) for m in self._masks.values()))

@@ -1,6 +1,6 @@
 """Compression stages, one file each, registered by the name recipes use."""
 
-from stages import train  # noqa: F401  (registers the stage)
+from stages import inq, prune, train  # noqa: F401  (registers the stages)
 from stages.base import StageContext, StageOutput, available_stages, get_stage, register_stage
 
 __all__ = ["StageContext", "StageOutput", "available_stages", "get_stage", "register_stage"]

@@ -1,0 +1,390 @@
+"""The `inq` stage: Incremental Network Quantization (Zhou et al., ICLR 2017, arXiv 1702.03044).
+
+Every conv and linear weight becomes a member of P = {±2^n1, …, ±2^n2, 0}, a layer at a time,
+in accumulated portions: the largest not-yet-quantized weights of each layer are rounded to P
+and frozen, the rest are retrained to make up for it, until every weight is in P.
+
+What / how / when are kept apart, as pure functions the stage stitches together:
+  what  `partition_mask`    which weights are quantized at a step (largest magnitudes first)
+  how   `inq_exponents`,    the layer's level set and the rounding rule (paper Eq. 4)
+        `quantize_pow2`
+  when  `inq_schedule`      the accumulated portions, and after which of them to retrain
+
+Freezing is the project's shared constraint (`ModelState.fixed`): the shared loop masks the
+gradients of frozen weights and projects them back after every optimizer step.
+
+Weights an earlier stage fixed (pruning's zeros) stay as they are and are not counted: the
+portions are fractions of the weights that were still free when INQ started, i.e. of the
+layer's non-pruned weights, and the level set comes from those surviving weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from pipeline.artifacts import apply_architecture_, architecture_delta, register_artifact_format
+from pipeline.models import ModelState
+from pipeline.training import LoopHooks, TrainConfig, TrainReport, train_
+from stages.base import StageContext, StageOutput, register_stage
+
+QUANTIZED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+"""Module types whose `weight` INQ quantizes; norms, biases and everything else stay floating point."""
+
+PartitionMode = Literal["magnitude", "random"]
+
+
+class INQConfig(TrainConfig):
+    """INQ's bit-width, portion schedule and partition rule, plus the retraining run after each portion."""
+
+    # Defaults for fine-tuning an already trained model: a small peak LR, no warm-up.
+    epochs: int = Field(
+        1, ge=0, le=10_000, description="retraining epochs after each portion step but the last (0: no retraining)"
+    )
+    lr: float = Field(0.01, gt=0, le=10, description="peak learning rate of each retraining step (restarts per step)")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field(
+        "cosine", description="per-step LR schedule, restarted at every portion step"
+    )
+    bits: int = Field(
+        5,
+        description="bits per quantized weight: one flags zero, b-1 index 2^(b-1) signed powers of two (2..8 bits)",
+    )
+    accumulated_portions: tuple[float, ...] = Field(
+        (0.5, 0.75, 0.875, 1.0),
+        description="fraction (0..1] of each layer's non-pruned weights quantized after each step; "
+        "strictly increasing, ending at 1.0",
+    )
+    partition: PartitionMode = Field(
+        "magnitude", description="which free weights are quantized first: largest magnitudes (paper) or random"
+    )
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_in_range(cls, bits: int) -> int:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"must be 2..8, got {bits}")
+        return bits
+
+    @field_validator("accumulated_portions")
+    @classmethod
+    def _portions_accumulate_to_one(cls, portions: tuple[float, ...]) -> tuple[float, ...]:
+        allowed = "strictly increasing fractions in (0, 1] ending at 1.0, e.g. [0.5, 0.75, 0.875, 1.0]"
+        if not portions:
+            raise ValueError(f"must be {allowed}, got []")
+        if any(not 0 < p <= 1 for p in portions):
+            raise ValueError(f"each portion must be in (0, 1]; must be {allowed}, got {list(portions)}")
+        if any(b <= a for a, b in zip(portions, portions[1:], strict=False)):
+            raise ValueError(f"portions must be strictly increasing; must be {allowed}, got {list(portions)}")
+        if portions[-1] != 1.0:
+            raise ValueError(f"the last portion must be 1.0 (every weight quantized); must be {allowed}")
+        return portions
+
+
+# --- how: the level set and the rounding rule ---------------------------------------------------
+
+
+def inq_exponents(max_abs: float, bits: int) -> tuple[int, int]:
+    """The exponents (n1, n2) of a layer's levels P = {±2^n1, …, ±2^n2, 0} (paper Eq. 2-3).
+
+    `max_abs` is the layer's largest weight magnitude s; n1 = floor(log2(4s/3)) and
+    n2 = n1 + 1 - 2^(b-1)/2, so there are 2^(b-2) magnitudes, each with both signs, plus zero.
+    """
+    if not (math.isfinite(max_abs) and max_abs > 0):
+        raise ValueError(f"max_abs must be finite and > 0, got {max_abs}")
+    if bits < 2:
+        raise ValueError(f"bits must be >= 2, got {bits}")
+    # frexp is exact: x = m·2^e with m in [0.5, 1), so floor(log2 x) = e - 1 without log rounding.
+    n1 = math.frexp(4.0 * max_abs / 3.0)[1] - 1
+    return n1, n1 + 1 - 2 ** (bits - 1) // 2
+
+
+def _lower_bounds(n1: int, n2: int) -> list[float]:
+    """Smallest |w| that rounds to each magnitude 2^n2 … 2^n1 under Eq. 4: (α+β)/2 for adjacent α < β."""
+    # α = 0 below 2^n2, so its bound is 2^(n2-1); above it (2^(k-1) + 2^k)/2 = 3·2^(k-2). All exact in fp64.
+    return [2.0 ** (n2 - 1)] + [3.0 * 2.0 ** (k - 2) for k in range(n2 + 1, n1 + 1)]
+
+
+def _magnitude_index(w: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """Per entry: 0 for zero, j >= 1 for magnitude 2^(n2+j-1), by Eq. 4 (above 2^n1: 2^n1)."""
+    bounds = torch.tensor(_lower_bounds(n1, n2), dtype=torch.float64, device=w.device)
+    # fp64 holds every fp32/fp16/bf16 weight and every bound exactly, so the comparisons are exact.
+    return torch.bucketize(w.detach().abs().double(), bounds, right=True)
+
+
+def _magnitudes(n1: int, n2: int, device: torch.device) -> torch.Tensor:
+    """[0, 2^n2, …, 2^n1] in fp64, indexed by `_magnitude_index`."""
+    return torch.tensor([0.0] + [2.0**k for k in range(n2, n1 + 1)], dtype=torch.float64, device=device)
+
+
+def quantize_pow2(w: torch.Tensor, n1: int, n2: int) -> torch.Tensor:
+    """Round weights to {±2^n1, …, ±2^n2, 0} by the paper's Eq. 4, in w's dtype.
+
+    With α < β adjacent in P: β·sgn(w) if (α+β)/2 <= |w| < 3β/2, else 0; so |w| < 2^(n2-1) gives 0,
+    and |w| beyond the top bucket gives 2^n1. Zeros are +0.0.
+    """
+    mag = _magnitudes(n1, n2, w.device)[_magnitude_index(w, n1, n2)]
+    # Zero is written as +0.0 even for negative inputs, so the packed artifact round-trips bit for bit.
+    return torch.where(mag > 0, torch.where(w < 0, -mag, mag), 0.0).to(w.dtype)
+
+
+# --- what: the partition -------------------------------------------------------------------------
+
+
+def partition_mask(
+    weights: torch.Tensor,
+    already_fixed: torch.Tensor,
+    portion: float,
+    mode: PartitionMode = "magnitude",
+    generator: torch.Generator | None = None,
+    *,
+    eligible: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The entries to quantize now, so that `portion` (0..1] of the eligible entries are fixed.
+
+    The target count is portion × eligible count, rounded half up; entries fixed before count towards it.
+
+    `eligible` marks the entries the portion counts over (default: all; INQ passes the entries
+    that were free when it started). Only eligible, not-yet-fixed entries are chosen: the largest
+    |weights| first (`magnitude`, the paper's rule) or uniformly at random (`random`, with
+    `generator` on the CPU). Returns a bool mask of the new entries only.
+    """
+    if not 0 < portion <= 1:
+        raise ValueError(f"portion must be in (0, 1], got {portion}")
+    eligible = torch.ones_like(already_fixed, dtype=torch.bool) if eligible is None else eligible.bool()
+    candidates = eligible & ~already_fixed.bool()
+    total = int(eligible.sum())
+    take = min(math.floor(portion * total + 0.5), total) - int((eligible & already_fixed.bool()).sum())
+    mask = torch.zeros(weights.numel(), dtype=torch.bool)
+    if take <= 0:
+        return mask.view(weights.shape)
+    if mode == "magnitude":
+        score = weights.detach().abs().float().cpu()
+    elif mode == "random":
+        score = torch.rand(weights.shape, generator=generator)
+    else:
+        raise ValueError(f"partition mode must be 'magnitude' or 'random', got {mode!r}")
+    score = torch.where(candidates.cpu(), score, -math.inf).flatten()
+    mask[torch.topk(score, take, sorted=False).indices] = True
+    return mask.view(weights.shape)
+
+
+# --- when: the schedule --------------------------------------------------------------------------
+
+
+def inq_schedule(accumulated_portions: Sequence[float]) -> list[tuple[float, bool]]:
+    """(portion quantized after the step, whether to retrain after it) for each step.
+
+    No retraining after the last step: every weight is frozen then, so there is nothing to train.
+    """
+    return [(float(p), p < 1.0) for p in accumulated_portions]
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def inq_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights INQ quantizes, by parameter name: `weight` of every Conv1d/2d/3d and Linear module."""
+    params = dict(model.named_parameters())
+    out = {}
+    for module_name, module in model.named_modules():
+        name = f"{module_name}.weight" if module_name else "weight"
+        if isinstance(module, QUANTIZED_MODULES) and name in params:
+            out[name] = params[name]
+    return out
+
+
+@dataclass
+class _Layer:
+    """A layer's exponents, kept for the whole stage, and the entries its portions count over."""
+
+    n1: int
+    n2: int
+    eligible: torch.Tensor  # bool, CPU: free when INQ started (not fixed by an earlier stage)
+
+
+def _start_layers(state: ModelState, bits: int) -> dict[str, _Layer]:
+    """Fix each layer's level set from its surviving weights; check what earlier stages fixed fits it."""
+    layers = {}
+    for name, param in inq_parameters(state.model).items():
+        w = param.detach().cpu()
+        pre = state.fixed.mask(name) if name in state.fixed else torch.zeros_like(w, dtype=torch.bool)
+        values = state.fixed.values(name) if name in state.fixed else torch.zeros_like(w)
+        surviving = torch.where(pre, values, w)[~(pre & (values == 0))]
+        max_abs = float(surviving.abs().max()) if surviving.numel() else 0.0
+        # A layer with no non-zero survivor has no level set; any n1 encodes its all-zero weights.
+        n1, n2 = inq_exponents(max_abs, bits) if max_abs > 0 else (0, 1 - 2 ** (bits - 1) // 2)
+        off_grid = int((pre & (quantize_pow2(values, n1, n2) != values)).sum())
+        if off_grid:
+            raise ValueError(
+                f"inq: {name} has {off_grid} weights fixed by an earlier stage at values outside "
+                f"{{0, ±2^{n2}..±2^{n1}}}; INQ can keep only pre-fixed zeros or values on its grid"
+            )
+        layers[name] = _Layer(n1, n2, ~pre)
+    return layers
+
+
+@torch.no_grad()
+def _quantize_portion_(
+    state: ModelState, layers: dict[str, _Layer], portion: float, mode: PartitionMode, generator: torch.Generator
+) -> None:
+    """Round and freeze the next group of every layer so that `portion` of its eligible weights are fixed."""
+    params = inq_parameters(state.model)
+    for name, layer in layers.items():
+        w = params[name].detach().cpu()
+        fixed = state.fixed.mask(name) if name in state.fixed else torch.zeros_like(w, dtype=torch.bool)
+        new = partition_mask(w, fixed, portion, mode, generator, eligible=layer.eligible)
+        values = torch.zeros_like(w)
+        values[new] = quantize_pow2(w[new], layer.n1, layer.n2)  # only the new group: fix_ keeps the older ones
+        state.fixed.fix_(name, new, values)
+    state.fixed.project_(state.model)
+
+
+def _retrain_(
+    state: ModelState, config: INQConfig, ctx: StageContext, step: int, portion: float, epoch_offset: int
+) -> TrainReport:
+    """Retrain the free weights through the shared loop (which keeps the frozen ones); fresh optimizer and LR."""
+    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed + step, augment=ctx.data_config.augment)
+    on_epoch_end = None
+    if ctx.on_epoch_end is not None:
+        outer = ctx.on_epoch_end
+
+        def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
+            # Epochs continue across steps so tracked curves do not overwrite each other.
+            outer(epoch_offset + epoch, {**stats, "inq_portion": portion})
+
+    return train_(
+        state.model,
+        loader,
+        config,
+        fixed=state.fixed,
+        device=ctx.device,
+        hooks=LoopHooks(on_epoch_end=on_epoch_end),
+        desc=f"inq {portion:.1%}",
+        progress=ctx.progress,
+    )
+
+
+def _concat_reports(reports: list[tuple[float, TrainReport]]) -> TrainReport:
+    """One report over all retraining steps; each epoch's entry records its `inq_portion`."""
+    out = TrainReport()
+    for portion, report in reports:
+        out.epochs += report.epochs
+        out.steps += report.steps
+        out.seconds += report.seconds
+        out.history += [{**h, "inq_portion": portion} for h in report.history]
+    return out
+
+
+def _inq_metrics(state: ModelState, layers: dict[str, _Layer], bits: int, steps: int) -> dict[str, float]:
+    """bits; share of the eligible weights quantized (1.0 when done); share of all quantized-layer weights at 0."""
+    params = inq_parameters(state.model)
+    eligible = sum(int(layer.eligible.sum()) for layer in layers.values())
+    quantized = sum(int((state.fixed.mask(n) & layer.eligible).sum()) for n, layer in layers.items())
+    entries = sum(params[n].numel() for n in layers)
+    zeros = sum(int((params[n] == 0).sum()) for n in layers)
+    return {
+        "inq_bits": float(bits),
+        "inq_layers": float(len(layers)),
+        "inq_steps": float(steps),
+        "inq_quantized_fraction": quantized / eligible if eligible else 1.0,
+        "inq_zero_fraction": zeros / entries if entries else 0.0,
+    }
+
+
+@register_stage("inq", config=INQConfig)
+def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> StageOutput:
+    """Incremental Network Quantization: conv/linear weights become ±2^k or 0 by portions, retraining the rest."""
+    if state is None:
+        raise ValueError("inq needs a trained input model: put a `train` (or pruning) stage before it in `stages:`")
+    state.fixed.project_(state.model)
+    layers = _start_layers(state, config.bits)
+    generator = torch.Generator().manual_seed(ctx.seed)
+    schedule = inq_schedule(config.accumulated_portions)
+    reports = []
+    for step, (portion, retrain) in enumerate(schedule):
+        _quantize_portion_(state, layers, portion, config.partition, generator)
+        if retrain:
+            reports.append((portion, _retrain_(state, config, ctx, step, portion, epoch_offset=step * config.epochs)))
+    state.artifact_format = "inq"
+    state.extras["inq"] = {name: {"n1": layer.n1, "bits": config.bits} for name, layer in layers.items()}
+    return StageOutput(
+        state, metrics=_inq_metrics(state, layers, config.bits, len(schedule)), report=_concat_reports(reports)
+    )
+
+
+# --- the artifact --------------------------------------------------------------------------------
+
+
+def pow2_codes(w: torch.Tensor, n1: int, bits: int) -> torch.Tensor:
+    """Each weight's b-bit code (uint8): 0 for zero, else 1<<(b-1) | sign<<(b-2) | (k - n2) for ±2^k.
+
+    Raises if a weight is not in the layer's level set (changed after INQ, or another n1/bits).
+    """
+    n2 = n1 + 1 - 2 ** (bits - 1) // 2
+    index = _magnitude_index(w, n1, n2)
+    codes = torch.where(index > 0, (1 << (bits - 1)) | ((w < 0).long() << (bits - 2)) | (index - 1), 0)
+    if not torch.equal(decode_pow2(codes.to(torch.uint8), n1, bits).to(w.dtype), w.detach()):
+        raise ValueError(f"weights are not all in {{0, ±2^{n2}..±2^{n1}}}; cannot encode them in {bits} bits")
+    return codes.to(torch.uint8)
+
+
+def decode_pow2(codes: torch.Tensor, n1: int, bits: int) -> torch.Tensor:
+    """fp32 weights from `pow2_codes` codes: exactly ±2^k or +0.0."""
+    n2 = n1 + 1 - 2 ** (bits - 1) // 2
+    codes = codes.long()
+    nonzero = ((codes >> (bits - 1)) & 1) == 1
+    negative = ((codes >> (bits - 2)) & 1) == 1
+    index = torch.where(nonzero, (codes & ((1 << (bits - 2)) - 1)) + 1, 0)
+    mag = _magnitudes(n1, n2, codes.device)[index]
+    return torch.where(nonzero, torch.where(negative, -mag, mag), 0.0).float()
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack codes (each < 2^bits) into a flat uint8 tensor, `bits` bits each, little-endian bit order."""
+    flat = codes.detach().cpu().to(torch.uint8).flatten().numpy()
+    planes = np.unpackbits(flat[:, None], axis=1, bitorder="little")[:, :bits]
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """The first `count` codes of `pack_bits` output, as uint8."""
+    planes = np.unpackbits(packed.cpu().numpy(), count=count * bits, bitorder="little").reshape(count, bits)
+    return torch.from_numpy(np.packbits(planes, axis=1, bitorder="little")[:, 0])
+
+
+@register_artifact_format("inq")
+class INQPacked:
+    """INQ weights as bit-packed b-bit codes with their shape, n1 and bits; everything else fp32 as is."""
+
+    @staticmethod
+    def encode(state: ModelState) -> dict[str, Any]:
+        layers = state.extras.get("inq", {})
+        quantized, dense = {}, {}
+        for key, value in state.model.state_dict().items():
+            if key not in layers:
+                dense[key] = value.detach().cpu().contiguous()
+                continue
+            n1, bits = int(layers[key]["n1"]), int(layers[key]["bits"])
+            try:
+                codes = pow2_codes(value.detach().cpu(), n1, bits)
+            except ValueError as err:
+                raise ValueError(f"inq artifact: {key}: {err}") from None
+            quantized[key] = {"codes": pack_bits(codes, bits), "shape": list(value.shape), "n1": n1, "bits": bits}
+        # The architecture delta lets a structurally pruned (physically smaller) model load back too.
+        return {"state_dict": dense, "inq": quantized, "architecture": architecture_delta(state)}
+
+    @staticmethod
+    def decode(payload: dict[str, Any], model: nn.Module) -> nn.Module:
+        state_dict = dict(payload["state_dict"])
+        for key, q in payload["inq"].items():
+            count = math.prod(q["shape"])
+            codes = unpack_bits(q["codes"], q["bits"], count)
+            state_dict[key] = decode_pow2(codes, q["n1"], q["bits"]).view(q["shape"])
+        return apply_architecture_(model, payload.get("architecture", {}), state_dict)

@@ -1,0 +1,322 @@
+"""The `prune` stage: structured pruning that physically removes channels (torch-pruning), or
+unstructured magnitude pruning whose zeros later stages keep and whose artifact stores fewer bytes.
+
+What / how / when are kept apart: the importance criterion (what) comes from torch-pruning's
+`importance` module or weight magnitude; the surgery (how) is torch-pruning's dependency graph or a
+fixed-at-zero mask; the schedule (when) is a pure function of the step (`step_ratio`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from pydantic import Field, model_validator
+from torch import nn
+
+from pipeline.artifacts import DenseFP32, register_artifact_format
+from pipeline.constraints import FixedWeights
+from pipeline.evaluator import count_macs, count_params
+from pipeline.models import ModelState
+from pipeline.training import LoopHooks, TrainConfig, TrainReport, train_
+from stages.base import StageContext, StageOutput, register_stage
+
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class PruneConfig(TrainConfig):
+    """Pruning settings; the inherited training fields configure the fine-tuning."""
+
+    method: Literal["structured", "unstructured"] = Field(
+        "structured", description="structured: remove whole channels/heads; unstructured: zero single weights"
+    )
+    pruning_ratio: float = Field(
+        0.5, ge=0, lt=1, description="fraction of channels (structured) or weights (unstructured) removed"
+    )
+    importance: Literal["l1", "l2", "group_norm", "bn_scale", "taylor", "random"] = Field(
+        "group_norm", description="structured criterion: filter L1/L2 norm, group norm, BN scale, Taylor, random"
+    )
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="layer: the same ratio in every layer; global: rank channels/weights across layers"
+    )
+    max_layer_ratio: float = Field(0.9, gt=0, le=1, description="global scope: most any one layer may lose")
+    iterative_steps: int = Field(1, ge=1, le=100, description="reach pruning_ratio in this many equal steps")
+    finetune: Literal["each_step", "end"] = Field(
+        "each_step", description="fine-tune `epochs` after every step, or once after the last step"
+    )
+    round_to: int | None = Field(None, ge=1, le=256, description="keep channel counts multiples of this")
+    taylor_batches: int = Field(8, ge=1, le=1000, description="batches of gradients for the taylor criterion")
+    # Fine-tuning defaults suit a trained input model.
+    lr: float = Field(0.02, gt=0, le=10, description="peak fine-tuning learning rate")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("cosine", description="per-step LR schedule")
+
+    @model_validator(mode="after")
+    def _structured_only_options(self) -> PruneConfig:
+        if self.method == "unstructured" and self.importance not in {"group_norm", "l1", "l2"}:
+            raise ValueError(f"importance {self.importance!r} is for structured pruning; unstructured uses magnitude")
+        return self
+
+
+def step_ratio(final_ratio: float, step: int, steps: int) -> float:
+    """The pruning ratio reached after `step` (1-based) of `steps` equal steps."""
+    return final_ratio * step / steps
+
+
+@register_stage("prune", config=PruneConfig)
+def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) -> StageOutput:
+    """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
+    if state is None:
+        raise ValueError("prune needs a trained input model; it cannot be the first stage")
+    before = _size_metrics(state.model, ctx.data.input_size)
+    prune_step = _structured_step if config.method == "structured" else _unstructured_step
+    pruner = _make_pruner(state.model, config, ctx) if config.method == "structured" else None
+    report = TrainReport()
+    for step in range(1, config.iterative_steps + 1):
+        prune_step(state, config, ctx, step, pruner)
+        if config.finetune == "each_step" or step == config.iterative_steps:
+            _merge(report, _finetune(state, config, ctx, step))
+    if config.method == "unstructured":
+        state.artifact_format = "sparse" if state.artifact_format == "dense" else state.artifact_format
+    after = _size_metrics(state.model, ctx.data.input_size)
+    metrics = {
+        "params_before": before["params"],
+        "params_after": after["params"],
+        "macs_before": before["macs"],
+        "macs_after": after["macs"],
+        "weight_sparsity": weight_sparsity(state.model),
+    }
+    return StageOutput(state, metrics=metrics, report=report)
+
+
+def _finetune(state: ModelState, config: PruneConfig, ctx: StageContext, step: int) -> TrainReport:
+    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed + step, augment=ctx.data_config.augment)
+    return train_(
+        state.model, loader, config, fixed=state.fixed, device=ctx.device,
+        hooks=LoopHooks(on_epoch_end=ctx.on_epoch_end), desc=f"prune finetune {step}", progress=ctx.progress,
+    )  # fmt: skip
+
+
+def _merge(total: TrainReport, part: TrainReport) -> None:
+    total.epochs += part.epochs
+    total.steps += part.steps
+    total.seconds += part.seconds
+    total.history.extend(part.history)
+
+
+def _size_metrics(model: nn.Module, input_size) -> dict[str, float]:
+    return {"params": float(count_params(model)), "macs": float(count_macs(model.cpu().eval(), input_size))}
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of conv and linear weights that are exactly zero."""
+    total = zeros = 0
+    for module in model.modules():
+        if isinstance(module, PRUNABLE):
+            total += module.weight.numel()
+            zeros += int((module.weight == 0).sum())
+    return zeros / max(total, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unstructured: magnitude masks, kept by the shared loop as weights fixed at zero.
+
+
+def magnitude_masks(
+    weights: dict[str, torch.Tensor], fixed: FixedWeights, sparsity: float, scope: str
+) -> dict[str, torch.Tensor]:
+    """Boolean masks of the weights to zero so that `sparsity` of all weights (per layer or globally) are zero.
+
+    Weights already fixed (pruned zeros, INQ-frozen values) are never chosen; fixed zeros count as pruned.
+    """
+    masks = {}
+    if scope == "layer":
+        for name, w in weights.items():
+            masks[name] = _smallest(w.abs().flatten(), _free(name, w, fixed), _to_prune(w, name, fixed, sparsity))
+        return {n: m.view_as(weights[n]) for n, m in masks.items()}
+    flat = torch.cat([w.abs().flatten() for w in weights.values()])
+    free = torch.cat([_free(n, w, fixed) for n, w in weights.items()])
+    already = sum(int(((w == 0) & ~_free(n, w, fixed).view_as(w)).sum()) for n, w in weights.items())
+    chosen = _smallest(flat, free, max(0, math.floor(sparsity * flat.numel()) - already))
+    for name, w in weights.items():
+        masks[name], chosen = chosen[: w.numel()].view_as(w), chosen[w.numel() :]
+    return masks
+
+
+def _free(name: str, w: torch.Tensor, fixed: FixedWeights) -> torch.Tensor:
+    return ~fixed.mask(name).flatten() if name in fixed else torch.ones(w.numel(), dtype=torch.bool)
+
+
+def _to_prune(w: torch.Tensor, name: str, fixed: FixedWeights, sparsity: float) -> int:
+    fixed_zeros = int(((w == 0).flatten() & ~_free(name, w, fixed)).sum())
+    return max(0, math.floor(sparsity * w.numel()) - fixed_zeros)
+
+
+def _smallest(magnitudes: torch.Tensor, free: torch.Tensor, count: int) -> torch.Tensor:
+    """Mask of the `count` smallest magnitudes among the free entries (ties broken by position)."""
+    mask = torch.zeros_like(free)
+    count = min(count, int(free.sum()))
+    if count > 0:
+        candidates = torch.where(free, magnitudes, torch.full_like(magnitudes, float("inf")))
+        mask[torch.topk(candidates, count, largest=False, sorted=False).indices] = True
+    return mask
+
+
+def _unstructured_step(state: ModelState, config: PruneConfig, ctx: StageContext, step: int, _pruner) -> None:
+    weights = {f"{n}.weight" if n else "weight": m.weight.detach().cpu() for n, m in state.model.named_modules()
+               if isinstance(m, PRUNABLE)}  # fmt: skip
+    target = step_ratio(config.pruning_ratio, step, config.iterative_steps)
+    for name, mask in magnitude_masks(weights, state.fixed, target, config.scope).items():
+        state.fixed.fix_(name, mask, torch.zeros_like(weights[name]))
+    state.fixed.project_(state.model)
+
+
+@register_artifact_format("sparse")
+class SparseBitmask:
+    """Tensors that are mostly zero stored as a bitmask (1 bit per weight) plus their non-zero fp32 values.
+
+    Other tensors stay dense. The model runs dense after loading: the CPU kernels do not skip zeros.
+    """
+
+    @staticmethod
+    def encode(state: ModelState) -> dict[str, Any]:
+        payload = DenseFP32.encode(state)
+        sparse = {}
+        for key, tensor in list(payload["state_dict"].items()):
+            nonzero = tensor != 0
+            if (
+                tensor.is_floating_point()
+                and math.ceil(tensor.numel() / 8) + 4 * int(nonzero.sum()) < 4 * tensor.numel()
+            ):
+                bits = np.packbits(nonzero.flatten().numpy())
+                sparse[key] = {"shape": list(tensor.shape), "mask": torch.from_numpy(bits), "values": tensor[nonzero]}
+                del payload["state_dict"][key]
+        payload["sparse"] = sparse
+        return payload
+
+    @staticmethod
+    def decode(payload: dict[str, Any], model: nn.Module) -> nn.Module:
+        state_dict = dict(payload["state_dict"])
+        for key, item in payload["sparse"].items():
+            numel = math.prod(item["shape"])
+            mask = torch.from_numpy(np.unpackbits(item["mask"].numpy(), count=numel).astype(bool))
+            dense = torch.zeros(numel, dtype=item["values"].dtype)
+            dense[mask] = item["values"]
+            state_dict[key] = dense.view(item["shape"])
+        return DenseFP32.decode({**payload, "state_dict": state_dict}, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured: torch-pruning's dependency graph removes channels; fixed masks follow the surgery.
+
+IMPORTANCES = {
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first"),
+    "l2": lambda: tp.importance.MagnitudeImportance(p=2, group_reduction="first"),
+    "group_norm": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    "random": lambda: tp.importance.RandomImportance(),
+}
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    """timm attention blocks: a fused `qkv` Linear and `num_heads`."""
+    return [m for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")]
+
+
+def _classifier(model: nn.Module) -> nn.Module:
+    """The output layer, which must keep one output per class: timm's `get_classifier()`, else the last Linear."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__}: no classifier layer found to protect from structured pruning")
+    return linears[-1]
+
+
+def _make_pruner(model: nn.Module, config: PruneConfig, ctx: StageContext) -> tp.pruner.BasePruner:
+    model.cpu().eval()
+    example = torch.zeros(2, *ctx.data.input_size)
+    ignored = [_classifier(model)]
+    try:
+        return tp.pruner.BasePruner(
+            model, example, importance=IMPORTANCES[config.importance](), global_pruning=config.scope == "global",
+            pruning_ratio=config.pruning_ratio, max_pruning_ratio=config.max_layer_ratio,
+            iterative_steps=config.iterative_steps, ignored_layers=ignored, round_to=config.round_to,
+            num_heads={m.qkv: m.num_heads for m in _attention_modules(model)},
+        )  # fmt: skip
+    except Exception as err:
+        raise RuntimeError(
+            f"torch-pruning could not trace {type(model).__name__} for structured pruning: {err}"
+        ) from err
+
+
+def _structured_step(state: ModelState, config: PruneConfig, ctx: StageContext, step: int, pruner) -> None:
+    model = state.model.cpu()
+    if config.importance == "taylor":
+        _accumulate_gradients(model, ctx, config.taylor_batches)
+    model.eval()
+    names = {m: n for n, m in model.named_modules()}
+    for group in pruner.step(interactive=True):
+        removals = [(dep.target.module, pruner.DG.is_out_channel_pruning_fn(dep.handler), idxs) for dep, idxs in group]
+        dims = [(names.get(m), _weight_dim(m, is_out)) for m, is_out, _ in removals]
+        sizes = [m.weight.shape[d] if d is not None and hasattr(m, "weight") else None for m, (_, d) in
+                 zip((r[0] for r in removals), dims, strict=True)]  # fmt: skip
+        group.prune()
+        for (name, dim), size, (_, _, idxs) in zip(dims, sizes, removals, strict=True):
+            _follow_fixed(state.fixed, name, dim, size, idxs)
+    model.zero_grad(set_to_none=True)
+    for attn in _attention_modules(model):  # timm attention reshapes with these; keep them true to the weights
+        attn.num_heads = pruner.num_heads[attn.qkv]
+        attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        if hasattr(attn, "attn_dim"):
+            attn.attn_dim = attn.num_heads * attn.head_dim
+    _check_forward(model, ctx.data.input_size)
+
+
+def _weight_dim(module: nn.Module, is_out: bool) -> int | None:
+    """The weight dimension a channel removal cuts: out-channels dim 0, in-channels dim 1 (depthwise: 0)."""
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed):
+        if is_out or getattr(module, "groups", 1) > 1:
+            return 0
+        return 1
+    return 0 if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1 else None
+
+
+def _follow_fixed(fixed: FixedWeights, name: str | None, dim: int | None, size: int | None, idxs) -> None:
+    """Removed channels take their fixed (frozen, pruned) entries with them."""
+    if name is None:
+        return
+    weight = f"{name}.weight" if name else "weight"
+    if weight not in fixed:
+        return
+    if dim is None or size is None:
+        raise NotImplementedError(f"{name}: cannot carry frozen weights through structured pruning of this layer")
+    removed = {int(getattr(i, "idx", i)) for i in idxs}
+    keep = torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
+    fixed.index_select_(weight, dim, keep)
+
+
+def _accumulate_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
+    for i, (images, labels) in enumerate(loader):
+        if i >= batches:
+            break
+        nn.functional.cross_entropy(model(images), labels).backward()
+
+
+def _check_forward(model: nn.Module, input_size) -> None:
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(2, *input_size))
+    except Exception as err:
+        shapes = [f"{n}: {tuple(m.weight.shape)}" for n, m in model.named_modules() if isinstance(m, PRUNABLE)][:3]
+        raise RuntimeError(
+            f"structured pruning left {type(model).__name__} unable to run ({err}); first layers now {shapes}. "
+            "Use method: unstructured for this model"
+        ) from err

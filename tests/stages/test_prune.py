@@ -1,0 +1,163 @@
+"""Pruning: structured pruning really shrinks timm models; unstructured zeros persist and shrink the artifact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.artifacts import load_artifact, save_artifact
+from pipeline.constraints import FixedWeights
+from pipeline.data import DataConfig
+from pipeline.models import ModelConfig, ModelSpec, ModelState
+from stages import StageContext, get_stage
+from stages.inq import INQConfig, run_inq
+from stages.prune import PruneConfig, magnitude_masks, run_prune, step_ratio, weight_sparsity
+from tests.conftest import TINY_MODEL, synthetic_bundle
+
+BUNDLE32 = synthetic_bundle(n_train=32, n_test=8, classes=4, size=32)
+
+
+def _ctx(bundle=BUNDLE32, name=TINY_MODEL, kwargs=None) -> StageContext:
+    return StageContext(
+        data=bundle, data_config=DataConfig(batch_size=8, augment=False),
+        model_config=ModelConfig(name=name, kwargs=kwargs or {}), device=torch.device("cpu"), seed=0,
+        baseline=lambda: None, progress=False,
+    )  # fmt: skip
+
+
+def _state(name=TINY_MODEL, kwargs=None, bundle=BUNDLE32) -> ModelState:
+    spec = ModelSpec(name, bundle.num_classes, kwargs or {})
+    torch.manual_seed(0)
+    return ModelState(spec.build(), spec, {"mean": bundle.mean, "std": bundle.std, "input_size": bundle.input_size})
+
+
+def _outputs_match(state: ModelState, path) -> None:
+    save_artifact(state, path)
+    loaded = load_artifact(path)
+    x = torch.randn(2, *BUNDLE32.input_size)
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), state.model.eval()(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("resnet10t", {}),  # residual adds
+        ("resnet18", {}),
+        ("mobilenetv3_small_100", {}),  # depthwise + squeeze-excite
+        ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}),  # attention heads
+    ],
+)
+def test_structured_pruning_shrinks_and_still_runs(name, kwargs, tmp_path):
+    state = _state(name, kwargs)
+    params = sum(p.numel() for p in state.model.parameters())
+    out = run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=0), _ctx(name=name, kwargs=kwargs))
+    assert out.metrics["params_after"] < 0.5 * params and out.metrics["macs_after"] < out.metrics["macs_before"]
+    assert out.state.model.get_classifier().out_features == 4  # the head keeps one output per class
+    _outputs_match(out.state, tmp_path / "pruned.pt")
+    assert (tmp_path / "pruned.pt").stat().st_size < 0.5 * 4 * params
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "group_norm", "bn_scale", "taylor", "random"])
+def test_every_importance_criterion_prunes(importance):
+    out = run_prune(_state(), PruneConfig(pruning_ratio=0.3, importance=importance, epochs=0), _ctx())
+    assert out.metrics["params_after"] < out.metrics["params_before"]
+
+
+def test_iterative_structured_steps_fine_tune_between():
+    seen = []
+    ctx = _ctx()
+    ctx.on_epoch_end = lambda epoch, stats: seen.append(epoch)
+    out = run_prune(_state(), PruneConfig(pruning_ratio=0.5, iterative_steps=2, epochs=1), ctx)
+    assert out.report.epochs == 2 and len(seen) == 2
+
+
+@pytest.mark.parametrize("scope", ["layer", "global"])
+def test_unstructured_reaches_sparsity_and_keeps_zeros_through_training(scope, tmp_path):
+    state = _state()
+    out = run_prune(state, PruneConfig(method="unstructured", pruning_ratio=0.8, scope=scope, iterative_steps=2,
+                                       epochs=1, lr=0.1), _ctx())  # fmt: skip
+    assert out.metrics["weight_sparsity"] == pytest.approx(0.8, abs=0.002)
+    assert out.state.artifact_format == "sparse"
+    zero_masks = {n: out.state.fixed.mask(n) for n in out.state.fixed.names()}
+    params = dict(out.state.model.named_parameters())
+    assert all(torch.all(params[n][m] == 0) for n, m in zero_masks.items())
+    # The sparse artifact stores fewer bytes than the dense fp32 model, and loads back the same.
+    dense = ModelState(out.state.model, out.state.spec, out.state.preprocessing)
+    dense_bytes = save_artifact(dense, tmp_path / "dense.pt")
+    sparse_bytes = save_artifact(out.state, tmp_path / "sparse.pt")
+    assert sparse_bytes < 0.4 * dense_bytes
+    _outputs_match(out.state, tmp_path / "sparse2.pt")
+    # A later training stage keeps the zeros (the shared loop enforces the fixed mask).
+    get_stage("train").run(out.state, get_stage("train").config(epochs=1, lr=0.2), _ctx())
+    assert weight_sparsity(out.state.model) >= 0.798
+
+
+def test_magnitude_masks_pick_smallest_and_respect_fixed():
+    weights = {"a": torch.tensor([0.1, -0.5, 0.0, 2.0]), "b": torch.tensor([-0.05, 3.0, 0.2, 0.3])}
+    fixed = FixedWeights()
+    fixed.fix_("a", torch.tensor([False, False, True, False]), torch.zeros(4))  # a pruned zero
+    fixed.fix_("b", torch.tensor([True, False, False, False]), torch.tensor([-0.05, 0, 0, 0]))  # a frozen value
+    layer = magnitude_masks(weights, fixed, 0.5, "layer")
+    assert layer["a"].tolist() == [True, False, False, False]  # one more besides the fixed zero
+    assert layer["b"].tolist() == [False, False, True, True]  # the frozen -0.05 is never chosen
+    glob = magnitude_masks(weights, fixed, 0.5, "global")
+    assert sum(int(m.sum()) for m in glob.values()) == 3  # 4 of 8, one zero already fixed
+    assert glob["a"][0] and glob["b"][2] and glob["b"][3]
+    assert step_ratio(0.8, 1, 4) == pytest.approx(0.2) and step_ratio(0.8, 4, 4) == pytest.approx(0.8)
+
+
+def test_fixed_weights_follow_removed_channels():
+    """Frozen entries stay with their weights when channels around them are removed."""
+    state = _state()
+    gen = torch.Generator().manual_seed(0)
+    for name, p in state.model.named_parameters():
+        if p.dim() == 4:
+            state.fixed.fix_(name, torch.rand(p.shape, generator=gen) < 0.3, p.detach().clone())
+    out = run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=1, lr=0.1), _ctx())
+    params = dict(out.state.model.named_parameters())
+    for name in out.state.fixed.names():
+        mask = out.state.fixed.mask(name)
+        assert mask.shape == params[name].shape
+        assert torch.equal(params[name].detach()[mask], out.state.fixed.values(name)[mask])
+
+
+def test_inq_after_structured_prune_and_prune_after_inq(tmp_path):
+    ctx = _ctx()
+    pruned = run_prune(_state(), PruneConfig(pruning_ratio=0.5, epochs=0), ctx).state
+    quantized = run_inq(pruned, INQConfig(bits=5, epochs=0), ctx).state
+    _outputs_match(quantized, tmp_path / "prune-inq.pt")
+    again = run_prune(quantized, PruneConfig(pruning_ratio=0.3, epochs=1, lr=0.1), ctx).state
+    assert again.artifact_format == "inq"
+    _outputs_match(again, tmp_path / "inq-prune.pt")  # still encodable: every weight still on its grid
+
+
+def test_a_model_that_cannot_be_pruned_fails_clearly():
+    class HardCodedReshape(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8 * 32 * 32, 4)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).reshape(x.shape[0], 8 * 32 * 32))
+
+    spec = ModelSpec(TINY_MODEL, 4)
+    state = ModelState(HardCodedReshape(), spec, {})
+    with pytest.raises(RuntimeError, match="structured pruning left HardCodedReshape unable to run .*unstructured"):
+        run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=0), _ctx())
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"pruning_ratio": 1.0}, "less than 1"),
+        ({"importance": "vibes"}, "Input should be 'l1', 'l2'"),
+        ({"iterative_steps": 0}, "greater than or equal to 1"),
+        ({"method": "unstructured", "importance": "taylor"}, "is for structured pruning"),
+    ],
+)
+def test_config_is_validated(fields, message):
+    with pytest.raises(ValueError, match=message):
+        PruneConfig(**fields)
