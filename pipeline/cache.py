@@ -33,6 +33,7 @@ def digest(obj: Any) -> str:
 
 
 def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -46,6 +47,7 @@ def stage_key(parent_key: str, stage_name: str, config: dict[str, Any]) -> str:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to a temporary file beside `path`, then rename it into place."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
     os.replace(tmp, path)
@@ -67,9 +69,12 @@ class CacheEntry:
         return json.loads((self.path / RECORD_FILE).read_text())
 
     def load_state(self) -> ModelState:
-        # The cache holds whole modules (structured pruning and QAT change the architecture), so it is
-        # pickled; it is this tool's own output, never a downloaded file.
-        return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=False)
+        """The stage's output model state (whole modules: structured pruning changes the architecture)."""
+        # Pickled, so it is read with weights_only=False: it is this tool's own output, never a download.
+        try:
+            return torch.load(self.path / STATE_FILE, map_location="cpu", weights_only=False)
+        except Exception as err:
+            raise RuntimeError(f"cache entry {self.path} cannot be read ({err}); rerun with --no-cache") from err
 
     def metrics(self, eval_key: str) -> dict[str, float] | None:
         path = self.path / METRICS_DIR / f"{eval_key}.json"
@@ -103,11 +108,11 @@ class StageCache:
             torch.save(state, tmp / STATE_FILE)
             write_artifact(state, tmp / ARTIFACT_FILE)
             write_json_atomic(tmp / RECORD_FILE, {**record, "key": key, "status": "SUCCEEDED"})
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not (final / RECORD_FILE).is_file():  # a racing writer left a broken entry
-                    raise
+            if final.exists():  # a forced rerun (--no-cache) replaces the old entry, metrics included
+                old = final.parent / f".old-{key}-{uuid.uuid4().hex[:8]}"
+                os.rename(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.rename(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

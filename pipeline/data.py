@@ -174,7 +174,10 @@ def _load_split(source: DataSource, cfg: DataConfig, train: bool, subset: int | 
     if source.kind == "imagefolder":
         return _decode_imagefolder(source.path / split, subset, seed, cfg.img_size, f"decode {source.dataset}/{split}")
     _, cls = TORCHVISION_LAYOUT[source.dataset]
-    ds = cls(str(source.path), train=train, download=cfg.download)
+    try:
+        ds = cls(str(source.path), train=train, download=cfg.download)
+    except (OSError, RuntimeError) as err:  # no network, or a corrupt download
+        raise DataNotFoundError(f"data.download: could not get {source.dataset} into {source.path}: {err}") from err
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(ds.targets, dtype=torch.int64)
     idx = balanced_subset(labels, subset, seed)
@@ -213,7 +216,11 @@ def load_data(
     """
     source = locate(cfg)
     train, classes = _cached_split(source, cfg, True, cfg.train_subset, seed, cache_dir)
-    test, _ = _cached_split(source, cfg, False, cfg.test_subset, seed, cache_dir)
+    test, test_classes = _cached_split(source, cfg, False, cfg.test_subset, seed, cache_dir)
+    if list(test_classes) != list(classes):  # labels are class indices: both splits must list the same classes
+        raise DataNotFoundError(
+            f"{source.path}: train/ and test/ hold different classes ({sorted(set(classes) ^ set(test_classes))})"
+        )
     if normalization is None:
         normalization = DATASET_STATS.get(source.dataset) or _channel_stats(train.images)
     mean, std = normalization

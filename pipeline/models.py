@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import os
+import socket
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,7 +91,11 @@ class ModelState:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class PretrainedUnavailableError(RuntimeError):
+class ModelSourceError(RuntimeError):
+    """The model's starting weights cannot be had: pretrained weights offline, or a checkpoint that does not fit."""
+
+
+class PretrainedUnavailableError(ModelSourceError):
     """timm's pretrained weights could not be fetched (typically: no network)."""
 
 
@@ -95,6 +103,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, ModelSp
     """Build the recipe's model with its starting weights (random, timm pretrained, or a checkpoint)."""
     spec = ModelSpec(cfg.name, num_classes, dict(cfg.kwargs))
     if cfg.pretrained:
+        check_hub_reachable(cfg.name)
         try:
             model = spec.build(pretrained=True)
         except Exception as err:  # hub errors come as many types (OSError, HTTPError, LocalEntryNotFound…)
@@ -110,6 +119,28 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, ModelSp
     return model, spec
 
 
+def check_hub_reachable(name: str, timeout_s: float = 3.0) -> None:
+    """Fail in seconds, not after the hub client's retries, when the weights' host cannot be reached.
+
+    Skipped when HF_HUB_OFFLINE is set: then the hub client reads its local cache directly.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        return
+    if os.environ.get("HF_ENDPOINT") or urllib.request.getproxies():
+        return  # a mirror or a proxy: only the hub client knows how to reach it
+    pcfg = timm.models.get_pretrained_cfg(name)
+    if pcfg is None:
+        raise PretrainedUnavailableError(f"model.pretrained: timm has no pretrained weights for {name!r}")
+    host = "huggingface.co" if pcfg.hf_hub_id else urllib.parse.urlparse(pcfg.url or "").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+    except OSError as err:
+        raise PretrainedUnavailableError(
+            f"model.pretrained: cannot reach {host} for {name!r} weights ({err}); offline, set pretrained: false, "
+            "give a checkpoint:, or set HF_HUB_OFFLINE=1 if the weights are in the local Hugging Face cache"
+        ) from None
+
+
 def load_checkpoint_(model: nn.Module, path: Path) -> None:
     """Load a local checkpoint (a state_dict, or a dict with 'state_dict' / 'model') into `model`."""
     blob = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
@@ -117,10 +148,14 @@ def load_checkpoint_(model: nn.Module, path: Path) -> None:
         blob = blob["state_dict"]
     elif isinstance(blob, dict) and isinstance(blob.get("model"), dict):
         blob = blob["model"]
-    missing, unexpected = model.load_state_dict(blob, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(blob, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ModelSourceError(f"model.checkpoint: {path} does not fit the model: {str(err)[:300]}") from None
     if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not fit the model: missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}"
+        raise ModelSourceError(
+            f"model.checkpoint: {path} does not fit the model: missing {list(missing)[:4]}, "
+            f"unexpected {list(unexpected)[:4]}"
         )
 
 

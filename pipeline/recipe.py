@@ -175,6 +175,8 @@ def apply_override_(raw: dict[str, Any], item: str) -> None:
             part = int(part)
         elif not isinstance(node, dict):
             raise RecipeError(where, f"cannot override inside a {type(node).__name__}")
+        if isinstance(node, dict) and depth >= 2 and parts[0] == "stages" and depth == 2 and part not in node:
+            raise RecipeError(where, f"stages[{parts[1]}] is a {next(iter(node), '?')!r} stage, not {part!r}")
         if last:
             node[part] = value
         else:

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import timm
 import torch
 
 from pipeline import __version__
@@ -33,6 +34,7 @@ EVAL_ONLY_DATA_FIELDS = {"test_subset", "eval_batch_size"}
 
 
 def default_cache_dir() -> Path:
+    """$PIPELINE_CACHE_DIR, else .cache/ in the project folder."""
     return Path(os.environ.get("PIPELINE_CACHE_DIR") or PROJECT_ROOT / ".cache")
 
 
@@ -78,6 +80,9 @@ def plan_chain(recipe: Recipe) -> list[PlannedStage]:
     root = digest(
         {
             "version": __version__,
+        # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
+        "torch": torch.__version__,
+        "timm": timm.__version__,
             "seed": recipe.seed,
             "model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}),
             "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
@@ -143,6 +148,7 @@ class Runner:
         return self.cache.get(stage.key) if self.use_cache else None
 
     def run(self) -> RunSummary:
+        """Run every stage (reusing cached ones) under one MLflow parent run; returns per-stage results."""
         recipe = self.recipe
         reusable = [s.name for s in self.chain if self.cached(s)]
         if not self.cached(self.chain[0]):
@@ -242,6 +248,9 @@ class Runner:
             "stage_metrics": out.metrics,
             "train_history": out.report.history if out.report else [],
             "version": __version__,
+        # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
+        "torch": torch.__version__,
+        "timm": timm.__version__,
         }
         entry = self.cache.put(stage.key, out.state, record, save_artifact)
         return entry, out.state

@@ -13,7 +13,7 @@ from typing import Literal
 
 import timm.optim
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -35,6 +35,12 @@ class TrainConfig(StrictConfig):
     warmup_fraction: float = Field(0.15, ge=0, lt=1, description="share of steps spent warming up (onecycle)")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     grad_clip_norm: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: true needs momentum > 0; set nesterov: false for plain SGD")
+        return self
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -61,6 +67,7 @@ class TrainReport:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over `model`'s parameters."""
     # timm's factory keeps weight decay off norms and biases; its "sgd" is Nesterov, "momentum" is not.
     opt = "adamw" if cfg.optimizer == "adamw" else ("sgd" if cfg.nesterov else "momentum")
     return timm.optim.create_optimizer_v2(
@@ -69,6 +76,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """The configured learning-rate schedule, stepped once per batch over `total_steps` batches."""
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 1), pct_start=max(cfg.warmup_fraction, 1e-3)
@@ -79,6 +87,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
 
 
 def cross_entropy_loss(label_smoothing: float) -> LossFn:
+    """The default loss: cross-entropy with label smoothing."""
     criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
 
     def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ fixed-at-zero mask; the schedule (when) is a pure function of the step (`step_ra
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from pipeline.training import LoopHooks, TrainConfig, TrainReport, train_
 from stages.base import StageContext, StageOutput, register_stage
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+log = logging.getLogger("pipeline")
 
 
 class PruneConfig(TrainConfig):
@@ -42,7 +44,12 @@ class PruneConfig(TrainConfig):
     scope: Literal["layer", "global"] = Field(
         "layer", description="layer: the same ratio in every layer; global: rank channels/weights across layers"
     )
-    max_layer_ratio: float = Field(0.9, gt=0, le=1, description="global scope: most any one layer may lose")
+    max_layer_ratio: float = Field(
+        0.9, gt=0, le=1, description="structured global scope: the largest fraction of channels one layer may lose"
+    )
+    prune_heads: bool = Field(
+        False, description="attention models: remove whole heads (pruning_ratio of them) instead of head dims"
+    )
     iterative_steps: int = Field(1, ge=1, le=100, description="reach pruning_ratio in this many equal steps")
     finetune: Literal["each_step", "end"] = Field(
         "each_step", description="fine-tune `epochs` after every step, or once after the last step"
@@ -71,32 +78,78 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     if state is None:
         raise ValueError("prune needs a trained input model; it cannot be the first stage")
     before = _size_metrics(state.model, ctx.data.input_size)
+    widths = _layer_widths(state.model)
     prune_step = _structured_step if config.method == "structured" else _unstructured_step
     pruner = _make_pruner(state.model, config, ctx) if config.method == "structured" else None
     report = TrainReport()
     for step in range(1, config.iterative_steps + 1):
         prune_step(state, config, ctx, step, pruner)
         if config.finetune == "each_step" or step == config.iterative_steps:
-            _merge(report, _finetune(state, config, ctx, step))
+            _merge(report, _finetune(state, config, ctx, step, epoch_offset=report.epochs))
+    after = _size_metrics(state.model, ctx.data.input_size)
     if config.method == "unstructured":
         state.artifact_format = "sparse" if state.artifact_format == "dense" else state.artifact_format
-    after = _size_metrics(state.model, ctx.data.input_size)
+        _check_sparsity(state.model, config)
+    else:
+        _check_shrunk(state.model, widths, config)
     metrics = {
         "params_before": before["params"],
         "params_after": after["params"],
         "macs_before": before["macs"],
         "macs_after": after["macs"],
-        "weight_sparsity": weight_sparsity(state.model),
+        "weight_sparsity_before": before["sparsity"],
+        "weight_sparsity": after["sparsity"],
     }
     return StageOutput(state, metrics=metrics, report=report)
 
 
-def _finetune(state: ModelState, config: PruneConfig, ctx: StageContext, step: int) -> TrainReport:
+def _layer_widths(model: nn.Module) -> dict[str, int]:
+    return {n: m.weight.shape[0] for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+
+
+def _check_shrunk(model: nn.Module, widths: dict[str, int], config: PruneConfig) -> None:
+    """Structured pruning that removed nothing is an error, not a silent no-op; full-width layers are named."""
+    if config.pruning_ratio == 0:
+        return
+    now = _layer_widths(model)
+    kept = [n for n, w in widths.items() if now.get(n) == w and model.get_submodule(n) is not _classifier(model)]
+    if len(kept) == len(widths) - 1:
+        raise RuntimeError(
+            f"structured pruning ({config.importance}) removed no channel from {type(model).__name__}; "
+            "the criterion may not apply to this model (bn_scale needs BatchNorm layers)"
+        )
+    if kept:
+        log.info("prune: layers left at full width (coupled to protected layers): %s", ", ".join(kept[:10]))
+
+
+def _check_sparsity(model: nn.Module, config: PruneConfig) -> None:
+    reached = weight_sparsity(model)
+    if reached < config.pruning_ratio - 0.01:
+        raise RuntimeError(
+            f"unstructured pruning reached {reached:.1%} sparsity, not {config.pruning_ratio:.1%}: "
+            "the remaining weights are frozen by an earlier stage (INQ) and cannot be pruned"
+        )
+
+
+def _finetune(state: ModelState, config: PruneConfig, ctx: StageContext, step: int, epoch_offset: int) -> TrainReport:
     loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed + step, augment=ctx.data_config.augment)
+    on_epoch_end = None
+    if ctx.on_epoch_end is not None:
+        outer = ctx.on_epoch_end
+
+        def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
+            outer(epoch_offset + epoch, stats)  # epochs continue across steps, so tracked curves do not overlap
+
     return train_(
-        state.model, loader, config, fixed=state.fixed, device=ctx.device,
-        hooks=LoopHooks(on_epoch_end=ctx.on_epoch_end), desc=f"prune finetune {step}", progress=ctx.progress,
-    )  # fmt: skip
+        state.model,
+        loader,
+        config,
+        fixed=state.fixed,
+        device=ctx.device,
+        hooks=LoopHooks(on_epoch_end=on_epoch_end),
+        desc=f"prune finetune {step}",
+        progress=ctx.progress,
+    )
 
 
 def _merge(total: TrainReport, part: TrainReport) -> None:
@@ -107,7 +160,11 @@ def _merge(total: TrainReport, part: TrainReport) -> None:
 
 
 def _size_metrics(model: nn.Module, input_size) -> dict[str, float]:
-    return {"params": float(count_params(model)), "macs": float(count_macs(model.cpu().eval(), input_size))}
+    return {
+        "params": float(count_params(model)),
+        "macs": float(count_macs(model.cpu().eval(), input_size)),
+        "sparsity": weight_sparsity(model),
+    }
 
 
 def weight_sparsity(model: nn.Module) -> float:
@@ -237,6 +294,11 @@ def _classifier(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
+def _schedule(final_ratio: float, steps: int) -> list[float]:
+    """torch-pruning's scheduler protocol: the ratio after each of steps 0..steps, from `step_ratio`."""
+    return [step_ratio(final_ratio, step, steps) for step in range(steps + 1)]
+
+
 def _make_pruner(model: nn.Module, config: PruneConfig, ctx: StageContext) -> tp.pruner.BasePruner:
     model.cpu().eval()
     example = torch.zeros(2, *ctx.data.input_size)
@@ -246,7 +308,10 @@ def _make_pruner(model: nn.Module, config: PruneConfig, ctx: StageContext) -> tp
             model, example, importance=IMPORTANCES[config.importance](), global_pruning=config.scope == "global",
             pruning_ratio=config.pruning_ratio, max_pruning_ratio=config.max_layer_ratio,
             iterative_steps=config.iterative_steps, ignored_layers=ignored, round_to=config.round_to,
+            iterative_pruning_ratio_scheduler=_schedule,
             num_heads={m.qkv: m.num_heads for m in _attention_modules(model)},
+            prune_num_heads=config.prune_heads, prune_head_dims=not config.prune_heads,
+            head_pruning_ratio=config.pruning_ratio if config.prune_heads else 0.0,
         )  # fmt: skip
     except Exception as err:
         raise RuntimeError(
@@ -301,7 +366,8 @@ def _follow_fixed(fixed: FixedWeights, name: str | None, dim: int | None, size: 
 
 
 def _accumulate_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:
-    model.train()
+    """Gradients for the Taylor criterion, in eval mode so BatchNorm statistics are not changed."""
+    model.eval()
     model.zero_grad(set_to_none=True)
     loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
     for i, (images, labels) in enumerate(loader):
@@ -311,12 +377,27 @@ def _accumulate_gradients(model: nn.Module, ctx: StageContext, batches: int) -> 
 
 
 def _check_forward(model: nn.Module, input_size) -> None:
+    """Run the pruned model once; on failure name the innermost layer whose forward raised."""
+    active: list[str] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def enter(module, _inputs) -> None:
+        active.append(names[module])
+
+    def leave(_module, _inputs, _output) -> None:  # must return None: a returned value replaces the output
+        active.pop()
+
+    hooks = [m.register_forward_pre_hook(enter) for m in names] + [m.register_forward_hook(leave) for m in names]
     try:
         with torch.inference_mode():
             model(torch.zeros(2, *input_size))
     except Exception as err:
-        shapes = [f"{n}: {tuple(m.weight.shape)}" for n, m in model.named_modules() if isinstance(m, PRUNABLE)][:3]
+        layer = active[-1] if active else ""
+        where = f"layer {layer!r} ({type(model.get_submodule(layer)).__name__})" if layer else "its top-level forward"
         raise RuntimeError(
-            f"structured pruning left {type(model).__name__} unable to run ({err}); first layers now {shapes}. "
-            "Use method: unstructured for this model"
+            f"structured pruning left {type(model).__name__} unable to run: {where} failed with {err}. "
+            "This model cannot be pruned structurally; use method: unstructured"
         ) from err
+    finally:
+        for hook in hooks:
+            hook.remove()

@@ -81,7 +81,7 @@ def tiny_recipe(**overrides) -> dict:
         "data": {"dataset": "cifar10", "batch_size": 32, "train_subset": 320, "test_subset": 100},
         "model": {"name": TINY_MODEL},
         "baseline": {"epochs": 2, "lr": 0.05},
-        "stages": [{"train": {"epochs": 1, "lr": 0.01, "schedule": "constant"}}],
+        "stages": [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}],
         "evaluation": {"latency_runs": 5, "warmup_runs": 2, "throughput_runs": 2, "throughput_batch_size": 8},
     }
     for key, value in overrides.items():

@@ -24,24 +24,46 @@ def _state(bundle) -> ModelState:
     )
 
 
-def test_dense_artifact_round_trips_in_a_fresh_process(tiny_bundle, tmp_path):
-    state = _state(tiny_bundle)
+def _kind(kind: str, bundle) -> ModelState:
+    """A model state whose deployable artifact is of `kind`, made by the stage that produces it."""
+    from pipeline.data import DataConfig
+    from pipeline.models import ModelConfig
+    from stages import StageContext
+    from stages.inq import INQConfig, run_inq
+    from stages.prune import PruneConfig, run_prune
+
+    state = _state(bundle)
+    ctx = StageContext(data=bundle, data_config=DataConfig(batch_size=8), model_config=ModelConfig(name=TINY_MODEL),
+                       device=torch.device("cpu"), seed=0, baseline=lambda: None, progress=False)  # fmt: skip
+    if kind == "structured":
+        state = run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=0), ctx).state
+    elif kind == "sparse":
+        state = run_prune(state, PruneConfig(method="unstructured", pruning_ratio=0.7, epochs=0), ctx).state
+    elif kind == "inq":
+        state = run_inq(state, INQConfig(bits=4, epochs=0), ctx).state
+    return state
+
+
+@pytest.mark.parametrize("kind", ["dense", "structured", "sparse", "inq"])
+def test_every_artifact_kind_round_trips_in_a_fresh_process(kind, tiny_bundle, tmp_path):
+    state = _kind(kind, tiny_bundle)
     path = tmp_path / "model.pt"
     size = save_artifact(state, path)
     assert size == path.stat().st_size > 0
     x = torch.randn(2, *tiny_bundle.input_size)
     torch.save(x, tmp_path / "x.pt")
     with torch.inference_mode():
-        expected = state.model(x)
-    code = (
-        f"import torch; from pipeline import load_artifact; m = load_artifact({str(path)!r}); "
-        f"x = torch.load({str(tmp_path / 'x.pt')!r}); torch.save(m(x).detach(), {str(tmp_path / 'y.pt')!r}); "
-        "print(m.pretrained_cfg['input_size'], m.pretrained_cfg['architecture'])"
-    )
+        expected = state.model.eval()(x)
+    code = (f"import torch; from pipeline import load_artifact; m = load_artifact({str(path)!r}); "
+            f"x = torch.load({str(tmp_path / 'x.pt')!r}); torch.save(m(x).detach(), {str(tmp_path / 'y.pt')!r}); "
+            "print(m.pretrained_cfg['input_size'], m.pretrained_cfg['architecture'])")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
     assert f"{tuple(tiny_bundle.input_size)} {TINY_MODEL}" in out.stdout
+    # The same accuracy, measured on the loaded module.
+    loader = tiny_bundle.test_loader(8)
+    assert accuracy(load_artifact(path), loader) == accuracy(state.model, loader)
 
 
 def test_loaded_artifact_has_same_accuracy_and_preprocessing(tiny_bundle, tmp_path):

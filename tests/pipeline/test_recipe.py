@@ -45,8 +45,10 @@ BAD = [
     (lambda r: r.update(device="tpu"), "device: Input should be 'auto', 'cpu' or 'cuda'"),
     (lambda r: r["evaluation"].update(threads=0), "evaluation.threads: Input should be greater than or equal to 1"),
     (lambda r: r.update(orderings="all"), "orderings: ordering sweeps are not yet supported"),
-    (lambda r: r.update(stages=[{"bogus": {}}]), "stages[0]: unknown stage 'bogus'; available: train"),
-    (lambda r: r.update(stages=[{"prune": {}}]), "stages[0]: stage 'prune' is not yet supported (planned in issue #3)"),
+    (lambda r: r.update(stages=[{"bogus": {}}]), "stages[0]: unknown stage 'bogus'; available: inq, prune, train"),
+    (lambda r: r.update(stages=[{"qat": {}}]), "stages[0]: stage 'qat' is not yet supported (planned in issue #5)"),
+    (lambda r: r.update(stages=[{"inq": {"bits": 12}}]), "stages[0].inq.bits: must be 2..8, got 12"),
+    (lambda r: r.update(stages=[{"prune": {"pruning_ratio": 1.5}}]), "stages[0].prune.pruning_ratio: Input should be"),
     (lambda r: r.update(stages=[{"train": {}, "x": {}}]), "stages[0]: must be a one-key mapping"),
     (lambda r: r.update(stages=["train"]), "stages[0]: must be a one-key mapping"),
     (
@@ -74,8 +76,8 @@ def test_overrides_apply_dotted_and_indexed_paths():
     for item in (
         "data.train_subset=2000",
         "baseline.epochs=1",
-        "stages[0].train.lr=0.5",
-        "stages.0.train.epochs=3",
+        "stages[0].prune.lr=0.5",
+        "stages.0.prune.epochs=3",
         "model.kwargs.drop_rate=0.1",
         "baseline.label_smoothing=0.1",
     ):
@@ -92,6 +94,7 @@ def test_overrides_apply_dotted_and_indexed_paths():
         ("nonsense", "override 'nonsense' must look like key.path=value"),
         ("stages[4].train.lr=1", "stages.4: no list item '4' to override"),
         ("name.first=x", "name.first: cannot override inside a str"),
+        ("stages[0].inq.bits=4", "stages.0.inq: stages[0] is a 'prune' stage, not 'inq'"),
     ],
 )
 def test_bad_overrides(item, expected):
@@ -121,8 +124,10 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_ordering_names_the_chain():
     recipe = validate_recipe(tiny_recipe())
-    assert recipe.ordering == "train"
+    assert recipe.ordering == "prune"
     assert validate_recipe(tiny_recipe(stages=[])).ordering == "train"
+    two = [{"prune": {}}, {"inq": {"bits": 4}}]
+    assert validate_recipe(tiny_recipe(stages=two)).ordering == "prune>inq"
 
 
 def test_resolved_recipe_round_trips_through_yaml(tmp_path):

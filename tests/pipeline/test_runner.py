@@ -56,7 +56,7 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     client, runs = _runs(isolated)
     (parent,), children = _split(runs)
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["recipe"] == "tiny" and parent.data.tags["ordering"] == "train"
+    assert parent.data.tags["recipe"] == "tiny" and parent.data.tags["ordering"] == "prune"
     children.sort(key=lambda r: int(r.data.tags["stage_index"]))
     assert [(c.data.tags["stage"], c.data.tags["stage_index"], c.data.tags["cached"]) for c in children] == [
         ("train", "0", "false"),
@@ -87,7 +87,7 @@ def test_rerun_reuses_cache_and_new_eval_settings_remeasure(recipe_path, isolate
     assert run_cli(["run", str(recipe_path)], isolated).returncode == 0
     again = run_cli(["run", str(recipe_path)], isolated)
     assert again.returncode == 0, again.stderr
-    assert "reused from cache: train, train" in again.stdout
+    assert "reused from cache: train, prune" in again.stdout
     _, runs = _runs(isolated)
     parents, children = _split(runs)
     assert len(parents) == 2
@@ -102,7 +102,7 @@ def test_rerun_reuses_cache_and_new_eval_settings_remeasure(recipe_path, isolate
         assert c.data.metrics["top1"] == first[c.data.tags["stage_index"]]["top1"]
     # A different evaluation setting re-measures the cached models instead of retraining them.
     third = run_cli(["run", str(recipe_path), "evaluation.latency_runs=7"], isolated)
-    assert third.returncode == 0 and "reused from cache: train, train" in third.stdout
+    assert third.returncode == 0 and "reused from cache: train, prune" in third.stdout
 
 
 def test_same_recipe_and_seed_give_the_same_metrics(recipe_path, isolated, tmp_path):

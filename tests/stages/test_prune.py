@@ -145,7 +145,9 @@ def test_a_model_that_cannot_be_pruned_fails_clearly():
 
     spec = ModelSpec(TINY_MODEL, 4)
     state = ModelState(HardCodedReshape(), spec, {})
-    with pytest.raises(RuntimeError, match="structured pruning left HardCodedReshape unable to run .*unstructured"):
+    with pytest.raises(
+        RuntimeError, match="left HardCodedReshape unable to run: its top-level forward failed.*unstructured"
+    ):
         run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=0), _ctx())
 
 
@@ -161,3 +163,28 @@ def test_a_model_that_cannot_be_pruned_fails_clearly():
 def test_config_is_validated(fields, message):
     with pytest.raises(ValueError, match=message):
         PruneConfig(**fields)
+
+
+def test_a_criterion_that_removes_nothing_is_an_error():
+    vit = {"img_size": 32, "patch_size": 8}
+    with pytest.raises(RuntimeError, match="removed no channel .*bn_scale needs BatchNorm"):
+        run_prune(_state("vit_tiny_patch16_224", vit), PruneConfig(importance="bn_scale", epochs=0),
+                  _ctx(name="vit_tiny_patch16_224", kwargs=vit))  # fmt: skip
+
+
+def test_whole_attention_heads_can_be_removed(tmp_path):
+    vit = {"img_size": 32, "patch_size": 8}
+    state = _state("vit_tiny_patch16_224", vit)
+    heads = state.model.blocks[0].attn.num_heads
+    out = run_prune(state, PruneConfig(pruning_ratio=0.5, prune_heads=True, epochs=0),
+                    _ctx(name="vit_tiny_patch16_224", kwargs=vit))  # fmt: skip
+    attn = out.state.model.blocks[0].attn
+    assert attn.num_heads == heads // 2 and attn.qkv.out_features == 3 * attn.num_heads * attn.head_dim
+    _outputs_match(out.state, tmp_path / "heads.pt")
+
+
+def test_unstructured_after_inq_cannot_reach_its_target():
+    ctx = _ctx()
+    frozen = run_inq(_state(), INQConfig(bits=5, epochs=0), ctx).state
+    with pytest.raises(RuntimeError, match="frozen by an earlier stage"):
+        run_prune(frozen, PruneConfig(method="unstructured", pruning_ratio=0.8, epochs=0), ctx)
