@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -33,6 +34,9 @@ class Row:
 
 
 def parse_args(description: str) -> argparse.Namespace:
+    """Benchmark options; also sets up progress logging like the CLI."""
+    logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every variant")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds (median reported)")

@@ -80,9 +80,9 @@ def plan_chain(recipe: Recipe) -> list[PlannedStage]:
     root = digest(
         {
             "version": __version__,
-        # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+            # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
+            "torch": torch.__version__,
+            "timm": timm.__version__,
             "seed": recipe.seed,
             "model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}),
             "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
@@ -248,9 +248,9 @@ class Runner:
             "stage_metrics": out.metrics,
             "train_history": out.report.history if out.report else [],
             "version": __version__,
-        # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+            # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
+            "torch": torch.__version__,
+            "timm": timm.__version__,
         }
         entry = self.cache.put(stage.key, out.state, record, save_artifact)
         return entry, out.state
