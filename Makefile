@@ -5,12 +5,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-recipe ?= prune-inq
+recipe ?= prune-inq-distill
 set ?=
 port ?= 5000
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui test lint format sweep report clean-cache bench bench-prune bench-inq
+.PHONY: run validate stages ui test lint format sweep report clean-cache bench bench-prune bench-inq bench-distill
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,13 +47,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench
 	$(VENV)/bin/ruff check --fix pipeline stages tests bench
 
-bench: bench-prune bench-inq  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+bench: bench-prune bench-inq bench-distill  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
 
 bench-prune: $(STAMP)
 	$(PY) bench/prune.py
 
 bench-inq: $(STAMP)
 	$(PY) bench/inq.py
+
+bench-distill: $(STAMP)
+	$(PY) bench/distill.py
 
 clean-cache:
 	rm -rf .cache

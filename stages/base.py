@@ -20,7 +20,7 @@ from pipeline.training import TrainReport
 
 # Stages the product plans but that are not implemented yet: a recipe naming one fails at load time
 # with this pointer instead of running a silent no-op.
-PLANNED_STAGES = {"qat": 5, "distill": 6}
+PLANNED_STAGES = {"qat": 5}
 
 
 @dataclass

@@ -1,0 +1,33 @@
+"""Issue #6 benchmark: after a 50% structured prune (no fine-tuning), distillation from the baseline
+vs plain fine-tuning, same epochs and learning-rate schedule, from the same pruned model (one cached
+prefix), on CIFAR-10 with the default recipe model.
+
+    .venv/bin/python bench/distill.py          (or: make bench-distill)
+"""
+
+from __future__ import annotations
+
+from common import parse_args, report, run_variant, side_by_side_latency_
+
+PRUNE = "{prune: {method: structured, pruning_ratio: 0.5, importance: group_norm, epochs: 0}}"
+TRAINING = "epochs: 6, lr: 0.05, schedule: onecycle"
+VARIANTS = {
+    "pruned, no fine-tune": f"[{PRUNE}]",
+    "pruned + fine-tune (CE, 6 ep)": f"[{PRUNE}, {{train: {{{TRAINING}, label_smoothing: 0.1}}}}]",
+    "pruned + distill (6 ep)": f"[{PRUNE}, {{distill: {{{TRAINING}, teacher: baseline, temperature: 4.0, alpha: 0.9}}}}]",
+}
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    rows = []
+    for label, stages in VARIANTS.items():
+        baseline, row = run_variant("baseline", label, ["name=distill-vs-finetune", f"stages={stages}", *args.set])
+        rows = rows or [baseline]
+        rows.append(row)
+    side_by_side_latency_(rows, threads=1, rounds=args.rounds, runs=args.runs)
+    report(rows, args, "bench/distill.py " + " ".join(args.set))
+
+
+if __name__ == "__main__":
+    main()

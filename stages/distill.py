@@ -1,0 +1,106 @@
+"""The `distill` stage: knowledge distillation (Hinton et al. 2015) of the current model from a teacher.
+
+Loss = α·T²·KL(p_teacher ‖ p_student) + (1−α)·CE(student, labels), with p = softmax(logits / T).
+The student trains through the shared loop, so whatever earlier stages imposed (pruned zeros,
+INQ-frozen weights) is kept while it learns from the teacher.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Literal
+
+import timm
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.artifacts import load_artifact
+from pipeline.evaluator import accuracy
+from pipeline.models import ModelConfig, ModelState, create_model
+from pipeline.training import LoopHooks, LossFn, TrainConfig, train_
+from stages.base import StageContext, StageOutput, register_stage
+
+
+class DistillConfig(TrainConfig):
+    """Teacher, temperature and mixing weight; the inherited training fields configure the student's training."""
+
+    teacher: str = Field(
+        "baseline",
+        description="baseline (the chain's trained baseline), input (the model as it entered this stage), "
+        "a path to a pipeline artifact, or a timm model name (its pretrained weights; needs network)",
+    )
+    temperature: float = Field(4.0, gt=0, le=100, description="softmax temperature T of both teacher and student")
+    alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha weighs the labels")
+    lr: float = Field(0.01, gt=0, le=10, description="peak learning rate of the student")
+    schedule: Literal["onecycle", "cosine", "constant"] = Field("cosine", description="per-step LR schedule")
+
+    @field_validator("teacher")
+    @classmethod
+    def _resolvable(cls, teacher: str) -> str:
+        if teacher in {"baseline", "input"} or Path(teacher).expanduser().is_file() or timm.is_model(teacher):
+            return teacher
+        raise ValueError(
+            f"teacher {teacher!r} is neither 'baseline', 'input', an existing artifact file, nor a timm model name"
+        )
+
+
+def distillation_loss(student_logits, teacher_logits, labels, *, temperature: float, alpha: float, label_smoothing=0.0):
+    """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y); the T² keeps gradient scale independent of T."""
+    soft = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    hard = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+
+def kd_loss(teacher: nn.Module, config: DistillConfig) -> LossFn:
+    """The shared loop's loss hook: the teacher runs in eval mode without gradients."""
+
+    def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor):
+        with torch.inference_mode():
+            teacher_logits = teacher(images)
+        logits = model(images)
+        value = distillation_loss(logits, teacher_logits.clone(), labels, temperature=config.temperature,
+                                  alpha=config.alpha, label_smoothing=config.label_smoothing)  # fmt: skip
+        return value, logits
+
+    return loss
+
+
+def resolve_teacher(config: DistillConfig, state: ModelState, ctx: StageContext) -> nn.Module:
+    """The teacher module, frozen and in eval mode."""
+    if config.teacher == "baseline":
+        teacher = ctx.baseline().model
+    elif config.teacher == "input":
+        teacher = copy.deepcopy(state.model)
+    elif Path(config.teacher).expanduser().is_file():
+        teacher = load_artifact(Path(config.teacher).expanduser())
+    else:
+        teacher, _ = create_model(ModelConfig(name=config.teacher, pretrained=True), ctx.data.num_classes)
+    if teacher is state.model:  # in-process callers may hand the student itself as the baseline
+        teacher = copy.deepcopy(teacher)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(ctx.device)
+
+
+@register_stage("distill", config=DistillConfig)
+def run_distill(state: ModelState | None, config: DistillConfig, ctx: StageContext) -> StageOutput:
+    """Train the current model (student) against a teacher's softened outputs, keeping earlier constraints."""
+    if state is None:
+        raise ValueError("distill needs an input model (the student): it cannot be the first stage")
+    teacher = resolve_teacher(config, state, ctx)
+    test = ctx.data.test_loader(ctx.data_config.eval_batch_size)
+    teacher_top1, _ = accuracy(teacher, test, device=ctx.device)
+    student_before, _ = accuracy(state.model.to(ctx.device), test, device=ctx.device)
+    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=ctx.data_config.augment)
+    hooks = LoopHooks(loss=kd_loss(teacher, config), on_epoch_end=ctx.on_epoch_end)
+    report = train_(state.model, loader, config, fixed=state.fixed, device=ctx.device, hooks=hooks,
+                    desc="distill", progress=ctx.progress)  # fmt: skip
+    metrics = {"teacher_top1": teacher_top1, "student_top1_before": student_before}
+    return StageOutput(state, metrics=metrics, report=report)
