@@ -11,10 +11,12 @@ from common import parse_args, report, run_variant, side_by_side_latency_
 
 PRUNE = "{prune: {method: structured, pruning_ratio: 0.5, importance: group_norm, epochs: 0}}"
 TRAINING = "epochs: 6, lr: 0.05, schedule: onecycle"
+FINETUNE = f"{{train: {{{TRAINING}, label_smoothing: 0.1}}}}"
+DISTILL = f"{{distill: {{{TRAINING}, label_smoothing: 0.1, teacher: baseline, temperature: 4.0, alpha: 0.9}}}}"
 VARIANTS = {
     "pruned, no fine-tune": f"[{PRUNE}]",
-    "pruned + fine-tune (CE, 6 ep)": f"[{PRUNE}, {{train: {{{TRAINING}, label_smoothing: 0.1}}}}]",
-    "pruned + distill (6 ep)": f"[{PRUNE}, {{distill: {{{TRAINING}, teacher: baseline, temperature: 4.0, alpha: 0.9}}}}]",
+    "pruned + fine-tune (CE, 6 ep)": f"[{PRUNE}, {FINETUNE}]",
+    "pruned + distill (6 ep)": f"[{PRUNE}, {DISTILL}]",
 }
 
 
