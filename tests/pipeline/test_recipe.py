@@ -21,6 +21,14 @@ def test_shipped_recipes_validate(path: Path):
     assert recipe.baseline.epochs >= 1
 
 
+def test_top_level_recipes_share_one_baseline():
+    """Every shipped CPU recipe starts from the same cached baseline, so it trains once for all."""
+    from pipeline.runner import plan_chain
+
+    keys = {plan_chain(load_recipe(p))[0].key for p in SHIPPED if p.parent == RECIPES_DIR}
+    assert len(keys) == 1
+
+
 def _set(recipe: dict, dotted: str, value):
     apply_override_(recipe, f"{dotted}={value}")
     return recipe

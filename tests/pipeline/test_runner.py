@@ -137,7 +137,7 @@ def test_interrupted_run_is_marked_killed_and_resumes(tmp_path, isolated, cifar_
         assert time.monotonic() < deadline, "baseline never finished"
         time.sleep(0.2)
     time.sleep(3)  # well inside the 300-epoch stage
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)  # `kill`: ends the run like Ctrl-C
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "rerun the same command to resume" in err
