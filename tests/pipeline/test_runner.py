@@ -60,7 +60,7 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     children.sort(key=lambda r: int(r.data.tags["stage_index"]))
     assert [(c.data.tags["stage"], c.data.tags["stage_index"], c.data.tags["cached"]) for c in children] == [
         ("train", "0", "false"),
-        ("train", "1", "false"),
+        ("prune", "1", "false"),
     ]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
