@@ -52,6 +52,18 @@ def run_variant(recipe: str, label: str, overrides: list[str]) -> tuple[Row, Row
     return Row("baseline", first.metrics, first.artifact_path), Row(label, last.metrics, last.artifact_path)
 
 
+def run_all(variants: dict[str, tuple[str, list[str]]], args: argparse.Namespace, command: str) -> list[Row]:
+    """Run each `label: (recipe, overrides)`, then measure all artifacts side by side and print the table."""
+    rows: list[Row] = []
+    for label, (recipe, overrides) in variants.items():
+        baseline, row = run_variant(recipe, label, [*overrides, *args.set])
+        rows = rows or [baseline]
+        rows.append(row)
+    side_by_side_latency_(rows, threads=1, rounds=args.rounds, runs=args.runs)
+    report(rows, args, f"{command} {' '.join(args.set)}".strip())
+    return rows
+
+
 def side_by_side_latency_(rows: list[Row], threads: int, rounds: int, runs: int) -> None:
     """Median over `rounds` of each artifact's p50, the artifacts measured in turn within each round."""
     models = [load_artifact(r.artifact) for r in rows]

@@ -7,29 +7,21 @@ prefix), on CIFAR-10 with the default recipe model.
 
 from __future__ import annotations
 
-from common import parse_args, report, run_variant, side_by_side_latency_
+from common import parse_args, run_all
 
 PRUNE = "{prune: {method: structured, pruning_ratio: 0.5, importance: group_norm, epochs: 0}}"
 TRAINING = "epochs: 6, lr: 0.05, schedule: onecycle"
 FINETUNE = f"{{train: {{{TRAINING}, label_smoothing: 0.1}}}}"
 DISTILL = f"{{distill: {{{TRAINING}, label_smoothing: 0.1, teacher: baseline, temperature: 4.0, alpha: 0.9}}}}"
 VARIANTS = {
-    "pruned, no fine-tune": f"[{PRUNE}]",
-    "pruned + fine-tune (CE, 6 ep)": f"[{PRUNE}, {FINETUNE}]",
-    "pruned + distill (6 ep)": f"[{PRUNE}, {DISTILL}]",
+    label: ("baseline", ["name=distill-vs-finetune", f"stages={stages}"])
+    for label, stages in {
+        "pruned, no fine-tune": f"[{PRUNE}]",
+        "pruned + fine-tune (CE, 6 ep)": f"[{PRUNE}, {FINETUNE}]",
+        "pruned + distill (6 ep)": f"[{PRUNE}, {DISTILL}]",
+    }.items()
 }
 
 
-def main() -> None:
-    args = parse_args(__doc__)
-    rows = []
-    for label, stages in VARIANTS.items():
-        baseline, row = run_variant("baseline", label, ["name=distill-vs-finetune", f"stages={stages}", *args.set])
-        rows = rows or [baseline]
-        rows.append(row)
-    side_by_side_latency_(rows, threads=1, rounds=args.rounds, runs=args.runs)
-    report(rows, args, "bench/distill.py " + " ".join(args.set))
-
-
 if __name__ == "__main__":
-    main()
+    run_all(VARIANTS, parse_args(__doc__), "bench/distill.py")

@@ -6,7 +6,7 @@ fp32 baseline of the default recipe model, on CIFAR-10.
 
 from __future__ import annotations
 
-from common import parse_args, report, run_variant, side_by_side_latency_
+from common import parse_args, run_all
 
 SCHEDULES = {
     5: [0.5, 0.75, 0.875, 1.0],
@@ -14,19 +14,13 @@ SCHEDULES = {
     3: [0.2, 0.4, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0],
     2: [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],  # ternary: ten steps
 }
-
-
-def main() -> None:
-    args = parse_args(__doc__)
-    rows = []
-    for bits, portions in SCHEDULES.items():
-        overrides = [f"stages[0].inq.bits={bits}", f"stages[0].inq.accumulated_portions={portions}"]
-        baseline, row = run_variant("inq", f"INQ {bits}-bit ({len(portions)} steps)", overrides + args.set)
-        rows = rows or [baseline]
-        rows.append(row)
-    side_by_side_latency_(rows, threads=1, rounds=args.rounds, runs=args.runs)
-    report(rows, args, "bench/inq.py " + " ".join(args.set))
-
+VARIANTS = {
+    f"INQ {bits}-bit ({len(portions)} steps)": (
+        "inq",
+        [f"stages[0].inq.bits={bits}", f"stages[0].inq.accumulated_portions={portions}".replace(" ", "")],
+    )
+    for bits, portions in SCHEDULES.items()
+}
 
 if __name__ == "__main__":
-    main()
+    run_all(VARIANTS, parse_args(__doc__), "bench/inq.py")

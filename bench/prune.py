@@ -6,7 +6,7 @@ pruning, against the cached baseline of the default recipe model, on CIFAR-10.
 
 from __future__ import annotations
 
-from common import parse_args, report, run_variant, side_by_side_latency_
+from common import parse_args, run_all
 
 VARIANTS = {
     "structured 50% + 6 ep fine-tune": ("prune", []),
@@ -14,17 +14,5 @@ VARIANTS = {
     "unstructured 80% + 2 ep": ("prune-unstructured", []),
 }
 
-
-def main() -> None:
-    args = parse_args(__doc__)
-    rows = []
-    for label, (recipe, overrides) in VARIANTS.items():
-        baseline, row = run_variant(recipe, label, overrides + args.set)
-        rows = rows or [baseline]
-        rows.append(row)
-    side_by_side_latency_(rows, threads=1, rounds=args.rounds, runs=args.runs)
-    report(rows, args, "bench/prune.py " + " ".join(args.set))
-
-
 if __name__ == "__main__":
-    main()
+    run_all(VARIANTS, parse_args(__doc__), "bench/prune.py")

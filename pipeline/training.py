@@ -65,6 +65,13 @@ class TrainReport:
     seconds: float = 0.0
     history: list[dict[str, float]] = field(default_factory=list)
 
+    def extend(self, other: TrainReport) -> None:
+        """Append another run's epochs (e.g. the next pruning or INQ step) to this report."""
+        self.epochs += other.epochs
+        self.steps += other.steps
+        self.seconds += other.seconds
+        self.history.extend(other.history)
+
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer over `model`'s parameters."""

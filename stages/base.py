@@ -16,7 +16,7 @@ import torch
 from pipeline.config import StrictConfig
 from pipeline.data import DataBundle, DataConfig
 from pipeline.models import ModelConfig, ModelState
-from pipeline.training import TrainReport
+from pipeline.training import LoopHooks, LossFn, TrainConfig, TrainReport, train_
 
 # Stages the product plans but that are not implemented yet: a recipe naming one fails at load time
 # with this pointer instead of running a silent no-op.
@@ -35,6 +35,40 @@ class StageContext:
     baseline: Callable[[], ModelState]
     progress: bool = True
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+
+    def fit(
+        self,
+        state: ModelState,
+        config: TrainConfig,
+        *,
+        desc: str,
+        step: int = 0,
+        epoch_offset: int = 0,
+        loss: LossFn | None = None,
+        extra_stats: dict[str, float] | None = None,
+    ) -> TrainReport:
+        """Train `state.model` through the shared loop on this context's data and device, keeping `state.fixed`.
+
+        `step` varies the data order between repeated calls of one stage; `epoch_offset` continues the
+        epoch count so the tracked curves of repeated calls do not overwrite each other; `extra_stats`
+        are added to every epoch's tracked stats and report entry.
+        """
+        extra = dict(extra_stats or {})
+        loader = self.data.train_loader(self.data_config.batch_size, seed=self.seed + step,
+                                        augment=self.data_config.augment)  # fmt: skip
+        on_epoch_end = None
+        if self.on_epoch_end is not None:
+            outer = self.on_epoch_end
+
+            def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
+                outer(epoch_offset + epoch, {**stats, **extra})
+
+        hooks = LoopHooks(loss=loss, on_epoch_end=on_epoch_end)
+        report = train_(state.model, loader, config, fixed=state.fixed, device=self.device, hooks=hooks, desc=desc,
+                        progress=self.progress)  # fmt: skip
+        for entry in report.history:
+            entry.update(extra)
+        return report
 
 
 @dataclass

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from pipeline.artifacts import load_artifact
 from pipeline.evaluator import accuracy
 from pipeline.models import ModelConfig, ModelState, create_model
-from pipeline.training import LoopHooks, LossFn, TrainConfig, train_
+from pipeline.training import LossFn, TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
 
@@ -98,9 +98,6 @@ def run_distill(state: ModelState | None, config: DistillConfig, ctx: StageConte
     test = ctx.data.test_loader(ctx.data_config.eval_batch_size)
     teacher_top1, _ = accuracy(teacher, test, device=ctx.device)
     student_before, _ = accuracy(state.model.to(ctx.device), test, device=ctx.device)
-    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=ctx.data_config.augment)
-    hooks = LoopHooks(loss=kd_loss(teacher, config), on_epoch_end=ctx.on_epoch_end)
-    report = train_(state.model, loader, config, fixed=state.fixed, device=ctx.device, hooks=hooks,
-                    desc="distill", progress=ctx.progress)  # fmt: skip
+    report = ctx.fit(state, config, desc="distill", loss=kd_loss(teacher, config))
     metrics = {"teacher_top1": teacher_top1, "student_top1_before": student_before}
     return StageOutput(state, metrics=metrics, report=report)

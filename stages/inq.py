@@ -32,7 +32,7 @@ from torch import nn
 
 from pipeline.artifacts import apply_architecture_, architecture_delta, register_artifact_format
 from pipeline.models import ModelState
-from pipeline.training import LoopHooks, TrainConfig, TrainReport, train_
+from pipeline.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
 
 QUANTIZED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -246,42 +246,6 @@ def _quantize_portion_(
     state.fixed.project_(state.model)
 
 
-def _retrain_(
-    state: ModelState, config: INQConfig, ctx: StageContext, step: int, portion: float, epoch_offset: int
-) -> TrainReport:
-    """Retrain the free weights through the shared loop (which keeps the frozen ones); fresh optimizer and LR."""
-    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed + step, augment=ctx.data_config.augment)
-    on_epoch_end = None
-    if ctx.on_epoch_end is not None:
-        outer = ctx.on_epoch_end
-
-        def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
-            # Epochs continue across steps so tracked curves do not overwrite each other.
-            outer(epoch_offset + epoch, {**stats, "inq_portion": portion})
-
-    return train_(
-        state.model,
-        loader,
-        config,
-        fixed=state.fixed,
-        device=ctx.device,
-        hooks=LoopHooks(on_epoch_end=on_epoch_end),
-        desc=f"inq {portion:.1%}",
-        progress=ctx.progress,
-    )
-
-
-def _concat_reports(reports: list[tuple[float, TrainReport]]) -> TrainReport:
-    """One report over all retraining steps; each epoch's entry records its `inq_portion`."""
-    out = TrainReport()
-    for portion, report in reports:
-        out.epochs += report.epochs
-        out.steps += report.steps
-        out.seconds += report.seconds
-        out.history += [{**h, "inq_portion": portion} for h in report.history]
-    return out
-
-
 def _inq_metrics(state: ModelState, layers: dict[str, _Layer], bits: int, steps: int) -> dict[str, float]:
     """bits; share of the eligible weights quantized (1.0 when done); share of all quantized-layer weights at 0."""
     params = inq_parameters(state.model)
@@ -307,16 +271,15 @@ def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> S
     layers = _start_layers(state, config.bits)
     generator = torch.Generator().manual_seed(ctx.seed)
     schedule = inq_schedule(config.accumulated_portions)
-    reports = []
+    report = TrainReport()
     for step, (portion, retrain) in enumerate(schedule):
         _quantize_portion_(state, layers, portion, config.partition, generator)
-        if retrain:
-            reports.append((portion, _retrain_(state, config, ctx, step, portion, epoch_offset=step * config.epochs)))
+        if retrain:  # a fresh optimizer and LR schedule per portion step, as in the paper
+            report.extend(ctx.fit(state, config, desc=f"inq {portion:.1%}", step=step, epoch_offset=report.epochs,
+                                  extra_stats={"inq_portion": portion}))  # fmt: skip
     state.artifact_format = "inq"
     state.extras["inq"] = {name: {"n1": layer.n1, "bits": config.bits} for name, layer in layers.items()}
-    return StageOutput(
-        state, metrics=_inq_metrics(state, layers, config.bits, len(schedule)), report=_concat_reports(reports)
-    )
+    return StageOutput(state, metrics=_inq_metrics(state, layers, config.bits, len(schedule)), report=report)
 
 
 # --- the artifact --------------------------------------------------------------------------------

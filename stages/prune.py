@@ -22,7 +22,7 @@ from pipeline.artifacts import DenseFP32, register_artifact_format
 from pipeline.constraints import FixedWeights
 from pipeline.evaluator import count_macs, count_params
 from pipeline.models import ModelState
-from pipeline.training import LoopHooks, TrainConfig, TrainReport, train_
+from pipeline.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -85,7 +85,7 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     for step in range(1, config.iterative_steps + 1):
         prune_step(state, config, ctx, step, pruner)
         if config.finetune == "each_step" or step == config.iterative_steps:
-            _merge(report, _finetune(state, config, ctx, step, epoch_offset=report.epochs))
+            report.extend(ctx.fit(state, config, desc=f"prune finetune {step}", step=step, epoch_offset=report.epochs))
     after = _size_metrics(state.model, ctx.data.input_size)
     if config.method == "unstructured":
         state.artifact_format = "sparse" if state.artifact_format == "dense" else state.artifact_format
@@ -129,34 +129,6 @@ def _check_sparsity(model: nn.Module, config: PruneConfig) -> None:
             f"unstructured pruning reached {reached:.1%} sparsity, not {config.pruning_ratio:.1%}: "
             "the remaining weights are frozen by an earlier stage (INQ) and cannot be pruned"
         )
-
-
-def _finetune(state: ModelState, config: PruneConfig, ctx: StageContext, step: int, epoch_offset: int) -> TrainReport:
-    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed + step, augment=ctx.data_config.augment)
-    on_epoch_end = None
-    if ctx.on_epoch_end is not None:
-        outer = ctx.on_epoch_end
-
-        def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
-            outer(epoch_offset + epoch, stats)  # epochs continue across steps, so tracked curves do not overlap
-
-    return train_(
-        state.model,
-        loader,
-        config,
-        fixed=state.fixed,
-        device=ctx.device,
-        hooks=LoopHooks(on_epoch_end=on_epoch_end),
-        desc=f"prune finetune {step}",
-        progress=ctx.progress,
-    )
-
-
-def _merge(total: TrainReport, part: TrainReport) -> None:
-    total.epochs += part.epochs
-    total.steps += part.steps
-    total.seconds += part.seconds
-    total.history.extend(part.history)
 
 
 def _size_metrics(model: nn.Module, input_size) -> dict[str, float]:

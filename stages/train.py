@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pipeline.models import ModelState, create_model
-from pipeline.training import LoopHooks, TrainConfig, train_
+from pipeline.training import TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
 
@@ -12,24 +12,6 @@ def run_train(state: ModelState | None, config: TrainConfig, ctx: StageContext) 
     """Train the recipe's model (as the baseline) or fine-tune the input model with cross-entropy."""
     if state is None:
         model, spec = create_model(ctx.model_config, ctx.data.num_classes)
-        state = ModelState(
-            model,
-            spec,
-            preprocessing={
-                "mean": ctx.data.mean,
-                "std": ctx.data.std,
-                "input_size": ctx.data.input_size,
-            },
-        )
-    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=ctx.data_config.augment)
-    report = train_(
-        state.model,
-        loader,
-        config,
-        fixed=state.fixed,
-        device=ctx.device,
-        hooks=LoopHooks(on_epoch_end=ctx.on_epoch_end),
-        desc="train",
-        progress=ctx.progress,
-    )
-    return StageOutput(state, report=report)
+        preprocessing = {"mean": ctx.data.mean, "std": ctx.data.std, "input_size": ctx.data.input_size}
+        state = ModelState(model, spec, preprocessing)
+    return StageOutput(state, report=ctx.fit(state, config, desc="train"))

@@ -33,6 +33,33 @@ def synthetic_bundle(n_train: int = 64, n_test: int = 32, classes: int = 4, size
     )
 
 
+def stage_context(
+    bundle,
+    *,
+    name: str = TINY_MODEL,
+    kwargs=None,
+    baseline=None,
+    batch_size: int = 16,
+    augment: bool = True,
+    on_epoch_end=None,
+):
+    """A StageContext on in-memory data and the CPU, for calling stages directly."""
+    from pipeline.data import DataConfig
+    from pipeline.models import ModelConfig
+    from stages import StageContext
+
+    return StageContext(
+        data=bundle,
+        data_config=DataConfig(batch_size=batch_size, augment=augment),
+        model_config=ModelConfig(name=name, kwargs=kwargs or {}),
+        device=torch.device("cpu"),
+        seed=0,
+        baseline=lambda: baseline,
+        progress=False,
+        on_epoch_end=on_epoch_end,
+    )
+
+
 @pytest.fixture
 def tiny_bundle():
     return synthetic_bundle()

@@ -13,7 +13,7 @@ from pipeline import load_artifact
 from pipeline.artifacts import save_artifact
 from pipeline.evaluator import accuracy
 from pipeline.models import ModelSpec, ModelState
-from tests.conftest import PROJECT_ROOT, TINY_MODEL
+from tests.conftest import PROJECT_ROOT, TINY_MODEL, stage_context
 
 
 def _state(bundle) -> ModelState:
@@ -26,15 +26,11 @@ def _state(bundle) -> ModelState:
 
 def _kind(kind: str, bundle) -> ModelState:
     """A model state whose deployable artifact is of `kind`, made by the stage that produces it."""
-    from pipeline.data import DataConfig
-    from pipeline.models import ModelConfig
-    from stages import StageContext
     from stages.inq import INQConfig, run_inq
     from stages.prune import PruneConfig, run_prune
 
     state = _state(bundle)
-    ctx = StageContext(data=bundle, data_config=DataConfig(batch_size=8), model_config=ModelConfig(name=TINY_MODEL),
-                       device=torch.device("cpu"), seed=0, baseline=lambda: None, progress=False)  # fmt: skip
+    ctx = stage_context(bundle, batch_size=8)
     if kind == "structured":
         state = run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=0), ctx).state
     elif kind == "sparse":

@@ -8,25 +8,14 @@ import torch
 
 from pipeline.artifacts import load_artifact, save_artifact
 from pipeline.evaluator import EvalConfig, evaluate
-from pipeline.models import ModelConfig
 from stages import StageContext, available_stages, get_stage
-from tests.conftest import TINY_MODEL
+from tests.conftest import stage_context
 
 FAST = EvalConfig(latency_runs=5, warmup_runs=1, throughput_runs=2, throughput_batch_size=4)
 
 
 def _context(bundle, baseline_state=None) -> StageContext:
-    from pipeline.data import DataConfig
-
-    return StageContext(
-        data=bundle,
-        data_config=DataConfig(batch_size=16),
-        model_config=ModelConfig(name=TINY_MODEL),
-        device=torch.device("cpu"),
-        seed=0,
-        baseline=lambda: baseline_state,
-        progress=False,
-    )
+    return stage_context(bundle, baseline=baseline_state)
 
 
 @pytest.fixture

@@ -7,12 +7,11 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.artifacts import save_artifact
-from pipeline.data import DataConfig
-from pipeline.models import ModelConfig, ModelSpec, ModelState
+from pipeline.models import ModelSpec, ModelState
 from stages import StageContext
 from stages.distill import DistillConfig, distillation_loss, resolve_teacher, run_distill
 from stages.inq import INQConfig, run_inq
-from tests.conftest import TINY_MODEL, synthetic_bundle
+from tests.conftest import TINY_MODEL, stage_context, synthetic_bundle
 
 BUNDLE = synthetic_bundle(n_train=64, n_test=16)
 
@@ -24,8 +23,7 @@ def _state(seed=0) -> ModelState:
 
 
 def _ctx(baseline=None) -> StageContext:
-    return StageContext(data=BUNDLE, data_config=DataConfig(batch_size=16), model_config=ModelConfig(name=TINY_MODEL),
-                        device=torch.device("cpu"), seed=0, baseline=lambda: baseline, progress=False)  # fmt: skip
+    return stage_context(BUNDLE, baseline=baseline)
 
 
 def test_loss_matches_hinton():

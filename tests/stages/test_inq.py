@@ -14,8 +14,7 @@ from torch import nn
 
 import stages.inq  # noqa: F401  (registers the stage and the artifact format)
 from pipeline.artifacts import load_artifact, save_artifact
-from pipeline.data import DataConfig
-from pipeline.models import ModelConfig, ModelState
+from pipeline.models import ModelState
 from pipeline.recipe import RecipeError, validate_recipe
 from stages.base import StageContext, get_stage
 from stages.inq import (
@@ -29,20 +28,11 @@ from stages.inq import (
     run_inq,
     unpack_bits,
 )
-from tests.conftest import TINY_MODEL, synthetic_bundle, tiny_recipe
+from tests.conftest import stage_context, synthetic_bundle, tiny_recipe
 
 
 def _context(bundle, on_epoch_end=None) -> StageContext:
-    return StageContext(
-        data=bundle,
-        data_config=DataConfig(batch_size=16),
-        model_config=ModelConfig(name=TINY_MODEL),
-        device=torch.device("cpu"),
-        seed=0,
-        baseline=lambda: None,
-        progress=False,
-        on_epoch_end=on_epoch_end,
-    )
+    return stage_context(bundle, on_epoch_end=on_epoch_end)
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,17 @@ from torch import nn
 
 from pipeline.artifacts import load_artifact, save_artifact
 from pipeline.constraints import FixedWeights
-from pipeline.data import DataConfig
-from pipeline.models import ModelConfig, ModelSpec, ModelState
+from pipeline.models import ModelSpec, ModelState
 from stages import StageContext, get_stage
 from stages.inq import INQConfig, run_inq
 from stages.prune import PruneConfig, magnitude_masks, run_prune, step_ratio, weight_sparsity
-from tests.conftest import TINY_MODEL, synthetic_bundle
+from tests.conftest import TINY_MODEL, stage_context, synthetic_bundle
 
 BUNDLE32 = synthetic_bundle(n_train=32, n_test=8, classes=4, size=32)
 
 
 def _ctx(bundle=BUNDLE32, name=TINY_MODEL, kwargs=None) -> StageContext:
-    return StageContext(
-        data=bundle, data_config=DataConfig(batch_size=8, augment=False),
-        model_config=ModelConfig(name=name, kwargs=kwargs or {}), device=torch.device("cpu"), seed=0,
-        baseline=lambda: None, progress=False,
-    )  # fmt: skip
+    return stage_context(bundle, name=name, kwargs=kwargs, batch_size=8, augment=False)
 
 
 def _state(name=TINY_MODEL, kwargs=None, bundle=BUNDLE32) -> ModelState:
