@@ -56,3 +56,13 @@ def test_metrics_are_stored_per_evaluation_key(tmp_path):
     entry.put_metrics("fast", {"top1": 50.0})
     assert entry.metrics("fast") == {"top1": 50.0}
     assert entry.metrics("thorough") is None
+
+
+def test_a_forced_rerun_replaces_the_entry_and_its_metrics(tmp_path):
+    cache = StageCache(tmp_path)
+    first = cache.put("aa" * 32, _state(), {"seconds": 1.0}, save_artifact)
+    first.put_metrics("eval", {"top1": 10.0})
+    again = cache.put("aa" * 32, _state(), {"seconds": 2.0}, save_artifact)
+    assert again.record["seconds"] == 2.0
+    assert again.metrics("eval") is None  # old measurements went with the old entry
+    assert [p.name for p in (tmp_path / "aa").iterdir()] == ["aa" * 32]

@@ -111,3 +111,9 @@ def test_diverging_loss_fails_loudly():
             device=torch.device("cpu"),
             progress=False,
         )
+
+
+def test_nesterov_without_momentum_is_rejected_at_load_time():
+    with pytest.raises(ValueError, match="nesterov: true needs momentum > 0"):
+        TrainConfig(momentum=0.0)
+    assert TrainConfig(momentum=0.0, nesterov=False).momentum == 0.0
