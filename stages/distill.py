@@ -13,7 +13,7 @@ from typing import Literal
 
 import timm
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
@@ -32,6 +32,9 @@ class DistillConfig(TrainConfig):
         description="baseline (the chain's trained baseline), input (the model as it entered this stage), "
         "a path to a pipeline artifact, or a timm model name (its pretrained weights; needs network)",
     )
+    teacher_checkpoint: Path | None = Field(
+        None, description="with a timm model name as teacher: a local state_dict for it instead of hub weights"
+    )
     temperature: float = Field(4.0, gt=0, le=100, description="softmax temperature T of both teacher and student")
     alpha: float = Field(0.9, ge=0, le=1, description="weight of the distillation term; 1 - alpha weighs the labels")
     lr: float = Field(0.01, gt=0, le=10, description="peak learning rate of the student")
@@ -45,6 +48,15 @@ class DistillConfig(TrainConfig):
         raise ValueError(
             f"teacher {teacher!r} is neither 'baseline', 'input', an existing artifact file, nor a timm model name"
         )
+
+    @model_validator(mode="after")
+    def _checkpoint_needs_a_timm_teacher(self) -> DistillConfig:
+        if self.teacher_checkpoint is not None:
+            if not timm.is_model(self.teacher) or Path(self.teacher).is_file():
+                raise ValueError("teacher_checkpoint needs a timm model name as teacher")
+            if not self.teacher_checkpoint.expanduser().is_file():
+                raise ValueError(f"teacher_checkpoint file not found: {self.teacher_checkpoint}")
+        return self
 
 
 def distillation_loss(student_logits, teacher_logits, labels, *, temperature: float, alpha: float, label_smoothing=0.0):
@@ -81,8 +93,10 @@ def resolve_teacher(config: DistillConfig, state: ModelState, ctx: StageContext)
         teacher = copy.deepcopy(state.model)
     elif Path(config.teacher).expanduser().is_file():
         teacher = load_artifact(Path(config.teacher).expanduser())
-    else:
-        teacher, _ = create_model(ModelConfig(name=config.teacher, pretrained=True), ctx.data.num_classes)
+    else:  # a timm model: a local checkpoint, else its pretrained hub weights
+        source = ModelConfig(name=config.teacher, pretrained=config.teacher_checkpoint is None,
+                             checkpoint=config.teacher_checkpoint)  # fmt: skip
+        teacher, _ = create_model(source, ctx.data.num_classes)
     if teacher is state.model:  # in-process callers may hand the student itself as the baseline
         teacher = copy.deepcopy(teacher)
     teacher.eval().requires_grad_(False)

@@ -67,5 +67,12 @@ def test_teacher_choices(tmp_path):
     from_file = resolve_teacher(DistillConfig(teacher=str(tmp_path / "teacher.pt")), student, _ctx())
     assert not from_file.training and not any(p.requires_grad for p in from_file.parameters())
     assert DistillConfig(teacher="resnet18").teacher == "resnet18"
+    bigger = ModelSpec("resnet10t", BUNDLE.num_classes).build()
+    torch.save(bigger.state_dict(), tmp_path / "bigger.pt")
+    from_ckpt = resolve_teacher(DistillConfig(teacher="resnet10t", teacher_checkpoint=tmp_path / "bigger.pt"),
+                                student, _ctx())  # fmt: skip
+    assert torch.equal(from_ckpt.state_dict()["fc.weight"], bigger.state_dict()["fc.weight"])
+    with pytest.raises(ValueError, match="teacher_checkpoint needs a timm model name"):
+        DistillConfig(teacher="baseline", teacher_checkpoint=tmp_path / "bigger.pt")
     with pytest.raises(ValueError, match="neither 'baseline', 'input'"):
         DistillConfig(teacher="/no/such/file.pt")
