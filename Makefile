@@ -10,7 +10,7 @@ set ?=
 port ?= 5000
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui test lint format sweep report clean-cache bench bench-prune bench-inq bench-distill
+.PHONY: run validate stages ui test lint format sweep report clean-cache bench bench-prune bench-inq bench-distill bench-qat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench
 	$(VENV)/bin/ruff check --fix pipeline stages tests bench
 
-bench: bench-prune bench-inq bench-distill  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+bench: bench-prune bench-inq bench-distill bench-qat  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
 
 bench-prune: $(STAMP)
 	$(PY) bench/prune.py
@@ -57,6 +57,9 @@ bench-inq: $(STAMP)
 
 bench-distill: $(STAMP)
 	$(PY) bench/distill.py
+
+bench-qat: $(STAMP)
+	$(PY) bench/qat.py
 
 clean-cache:
 	rm -rf .cache

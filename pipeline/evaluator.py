@@ -46,23 +46,59 @@ def accuracy(
     return 100.0 * top1 / max(seen, 1), 100.0 * top5 / max(seen, 1)
 
 
+def int8_modules(model: nn.Module) -> list[nn.Module]:
+    """The quantized (int8) conv and linear modules of `model`: their weights are packed for the int8
+    kernels, not nn.Parameters, and are read through `weight()` / `bias()` methods."""
+    return [m for m in model.modules() if callable(getattr(type(m), "weight", None))]
+
+
+def _packed_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """The weights and biases held inside int8 modules."""
+    tensors = []
+    for module in int8_modules(model):
+        bias = module.bias() if callable(getattr(type(module), "bias", None)) else None
+        tensors += [module.weight()] + ([bias] if bias is not None else [])
+    return tensors
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    """Whether `model` holds int8 modules, whose kernels run on the CPU only."""
+    return bool(int8_modules(model))
+
+
 def count_params(model: nn.Module) -> int:
-    """Number of parameters (learnable tensors' elements)."""
-    return sum(p.numel() for p in model.parameters())
+    """Number of parameters (learnable tensors' elements), including the weights packed in int8 modules."""
+    return sum(p.numel() for p in model.parameters()) + sum(t.numel() for t in _packed_tensors(model))
 
 
 def count_nonzero_params(model: nn.Module) -> int:
-    """Number of parameter elements that are not exactly zero."""
-    return sum(int(torch.count_nonzero(p)) for p in model.parameters())
+    """Number of parameter elements that are not exactly zero (an int8 weight: that does not dequantize to 0)."""
+    tensors = list(model.parameters()) + [t.dequantize() if t.is_quantized else t for t in _packed_tensors(model)]
+    return sum(int(torch.count_nonzero(t)) for t in tensors)
 
 
 @torch.inference_mode()
 def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Multiply-accumulates for one image (FLOPs / 2, as counted by torch.utils.flop_counter)."""
+    """Multiply-accumulates for one image (FLOPs / 2, as counted by torch.utils.flop_counter).
+
+    The flop counter does not see int8 kernels: int8 conv and linear modules are counted from their
+    shapes, output elements x weight elements per output channel (transposed conv: input elements).
+    """
     model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_size))
-    return counter.get_total_flops() // 2
+    int8_macs = []
+
+    def count(module, inputs, output):
+        per_element = module.weight()[0].numel()
+        int8_macs.append((inputs[0] if getattr(module, "transposed", False) else output).numel() * per_element)
+
+    hooks = [m.register_forward_hook(count) for m in int8_modules(model)]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, *input_size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counter.get_total_flops() // 2 + sum(int8_macs)
 
 
 def latency_ms(
@@ -100,6 +136,8 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """Every evaluator metric except artifact_bytes (which belongs to the file the runner wrote)."""
+    if is_quantized_model(model):
+        device = "cpu"  # int8 kernels are CPU kernels
     top1, top5 = accuracy(model.to(device), test_loader, device=device, progress=progress)
     model = model.to("cpu")
     p50, p90 = latency_ms(model, input_size, threads=cfg.threads, runs=cfg.latency_runs, warmup=cfg.warmup_runs)

@@ -55,9 +55,9 @@ BAD = [
     (lambda r: r.update(orderings="all"), "orderings: ordering sweeps are not yet supported"),
     (
         lambda r: r.update(stages=[{"bogus": {}}]),
-        "stages[0]: unknown stage 'bogus'; available: distill, inq, prune, train",
+        "stages[0]: unknown stage 'bogus'; available: distill, inq, prune, qat, train",
     ),
-    (lambda r: r.update(stages=[{"qat": {}}]), "stages[0]: stage 'qat' is not yet supported (planned in issue #5)"),
+    (lambda r: r.update(stages=[{"qat": {"epochs": -1}}]), "stages[0].qat.epochs: Input should be greater"),
     (lambda r: r.update(stages=[{"inq": {"bits": 12}}]), "stages[0].inq.bits: must be 2..8, got 12"),
     (lambda r: r.update(stages=[{"distill": {"temperature": 0}}]), "stages[0].distill.temperature: Input should be"),
     (lambda r: r.update(stages=[{"distill": {"alpha": 1.5}}]), "stages[0].distill.alpha: Input should be less"),

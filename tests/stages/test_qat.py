@@ -1,0 +1,219 @@
+"""INT8 QAT: the shipped model really runs int8 kernels, reloads in a fresh process with the same outputs,
+and keeps what earlier stages imposed (structured pruning, INQ's power-of-two weights) and later ones need
+(distillation trains the fake-quant model, the artifact converts again)."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.ao.nn.quantized as nnq
+from pydantic import ValidationError
+from torch import nn
+from torch.ao.quantization import FakeQuantizeBase
+
+from pipeline.artifacts import load_artifact, save_artifact
+from pipeline.evaluator import count_macs, count_nonzero_params, count_params, int8_modules
+from pipeline.models import ModelSpec, ModelState
+from pipeline.recipe import load_recipe
+from stages import StageContext
+from stages.distill import DistillConfig, run_distill
+from stages.inq import INQConfig, run_inq
+from stages.prune import PruneConfig, run_prune
+from stages.qat import PowerOfTwoWeightObserver, QATConfig, convert_int8, frozen_at, inq_int8_mismatches, run_qat
+from tests.conftest import PROJECT_ROOT, stage_context, synthetic_bundle
+
+BUNDLE32 = synthetic_bundle(n_train=32, n_test=8, classes=4, size=32)
+QUICK = QATConfig(epochs=1, calibration_batches=2, lr=0.02)
+
+
+def _ctx(name="resnet10t", kwargs=None) -> StageContext:
+    return stage_context(BUNDLE32, name=name, kwargs=kwargs, batch_size=8, augment=False)
+
+
+def _state(name="resnet10t", kwargs=None) -> ModelState:
+    spec = ModelSpec(name, BUNDLE32.num_classes, kwargs or {})
+    torch.manual_seed(0)
+    preprocessing = {"mean": BUNDLE32.mean, "std": BUNDLE32.std, "input_size": BUNDLE32.input_size}
+    return ModelState(spec.build(), spec, preprocessing)
+
+
+def _int8_convs(model: nn.Module) -> tuple[int, int]:
+    """(int8 convolutions, fp32 convolutions and linear layers) in a module."""
+    int8 = sum(isinstance(m, nnq.Conv2d) for m in model.modules())
+    fp32 = sum(type(m) in (nn.Conv2d, nn.Linear) for m in model.modules())
+    return int8, fp32
+
+
+def _same_outputs_in_process(state: ModelState, path) -> nn.Module:
+    save_artifact(state, path)
+    loaded = load_artifact(path)
+    x = torch.randn(2, *BUNDLE32.input_size)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), convert_int8(state.model)(x))
+    return loaded
+
+
+MODELS = ["resnet18", "resnet10t", "mobilenetv3_small_100"]
+
+
+@pytest.fixture(scope="module")
+def int8_models(tmp_path_factory):
+    """Each model after one tiny QAT epoch, its int8 artifact, and its outputs reloaded in one fresh process."""
+    root = tmp_path_factory.mktemp("int8")
+    x = torch.randn(2, *BUNDLE32.input_size)
+    torch.save(x, root / "x.pt")
+    runs = {}
+    for name in MODELS:
+        state = _state(name)
+        save_artifact(state, root / f"{name}-fp32.pt")
+        out = run_qat(state, QUICK, _ctx(name))
+        save_artifact(out.state, root / f"{name}.pt")
+        with torch.inference_mode():
+            runs[name] = (out, convert_int8(out.state.model)(x))
+    code = (f"import torch, torch.ao.nn.quantized as nnq; from pipeline import load_artifact; "
+            f"x = torch.load({str(root / 'x.pt')!r})\n"
+            f"for name in {MODELS!r}:\n"
+            f"    m = load_artifact({str(root)!r} + f'/{{name}}.pt')\n"
+            f"    torch.save(m(x), {str(root)!r} + f'/{{name}}-y.pt')\n"
+            "    print(name, sum(isinstance(q, nnq.Conv2d) for q in m.modules()))")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    convs = dict(line.split() for line in run.stdout.splitlines() if line.split()[0] in MODELS)
+    return root, runs, convs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_int8_artifact_reloads_in_a_fresh_process_with_real_int8_kernels(name, int8_models):
+    root, runs, convs = int8_models
+    out, expected = runs[name]
+    assert out.report.epochs == 1 and out.state.artifact_format == "int8"
+    assert any(isinstance(m, FakeQuantizeBase) for m in out.state.model.modules())  # the output keeps training
+    assert torch.equal(torch.load(root / f"{name}-y.pt"), expected)  # fresh process == in-process conversion
+    assert (root / f"{name}.pt").stat().st_size < 0.3 * (root / f"{name}-fp32.pt").stat().st_size
+
+    loaded = load_artifact(root / f"{name}.pt")
+    int8, fp32_layers = _int8_convs(loaded)
+    assert int8 > 0 and int(convs[name]) == int8 and fp32_layers == 0
+    assert sum(isinstance(m, nnq.Linear) for m in loaded.modules()) == 1  # the classifier too
+    assert out.metrics["int8_layers"] == len(int8_modules(loaded))
+    # The evaluator sees the int8 weights (not nn.Parameters) and the int8 kernels' work.
+    fp32 = out.state.spec.build()
+    assert 0 < count_nonzero_params(loaded) <= count_params(loaded)
+    assert count_macs(loaded, BUNDLE32.input_size) == count_macs(fp32, BUNDLE32.input_size)
+
+
+def test_qat_of_a_structurally_pruned_model_keeps_it_small(tmp_path):
+    pruned = run_prune(_state(), PruneConfig(pruning_ratio=0.5, epochs=0), _ctx()).state
+    widths = [m.out_channels for m in pruned.model.modules() if isinstance(m, nn.Conv2d)]
+    out = run_qat(pruned, QUICK, _ctx())
+    loaded = _same_outputs_in_process(out.state, tmp_path / "pruned-int8.pt")
+    assert [m.out_channels for m in loaded.modules() if isinstance(m, nnq.Conv2d)] == widths
+    assert count_params(loaded) < 0.5 * count_params(out.state.spec.build())
+
+
+def _inq_then_qat(bits: int):
+    inq = run_inq(_state(), INQConfig(bits=bits, epochs=0), _ctx()).state
+    layers = {name.rpartition(".")[0]: meta["n1"] for name, meta in inq.extras["inq"].items()}
+    weights = {name: inq.model.get_submodule(name).weight.detach().clone() for name in layers}
+    return run_qat(inq, QATConfig(epochs=1, calibration_batches=2, lr=0.05), _ctx()), weights, layers
+
+
+def test_int8_keeps_4bit_inq_values_exactly_through_qat_and_distillation(tmp_path):
+    out, inq_weights, layers = _inq_then_qat(bits=4)
+    assert out.metrics["int8_inq_exact_layers"] == len(layers) and out.metrics["int8_inq_inexact_layers"] == 0
+    for name, w in inq_weights.items():  # the shared loop kept INQ's frozen weights through fake-quant training
+        assert torch.equal(out.state.model.get_submodule(name).weight.detach(), w)
+        assert isinstance(out.state.model.get_submodule(name).weight_fake_quant.activation_post_process,
+                          PowerOfTwoWeightObserver)  # fmt: skip
+
+    # Through the stage cache (pickle) and distillation, which keeps training the fake-quant model.
+    buffer = io.BytesIO()
+    torch.save(out.state, buffer)
+    cached = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    distilled = run_distill(cached, DistillConfig(teacher="input", epochs=1, lr=0.05), _ctx()).state
+    assert any(isinstance(m, FakeQuantizeBase) for m in distilled.model.modules())
+    assert distilled.artifact_format == "int8"
+    loaded = _same_outputs_in_process(distilled, tmp_path / "inq-int8.pt")
+    assert inq_int8_mismatches(loaded, inq_weights) == dict.fromkeys(inq_weights, 0)
+    for name in inq_weights:  # int8 codes are 0 or ±2^j: powers of two on a power-of-two step
+        codes = loaded.get_submodule(name).weight().int_repr().abs().long()
+        assert ((codes == 0) | ((codes & (codes - 1)) == 0)).all()
+
+
+def test_5bit_inq_levels_that_do_not_fit_int8_are_reported():
+    out, inq_weights, layers = _inq_then_qat(bits=5)
+    mismatches = inq_int8_mismatches(convert_int8(out.state.model), inq_weights)
+    assert out.metrics["int8_inq_inexact_layers"] == sum(1 for c in mismatches.values() if c) > 0
+    assert out.metrics["int8_inq_inexact_weights"] == sum(mismatches.values())
+    assert out.metrics["int8_inq_exact_layers"] + out.metrics["int8_inq_inexact_layers"] == len(layers)
+    for name, count in mismatches.items():  # only the top level 2^n1 (int8 holds -128, not +128) is off
+        assert count <= int((inq_weights[name].abs() == 2.0 ** layers[name]).sum())
+
+
+def test_epochs_zero_is_post_training_quantization(tmp_path):
+    state = _state()
+    before = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+    out = run_qat(state, QATConfig(epochs=0, calibration_batches=2), _ctx())
+    assert out.report.epochs == 0 and out.metrics["qat_calibration_batches"] == 2
+    assert all(torch.equal(p, before[n]) for n, p in out.state.model.named_parameters() if n in before)
+    scales = [m.scale for n, m in out.state.model.named_modules() if n.startswith("activation_post_process_")
+              and "." not in n]  # fmt: skip
+    assert scales and all(float(s.min()) != 1.0 for s in scales)  # calibrated, not the untouched default
+    _same_outputs_in_process(out.state, tmp_path / "ptq.pt")
+
+
+def test_observers_and_batchnorm_freeze_on_schedule():
+    seen, snapshot = [], {}
+    state, ctx = _state(), _ctx()
+
+    def on_epoch_end(epoch, stats):
+        seen.append((stats["qat_observers_frozen"], stats["qat_bn_frozen"]))
+        if epoch == 0:  # run_qat has replaced state.model by the fake-quant model it trains
+            snapshot.update({n: b.clone() for n, b in state.model.named_buffers() if n.endswith("running_var")})
+
+    ctx.on_epoch_end = on_epoch_end
+    config = QATConfig(epochs=2, calibration_batches=1, freeze_observers_epoch=2, freeze_bn_epoch=1)
+    out = run_qat(state, config, ctx)
+    assert seen == [(0.0, 1.0), (1.0, 1.0)]
+    assert snapshot and all(torch.equal(b, snapshot[n]) for n, b in out.state.model.named_buffers() if n in snapshot)
+    observers = [m for m in out.state.model.modules() if isinstance(m, FakeQuantizeBase)]
+    assert observers and all(int(m.observer_enabled[0]) == 0 for m in observers)
+    assert frozen_at(config, 0) == (False, False) and frozen_at(config, 1) == (False, True)
+
+
+def test_dropout_and_drop_path_act_as_at_inference_in_the_int8_model(tmp_path):
+    kwargs = {"drop_rate": 0.3, "drop_path_rate": 0.2}  # functional in timm: tracing freezes their training flag
+    out = run_qat(_state(kwargs=kwargs), QUICK, _ctx(kwargs=kwargs))
+    loaded = _same_outputs_in_process(out.state, tmp_path / "dropout.pt")
+    x = torch.randn(4, *BUNDLE32.input_size)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), loaded(x))
+
+
+def test_model_fx_cannot_quantize_fails_clearly():
+    kwargs = {"img_size": 32}
+    with pytest.raises(RuntimeError, match="qat: FX could not trace VisionTransformer"):
+        run_qat(_state("test_vit", kwargs), QUICK, _ctx("test_vit", kwargs))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"epochs": 0, "calibration_batches": 0}, "needs calibration_batches >= 1"),
+        ({"freeze_observers_epoch": 0, "calibration_batches": 0}, "freezes ranges before training"),
+        ({"freeze_bn_epoch": -1}, "greater than or equal to 0"),
+        ({"observer": "minmax"}, "Extra inputs are not permitted"),
+    ],
+)
+def test_config_validation(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        QATConfig.model_validate(fields)
+
+
+@pytest.mark.parametrize("recipe", ["qat", "prune-qat-distill"])
+def test_shipped_recipes_validate(recipe):
+    assert "qat" in load_recipe(recipe).ordering.split(">")
