@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -39,17 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupt_on_termination(signum, _frame) -> None:
-    # `kill` and a closed terminal end the run like Ctrl-C: open MLflow runs are marked KILLED.
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it; returns the process exit code."""
     args = _parser().parse_args(argv)
-    if args.command == "run":
-        signal.signal(signal.SIGTERM, _interrupt_on_termination)
-        signal.signal(signal.SIGHUP, _interrupt_on_termination)
     logging.basicConfig(level=logging.INFO, format="[pipeline] %(message)s", stream=sys.stderr)
     # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU-only machines.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)

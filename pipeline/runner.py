@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,6 +127,25 @@ def check_pretrained(recipe: Recipe) -> None:
         create_model(recipe.model, num_classes=2)  # raises PretrainedUnavailableError when offline
 
 
+@contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """While running, `kill` (SIGTERM) and a closed terminal (SIGHUP) end the run like Ctrl-C, so the open
+    MLflow runs are marked KILLED and finished stages stay cached. Previous handlers are restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class Runner:
     """Runs one recipe's chain with a cache and a tracker."""
 
@@ -164,7 +187,7 @@ class Runner:
             log.info("reusing cached stages: %s", ", ".join(reusable))
         tracker = self.tracker or Tracker()
         tags = {"recipe": recipe.name, "ordering": recipe.ordering, "pipeline_version": __version__}
-        with tracker.run(recipe.name, tags) as parent_id:
+        with termination_as_interrupt(), tracker.run(recipe.name, tags) as parent_id:
             summary = RunSummary(recipe.name, recipe.ordering, parent_id)
             tracker.log_text(parent_id, recipe.to_yaml(), "recipe.yaml")
             tracker.log_params(
