@@ -15,6 +15,7 @@ import os
 import shutil
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +65,9 @@ class CacheEntry:
     def artifact_path(self) -> Path:
         return self.path / ARTIFACT_FILE
 
-    @property
+    @cached_property
     def record(self) -> dict[str, Any]:
+        """The entry's record.json (read once: entries are immutable once written)."""
         return json.loads((self.path / RECORD_FILE).read_text())
 
     def load_state(self) -> ModelState:

@@ -25,7 +25,7 @@ from pipeline.artifacts import load_artifact, save_artifact
 from pipeline.cache import CacheEntry, StageCache, digest, file_digest, stage_key
 from pipeline.data import DataBundle, load_data, locate
 from pipeline.evaluator import evaluate
-from pipeline.models import ModelState, PretrainedUnavailableError, create_model, pretrained_normalization
+from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.tracking import Tracker
 from stages import StageContext, get_stage
@@ -295,4 +295,4 @@ class Runner:
         return {**metrics, **entry.record.get("stage_metrics", {})}
 
 
-__all__ = ["PretrainedUnavailableError", "Runner", "RunSummary", "StageResult", "plan_chain"]
+__all__ = ["Runner", "RunSummary", "StageResult", "plan_chain"]

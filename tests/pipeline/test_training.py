@@ -83,17 +83,15 @@ def test_fixed_weights_reject_unknown_parameters():
         fixed.project_(_tiny_cnn())
 
 
+def _train_plain(model, cfg: TrainConfig):
+    loader = synthetic_bundle().train_loader(16, seed=0, augment=False)
+    return train_(model, loader, cfg, fixed=FixedWeights(), device=torch.device("cpu"), progress=False)
+
+
 def test_zero_epochs_does_nothing():
     model = _tiny_cnn()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = train_(
-        model,
-        synthetic_bundle().train_loader(16, seed=0, augment=False),
-        TrainConfig(epochs=0),
-        fixed=FixedWeights(),
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    report = _train_plain(model, TrainConfig(epochs=0))
     assert report.epochs == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -103,14 +101,7 @@ def test_diverging_loss_fails_loudly():
     with torch.no_grad():
         model[5].weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="loss became nan"):
-        train_(
-            model,
-            synthetic_bundle().train_loader(16, seed=0, augment=False),
-            TrainConfig(epochs=1),
-            fixed=FixedWeights(),
-            device=torch.device("cpu"),
-            progress=False,
-        )
+        _train_plain(model, TrainConfig(epochs=1))
 
 
 def test_nesterov_without_momentum_is_rejected_at_load_time():
