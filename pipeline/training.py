@@ -42,6 +42,16 @@ class TrainConfig(StrictConfig):
             raise ValueError("nesterov: true needs momentum > 0; set nesterov: false for plain SGD")
         return self
 
+    # A sweep's fixed budget gives each stage a number of epochs; stages whose `epochs` means something
+    # else (per INQ portion step, per pruning step) override these two.
+    def total_epochs(self) -> int:
+        """Epochs over the training split this config trains in all."""
+        return self.epochs
+
+    def with_total_epochs(self, epochs: int):
+        """A validated copy that trains about `epochs` epochs in all (at least one where it trains at all)."""
+        return type(self).model_validate({**self.model_dump(), "epochs": epochs})
+
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """(model, images, labels) -> (loss, logits). Distillation supplies its own."""

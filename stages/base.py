@@ -89,6 +89,9 @@ class StageEntry:
     name: str
     config: type[StrictConfig]
     run: StageFn
+    # Stages whose output this stage cannot take as input (e.g. pruning a fake-quant int8 model); a recipe
+    # or ordering that asks for it fails at load time instead of after the earlier stages have run.
+    not_after: frozenset[str] = frozenset()
 
     @property
     def summary(self) -> str:
@@ -103,13 +106,13 @@ class UnknownStageError(KeyError):
 _REGISTRY: dict[str, StageEntry] = {}
 
 
-def register_stage(name: str, *, config: type[StrictConfig]):
-    """Register a stage function under `name`, validated by `config`."""
+def register_stage(name: str, *, config: type[StrictConfig], not_after: frozenset[str] | set[str] = frozenset()):
+    """Register a stage function under `name`, validated by `config`; it cannot follow the stages in `not_after`."""
 
     def wrap(fn: StageFn) -> StageFn:
         if name in _REGISTRY:
             raise ValueError(f"stage {name!r} is registered twice")
-        _REGISTRY[name] = StageEntry(name, config, fn)
+        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after))
         return fn
 
     return wrap
@@ -129,3 +132,13 @@ def get_stage(name: str) -> StageEntry:
             f"stage {name!r} is not yet supported (planned in issue #{PLANNED_STAGES[name]}); available: {known}"
         )
     raise UnknownStageError(f"unknown stage {name!r}; available: {known}")
+
+
+def chain_conflict(names: list[str]) -> tuple[int, str] | None:
+    """(index, reason) of the first stage in `names` that cannot follow an earlier one, else None."""
+    for index, name in enumerate(names):
+        blocked = get_stage(name).not_after
+        for earlier in names[:index]:
+            if earlier in blocked:
+                return index, f"{name} cannot run after {earlier}; put {name} before {earlier}"
+    return None

@@ -64,6 +64,21 @@ class INQConfig(TrainConfig):
     partition: PartitionMode = Field(
         "magnitude", description="which free weights are quantized first: largest magnitudes (paper) or random"
     )
+    final_epochs: int = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="epochs after the last portion step that train only what stays floating point (norms, "
+        "biases) with every quantized weight fixed; 0 follows the paper (nothing trains after the last step)",
+    )
+
+    def total_epochs(self) -> int:
+        return self.epochs * _retraining_steps(self.accumulated_portions) + self.final_epochs
+
+    def with_total_epochs(self, epochs: int) -> INQConfig:
+        steps = _retraining_steps(self.accumulated_portions)
+        per_step = max(1, round(epochs / steps)) if steps and epochs else 0
+        return type(self).model_validate({**self.model_dump(), "epochs": per_step})
 
     @field_validator("bits")
     @classmethod
@@ -186,6 +201,10 @@ def inq_schedule(accumulated_portions: Sequence[float]) -> list[tuple[float, boo
     return [(float(p), p < 1.0) for p in accumulated_portions]
 
 
+def _retraining_steps(accumulated_portions: Sequence[float]) -> int:
+    return sum(retrain for _, retrain in inq_schedule(accumulated_portions))
+
+
 # --- the stage -----------------------------------------------------------------------------------
 
 
@@ -262,7 +281,7 @@ def _inq_metrics(state: ModelState, layers: dict[str, _Layer], bits: int, steps:
     }
 
 
-@register_stage("inq", config=INQConfig)
+@register_stage("inq", config=INQConfig, not_after={"qat"})  # INQ levels need float weights, not fake-quant
 def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> StageOutput:
     """Incremental Network Quantization: conv/linear weights become ±2^k or 0 by portions, retraining the rest."""
     if state is None:
@@ -277,6 +296,10 @@ def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> S
         if retrain:  # a fresh optimizer and LR schedule per portion step, as in the paper
             report.extend(ctx.fit(state, config, desc=f"inq {portion:.1%}", step=step, epoch_offset=report.epochs,
                                   extra_stats={"inq_portion": portion}))  # fmt: skip
+    if config.final_epochs:  # every conv/linear weight is fixed now: only norms and biases move
+        final = config.model_copy(update={"epochs": config.final_epochs})
+        report.extend(ctx.fit(state, final, desc="inq final (norms, biases)", step=len(schedule),
+                              epoch_offset=report.epochs, extra_stats={"inq_portion": 1.0}))  # fmt: skip
     state.artifact_format = "inq"
     state.extras["inq"] = {name: {"n1": layer.n1, "bits": config.bits} for name, layer in layers.items()}
     return StageOutput(state, metrics=_inq_metrics(state, layers, config.bits, len(schedule)), report=report)

@@ -60,6 +60,14 @@ class PruneConfig(TrainConfig):
     lr: float = Field(0.02, gt=0, le=10, description="peak fine-tuning learning rate")
     schedule: Literal["onecycle", "cosine", "constant"] = Field("cosine", description="per-step LR schedule")
 
+    def total_epochs(self) -> int:
+        return self.epochs * (self.iterative_steps if self.finetune == "each_step" else 1)
+
+    def with_total_epochs(self, epochs: int) -> PruneConfig:
+        steps = self.iterative_steps if self.finetune == "each_step" else 1
+        per_step = max(1, round(epochs / steps)) if epochs else 0
+        return type(self).model_validate({**self.model_dump(), "epochs": per_step})
+
     @model_validator(mode="after")
     def _structured_only_options(self) -> PruneConfig:
         if self.method == "unstructured" and self.importance not in {"group_norm", "l1", "l2"}:
@@ -72,7 +80,7 @@ def step_ratio(final_ratio: float, step: int, steps: int) -> float:
     return final_ratio * step / steps
 
 
-@register_stage("prune", config=PruneConfig)
+@register_stage("prune", config=PruneConfig, not_after={"qat"})  # torch-pruning cannot trace fake-quant
 def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) -> StageOutput:
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:

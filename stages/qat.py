@@ -388,7 +388,7 @@ def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: tor
 # --- the stage -----------------------------------------------------------------------------------
 
 
-@register_stage("qat", config=QATConfig)
+@register_stage("qat", config=QATConfig, not_after={"qat"})
 def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> StageOutput:
     """INT8 quantization-aware training: fake-quant fine-tuning, shipped as a real int8 model (x86 kernels)."""
     if state is None:

@@ -190,6 +190,17 @@ def test_after_the_last_portion_every_weight_is_a_power_of_two_or_zero(trained, 
     assert out.report.epochs == 3  # no retraining after the final 1.0 portion
 
 
+def test_final_epochs_train_only_norms_and_biases(trained, bundle):
+    quantized = run_inq(copy.deepcopy(trained), INQConfig(bits=3, lr=0.1), _context(bundle))
+    tuned = run_inq(trained, INQConfig(bits=3, final_epochs=2, lr=0.1), _context(bundle))
+    assert tuned.report.epochs == quantized.report.epochs + 2
+    assert INQConfig(bits=3, final_epochs=2).total_epochs() == 3 + 2
+    before, after = dict(quantized.state.model.named_parameters()), dict(tuned.state.model.named_parameters())
+    for name in tuned.state.extras["inq"]:  # the same partition and rounding: identical power-of-two weights
+        assert torch.equal(after[name], before[name]), name
+    assert any(not torch.equal(after[n], before[n]) for n in after if n not in tuned.state.extras["inq"])
+
+
 def test_frozen_weights_never_move_and_the_frozen_set_only_grows(trained, bundle):
     state = trained
     snapshots, epochs = [], []
