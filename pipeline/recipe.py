@@ -6,7 +6,10 @@ allowed, so the CLI can exit 2 with one line, before any MLflow run or file is c
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,7 +23,7 @@ from pipeline.evaluator import EvalConfig
 from pipeline.models import ModelConfig
 from pipeline.training import TrainConfig
 from stages import get_stage
-from stages.base import UnknownStageError
+from stages.base import UnknownStageError, chain_conflict
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -44,8 +47,39 @@ class StageSpec:
         return {self.name: self.config.model_dump(mode="json")}
 
 
+class Budget(StrictConfig):
+    """A fixed training budget: every ordering of a sweep trains the same epochs in all, split by position,
+    so orderings are compared on equal terms (the Prune-Quantize-Distill study's ordering ablation)."""
+
+    epochs: int = Field(
+        ge=1, le=10_000, description="training epochs of each chain's stages in all (baseline excluded)"
+    )
+    split: tuple[float, ...] = Field(
+        description="relative share of `epochs` for the stage at each position, e.g. [20, 40, 40]; a shorter "
+        "ordering (a single technique) uses the first shares, rescaled to the whole budget"
+    )
+
+    @field_validator("split")
+    @classmethod
+    def _positive_shares(cls, split: tuple[float, ...]) -> tuple[float, ...]:
+        if not split or any(not (share > 0 and math.isfinite(share)) for share in split):
+            raise ValueError(f"must be positive shares, one per stage position, e.g. [20, 40, 40]; got {list(split)}")
+        return split
+
+    def stage_epochs(self, stages: int) -> list[int]:
+        """Whole epochs for the first `stages` positions, summing to `epochs` (largest-remainder rounding)."""
+        shares = self.split[:stages]
+        exact = [self.epochs * share / sum(shares) for share in shares]
+        out = [math.floor(x) for x in exact]
+        by_remainder = sorted(range(stages), key=lambda i: exact[i] - out[i], reverse=True)
+        for i in by_remainder[: self.epochs - sum(out)]:
+            out[i] += 1
+        return out
+
+
 class Recipe(StrictConfig):
-    """A whole recipe: data, model, baseline training, and the chain of compression stages."""
+    """A whole recipe: data, model, baseline training, and the chain of compression stages (or a sweep of
+    orderings of them)."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100, description="recipe name")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="seed for model init, data order, augmentation")
@@ -55,13 +89,22 @@ class Recipe(StrictConfig):
     baseline: TrainConfig
     stages: list[Any] = Field(default_factory=list, description="ordered one-key mappings {stage: config}")
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
-    orderings: Any = Field(None, description="ordering sweeps (not yet supported)")
+    orderings: Any = Field(
+        None,
+        description="a sweep: `all` (every permutation of `stages`) or a list of orderings of their names; "
+        "run with `make sweep`",
+    )
+    include_singles: bool = Field(False, description="a sweep also runs each stage alone after the baseline")
+    budget: Budget | None = Field(None, description="fixed training epochs per chain, split by stage position")
 
     @field_validator("orderings")
     @classmethod
-    def _no_sweeps_yet(cls, value: Any) -> Any:
-        if value is not None:
-            raise ValueError("ordering sweeps are not yet supported (planned in issue #7); remove `orderings`")
+    def _all_or_lists_of_names(cls, value: Any) -> Any:
+        ok = value in (None, "all") or (
+            isinstance(value, list) and all(isinstance(o, list) and all(isinstance(n, str) for n in o) for o in value)
+        )
+        if not ok:
+            raise ValueError(f"must be `all` or a list of orderings (lists of stage names), got {value!r}")
         return value
 
     def stage_specs(self) -> list[StageSpec]:
@@ -72,9 +115,42 @@ class Recipe(StrictConfig):
         """Stage names joined by '>', e.g. 'prune>inq>distill' ('train' for a baseline-only recipe)."""
         return ">".join(s.name for s in self.stage_specs()) or "train"
 
+    @property
+    def is_sweep(self) -> bool:
+        return self.orderings is not None or self.include_singles
+
+    def as_chain(self, names: Sequence[str] | None = None) -> Recipe:
+        """One concrete chain: the named stages (default: all, in recipe order) with the budget applied to
+        their epochs, and no sweep keys, so it runs, caches and reads back like a hand-written recipe."""
+        by_name = {s.name: s for s in self.stage_specs()}
+        specs = [by_name[n] for n in names] if names is not None else self.stage_specs()
+        if self.budget is not None:
+            epochs = self.budget.stage_epochs(len(specs))
+            specs = [StageSpec(s.name, s.config.with_total_epochs(e)) for s, e in zip(specs, epochs, strict=True)]
+        return self.model_copy(update={"stages": specs, "orderings": None, "include_singles": False, "budget": None})
+
+    def sweep_orderings(self) -> tuple[list[tuple[str, ...]], list[tuple[tuple[str, ...], str]]]:
+        """(orderings to run, [(ordering, reason)] skipped): `all` (also when unset) is every permutation of
+        the stages minus those a stage cannot follow (e.g. pruning after qat); singles are added last."""
+        names = [s.name for s in self.stage_specs()]
+        chosen = self.orderings if isinstance(self.orderings, list) else itertools.permutations(names)
+        ordered: dict[tuple[str, ...], None] = dict.fromkeys(tuple(o) for o in chosen)
+        if self.include_singles:
+            ordered.update(dict.fromkeys((n,) for n in names))
+        runnable, skipped = [], []
+        for ordering in ordered:
+            conflict = chain_conflict(list(ordering))
+            if conflict is None:
+                runnable.append(ordering)
+            else:
+                skipped.append((ordering, conflict[1]))
+        return runnable, skipped
+
     def to_dict(self) -> dict[str, Any]:
-        out = self.model_dump(mode="json", exclude={"stages", "orderings"})
+        out = self.model_dump(mode="json", exclude={"stages", "orderings", "include_singles", "budget"})
         out["stages"] = [s.to_dict() for s in self.stage_specs()]
+        if self.is_sweep or self.budget is not None:
+            out.update(self.model_dump(mode="json", include={"orderings", "include_singles", "budget"}))
         return out
 
     def to_yaml(self) -> str:
@@ -119,8 +195,58 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
         raise _as_recipe_error(err, Recipe) from None
     stages = [_validate_stage(i, entry) for i, entry in enumerate(recipe.stages)]
     recipe = recipe.model_copy(update={"stages": stages})
+    if recipe.is_sweep:
+        _check_sweep(recipe)
+    else:
+        conflict = chain_conflict([s.name for s in stages])
+        if conflict is not None:
+            raise RecipeError(f"stages[{conflict[0]}]", conflict[1])
+    if recipe.budget is not None:
+        _check_budget(recipe)
     _check_resources(recipe)
     return recipe
+
+
+def _check_sweep(recipe: Recipe) -> None:
+    """Orderings name the recipe's stages, each once; explicit orderings must be runnable as written."""
+    names = [s.name for s in recipe.stage_specs()]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise RecipeError(
+                f"stages[{index}]", f"a sweep names stages by name, so each may appear once; {name!r} repeats"
+            )
+    if isinstance(recipe.orderings, list):
+        for k, ordering in enumerate(recipe.orderings):
+            if not ordering:
+                raise RecipeError(f"orderings[{k}]", "an ordering needs at least one stage")
+            for j, name in enumerate(ordering):
+                if name not in names:
+                    raise RecipeError(
+                        f"orderings[{k}][{j}]", f"{name!r} is not one of the recipe's stages: {', '.join(names)}"
+                    )
+                if name in ordering[:j]:
+                    raise RecipeError(f"orderings[{k}][{j}]", f"{name!r} appears twice in one ordering")
+            conflict = chain_conflict(ordering)
+            if conflict is not None:
+                raise RecipeError(f"orderings[{k}][{conflict[0]}]", conflict[1])
+    elif not names:
+        raise RecipeError("stages", "a sweep needs at least one stage to order")
+
+
+def _check_budget(recipe: Recipe) -> None:
+    assert recipe.budget is not None
+    longest = max((len(o) for o in recipe.sweep_orderings()[0]), default=0) if recipe.is_sweep else len(recipe.stages)
+    if len(recipe.budget.split) < longest:
+        raise RecipeError(
+            "budget.split", f"needs a share for each of {longest} stage positions, got {len(recipe.budget.split)}"
+        )
+    if recipe.budget.epochs < longest:
+        raise RecipeError(
+            "budget.epochs", f"must give each of {longest} stages at least one epoch, got {recipe.budget.epochs}"
+        )
+    for index, spec in enumerate(recipe.stage_specs()):
+        if not hasattr(spec.config, "with_total_epochs"):
+            raise RecipeError(f"stages[{index}].{spec.name}", "does not train, so a budget cannot set its epochs")
 
 
 def _validate_stage(index: int, entry: Any) -> StageSpec:

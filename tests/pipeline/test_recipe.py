@@ -52,7 +52,22 @@ BAD = [
     (lambda r: r.update(name="has space"), "name: String should match pattern"),
     (lambda r: r.update(device="tpu"), "device: Input should be 'auto', 'cpu' or 'cuda'"),
     (lambda r: r["evaluation"].update(threads=0), "evaluation.threads: Input should be greater than or equal to 1"),
-    (lambda r: r.update(orderings="all"), "orderings: ordering sweeps are not yet supported"),
+    # Sweeps: orderings name the recipe's stages, each once; explicit orderings must be runnable.
+    (lambda r: r.update(orderings="al"), "orderings: must be `all` or a list of orderings (lists of stage names)"),
+    (lambda r: r.update(orderings=["prune"]), "orderings: must be `all` or a list of orderings"),
+    (lambda r: r.update(orderings=[["prune", "distil"]]), "orderings[0][1]: 'distil' is not one of the recipe's"),
+    (lambda r: r.update(orderings=[["prune", "prune"]]), "orderings[0][1]: 'prune' appears twice in one ordering"),
+    (lambda r: r.update(orderings=[[]]), "orderings[0]: an ordering needs at least one stage"),
+    (lambda r: r.update(orderings=[["qat", "prune"]], stages=[{"prune": {}}, {"qat": {}}]), "orderings[0][1]: prune"),
+    (lambda r: r.update(stages=[{"qat": {}}, {"inq": {}}]), "stages[1]: inq cannot run after qat; put inq before qat"),
+    (lambda r: r.update(orderings="all", stages=[{"prune": {}}, {"prune": {}}]), "stages[1]: a sweep names stages"),
+    (lambda r: r.update(orderings="all", stages=[]), "stages: a sweep needs at least one stage"),
+    (lambda r: r.update(budget={"epochs": 4, "split": [0, 1]}), "budget.split: must be positive shares"),
+    (lambda r: r.update(budget={"epochs": 1, "split": [1, 1]}, stages=[{"prune": {}}, {"inq": {}}]), "budget.epochs"),
+    (
+        lambda r: r.update(budget={"epochs": 4, "split": [1]}, stages=[{"prune": {}}, {"inq": {}}]),
+        "budget.split: needs",
+    ),
     (
         lambda r: r.update(stages=[{"bogus": {}}]),
         "stages[0]: unknown stage 'bogus'; available: distill, inq, prune, qat, train",
@@ -160,6 +175,73 @@ def test_cli_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path, isola
     assert not (tmp_path / "cache").exists()
 
 
-def test_cli_not_yet_supported_commands_exit_2(isolated):
-    result = run_cli(["sweep", "baseline"], isolated)
-    assert result.returncode == 2 and "not yet supported" in result.stderr
+def test_cli_run_of_a_sweep_recipe_points_to_sweep(tmp_path, isolated):
+    path = write_recipe(tmp_path / "s.yaml", tiny_recipe(orderings="all"))
+    result = run_cli(["run", str(path)], isolated)
+    assert result.returncode == 2
+    assert "declares a sweep" in result.stderr and f"python -m pipeline sweep {path}" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_cli_planned_executor_exits_2(tmp_path, isolated):
+    path = write_recipe(tmp_path / "s.yaml", tiny_recipe())
+    result = run_cli(["sweep", str(path), "--executor", "ray"], isolated)
+    assert result.returncode == 2 and "executor 'ray' is not yet supported (planned in issue #8)" in result.stderr
+
+
+THREE = [{"prune": {"epochs": 2}}, {"inq": {"epochs": 1}}, {"distill": {"epochs": 3}}]
+
+
+def _names(orderings):
+    return [">".join(o) for o in orderings]
+
+
+def test_sweep_all_is_every_permutation_then_singles():
+    recipe = validate_recipe(tiny_recipe(stages=THREE, orderings="all", include_singles=True))
+    orderings, skipped = recipe.sweep_orderings()
+    assert _names(orderings) == [
+        "prune>inq>distill", "prune>distill>inq", "inq>prune>distill", "inq>distill>prune",
+        "distill>prune>inq", "distill>inq>prune", "prune", "inq", "distill",
+    ]  # fmt: skip
+    assert skipped == []
+    chain = recipe.as_chain(("distill", "prune"))
+    assert chain.ordering == "distill>prune" and not chain.is_sweep
+    assert chain.stage_specs()[0].config.epochs == 3  # configs follow the stage, not the position
+
+
+def test_sweep_all_skips_orderings_a_stage_cannot_follow():
+    recipe = validate_recipe(tiny_recipe(stages=[{"prune": {}}, {"qat": {}}], orderings="all"))
+    orderings, skipped = recipe.sweep_orderings()
+    assert _names(orderings) == ["prune>qat"]
+    assert skipped == [(("qat", "prune"), "prune cannot run after qat; put prune before qat")]
+
+
+def test_explicit_orderings_keep_their_order_and_drop_duplicate_singles():
+    recipe = validate_recipe(tiny_recipe(stages=THREE, orderings=[["inq", "prune"], ["prune"]], include_singles=True))
+    assert _names(recipe.sweep_orderings()[0]) == ["inq>prune", "prune", "inq", "distill"]
+
+
+@pytest.mark.parametrize(
+    ("epochs", "split", "expected"),
+    [(10, (20, 40, 40), [2, 4, 4]), (9, (0.2, 0.4, 0.4), [2, 4, 3]), (7, (1, 1, 1), [3, 2, 2]), (5, (1,), [5])],
+)
+def test_budget_splits_whole_epochs_by_position(epochs, split, expected):
+    from pipeline.recipe import Budget
+
+    budget = Budget(epochs=epochs, split=split)
+    assert budget.stage_epochs(len(expected)) == expected
+    assert sum(budget.stage_epochs(len(expected))) == epochs
+
+
+def test_budget_sets_each_stage_epochs_in_its_own_units():
+    stages = [{"prune": {"iterative_steps": 2}}, {"inq": {"accumulated_portions": [0.5, 0.75, 1.0]}}, {"distill": {}}]
+    recipe = validate_recipe(tiny_recipe(stages=stages, orderings="all", budget={"epochs": 12, "split": [1, 1, 1]}))
+    for ordering in recipe.sweep_orderings()[0]:
+        chain = recipe.as_chain(ordering)
+        configs = {s.name: s.config for s in chain.stage_specs()}
+        assert configs["prune"].epochs == 2 and configs["prune"].total_epochs() == 4  # per pruning step
+        assert configs["inq"].epochs == 2 and configs["inq"].total_epochs() == 4  # per retraining step
+        assert configs["distill"].epochs == 4
+    # A single recipe (no sweep) with a budget runs with it applied too.
+    single = validate_recipe(tiny_recipe(stages=[{"distill": {}}], budget={"epochs": 3, "split": [1]}))
+    assert single.as_chain().stage_specs()[0].config.epochs == 3
