@@ -1,7 +1,7 @@
-"""Command line: `python -m pipeline run RECIPE [key=value ...]`, `validate`, `stages`.
+"""Command line: `python -m pipeline run|sweep RECIPE [key=value ...]`, `report [SWEEP]`, `validate`, `stages`.
 
-Exit codes: 0 success, 1 a stage failed, 2 the recipe (or the command line) is invalid,
-130 interrupted (rerun the same command to resume from the cache).
+Exit codes: 0 success, 1 a stage (or a sweep's ordering) failed, 2 the recipe (or the command line) is
+invalid, 130 interrupted (rerun the same command to resume from the cache).
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("run", "run a recipe end to end"), ("validate", "validate a recipe, run nothing")):
+    commands = (
+        ("run", "run a recipe's chain end to end"),
+        ("sweep", "run every ordering of a recipe's stages (its `orderings:`, else all), then write the report"),
+        ("validate", "validate a recipe, run nothing"),
+    )
+    for name, help_text in commands:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("recipe", help="a name in recipes/ (e.g. baseline) or a path to a YAML file")
         cmd.add_argument(
@@ -27,14 +32,25 @@ def _parser() -> argparse.ArgumentParser:
             metavar="key=value",
             help="dotted overrides, e.g. data.train_subset=2000 baseline.epochs=1",
         )
-        if name == "run":
+        if name in {"run", "sweep"}:
             cmd.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default .cache/)")
-            cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
             cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "run":
+            cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
+        if name == "sweep":
+            cmd.add_argument("--executor", default="local", help="how orderings run: local (one after another)")
+            cmd.add_argument("--new", action="store_true", help="a new sweep id instead of resuming an identical sweep")
+            cmd.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
+            cmd.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
+    report = sub.add_parser("report", help="write a sweep's Pareto report from MLflow into reports/<sweep>/")
+    report.add_argument("sweep", nargs="?", default=None, help="sweep id (tag `sweep`); default: the latest sweep")
+    report.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
+    report.add_argument(
+        "--remeasure-latency",
+        action="store_true",
+        help="time every distinct model again, side by side, instead of each stage's own figure",
+    )
     sub.add_parser("stages", help="list the registered stages and their config fields")
-    for name in ("sweep", "report"):
-        cmd = sub.add_parser(name, help=f"{name} (not yet supported)")
-        cmd.add_argument("args", nargs="*")
     return parser
 
 
@@ -44,11 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[pipeline] %(message)s", stream=sys.stderr)
     # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU-only machines.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    if args.command in {"sweep", "report"}:
-        print(f"error: `{args.command}` is not yet supported (planned in issue #7)", file=sys.stderr)
-        return EXIT_INVALID
     if args.command == "stages":
         return _list_stages()
+    if args.command == "report":
+        return _report(args.sweep, args.reports_dir, remeasure=args.remeasure_latency)
     from pipeline.recipe import RecipeError, load_recipe
 
     try:
@@ -57,24 +72,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
     if args.command == "validate":
-        print(f"{args.recipe}: valid ({recipe.ordering})")
+        print(f"{args.recipe}: valid ({_describe(recipe)})")
         return EXIT_OK
+    if args.command == "sweep":
+        return _sweep(recipe, args)
+    if recipe.is_sweep:
+        print(
+            f"error: recipe {recipe.name!r} declares a sweep (orderings / include_singles); run it with "
+            f"`make sweep recipe={args.recipe}` or `python -m pipeline sweep {args.recipe}`",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     return _run(recipe, args)
 
 
-def _run(recipe, args) -> int:
+def _describe(recipe) -> str:
+    if not recipe.is_sweep:
+        return recipe.ordering
+    orderings, skipped = recipe.sweep_orderings()
+    text = f"sweep of {len(orderings)} orderings: " + ", ".join(">".join(o) for o in orderings)
+    return text + (f"; skipped {len(skipped)}: " + "; ".join(r for _, r in skipped) if skipped else "")
+
+
+def _guarded(action):
+    """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages."""
     from pipeline.data import DataNotFoundError
     from pipeline.models import ModelSourceError
-    from pipeline.report import summary_table
-    from pipeline.runner import Runner
 
     try:
-        summary = Runner(
-            recipe,
-            cache_dir=args.cache_dir,
-            progress=not args.quiet and sys.stderr.isatty(),
-            use_cache=not args.no_cache,
-        ).run()
+        return action()
     except (ModelSourceError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -85,8 +111,54 @@ def _run(recipe, args) -> int:
         traceback.print_exc()
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
-    print(summary_table(summary))
+
+
+def _sweep(recipe, args) -> int:
+    from pipeline.report import sweep_table
+    from pipeline.sweep import get_executor, run_sweep
+
+    try:
+        executor = get_executor(args.executor)
+    except ValueError as err:
+        print(f"error: --executor: {err}", file=sys.stderr)
+        return EXIT_INVALID
+
+    def sweep() -> int:
+        progress = not args.quiet and sys.stderr.isatty()
+        summary = run_sweep(recipe, cache_dir=args.cache_dir, executor=executor, progress=progress, new=args.new)
+        print(sweep_table(summary))
+        code = EXIT_FAILED if summary.failed else EXIT_OK
+        if not args.no_report:
+            code = max(code, _report(summary.plan.sweep_id, args.reports_dir))
+        return code
+
+    return _guarded(sweep)
+
+
+def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = False) -> int:
+    from pipeline.report import REPORTS_DIR, report_sweep
+    from pipeline.tracking import Tracker
+
+    try:
+        report, out_dir = report_sweep(Tracker(), sweep_id, reports_dir or REPORTS_DIR, remeasure=remeasure)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"\nreport of sweep {report.sweep_id}: {out_dir}/report.md (also report.html, PNG plots, CSV tables)")
     return EXIT_OK
+
+
+def _run(recipe, args) -> int:
+    from pipeline.report import summary_table
+    from pipeline.runner import Runner
+
+    def run() -> int:
+        progress = not args.quiet and sys.stderr.isatty()
+        runner = Runner(recipe, cache_dir=args.cache_dir, progress=progress, use_cache=not args.no_cache)
+        print(summary_table(runner.run()))
+        return EXIT_OK
+
+    return _guarded(run)
 
 
 def _list_stages() -> int:

@@ -102,6 +102,11 @@ def plan_chain(recipe: Recipe) -> list[PlannedStage]:
     return chain
 
 
+def training_epochs(recipe: Recipe) -> int:
+    """Epochs over the training split the chain's stages train in all (the baseline excluded)."""
+    return sum(getattr(s.config, "total_epochs", lambda: 0)() for s in recipe.stage_specs())
+
+
 def evaluation_key(recipe: Recipe) -> str:
     """Identifies how metrics were measured; cached metrics are reused only under the same key."""
     return digest(
@@ -157,8 +162,15 @@ class Runner:
         tracker: Tracker | None = None,
         progress: bool = True,
         use_cache: bool = True,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
+        """`parent_run_id` nests this chain's run under another (a sweep's); `tags` go on all its runs."""
+        if recipe.is_sweep:
+            raise ValueError(f"recipe {recipe.name!r} declares a sweep; run it with pipeline.sweep.run_sweep")
+        recipe = recipe.as_chain()  # applies a fixed budget, if any
         self.recipe, self.progress, self.use_cache = recipe, progress, use_cache
+        self.parent_run_id, self.extra_tags = parent_run_id, dict(tags or {})
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache = StageCache(self.cache_dir / "stages")
         self.tracker = tracker
@@ -186,8 +198,15 @@ class Runner:
         if reusable:
             log.info("reusing cached stages: %s", ", ".join(reusable))
         tracker = self.tracker or Tracker()
-        tags = {"recipe": recipe.name, "ordering": recipe.ordering, "pipeline_version": __version__}
-        with termination_as_interrupt(), tracker.run(recipe.name, tags) as parent_id:
+        tags = {
+            **self.extra_tags,
+            "run_type": "chain",
+            "recipe": recipe.name,
+            "ordering": recipe.ordering,
+            "pipeline_version": __version__,
+        }
+        name = recipe.ordering if self.parent_run_id else recipe.name
+        with termination_as_interrupt(), tracker.run(name, tags, parent_id=self.parent_run_id) as parent_id:
             summary = RunSummary(recipe.name, recipe.ordering, parent_id)
             tracker.log_text(parent_id, recipe.to_yaml(), "recipe.yaml")
             tracker.log_params(
@@ -198,6 +217,7 @@ class Runner:
                     "dataset": recipe.data.dataset,
                     "device": str(self.device),
                     "stages": recipe.ordering,
+                    "training_epochs": training_epochs(recipe),
                 },
             )
             state: ModelState | None = None
@@ -213,6 +233,8 @@ class Runner:
     def _run_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
         entry = self.cached(stage)
         tags = {
+            **self.extra_tags,
+            "run_type": "stage",
             "stage": stage.name,
             "stage_index": str(stage.index),
             "cached": str(entry is not None).lower(),
@@ -228,6 +250,7 @@ class Runner:
                     state = self.cache.get(self.chain[stage.index - 1].key).load_state()
                 log.info("stage %d (%s): running", stage.index, stage.name)
                 entry, state = self._execute(tracker, run_id, stage, state)
+                tracker.set_tags(run_id, {"trained": "true"})  # cached now, even if evaluation is interrupted
             else:
                 log.info("stage %d (%s): reused from cache %s", stage.index, stage.name, stage.key[:12])
                 state = None  # loaded only if a later stage needs to run from it

@@ -45,11 +45,14 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 class Tracker:
     """Creates runs and logs params, metrics, tags and artifacts through MLflow's client API."""
 
-    def __init__(self, uri: str | None = None, experiment: str | None = None) -> None:
+    def __init__(self, uri: str | None = None, experiment: str | None = None, experiment_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient  # imported late: MLflow is slow to import
 
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
+        if experiment_id is not None:  # a worker joining a sweep logs where the sweep does
+            self.experiment_id = experiment_id
+            return
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         found = self.client.get_experiment_by_name(name)
         self.experiment_id = (
@@ -59,12 +62,21 @@ class Tracker:
         )
 
     @contextmanager
-    def run(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> Iterator[str]:
-        """A run that ends FINISHED, FAILED or KILLED however the block exits; yields its id."""
+    def run(
+        self, name: str, tags: dict[str, str], parent_id: str | None = None, resume_id: str | None = None
+    ) -> Iterator[str]:
+        """A run that ends FINISHED, FAILED or KILLED however the block exits; yields its id.
+
+        `resume_id` reopens an existing run (an interrupted sweep continuing) instead of creating one."""
         tags = dict(tags)
         if parent_id:
             tags["mlflow.parentRunId"] = parent_id
-        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        if resume_id:
+            run_id = resume_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(run_id, {**tags, "error": ""})
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         try:
             yield run_id
         except KeyboardInterrupt:
@@ -104,3 +116,43 @@ class Tracker:
 
     def log_artifact(self, run_id: str, local_path: Path, artifact_path: str) -> None:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    # --- reading back ------------------------------------------------------------------------------
+
+    def find_runs(self, filter_string: str, order_by: tuple[str, ...] = ("attributes.start_time DESC",)) -> list:
+        """Every run of the experiment matching an MLflow filter, e.g. "tags.sweep = 'x'" (all pages)."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string, max_results=1000, order_by=list(order_by), page_token=token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def latest_metrics(self, run_id: str) -> dict[str, float]:
+        return dict(self.client.get_run(run_id).data.metrics)
+
+    def runs_frame(self, filter_string: str):
+        """The matching runs as a pandas DataFrame (`mlflow.search_runs`): metrics.*, params.*, tags.* columns."""
+        import mlflow
+
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)  # search_runs reads the global URI; restored below
+        try:
+            return mlflow.search_runs(experiment_ids=[self.experiment_id], filter_string=filter_string,
+                                      max_results=100_000, output_format="pandas")  # fmt: skip
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+
+    def download_artifact(self, run_id: str, path: str, dst_dir: Path) -> Path:
+        """Copy one artifact of a run (e.g. 'model/artifact.pt') into `dst_dir`; returns its local path."""
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dst_dir)))

@@ -1,0 +1,305 @@
+"""Ordering sweeps: each ordering of a recipe's stages runs as its own chain; shared prefixes run once.
+
+An ordering becomes a concrete chain recipe (`Recipe.as_chain`) run by the ordinary `Runner`, so caching,
+evaluation and tracking are the same as for `run`. In MLflow a sweep is one top-level run (tags `sweep`,
+`run_type=sweep`) with one nested run per ordering (tag `ordering`) and, below each, one run per stage.
+Orderings that start with the same stages (same configs, same input) share cache keys, so the first one
+to reach a prefix trains it and the others reuse it. A sweep's id is its recipe name plus a hash of its
+chains: running the same sweep again resumes it (finished orderings are skipped, finished stages reused).
+Orderings run through an `Executor`; `local` runs them one after another in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from pipeline import __version__
+from pipeline.cache import digest
+from pipeline.recipe import Recipe
+from pipeline.runner import (
+    Runner,
+    default_cache_dir,
+    evaluation_key,
+    plan_chain,
+    termination_as_interrupt,
+    training_epochs,
+)
+from pipeline.tracking import Tracker
+
+log = logging.getLogger("pipeline")
+
+FINAL_METRICS = ("top1", "artifact_bytes", "latency_ms_p50")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The chains a sweep runs (one per ordering), the orderings it skipped and why, and its id."""
+
+    recipe: Recipe
+    sweep_id: str
+    chains: list[Recipe]
+    skipped: list[tuple[tuple[str, ...], str]]
+
+    @property
+    def stage_slots(self) -> int:
+        """Stage runs the orderings hold in all, the baseline of each included."""
+        return sum(len(c.stages) + 1 for c in self.chains)
+
+    @property
+    def distinct_stages(self) -> int:
+        """Distinct stage outputs (cache keys): what a sweep from an empty cache trains, the baseline included."""
+        return len({stage.key for chain in self.chains for stage in plan_chain(chain)})
+
+
+def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
+    """Expand a recipe's orderings into chains. Without `orderings:` every permutation of its stages is swept.
+
+    `new` gives the sweep a fresh id (a time stamp suffix), so it is tracked apart from an earlier identical one."""
+    orderings, skipped = recipe.sweep_orderings()
+    if not orderings:
+        reasons = "; ".join(reason for _, reason in skipped) or "no stages"
+        raise ValueError(f"recipe {recipe.name!r}: no ordering can run ({reasons})")
+    chains = [recipe.as_chain(ordering) for ordering in orderings]
+    if recipe.budget is not None:
+        for chain in chains:
+            if (epochs := training_epochs(chain)) != recipe.budget.epochs:
+                log.warning(
+                    "budget: %s trains %d epochs, not %d (a stage trains whole epochs per step)",
+                    chain.ordering,
+                    epochs,
+                    recipe.budget.epochs,
+                )
+    content = digest({"chains": [c.to_dict() for c in chains], "evaluation": evaluation_key(recipe)})[:8]
+    sweep_id = f"{recipe.name}-{content}" + (time.strftime("-%Y%m%d-%H%M%S") if new else "")
+    return SweepPlan(recipe, sweep_id, chains, skipped)
+
+
+# --- running one ordering (what an executor runs) --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrderingJob:
+    """Everything one ordering needs, plain enough to send to another process or machine."""
+
+    chain: Recipe
+    sweep_id: str
+    sweep_run_id: str
+    cache_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    progress: bool
+
+
+@dataclass
+class OrderingResult:
+    ordering: str
+    status: str  # FINISHED or FAILED
+    run_id: str | None = None
+    executed: list[str] = field(default_factory=list)  # cache keys of stages this ordering trained
+    reused: int = 0
+    final: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def run_ordering(job: OrderingJob) -> OrderingResult:
+    """Run one ordering's chain under the sweep's run. A failing stage fails this ordering, not the sweep."""
+    start = time.perf_counter()
+    tracker = Tracker(job.tracking_uri, experiment_id=job.experiment_id)
+    tags = {"sweep": job.sweep_id}
+    runner = Runner(
+        job.chain,
+        cache_dir=job.cache_dir,
+        tracker=tracker,
+        progress=job.progress,
+        parent_run_id=job.sweep_run_id,
+        tags=tags,
+    )
+    try:
+        summary = runner.run()
+    except Exception as err:  # the Runner marked its MLflow runs FAILED; the other orderings go on
+        log.error("ordering %s failed: %s: %s", job.chain.ordering, type(err).__name__, err)
+        return OrderingResult(
+            job.chain.ordering, "FAILED", seconds=time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
+        )
+    return OrderingResult(
+        job.chain.ordering,
+        "FINISHED",
+        run_id=summary.run_id,
+        executed=[r.key for r in summary.results if not r.cached],
+        reused=sum(r.cached for r in summary.results),
+        final={k: summary.results[-1].metrics[k] for k in FINAL_METRICS},
+        seconds=time.perf_counter() - start,
+    )
+
+
+# --- executors ---------------------------------------------------------------------------------------
+
+
+class Executor(Protocol):
+    """Runs ordering jobs and yields their results as they finish (in any order)."""
+
+    name: str
+
+    def map(
+        self, fn: Callable[[OrderingJob], OrderingResult], jobs: Sequence[OrderingJob]
+    ) -> Iterator[OrderingResult]: ...
+
+
+class LocalExecutor:
+    """One ordering after another in this process; a shared prefix is trained by the first ordering that needs it."""
+
+    name = "local"
+
+    def map(self, fn: Callable[[OrderingJob], OrderingResult], jobs: Sequence[OrderingJob]) -> Iterator[OrderingResult]:
+        for job in jobs:
+            yield fn(job)
+
+
+EXECUTORS: dict[str, Callable[[], Executor]] = {"local": LocalExecutor}
+PLANNED_EXECUTORS = {"ray": 8}
+
+
+def get_executor(name: str) -> Executor:
+    if name in EXECUTORS:
+        return EXECUTORS[name]()
+    if name in PLANNED_EXECUTORS:
+        raise ValueError(f"executor {name!r} is not yet supported (planned in issue #{PLANNED_EXECUTORS[name]})")
+    raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
+
+
+# --- the sweep ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepSummary:
+    plan: SweepPlan
+    run_id: str
+    results: list[OrderingResult]
+    already_done: list[str]
+    executed: int  # stage runs trained by this invocation
+    reused: int  # stage runs this invocation took from the cache
+    seconds: float
+
+    @property
+    def failed(self) -> list[OrderingResult]:
+        return [r for r in self.results if r.status != "FINISHED"]
+
+
+def run_sweep(
+    recipe: Recipe,
+    *,
+    cache_dir: Path | None = None,
+    tracker: Tracker | None = None,
+    executor: str | Executor = "local",
+    progress: bool = True,
+    new: bool = False,
+) -> SweepSummary:
+    """Run (or resume) every ordering of `recipe` under one MLflow sweep run; returns what ran and what was reused."""
+    start = time.perf_counter()
+    plan = plan_sweep(recipe, new=new)
+    runner = get_executor(executor) if isinstance(executor, str) else executor
+    tracker = tracker or Tracker()
+    for ordering, reason in plan.skipped:
+        log.warning("skipping ordering %s: %s", ">".join(ordering), reason)
+    previous = tracker.find_runs(f"tags.sweep = '{plan.sweep_id}' and tags.run_type = 'sweep'")
+    done = _finished_orderings(tracker, plan.sweep_id) if previous else {}
+    todo = [chain for chain in plan.chains if chain.ordering not in done]
+    log.info(
+        "sweep %s: %d orderings (%d already finished), %d distinct stage outputs of %d stage runs; executor %s",
+        plan.sweep_id,
+        len(plan.chains),
+        len(plan.chains) - len(todo),
+        plan.distinct_stages,
+        plan.stage_slots,
+        runner.name,
+    )
+    tags = {"sweep": plan.sweep_id, "run_type": "sweep", "recipe": recipe.name, "pipeline_version": __version__}
+    resume_id = previous[0].info.run_id if previous else None
+    with termination_as_interrupt(), tracker.run(f"sweep {recipe.name}", tags, resume_id=resume_id) as sweep_run_id:
+        if resume_id is None:
+            _log_plan(tracker, sweep_run_id, plan, runner.name)
+        jobs = [
+            OrderingJob(
+                chain,
+                plan.sweep_id,
+                sweep_run_id,
+                Path(cache_dir or default_cache_dir()),
+                tracker.uri,
+                tracker.experiment_id,
+                progress,
+            )
+            for chain in todo
+        ]
+        results = []
+        for i, result in enumerate(runner.map(run_ordering, jobs), 1):
+            results.append(result)
+            log.info(
+                "sweep %s: %d/%d orderings done (%s: %s)", plan.sweep_id, i, len(jobs), result.ordering, result.status
+            )
+        summary = _summarize(plan, sweep_run_id, results, list(done), time.perf_counter() - start)
+        _log_totals(tracker, sweep_run_id, summary)
+    return summary
+
+
+def _finished_orderings(tracker: Tracker, sweep_id: str) -> dict[str, str]:
+    """ordering -> run id of its FINISHED chain run in this sweep (from an earlier, interrupted invocation)."""
+    runs = tracker.find_runs(
+        f"tags.sweep = '{sweep_id}' and tags.run_type = 'chain' and attributes.status = 'FINISHED'"
+    )
+    return {run.data.tags["ordering"]: run.info.run_id for run in reversed(runs)}
+
+
+def _summarize(plan: SweepPlan, run_id: str, results: list[OrderingResult], done: list[str], seconds: float):
+    # Executed = distinct stage outputs trained; with a parallel executor two orderings could race on one prefix.
+    executed = len({key for r in results for key in r.executed})
+    slots = sum(len(r.executed) + r.reused for r in results)
+    return SweepSummary(plan, run_id, results, done, executed, slots - executed, seconds)
+
+
+def _log_plan(tracker: Tracker, run_id: str, plan: SweepPlan, executor: str) -> None:
+    tracker.log_text(run_id, plan.recipe.to_yaml(), "recipe.yaml")
+    tracker.log_params(
+        run_id,
+        {
+            "orderings": len(plan.chains),
+            "ordering_list": ", ".join(c.ordering for c in plan.chains),
+            "skipped": "; ".join(f"{'>'.join(o)}: {why}" for o, why in plan.skipped) or "none",
+            "include_singles": plan.recipe.include_singles,
+            "budget": plan.recipe.budget.model_dump(mode="json") if plan.recipe.budget else "none",
+            "executor": executor,
+            "model": plan.recipe.model.name,
+            "dataset": plan.recipe.data.dataset,
+        },
+    )
+
+
+def _log_totals(tracker: Tracker, run_id: str, summary: SweepSummary) -> None:
+    """Counts over every invocation of this sweep, read back from its runs, so a resumed sweep adds up:
+    executed = distinct stage outputs trained into the cache, reused = stage runs of finished orderings that
+    came from the cache."""
+    stages = tracker.find_runs(f"tags.sweep = '{summary.plan.sweep_id}' and tags.run_type = 'stage'")
+    finished = set(_finished_orderings(tracker, summary.plan.sweep_id).values())
+    trained = {r.data.tags["cache_key"] for r in stages if r.data.tags.get("trained") == "true"}
+    reused = sum(
+        r.data.tags.get("cached") == "true" and r.data.tags.get("mlflow.parentRunId") in finished for r in stages
+    )
+    tracker.log_metrics(
+        run_id,
+        {
+            "stage_runs_executed": len(trained),
+            "stage_runs_reused": reused,
+            "orderings_finished": len(finished),
+            "orderings_failed": len(summary.failed),
+            "orderings_skipped": len(summary.plan.skipped),
+            "sweep_seconds": tracker.latest_metrics(run_id).get("sweep_seconds", 0) + summary.seconds,
+        },
+    )
+
+
+__all__ = ["Executor", "LocalExecutor", "SweepPlan", "SweepSummary", "plan_sweep", "run_sweep"]
