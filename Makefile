@@ -1,4 +1,5 @@
-# User targets: `make recipe=NAME [set="key=value ..."]`, `make ui`.  Developer: `make test`, `make lint`.
+# User targets: `make recipe=NAME [set="key=value ..."]`, `make sweep recipe=NAME`, `make report [sweep=ID]`,
+# `make ui`.  Developer: `make test`, `make lint`, `make bench`.
 # Every target builds the virtual environment (.venv) from pyproject.toml on first use.
 
 PYTHON ?= python3
@@ -8,6 +9,10 @@ STAMP := $(VENV)/.installed
 recipe ?= prune-inq-distill
 set ?=
 port ?= 5000
+sweep ?=
+# The report test renders HTML in a real browser: Debian's Chromium, installed on first `make test`.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
 .PHONY: run validate stages ui test lint format sweep report clean-cache bench bench-prune bench-inq bench-distill bench-qat
@@ -33,10 +38,18 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store
 	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
 		--host 127.0.0.1 --port $(port)
 
-sweep report: $(STAMP)
-	$(PY) -m pipeline $@
+sweep: $(STAMP)  ## every ordering of recipes/$(recipe).yaml (its `orderings:`, else all), then its report
+	$(PY) -m pipeline sweep $(recipe) $(set)
 
-test: $(STAMP)
+report: $(STAMP)  ## Pareto report of sweep=ID (default: the latest sweep) into reports/<sweep>/
+	$(PY) -m pipeline report $(sweep)
+
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install Chromium (/usr/bin/chromium) for the HTML report test"; exit 1; }
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 lint: $(STAMP)

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import load_artifact  # noqa: E402
-from pipeline.evaluator import latency_ms  # noqa: E402
+from pipeline.evaluator import latency_side_by_side  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.runner import Runner  # noqa: E402
 
@@ -67,13 +66,10 @@ def run_all(variants: dict[str, tuple[str, list[str]]], args: argparse.Namespace
 def side_by_side_latency_(rows: list[Row], threads: int, rounds: int, runs: int) -> None:
     """Median over `rounds` of each artifact's p50, the artifacts measured in turn within each round."""
     models = [load_artifact(r.artifact) for r in rows]
-    input_size = tuple(models[0].pretrained_cfg["input_size"])
-    samples: list[list[float]] = [[] for _ in rows]
-    for _ in range(rounds):
-        for i, model in enumerate(models):
-            samples[i].append(latency_ms(model, input_size, threads=threads, runs=runs, warmup=10)[0])
-    for row, values in zip(rows, samples, strict=True):
-        row.latency_p50_side_by_side = statistics.median(values)
+    sizes = [tuple(m.pretrained_cfg["input_size"]) for m in models]
+    medians = latency_side_by_side(models, sizes, threads=threads, rounds=rounds, runs=runs)
+    for row, value in zip(rows, medians, strict=True):
+        row.latency_p50_side_by_side = value
 
 
 def machine() -> str:

@@ -6,6 +6,7 @@ Nothing here writes to disk or to MLflow: the runner does that with what these f
 from __future__ import annotations
 
 import statistics
+from collections.abc import Sequence
 
 import torch
 from pydantic import Field
@@ -113,6 +114,24 @@ def latency_ms(
         times = sorted(timer.timeit(1).times[0] * 1e3 for _ in range(runs))
     p90 = times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))]
     return statistics.median(times), p90
+
+
+def latency_side_by_side(
+    models: Sequence[nn.Module],
+    input_sizes: Sequence[tuple[int, ...]],
+    *,
+    threads: int = 1,
+    rounds: int = 7,
+    runs: int = 100,
+    warmup: int = 10,
+) -> list[float]:
+    """Batch-1 p50 latency (ms) of each model: the median over `rounds` of its p50, the models timed in turn
+    within each round, so load changes on a shared machine hit them all alike. Compare their ratios."""
+    samples: list[list[float]] = [[] for _ in models]
+    for _ in range(rounds):
+        for i, (model, size) in enumerate(zip(models, input_sizes, strict=True)):
+            samples[i].append(latency_ms(model, size, threads=threads, runs=runs, warmup=warmup)[0])
+    return [statistics.median(s) for s in samples]
 
 
 def throughput_ips(model: nn.Module, input_size: tuple[int, ...], *, batch_size: int, threads: int, runs: int) -> float:

@@ -1,6 +1,35 @@
-"""Human-readable summaries of runs (the sweep's Pareto reports will live here too)."""
+"""Reports: the run summary printed after `run`, and a sweep's Pareto-frontier report.
+
+A sweep report reads the sweep's runs back from MLflow (`Tracker.runs_frame`, i.e. `mlflow.search_runs`)
+into pandas and writes `reports/<sweep>/`: report.md and orderings.csv / models.csv (every ordering's final
+metrics, best first, with deltas vs the baseline; every distinct model with its frontier flags), one PNG
+per plot, and report.html (the same plots, interactive, with the tables). The same folder is logged as
+artifacts of the sweep's MLflow run.
+"""
 
 from __future__ import annotations
+
+import html
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.pareto import OBJECTIVES, frontiers
+
+log = logging.getLogger("pipeline")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REPORTS_DIR = PROJECT_ROOT / "reports"
+METRIC_COLUMNS = ("top1", "artifact_bytes", "latency_ms_p50", "params", "macs", "stage_seconds")
+LABELS = {
+    "top1": "top-1 accuracy (%)",
+    "artifact_bytes": "artifact size (bytes)",
+    "latency_ms_p50": "p50 latency, batch 1 (ms)",
+}
+PLOTS = {"accuracy_vs_latency": ("latency_ms_p50", "top1"), "accuracy_vs_size": ("artifact_bytes", "top1")}
 
 
 def _bytes(n: float) -> str:
@@ -24,3 +53,357 @@ def summary_table(summary) -> str:
     reused = summary.reused
     lines.append(f"reused from cache: {', '.join(reused)}" if reused else "reused from cache: none")
     return "\n".join(lines)
+
+
+def sweep_table(summary) -> str:
+    """What one `sweep` invocation did: each ordering's final metrics and what it trained or reused."""
+    plan = summary.plan
+    header = f"{'ordering':<28} {'status':<9} {'top1 %':>7} {'artifact':>10} {'p50 ms':>8} {'trained':>7} {'reused':>6}"
+    lines = [f"sweep {plan.sweep_id}, MLflow run {summary.run_id}", header, "-" * len(header)]
+    for r in summary.results:
+        m = r.final
+        metrics = (
+            f"{m['top1']:>7.2f} {_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>8.2f}"
+            if m
+            else f"{'-':>7} {'-':>10} {'-':>8}"
+        )
+        lines.append(f"{r.ordering:<28} {r.status:<9} {metrics} {len(r.executed):>7} {r.reused:>6}")
+        if r.error:
+            lines.append(f"    error: {r.error[:200]}")
+    if summary.already_done:
+        lines.append(f"finished in an earlier invocation: {', '.join(summary.already_done)}")
+    for ordering, reason in plan.skipped:
+        lines.append(f"skipped {'>'.join(ordering)}: {reason}")
+    lines.append(
+        f"stage runs: {summary.executed} executed, {summary.reused} reused from the cache "
+        f"({plan.distinct_stages} distinct in the sweep, {plan.stage_slots} in all); {summary.seconds:.0f} s"
+    )
+    return "\n".join(lines)
+
+
+# --- reading a sweep back --------------------------------------------------------------------------
+
+
+@dataclass
+class SweepReport:
+    """A sweep's runs as tables. `points`: one row per (ordering, stage); `models`: one row per distinct
+    model (cache key) with its frontier flags; `orderings`: each ordering's final model, best first."""
+
+    sweep_id: str
+    sweep: dict[str, object]
+    points: pd.DataFrame
+    models: pd.DataFrame
+    orderings: pd.DataFrame
+
+
+def build_report(runs: pd.DataFrame, sweep_id: str, latency: dict[str, float] | None = None) -> SweepReport:
+    """Tables from a sweep's runs as `mlflow.search_runs` returns them (tags.*, metrics.*, params.* columns).
+
+    `latency` (cache key -> ms) replaces the latency logged by each stage, e.g. with a side-by-side re-measurement."""
+    runs = runs.copy()
+    role = runs.get("tags.run_type", pd.Series(index=runs.index, dtype=object))
+    sweep_rows = runs[role == "sweep"].sort_values("start_time")
+    chains = runs[(role == "chain") & (runs["status"] == "FINISHED")].sort_values("start_time")
+    chains = chains.drop_duplicates("tags.ordering", keep="last")  # a rerun ordering: its latest run
+    if chains.empty:
+        raise ValueError(f"sweep {sweep_id!r} has no finished ordering yet; run `make sweep` first")
+    stages = runs[(role == "stage") & runs["tags.mlflow.parentRunId"].isin(chains["run_id"])]
+    points = _points(stages)
+    if latency is not None:
+        points["latency_ms_p50"] = points["cache_key"].map(latency)
+    models = _models(points)
+    orderings = _orderings(points, models)
+    sweep = sweep_rows.iloc[-1] if not sweep_rows.empty else pd.Series(dtype=object)
+    meta = {k.split(".", 1)[1]: v for k, v in sweep.items() if k.startswith(("metrics.", "params.", "tags.sweep"))}
+    meta["run_id"] = sweep.get("run_id")
+    meta["recipe"] = sweep.get("tags.recipe")
+    meta["latency_source"] = "side by side" if latency is not None else "per stage"
+    return SweepReport(sweep_id, meta, points, models, orderings)
+
+
+def _points(stages: pd.DataFrame) -> pd.DataFrame:
+    cols = {f"metrics.{m}": m for m in METRIC_COLUMNS if f"metrics.{m}" in stages}
+    points = stages[
+        ["run_id", "tags.ordering", "tags.stage", "tags.stage_index", "tags.cache_key", "tags.cached", *cols]
+    ]
+    points = points.rename(
+        columns={
+            "tags.ordering": "ordering",
+            "tags.stage": "stage",
+            "tags.stage_index": "stage_index",
+            "tags.cache_key": "cache_key",
+            "tags.cached": "cached",
+            **cols,
+        }
+    )
+    points = points.astype({"stage_index": int}).sort_values(["ordering", "stage_index"]).reset_index(drop=True)
+    points["cached"] = points["cached"] == "true"
+    return points
+
+
+def _models(points: pd.DataFrame) -> pd.DataFrame:
+    """Distinct models (a shared prefix is one model), labelled by the shortest ordering prefix reaching them."""
+    points = points.assign(
+        path=[">".join(_path(points, o, i)) for o, i in zip(points.ordering, points.stage_index, strict=True)]
+    )
+    models = points.sort_values("stage_index").drop_duplicates("cache_key").set_index("cache_key")
+    models = models[["path", "stage", "stage_index", *[c for c in METRIC_COLUMNS if c in models]]]
+    complete = models.dropna(subset=list(OBJECTIVES))
+    return models.join(frontiers(complete)).fillna({c: False for c in frontiers(complete).columns})
+
+
+def _path(points: pd.DataFrame, ordering: str, index: int) -> list[str]:
+    return ["baseline", *ordering.split(">")[:index]] if index else ["baseline"]
+
+
+def _orderings(points: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+    baseline = points[points.stage_index == 0].iloc[0]
+    finals = points.sort_values("stage_index").groupby("ordering").tail(1).set_index("ordering")
+    out = pd.DataFrame(index=finals.index)
+    out["stages"] = finals["stage_index"]
+    out["top1"] = finals["top1"]
+    out["delta_top1"] = finals["top1"] - baseline["top1"]
+    out["artifact_bytes"] = finals["artifact_bytes"]
+    out["size_ratio"] = finals["artifact_bytes"] / baseline["artifact_bytes"]
+    out["latency_ms_p50"] = finals["latency_ms_p50"]
+    out["speedup"] = baseline["latency_ms_p50"] / finals["latency_ms_p50"]
+    out["pareto"] = models.loc[finals["cache_key"], "pareto"].to_numpy()
+    trained = points.groupby("ordering")["cached"].agg(lambda c: int((~c).sum()))
+    out["stages_trained"] = trained.reindex(out.index)
+    out = out.sort_values(["pareto", "top1"], ascending=[False, False])
+    return out.reset_index()
+
+
+# --- writing it ----------------------------------------------------------------------------------
+
+
+def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
+    """Write report.md, orderings.csv, models.csv, one PNG per plot and report.html into `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "orderings.csv", out_dir / "models.csv"]
+    report.orderings.to_csv(paths[0], index=False, float_format="%.6g")
+    report.models.to_csv(paths[1], float_format="%.6g")
+    for name, (x, y) in PLOTS.items():
+        paths.append(_plot_png(report, x, y, out_dir / f"{name}.png"))
+    paths.append(out_dir / "report.md")
+    paths[-1].write_text(markdown(report))
+    paths.append(out_dir / "report.html")
+    paths[-1].write_text(html_page(report))
+    return paths
+
+
+def markdown(report: SweepReport) -> str:
+    """The report as Markdown: how the sweep ran, the orderings table, the frontiers, the plots."""
+    s = report.sweep
+    lines = [f"# Sweep `{report.sweep_id}`", ""]
+    lines += [f"- {line}" for line in _facts(report)]
+    lines += ["", "## Orderings, best first", "", _orderings_markdown(report.orderings), ""]
+    lines += [
+        "Pareto = the ordering's final model is on the 3-D frontier (top1 ↑, artifact_bytes ↓, latency_ms_p50 ↓) "
+        "of every model in the sweep, intermediate stages and baseline included.",
+        "",
+    ]
+    lines += ["## Pareto frontiers", ""]
+    for column, title in _frontier_titles().items():
+        on = report.models[report.models[column]].sort_values("top1", ascending=False)
+        lines.append(
+            f"- **{title}**: " + ", ".join(f"`{p}` ({t:.2f} %)" for p, t in zip(on.path, on.top1, strict=True))
+        )
+    lines += ["", "## Plots", ""]
+    lines += [f"![{name}]({name}.png)" for name in PLOTS]
+    lines += ["", f"Interactive version: [report.html](report.html). Sweep run in MLflow: `{s.get('run_id')}`.", ""]
+    return "\n".join(lines)
+
+
+def _facts(report: SweepReport) -> list[str]:
+    s, base = report.sweep, report.points[report.points.stage_index == 0].iloc[0]
+    facts = [
+        f"recipe `{s.get('recipe')}`, model `{s.get('model', '?')}`, dataset `{s.get('dataset', '?')}`, "
+        f"executor `{s.get('executor', '?')}`; report written {time.strftime('%Y-%m-%d %H:%M')}",
+        f"{len(report.orderings)} orderings finished; skipped: {s.get('skipped', 'none')}",
+        f"budget: {s.get('budget', 'none')}",
+        f"baseline: {base.top1:.2f} % top-1, {_bytes(base.artifact_bytes)}, {base.latency_ms_p50:.2f} ms p50",
+    ]
+    if "stage_runs_executed" in s:
+        facts.append(
+            f"stage runs: {s['stage_runs_executed']:.0f} executed, {s['stage_runs_reused']:.0f} reused from the "
+            f"cache; sweep wall time {s.get('sweep_seconds', float('nan')) / 60:.1f} min"
+        )
+    if s.get("latency_source") == "side by side":
+        facts.append(
+            f"latency: batch-1 p50 on 1 thread, re-measured at report time side by side: {s.get('latency_how')}"
+        )
+    else:
+        facts.append("latency: batch-1 p50 of each stage's artifact, measured right after the stage ran")
+    return facts
+
+
+def _orderings_markdown(orderings: pd.DataFrame) -> str:
+    lines = [
+        "| # | ordering | top1 % | Δ top1 (pts) | artifact | size × | p50 ms | speed-up | Pareto | stages trained |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
+    ]
+    for rank, r in enumerate(orderings.itertuples(), 1):
+        lines.append(
+            f"| {rank} | `{r.ordering}` | {r.top1:.2f} | {r.delta_top1:+.2f} | {_bytes(r.artifact_bytes)} | "
+            f"{r.size_ratio:.3f} | {r.latency_ms_p50:.2f} | {r.speedup:.2f}× | {'yes' if r.pareto else ''} | "
+            f"{r.stages_trained}/{r.stages + 1} |"
+        )
+    return "\n".join(lines)
+
+
+def _frontier_titles() -> dict[str, str]:
+    names = list(OBJECTIVES)
+    titles = {"pareto": "3-D (" + ", ".join(names) + ")"}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            titles[f"pareto_{a}__{b}"] = f"{a} vs {b}"
+    return titles
+
+
+def _frontier_line(models: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    column = f"pareto_{y}__{x}" if f"pareto_{y}__{x}" in models else f"pareto_{x}__{y}"
+    return models[models[column]].sort_values(x)
+
+
+def _plot_png(report: SweepReport, x: str, y: str, path: Path) -> Path:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    markers = dict(zip(sorted(set(report.points.stage)), "*osD^vP<>", strict=False))
+    for i, (ordering, path_points) in enumerate(report.points.groupby("ordering", sort=False)):
+        color = plt.cm.tab10(i % 10)
+        ax.plot(path_points[x], path_points[y], "-", color=color, alpha=0.7, label=ordering)
+        for stage, pts in path_points.groupby("stage"):
+            ax.scatter(pts[x], pts[y], color=color, marker=markers[stage], s=60, zorder=3, edgecolor="black", lw=0.4)
+    front = _frontier_line(report.models, x, y)
+    ax.step(front[x], front[y], where="post", color="black", ls="--", lw=1.2, label="Pareto frontier")
+    ax.scatter(front[x], front[y], s=220, facecolors="none", edgecolors="black", lw=1.2, zorder=4)
+    if x == "artifact_bytes":
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _bytes(v)))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set(xlabel=LABELS[x], ylabel=LABELS[y], title=f"{report.sweep_id}: {LABELS[y]} vs {LABELS[x]}")
+    handles = [plt.Line2D([], [], marker=m, ls="", color="grey", label=_stage_label(s)) for s, m in markers.items()]
+    ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _stage_label(stage: str) -> str:
+    return "baseline (train)" if stage == "train" else stage
+
+
+def html_page(report: SweepReport) -> str:
+    """A self-contained page (plotly.js inlined, works offline): interactive plots and the tables."""
+    figures = [_plotly_figure(report, x, y) for x, y in PLOTS.values()]
+    parts = [
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{name}")
+        for i, (fig, name) in enumerate(zip(figures, PLOTS, strict=True))
+    ]
+    facts = "".join(f"<li>{html.escape(f)}</li>" for f in _facts(report))
+    table = report.orderings.to_html(index=False, float_format=lambda v: f"{v:.4g}", table_id="orderings", border=0)
+    models = report.models.to_html(float_format=lambda v: f"{v:.4g}", table_id="models", border=0)
+    style = "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} td,th{padding:3px 8px}"
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Sweep {html.escape(report.sweep_id)}</title>"
+        f"<style>{style}</style></head><body><h1>Sweep {html.escape(report.sweep_id)}</h1><ul>{facts}</ul>"
+        f"<h2>Orderings, best first</h2>{table}<h2>Plots</h2>{''.join(parts)}"
+        f"<h2>Every distinct model</h2>{models}</body></html>"
+    )
+
+
+def _plotly_figure(report: SweepReport, x: str, y: str):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for ordering, pts in report.points.groupby("ordering", sort=False):
+        text = [f"{ordering}<br>stage {i}: {s}" for i, s in zip(pts.stage_index, pts.stage, strict=True)]
+        fig.add_trace(
+            go.Scatter(
+                x=pts[x],
+                y=pts[y],
+                mode="lines+markers",
+                name=ordering,
+                text=text,
+                hovertemplate="%{text}<br>%{x}<br>%{y:.2f}<extra></extra>",
+            )
+        )
+    front = _frontier_line(report.models, x, y)
+    fig.add_trace(
+        go.Scatter(
+            x=front[x],
+            y=front[y],
+            mode="lines+markers",
+            line={"shape": "hv", "dash": "dash", "color": "black"},
+            marker={"symbol": "circle-open", "size": 14},
+            name="Pareto frontier",
+            text=list(front.path),
+            hovertemplate="%{text}<extra></extra>",
+        )
+    )
+    fig.update_layout(title=f"{LABELS[y]} vs {LABELS[x]}", xaxis_title=LABELS[x], yaxis_title=LABELS[y], height=520)
+    if x == "artifact_bytes":
+        fig.update_xaxes(type="log")
+    return fig
+
+
+REMEASURE_ROUNDS, REMEASURE_CALLS = 7, 100
+
+
+def remeasure_latency(
+    tracker, runs: pd.DataFrame, rounds: int = REMEASURE_ROUNDS, calls: int = REMEASURE_CALLS
+) -> dict[str, float]:
+    """Batch-1 p50 (ms, 1 thread) of every distinct model of a sweep, its artifact fetched from its stage run in
+    MLflow and timed side by side with the others (interleaved rounds), so ratios are fair on a busy machine."""
+    import tempfile
+
+    from pipeline.artifacts import load_artifact
+    from pipeline.evaluator import latency_side_by_side
+
+    stages = runs[(runs.get("tags.run_type") == "stage") & (runs["status"] == "FINISHED")]
+    stages = stages.drop_duplicates("tags.cache_key")
+    with tempfile.TemporaryDirectory() as tmp:
+        models = []
+        for i, run_id in enumerate(stages["run_id"]):
+            models.append(load_artifact(tracker.download_artifact(run_id, "model/artifact.pt", Path(tmp) / str(i))))
+    sizes = [tuple(m.pretrained_cfg["input_size"]) for m in models]
+    log.info(
+        "re-measuring batch-1 latency of %d models side by side (%d rounds x %d calls)", len(models), rounds, calls
+    )
+    medians = latency_side_by_side(models, sizes, threads=1, rounds=rounds, runs=calls)
+    return dict(zip(stages["tags.cache_key"], medians, strict=True))
+
+
+def report_sweep(
+    tracker, sweep_id: str | None = None, out_root: Path = REPORTS_DIR, remeasure: bool = False
+) -> tuple[SweepReport, Path]:
+    """Read a sweep (the latest when `sweep_id` is None) from MLflow, write its report, log it to the sweep run.
+
+    `remeasure` times every distinct model again side by side instead of using each stage's own measurement."""
+    if sweep_id is None:
+        latest = tracker.find_runs("tags.run_type = 'sweep'")
+        if not latest:
+            raise ValueError("no sweep in the MLflow store yet; run `make sweep recipe=NAME` first")
+        sweep_id = latest[0].data.tags["sweep"]
+    runs = tracker.runs_frame(f"tags.sweep = '{sweep_id}'")
+    if runs.empty:
+        raise ValueError(f"no runs with tags.sweep = {sweep_id!r} in {tracker.uri}")
+    latency = remeasure_latency(tracker, runs) if remeasure else None
+    report = build_report(runs, sweep_id, latency)
+    if remeasure:
+        report.sweep["latency_how"] = f"median of {REMEASURE_ROUNDS} interleaved rounds x {REMEASURE_CALLS} calls"
+    out_dir = Path(out_root) / sweep_id
+    write_report(report, out_dir)
+    if report.sweep.get("run_id"):
+        tracker.log_artifacts(str(report.sweep["run_id"]), out_dir, "report")
+    log.info("report written to %s", out_dir)
+    return report, out_dir

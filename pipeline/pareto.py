@@ -1,0 +1,48 @@
+"""Pareto frontiers: which models no other model beats on every objective. Pure functions on arrays and frames."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from itertools import combinations
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+Direction = Literal["max", "min"]
+# The report's objectives: accuracy up, deployable size and batch-1 latency down.
+OBJECTIVES: dict[str, Direction] = {"top1": "max", "artifact_bytes": "min", "latency_ms_p50": "min"}
+
+
+def pareto_mask(values: np.ndarray, maximize: list[bool]) -> np.ndarray:
+    """Boolean mask of the non-dominated rows of `values` (n points x k objectives).
+
+    A point is dominated when another is at least as good on every objective and better on one; equal
+    points do not dominate each other, so duplicates are both kept or both dropped.
+    """
+    points = np.asarray(values, dtype=float)
+    if points.ndim != 2 or points.shape[1] != len(maximize):
+        raise ValueError(f"values must be n x {len(maximize)}, got shape {points.shape}")
+    if np.isnan(points).any():
+        raise ValueError("values contain NaN; drop incomplete rows first")
+    signs = np.where(maximize, -1.0, 1.0)  # minimise everything
+    costs = points * signs
+    no_worse = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)  # [j, i]: j no worse than i everywhere
+    better = (costs[:, None, :] < costs[None, :, :]).any(axis=2)
+    dominated = (no_worse & better).any(axis=0)
+    return ~dominated
+
+
+def frontier(frame: pd.DataFrame, objectives: Mapping[str, Direction] = OBJECTIVES) -> pd.Series:
+    """Whether each row of `frame` is on the Pareto frontier of the given columns."""
+    columns = list(objectives)
+    mask = pareto_mask(frame[columns].to_numpy(), [objectives[c] == "max" for c in columns])
+    return pd.Series(mask, index=frame.index, name="pareto")
+
+
+def frontiers(frame: pd.DataFrame, objectives: Mapping[str, Direction] = OBJECTIVES) -> pd.DataFrame:
+    """Columns `pareto` (all objectives) and `pareto_<a>__<b>` for every pair, one row per row of `frame`."""
+    out = pd.DataFrame({"pareto": frontier(frame, objectives)})
+    for a, b in combinations(objectives, 2):
+        out[f"pareto_{a}__{b}"] = frontier(frame, {a: objectives[a], b: objectives[b]})
+    return out

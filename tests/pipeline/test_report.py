@@ -1,0 +1,191 @@
+"""Sweep reports from runs read back out of MLflow: tables, frontiers, files, a real browser, the MLflow UI.
+
+The sweep here is written straight through the Tracker with known metrics (no training), so every
+expected row and frontier member is worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.report import build_report, report_sweep
+from pipeline.tracking import Tracker
+
+SWEEP = "toy-sweep-0000"
+# model -> (top1 %, artifact bytes, p50 ms); 'ab' is the output of stage a then b, and so on.
+MODELS = {
+    "base": (80.0, 20e6, 4.0),
+    "a": (79.0, 5e6, 1.5),
+    "ab": (78.0, 1e6, 1.4),
+    "b": (80.5, 4e6, 4.0),
+    "ba": (77.0, 1e6, 1.3),
+}
+ORDERINGS = {"a>b": ["base", "a", "ab"], "b>a": ["base", "b", "ba"], "a": ["base", "a"]}
+
+
+def write_toy_sweep(tracker: Tracker) -> str:
+    """A finished sweep of three orderings sharing the baseline (and `a` as a prefix), as the runner logs it."""
+    with tracker.run("sweep toy", {"sweep": SWEEP, "run_type": "sweep", "recipe": "toy"}) as sweep_run:
+        tracker.log_params(sweep_run, {"model": "toy_net", "dataset": "cifar10", "executor": "local"})
+        seen: set[str] = set()
+        for ordering, path in ORDERINGS.items():
+            tags = {"sweep": SWEEP, "ordering": ordering, "recipe": "toy"}
+            with tracker.run(ordering, {**tags, "run_type": "chain"}, parent_id=sweep_run) as chain_run:
+                for index, model in enumerate(path):
+                    stage = "train" if index == 0 else ordering.split(">")[index - 1]
+                    top1, size, latency = MODELS[model]
+                    stage_tags = {**tags, "run_type": "stage", "stage": stage, "stage_index": str(index),
+                                  "cache_key": model, "cached": str(model in seen).lower()}  # fmt: skip
+                    seen.add(model)
+                    with tracker.run(f"{index}-{stage}", stage_tags, parent_id=chain_run) as stage_run:
+                        metrics = {"top1": top1, "artifact_bytes": size, "latency_ms_p50": latency, "params": 1.0}
+                        tracker.log_metrics(stage_run, metrics, step=index)
+                        tracker.log_metrics(chain_run, metrics, step=index)
+        tracker.log_metrics(sweep_run, {"stage_runs_executed": 5, "stage_runs_reused": 3, "sweep_seconds": 60})
+    return sweep_run
+
+
+@pytest.fixture
+def toy_store(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tracker, write_toy_sweep(tracker)
+
+
+def test_report_tables_and_frontiers_from_mlflow(toy_store):
+    tracker, _ = toy_store
+    report = build_report(tracker.runs_frame(f"tags.sweep = '{SWEEP}'"), SWEEP)
+    table = report.orderings.set_index("ordering")
+    # All three finals are on the 3-D frontier, so best first is by accuracy.
+    assert report.orderings.ordering.tolist() == ["a", "a>b", "b>a"]
+    assert table.loc["a>b", "delta_top1"] == pytest.approx(-2.0)
+    assert table.loc["a>b", "size_ratio"] == pytest.approx(0.05)
+    assert table.loc["b>a", "speedup"] == pytest.approx(4.0 / 1.3)
+    assert table.pareto.all()
+    assert table.loc["a>b", "stages_trained"] == 3 and table.loc["a", "stages_trained"] == 0
+    # The shared baseline and prefix `a` are one model each; the baseline is dominated by `b`.
+    models = report.models
+    assert sorted(models.index) == ["a", "ab", "b", "ba", "base"]
+    assert sorted(models.index[models.pareto]) == ["a", "ab", "b", "ba"]
+    assert sorted(models.index[models.pareto_top1__artifact_bytes]) == ["ab", "b"]
+    assert sorted(models.index[models.pareto_top1__latency_ms_p50]) == ["a", "ab", "b", "ba"]
+    assert models.loc["ab", "path"] == "baseline>a>b"
+
+
+def test_report_writes_files_and_logs_them_to_the_sweep_run(toy_store, tmp_path):
+    tracker, sweep_run = toy_store
+    report, out = report_sweep(tracker, None, tmp_path / "reports")  # None: the latest sweep
+    assert out == tmp_path / "reports" / SWEEP
+    names = {
+        "report.md",
+        "report.html",
+        "orderings.csv",
+        "models.csv",
+        "accuracy_vs_latency.png",
+        "accuracy_vs_size.png",
+    }
+    assert {p.name for p in out.iterdir()} == names
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    md = (out / "report.md").read_text()
+    assert "| 1 | `a` | 79.00 | -1.00 |" in md
+    assert "stage runs: 5 executed, 3 reused" in md
+    assert "![accuracy_vs_size](accuracy_vs_size.png)" in md
+    logged = {a.path for a in tracker.client.list_artifacts(sweep_run, "report")}
+    assert {f"report/{n}" for n in names} == logged
+
+
+def test_report_of_unknown_or_missing_sweep_is_an_error(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(ValueError, match="no sweep in the MLflow store yet"):
+        report_sweep(tracker, None, tmp_path)
+    with pytest.raises(ValueError, match="no runs with tags.sweep = 'nope'"):
+        report_sweep(tracker, "nope", tmp_path)
+
+
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--virtual-time-budget=15000",
+]  # fmt: skip
+
+
+def chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not found:
+        pytest.fail("Chromium not found: `make test` installs it (Debian packages chromium, chromium-driver)")
+    return found
+
+
+def test_html_report_renders_in_headless_chromium(toy_store, tmp_path):
+    tracker, _ = toy_store
+    _, out = report_sweep(tracker, SWEEP, tmp_path / "reports")
+    profile = tmp_path / "chromium-profile"
+    dom = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", (out / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    # plotly.js ran in the browser: both figures drew their SVG, with one trace per ordering plus the frontier.
+    assert dom.count('class="plotly-graph-div') == 2, dom[:500]
+    assert dom.count('class="main-svg"') >= 2
+    for ordering in ORDERINGS:
+        assert f">{ordering}<" in dom.replace("&gt;", ">")
+    assert "Pareto frontier" in dom
+    table = dom.split('id="orderings"', 1)[1].split("</table>", 1)[0]
+    assert table.count("<tr") == 1 + len(ORDERINGS)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_lists_the_sweep_runs_with_metrics(toy_store, tmp_path):
+    tracker, sweep_run = toy_store
+    port = _free_port()
+    mlflow_cli = Path(sys.executable).with_name("mlflow")
+    server = subprocess.Popen(
+        [str(mlflow_cli), "ui", "--backend-store-uri", tracker.uri, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-2000:]
+            try:
+                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "MLflow UI did not come up in 120 s"
+                time.sleep(0.5)
+        body = {
+            "experiment_ids": [tracker.experiment_id],
+            "filter": f"tags.sweep = '{SWEEP}' and tags.run_type = 'chain'",
+        }
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        runs = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    by_ordering = {next(t["value"] for t in r["data"]["tags"] if t["key"] == "ordering"): r for r in runs}
+    assert set(by_ordering) == set(ORDERINGS)
+    for ordering, run in by_ordering.items():
+        tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+        assert tags["mlflow.parentRunId"] == sweep_run
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert metrics["top1"] == MODELS[ORDERINGS[ordering][-1]][0]  # the latest value: the final stage
