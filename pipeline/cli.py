@@ -127,10 +127,13 @@ def _sweep(recipe, args) -> int:
         progress = not args.quiet and sys.stderr.isatty()
         summary = run_sweep(recipe, cache_dir=args.cache_dir, executor=executor, progress=progress, new=args.new)
         print(sweep_table(summary))
-        code = EXIT_FAILED if summary.failed else EXIT_OK
-        if not args.no_report:
-            code = max(code, _report(summary.plan.sweep_id, args.reports_dir))
-        return code
+        if summary.failed:
+            names = ", ".join(r.ordering for r in summary.failed)
+            print(f"error: {len(summary.failed)} ordering(s) failed: {names} (errors in MLflow)", file=sys.stderr)
+        finished = len(summary.results) - len(summary.failed) + len(summary.already_done)
+        if not args.no_report and finished:
+            _report(summary.plan.sweep_id, args.reports_dir)
+        return EXIT_FAILED if summary.failed else EXIT_OK
 
     return _guarded(sweep)
 
@@ -139,13 +142,16 @@ def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = Fa
     from pipeline.report import REPORTS_DIR, report_sweep
     from pipeline.tracking import Tracker
 
-    try:
-        report, out_dir = report_sweep(Tracker(), sweep_id, reports_dir or REPORTS_DIR, remeasure=remeasure)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    print(f"\nreport of sweep {report.sweep_id}: {out_dir}/report.md (also report.html, PNG plots, CSV tables)")
-    return EXIT_OK
+    def report() -> int:
+        try:
+            done, out_dir = report_sweep(Tracker(), sweep_id, reports_dir or REPORTS_DIR, remeasure=remeasure)
+        except ValueError as err:  # no such sweep, nothing finished yet
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
+        print(f"\nreport of sweep {done.sweep_id}: {out_dir}/report.md (also report.html, PNG plots, CSV tables)")
+        return EXIT_OK
+
+    return _guarded(report)
 
 
 def _run(recipe, args) -> int:

@@ -117,6 +117,7 @@ class Recipe(StrictConfig):
 
     @property
     def is_sweep(self) -> bool:
+        """Whether the recipe declares a sweep (`orderings:` or `include_singles:`) rather than one chain."""
         return self.orderings is not None or self.include_singles
 
     def as_chain(self, names: Sequence[str] | None = None) -> Recipe:
@@ -216,6 +217,8 @@ def _check_sweep(recipe: Recipe) -> None:
                 f"stages[{index}]", f"a sweep names stages by name, so each may appear once; {name!r} repeats"
             )
     if isinstance(recipe.orderings, list):
+        if not recipe.orderings:
+            raise RecipeError("orderings", "needs at least one ordering (or `all`)")
         for k, ordering in enumerate(recipe.orderings):
             if not ordering:
                 raise RecipeError(f"orderings[{k}]", "an ordering needs at least one stage")
@@ -234,16 +237,22 @@ def _check_sweep(recipe: Recipe) -> None:
 
 
 def _check_budget(recipe: Recipe) -> None:
+    """Every position of every chain gets a share and at least one epoch; every stage trains."""
     assert recipe.budget is not None
-    longest = max((len(o) for o in recipe.sweep_orderings()[0]), default=0) if recipe.is_sweep else len(recipe.stages)
+    lengths = {len(o) for o in recipe.sweep_orderings()[0]} if recipe.is_sweep else {len(recipe.stages)}
+    longest = max(lengths, default=0)
     if len(recipe.budget.split) < longest:
         raise RecipeError(
             "budget.split", f"needs a share for each of {longest} stage positions, got {len(recipe.budget.split)}"
         )
-    if recipe.budget.epochs < longest:
-        raise RecipeError(
-            "budget.epochs", f"must give each of {longest} stages at least one epoch, got {recipe.budget.epochs}"
-        )
+    for length in sorted(lengths - {0}):
+        epochs = recipe.budget.stage_epochs(length)
+        if min(epochs) < 1:
+            raise RecipeError(
+                "budget",
+                f"gives a chain of {length} stages {epochs} epochs; every stage needs at least "
+                "one: raise `epochs` or even out `split`",
+            )
     for index, spec in enumerate(recipe.stage_specs()):
         if not hasattr(spec.config, "with_total_epochs"):
             raise RecipeError(f"stages[{index}].{spec.name}", "does not train, so a budget cannot set its epochs")

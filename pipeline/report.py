@@ -33,6 +33,8 @@ PLOTS = {"accuracy_vs_latency": ("latency_ms_p50", "top1"), "accuracy_vs_size": 
 
 
 def _bytes(n: float) -> str:
+    if n != n:  # NaN: not measured
+        return "–"
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -118,11 +120,19 @@ def build_report(runs: pd.DataFrame, sweep_id: str, latency: dict[str, float] | 
     meta["run_id"] = sweep.get("run_id")
     meta["recipe"] = sweep.get("tags.recipe")
     meta["latency_source"] = "side by side" if latency is not None else "per stage"
+    failed = runs[
+        (role == "chain") & (runs["status"] == "FAILED") & ~runs["tags.ordering"].isin(chains["tags.ordering"])
+    ]
+    meta["failed_orderings"] = sorted(set(failed["tags.ordering"]))
     return SweepReport(sweep_id, meta, points, models, orderings)
 
 
 def _points(stages: pd.DataFrame) -> pd.DataFrame:
-    cols = {f"metrics.{m}": m for m in METRIC_COLUMNS if f"metrics.{m}" in stages}
+    # A metric no stage logged (e.g. an older run) becomes a column of NaN, shown as "–".
+    stages = stages.reindex(
+        columns=[*stages.columns, *(f"metrics.{m}" for m in METRIC_COLUMNS if f"metrics.{m}" not in stages)]
+    )
+    cols = {f"metrics.{m}": m for m in METRIC_COLUMNS}
     points = stages[
         ["run_id", "tags.ordering", "tags.stage", "tags.stage_index", "tags.cache_key", "tags.cached", *cols]
     ]
@@ -144,15 +154,15 @@ def _points(stages: pd.DataFrame) -> pd.DataFrame:
 def _models(points: pd.DataFrame) -> pd.DataFrame:
     """Distinct models (a shared prefix is one model), labelled by the shortest ordering prefix reaching them."""
     points = points.assign(
-        path=[">".join(_path(points, o, i)) for o, i in zip(points.ordering, points.stage_index, strict=True)]
+        path=[">".join(_path(o, i)) for o, i in zip(points.ordering, points.stage_index, strict=True)]
     )
     models = points.sort_values("stage_index").drop_duplicates("cache_key").set_index("cache_key")
     models = models[["path", "stage", "stage_index", *[c for c in METRIC_COLUMNS if c in models]]]
-    complete = models.dropna(subset=list(OBJECTIVES))
-    return models.join(frontiers(complete)).fillna({c: False for c in frontiers(complete).columns})
+    flags = frontiers(models.dropna(subset=list(OBJECTIVES)))
+    return models.join(flags).fillna({c: False for c in flags.columns}).astype({c: bool for c in flags.columns})
 
 
-def _path(points: pd.DataFrame, ordering: str, index: int) -> list[str]:
+def _path(ordering: str, index: int) -> list[str]:
     return ["baseline", *ordering.split(">")[:index]] if index else ["baseline"]
 
 
@@ -220,7 +230,8 @@ def _facts(report: SweepReport) -> list[str]:
     facts = [
         f"recipe `{s.get('recipe')}`, model `{s.get('model', '?')}`, dataset `{s.get('dataset', '?')}`, "
         f"executor `{s.get('executor', '?')}`; report written {time.strftime('%Y-%m-%d %H:%M')}",
-        f"{len(report.orderings)} orderings finished; skipped: {s.get('skipped', 'none')}",
+        f"{len(report.orderings)} orderings finished; failed: {', '.join(s.get('failed_orderings') or []) or 'none'}"
+        f"; skipped: {s.get('skipped', 'none')}",
         f"budget: {s.get('budget', 'none')}",
         f"baseline: {base.top1:.2f} % top-1, {_bytes(base.artifact_bytes)}, {base.latency_ms_p50:.2f} ms p50",
     ]
@@ -245,11 +256,15 @@ def _orderings_markdown(orderings: pd.DataFrame) -> str:
     ]
     for rank, r in enumerate(orderings.itertuples(), 1):
         lines.append(
-            f"| {rank} | `{r.ordering}` | {r.top1:.2f} | {r.delta_top1:+.2f} | {_bytes(r.artifact_bytes)} | "
-            f"{r.size_ratio:.3f} | {r.latency_ms_p50:.2f} | {r.speedup:.2f}× | {'yes' if r.pareto else ''} | "
-            f"{r.stages_trained}/{r.stages + 1} |"
+            f"| {rank} | `{r.ordering}` | {_num(r.top1, '.2f')} | {_num(r.delta_top1, '+.2f')} | "
+            f"{_bytes(r.artifact_bytes)} | {_num(r.size_ratio, '.3f')} | {_num(r.latency_ms_p50, '.2f')} | "
+            f"{_num(r.speedup, '.2f')}× | {'yes' if r.pareto else ''} | {r.stages_trained}/{r.stages + 1} |"
         )
     return "\n".join(lines)
+
+
+def _num(value: float, spec: str) -> str:
+    return "–" if value != value else format(value, spec)
 
 
 def _frontier_titles() -> dict[str, str]:

@@ -11,6 +11,7 @@ Orderings run through an `Executor`; `local` runs them one after another in this
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -166,6 +167,7 @@ PLANNED_EXECUTORS = {"ray": 8}
 
 
 def get_executor(name: str) -> Executor:
+    """A new executor by name; a planned one fails with the issue that tracks it."""
     if name in EXECUTORS:
         return EXECUTORS[name]()
     if name in PLANNED_EXECUTORS:
@@ -188,6 +190,7 @@ class SweepSummary:
 
     @property
     def failed(self) -> list[OrderingResult]:
+        """The orderings of this invocation that did not finish."""
         return [r for r in self.results if r.status != "FINISHED"]
 
 
@@ -214,7 +217,7 @@ def run_sweep(
         "sweep %s: %d orderings (%d already finished), %d distinct stage outputs of %d stage runs; executor %s",
         plan.sweep_id,
         len(plan.chains),
-        len(plan.chains) - len(todo),
+        len(done),
         plan.distinct_stages,
         plan.stage_slots,
         runner.name,
@@ -224,27 +227,20 @@ def run_sweep(
     with termination_as_interrupt(), tracker.run(f"sweep {recipe.name}", tags, resume_id=resume_id) as sweep_run_id:
         if resume_id is None:
             _log_plan(tracker, sweep_run_id, plan, runner.name)
-        jobs = [
-            OrderingJob(
-                chain,
-                plan.sweep_id,
-                sweep_run_id,
-                Path(cache_dir or default_cache_dir()),
-                tracker.uri,
-                tracker.experiment_id,
-                progress,
-            )
-            for chain in todo
-        ]
-        results = []
-        for i, result in enumerate(runner.map(run_ordering, jobs), 1):
-            results.append(result)
-            log.info(
-                "sweep %s: %d/%d orderings done (%s: %s)", plan.sweep_id, i, len(jobs), result.ordering, result.status
-            )
+        where = (Path(cache_dir or default_cache_dir()), tracker.uri, tracker.experiment_id)
+        jobs = [OrderingJob(chain, plan.sweep_id, sweep_run_id, *where, progress) for chain in todo]
+        results = _run_jobs(runner, jobs)
         summary = _summarize(plan, sweep_run_id, results, list(done), time.perf_counter() - start)
         _log_totals(tracker, sweep_run_id, summary)
     return summary
+
+
+def _run_jobs(runner: Executor, jobs: list[OrderingJob]) -> list[OrderingResult]:
+    results = []
+    for i, result in enumerate(runner.map(run_ordering, jobs), 1):
+        results.append(result)
+        log.info("sweep: %d/%d orderings done (%s: %s)", i, len(jobs), result.ordering, result.status)
+    return results
 
 
 def _finished_orderings(tracker: Tracker, sweep_id: str) -> dict[str, str]:
@@ -271,7 +267,7 @@ def _log_plan(tracker: Tracker, run_id: str, plan: SweepPlan, executor: str) -> 
             "ordering_list": ", ".join(c.ordering for c in plan.chains),
             "skipped": "; ".join(f"{'>'.join(o)}: {why}" for o, why in plan.skipped) or "none",
             "include_singles": plan.recipe.include_singles,
-            "budget": plan.recipe.budget.model_dump(mode="json") if plan.recipe.budget else "none",
+            "budget": json.dumps(plan.recipe.budget.model_dump(mode="json")) if plan.recipe.budget else "none",
             "executor": executor,
             "model": plan.recipe.model.name,
             "dataset": plan.recipe.data.dataset,

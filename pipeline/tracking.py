@@ -118,6 +118,7 @@ class Tracker:
         self.client.log_artifact(run_id, str(local_path), artifact_path)
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
+        """Copy every file under `local_dir` into the run's artifacts at `artifact_path`."""
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
     # --- reading back ------------------------------------------------------------------------------
@@ -135,6 +136,7 @@ class Tracker:
                 return runs
 
     def latest_metrics(self, run_id: str) -> dict[str, float]:
+        """The latest value of each metric of a run."""
         return dict(self.client.get_run(run_id).data.metrics)
 
     def runs_frame(self, filter_string: str):
@@ -148,9 +150,6 @@ class Tracker:
                                       max_results=100_000, output_format="pandas")  # fmt: skip
         finally:
             mlflow.set_tracking_uri(previous)
-
-    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
 
     def download_artifact(self, run_id: str, path: str, dst_dir: Path) -> Path:
         """Copy one artifact of a run (e.g. 'model/artifact.pt') into `dst_dir`; returns its local path."""

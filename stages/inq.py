@@ -76,8 +76,8 @@ class INQConfig(TrainConfig):
         return self.epochs * _retraining_steps(self.accumulated_portions) + self.final_epochs
 
     def with_total_epochs(self, epochs: int) -> INQConfig:
-        steps = _retraining_steps(self.accumulated_portions)
-        per_step = max(1, round(epochs / steps)) if steps and epochs else 0
+        steps, retraining = _retraining_steps(self.accumulated_portions), epochs - self.final_epochs
+        per_step = max(1, round(retraining / steps)) if steps and retraining > 0 else 0
         return type(self).model_validate({**self.model_dump(), "epochs": per_step})
 
     @field_validator("bits")

@@ -34,6 +34,9 @@ def _set(recipe: dict, dotted: str, value):
     return recipe
 
 
+THREE = [{"prune": {"epochs": 2}}, {"inq": {"epochs": 1}}, {"distill": {"epochs": 3}}]
+
+
 BAD = [
     # (change to the tiny recipe, expected start of the message)
     (lambda r: r.update(colour="red"), "colour: unknown key; allowed: name, seed, device, data, model"),
@@ -58,12 +61,20 @@ BAD = [
     (lambda r: r.update(orderings=[["prune", "distil"]]), "orderings[0][1]: 'distil' is not one of the recipe's"),
     (lambda r: r.update(orderings=[["prune", "prune"]]), "orderings[0][1]: 'prune' appears twice in one ordering"),
     (lambda r: r.update(orderings=[[]]), "orderings[0]: an ordering needs at least one stage"),
+    (lambda r: r.update(orderings=[]), "orderings: needs at least one ordering"),
+    (
+        lambda r: r.update(budget={"epochs": 4, "split": [1, 1, 10]}, stages=THREE, orderings="all"),
+        "budget: gives a chain of 3 stages [0, 0, 4] epochs",
+    ),
     (lambda r: r.update(orderings=[["qat", "prune"]], stages=[{"prune": {}}, {"qat": {}}]), "orderings[0][1]: prune"),
     (lambda r: r.update(stages=[{"qat": {}}, {"inq": {}}]), "stages[1]: inq cannot run after qat; put inq before qat"),
     (lambda r: r.update(orderings="all", stages=[{"prune": {}}, {"prune": {}}]), "stages[1]: a sweep names stages"),
     (lambda r: r.update(orderings="all", stages=[]), "stages: a sweep needs at least one stage"),
     (lambda r: r.update(budget={"epochs": 4, "split": [0, 1]}), "budget.split: must be positive shares"),
-    (lambda r: r.update(budget={"epochs": 1, "split": [1, 1]}, stages=[{"prune": {}}, {"inq": {}}]), "budget.epochs"),
+    (
+        lambda r: r.update(budget={"epochs": 1, "split": [1, 1]}, stages=[{"prune": {}}, {"inq": {}}]),
+        "budget: gives a chain of 2",
+    ),
     (
         lambda r: r.update(budget={"epochs": 4, "split": [1]}, stages=[{"prune": {}}, {"inq": {}}]),
         "budget.split: needs",
@@ -187,9 +198,6 @@ def test_cli_planned_executor_exits_2(tmp_path, isolated):
     path = write_recipe(tmp_path / "s.yaml", tiny_recipe())
     result = run_cli(["sweep", str(path), "--executor", "ray"], isolated)
     assert result.returncode == 2 and "executor 'ray' is not yet supported (planned in issue #8)" in result.stderr
-
-
-THREE = [{"prune": {"epochs": 2}}, {"inq": {"epochs": 1}}, {"distill": {"epochs": 3}}]
 
 
 def _names(orderings):

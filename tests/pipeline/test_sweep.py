@@ -144,6 +144,15 @@ def test_a_failing_ordering_does_not_stop_the_others(tmp_path, isolated, failing
     assert runs["sweep"][0].data.metrics["orderings_failed"] == 1
 
 
+def test_a_sweep_whose_orderings_all_fail_exits_1_without_a_report(tmp_path, isolated, failing_stage, capsys):
+    from pipeline.cli import main
+
+    path = write_recipe(tmp_path / "boom.yaml", tiny_recipe(name="all-boom", stages=[{"boom": {}}], orderings="all"))
+    assert main(["sweep", str(path), "--quiet", "--reports-dir", str(tmp_path / "reports")]) == 1
+    assert "1 ordering(s) failed: boom" in capsys.readouterr().err
+    assert not (tmp_path / "reports").exists()
+
+
 def test_plan_counts_shared_prefixes_and_sweeps_all_orders_by_default(cifar_root):
     plain = validate_recipe(tiny_recipe(stages=THREE))  # no `orderings:`: the sweep command takes every order
     plan = plan_sweep(plain)
