@@ -10,17 +10,21 @@ recipe ?= prune-inq-distill
 set ?=
 port ?= 5000
 sweep ?=
+executor ?= local
+address ?=
+host ?= 127.0.0.1
+server_db ?= sqlite:///$(CURDIR)/server/mlflow.db
 # The report test renders HTML in a real browser: Debian's Chromium, installed on first `make test`.
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui test lint format sweep report clean-cache bench bench-prune bench-inq bench-distill bench-qat
+.PHONY: run validate stages ui server test lint format sweep report clean-cache bench bench-prune bench-inq bench-distill bench-qat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install -e '.[dev,ray]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -39,7 +43,12 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store
 		--host 127.0.0.1 --port $(port)
 
 sweep: $(STAMP)  ## every ordering of recipes/$(recipe).yaml (its `orderings:`, else all), then its report
-	$(PY) -m pipeline sweep $(recipe) $(set)
+	$(PY) -m pipeline sweep $(recipe) $(set) --executor $(executor) $(if $(address),--address $(address))
+
+server: $(STAMP)  ## MLflow tracking server on http://$(host):$(port): SQLite backend, artifacts served by it
+	mkdir -p server
+	$(VENV)/bin/mlflow server --backend-store-uri $(server_db) --artifacts-destination $(CURDIR)/server/artifacts \
+		--host $(host) --port $(port)
 
 report: $(STAMP)  ## Pareto report of sweep=ID (default: the latest sweep) into reports/<sweep>/
 	$(PY) -m pipeline report $(sweep)

@@ -9,11 +9,15 @@ cached model instead of retraining it.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -87,11 +91,33 @@ class CacheEntry:
         write_json_atomic(self.path / METRICS_DIR / f"{eval_key}.json", metrics)
 
 
+log = logging.getLogger("pipeline")
+
+
 class StageCache:
     """Stage outputs under `root/<key[:2]>/<key>/`."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+
+    @contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        """Hold an exclusive lock on `key` across processes (flock on `root/locks/<key>.lock`), so that of two
+        workers reaching the same stage one trains it and the other waits, then finds the entry. The lock is
+        released when the holder exits, even by a crash. Needs a filesystem with working flock (local disks,
+        most cluster filesystems; not every NFS setup)."""
+        path = self.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("stage %s is being computed by another worker; waiting for it", key[:12])
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key

@@ -38,7 +38,23 @@ def _parser() -> argparse.ArgumentParser:
         if name == "run":
             cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
         if name == "sweep":
-            cmd.add_argument("--executor", default="local", help="how orderings run: local (one after another)")
+            cmd.add_argument(
+                "--executor",
+                default="local",
+                choices=("local", "ray"),
+                help="local: one ordering after another; ray: orderings as Ray tasks",
+            )
+            cmd.add_argument(
+                "--address",
+                default=None,
+                help="ray: the cluster to join (e.g. 10.0.0.5:6379 or auto); default: start a local Ray",
+            )
+            cmd.add_argument(
+                "--cpus-per-ordering", type=float, default=1.0, help="ray: CPUs each ordering's task asks for"
+            )
+            cmd.add_argument(
+                "--gpus-per-ordering", type=float, default=0.0, help="ray: GPUs each ordering's task asks for"
+            )
             cmd.add_argument("--new", action="store_true", help="a new sweep id instead of resuming an identical sweep")
             cmd.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
             cmd.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
@@ -114,11 +130,15 @@ def _guarded(action):
 
 
 def _sweep(recipe, args) -> int:
+    from pipeline.executors import get_executor
     from pipeline.report import sweep_table
-    from pipeline.sweep import get_executor, run_sweep
+    from pipeline.sweep import run_sweep
 
+    options = {}
+    if args.executor == "ray":
+        options = {"address": args.address, "cpus": args.cpus_per_ordering, "gpus": args.gpus_per_ordering}
     try:
-        executor = get_executor(args.executor)
+        executor = get_executor(args.executor, **options)
     except ValueError as err:
         print(f"error: --executor: {err}", file=sys.stderr)
         return EXIT_INVALID

@@ -119,10 +119,11 @@ def evaluation_key(recipe: Recipe) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto': CUDA when present, else the CPU with all cores."""
+    """'auto': CUDA when present, else the CPU with all cores (or OMP_NUM_THREADS of them)."""
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
-    torch.set_num_threads(os.cpu_count() or 1)
+    # OMP_NUM_THREADS, when set (e.g. by Ray for a task's CPUs), sizes the thread pool; else every core.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
     return torch.device("cpu")
 
 
@@ -231,6 +232,12 @@ class Runner:
         return summary
 
     def _run_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
+        if self.cached(stage):
+            return self._track_stage(tracker, parent_id, stage, state)
+        with self.cache.lock(stage.key):  # another worker may be computing this very stage: wait, then reuse it
+            return self._track_stage(tracker, parent_id, stage, state)
+
+    def _track_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
         entry = self.cached(stage)
         tags = {
             **self.extra_tags,

@@ -6,7 +6,8 @@ evaluation and tracking are the same as for `run`. In MLflow a sweep is one top-
 Orderings that start with the same stages (same configs, same input) share cache keys, so the first one
 to reach a prefix trains it and the others reuse it. A sweep's id is its recipe name plus a hash of its
 chains: running the same sweep again resumes it (finished orderings are skipped, finished stages reused).
-Orderings run through an `Executor`; `local` runs them one after another in this process.
+Orderings run through an executor (`pipeline.executors`): `local` runs them one after another in this
+process, `ray` as Ray tasks; orderings running at once wait on the cache's per-key lock for a shared prefix.
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from pipeline import __version__
 from pipeline.cache import digest
+from pipeline.executors import Executor, get_executor
 from pipeline.recipe import Recipe
 from pipeline.runner import (
     Runner,
@@ -95,6 +95,10 @@ class OrderingJob:
     experiment_id: str
     progress: bool
 
+    def failed(self, error: str) -> OrderingResult:
+        """The result of this job when its worker died before it could report."""
+        return OrderingResult(self.chain.ordering, "FAILED", error=error)
+
 
 @dataclass
 class OrderingResult:
@@ -137,42 +141,6 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
         final={k: summary.results[-1].metrics[k] for k in FINAL_METRICS},
         seconds=time.perf_counter() - start,
     )
-
-
-# --- executors ---------------------------------------------------------------------------------------
-
-
-class Executor(Protocol):
-    """Runs ordering jobs and yields their results as they finish (in any order)."""
-
-    name: str
-
-    def map(
-        self, fn: Callable[[OrderingJob], OrderingResult], jobs: Sequence[OrderingJob]
-    ) -> Iterator[OrderingResult]: ...
-
-
-class LocalExecutor:
-    """One ordering after another in this process; a shared prefix is trained by the first ordering that needs it."""
-
-    name = "local"
-
-    def map(self, fn: Callable[[OrderingJob], OrderingResult], jobs: Sequence[OrderingJob]) -> Iterator[OrderingResult]:
-        for job in jobs:
-            yield fn(job)
-
-
-EXECUTORS: dict[str, Callable[[], Executor]] = {"local": LocalExecutor}
-PLANNED_EXECUTORS = {"ray": 8}
-
-
-def get_executor(name: str) -> Executor:
-    """A new executor by name; a planned one fails with the issue that tracks it."""
-    if name in EXECUTORS:
-        return EXECUTORS[name]()
-    if name in PLANNED_EXECUTORS:
-        raise ValueError(f"executor {name!r} is not yet supported (planned in issue #{PLANNED_EXECUTORS[name]})")
-    raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
 
 
 # --- the sweep ---------------------------------------------------------------------------------------
@@ -230,6 +198,12 @@ def run_sweep(
         where = (Path(cache_dir or default_cache_dir()), tracker.uri, tracker.experiment_id)
         jobs = [OrderingJob(chain, plan.sweep_id, sweep_run_id, *where, progress) for chain in todo]
         results = _run_jobs(runner, jobs)
+        for result in results:
+            if result.run_id is None:  # its worker died: close the runs it left RUNNING
+                tracker.fail_open_runs(
+                    f"tags.sweep = '{plan.sweep_id}' and tags.ordering = '{result.ordering}'",
+                    result.error or "worker died",
+                )
         summary = _summarize(plan, sweep_run_id, results, list(done), time.perf_counter() - start)
         _log_totals(tracker, sweep_run_id, summary)
     return summary
@@ -298,4 +272,4 @@ def _log_totals(tracker: Tracker, run_id: str, summary: SweepSummary) -> None:
     )
 
 
-__all__ = ["Executor", "LocalExecutor", "SweepPlan", "SweepSummary", "plan_sweep", "run_sweep"]
+__all__ = ["SweepPlan", "SweepSummary", "plan_sweep", "run_sweep"]

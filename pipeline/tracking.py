@@ -135,6 +135,14 @@ class Tracker:
             if not token:
                 return runs
 
+    def fail_open_runs(self, filter_string: str, error: str) -> int:
+        """Mark the matching runs still RUNNING as FAILED with `error` (their process died); returns how many."""
+        runs = self.find_runs(f"{filter_string} and attributes.status = 'RUNNING'")
+        for run in runs:
+            self.client.set_tag(run.info.run_id, "error", error[:5000])
+            self.client.set_terminated(run.info.run_id, "FAILED")
+        return len(runs)
+
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of a run."""
         return dict(self.client.get_run(run_id).data.metrics)

@@ -1,0 +1,101 @@
+"""Executors: how a sweep's orderings run. `local` runs them one after another in this process; `ray` submits
+each ordering as a Ray task (a local Ray instance, or a cluster given its address).
+
+Orderings may run at the same time: the stage cache's per-key lock makes the first worker to reach a
+shared prefix train it while the others wait and then reuse it, so prefixes still train once.
+An executor yields each job's result as it finishes; a job whose worker died yields `job.failed(reason)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol, TypeVar
+
+log = logging.getLogger("pipeline")
+
+
+class Job(Protocol):
+    def failed(self, error: str): ...
+
+
+J = TypeVar("J", bound=Job)
+R = TypeVar("R")
+
+
+class Executor(Protocol):
+    """Runs jobs and yields their results as they finish (in any order)."""
+
+    name: str
+
+    def map(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]: ...
+
+
+class LocalExecutor:
+    """One job after another in this process; a shared prefix is trained by the first ordering that needs it."""
+
+    name = "local"
+
+    def map(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]:
+        for job in jobs:
+            yield fn(job)
+
+
+class RayExecutor:
+    """Each job a Ray task with its resource request, on a local Ray instance or the cluster at `address`.
+
+    A task whose worker dies is retried `max_retries` times, then reported failed; the other jobs go on.
+    Every worker must see the same stage cache path (a shared filesystem on a multi-node cluster) and
+    the same MLflow tracking URI (a tracking server, see `make server`).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, cpus: float = 1.0, gpus: float = 0.0, max_retries: int = 1) -> None:
+        self.address, self.cpus, self.gpus, self.max_retries = address, cpus, gpus, max_retries
+
+    def map(self, fn: Callable[[J], R], jobs: Sequence[J]) -> Iterator[R]:
+        import ray  # optional extra: pip install -e '.[ray]'
+
+        if not ray.is_initialized():
+            # Workers inherit the tracking URI and cache location from this process's environment.
+            env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "PIPELINE_")) or k == "PYTHONPATH"}
+            ray.init(
+                address=self.address,
+                include_dashboard=False,
+                runtime_env={"env_vars": env},
+                log_to_driver=True,
+                configure_logging=False,
+            )
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(_call)
+        pending = {task.remote(fn, job): job for job in jobs}
+        log.info("ray: %d jobs submitted (%.1f CPU, %.1f GPU each)", len(pending), self.cpus, self.gpus)
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            job = pending.pop(ready)
+            try:
+                yield ray.get(ready)
+            except ray.exceptions.RayError as err:  # the worker died (or the task raised past fn's own handling)
+                log.error("ray: a job failed: %s", str(err).splitlines()[0])
+                yield job.failed(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+
+
+def _call(fn, job):
+    # Ray sets OMP_NUM_THREADS to the task's CPUs; the runner reads it to size torch's thread pool.
+    return fn(job)
+
+
+EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "ray": RayExecutor}
+
+
+def get_executor(name: str, **options) -> Executor:
+    """A new executor by name (`local`, `ray`); `options` go to its constructor (e.g. address for ray)."""
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
+    if name == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("executor 'ray' needs Ray: pip install -e '.[ray]' (make test installs it)") from None
+    return EXECUTORS[name](**options)

@@ -1,0 +1,105 @@
+"""Executors: a sweep on a local Ray instance logging to an `mlflow server` over HTTP on 127.0.0.1, with two
+orderings running at once (shared prefixes still trained once, through the cache's per-key lock) and one
+ordering whose worker dies mid-stage (reported failed; the others finish)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pipeline.cache import StageCache
+from tests.conftest import PROJECT_ROOT, run_cli, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """`mlflow server` (what `make server` starts) on a free loopback port; yields its URI."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, server.stderr.read().decode()[-2000:]
+        try:
+            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            assert time.monotonic() < deadline, "mlflow server did not come up in 120 s"
+            time.sleep(0.5)
+    yield uri
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_ray_sweep_into_a_tracking_server(tmp_path, isolated, mlflow_server, cifar_root):
+    stages = [
+        {"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}},
+        {"distill": {"epochs": 1, "lr": 0.01}},
+        {"crash": {}},
+    ]
+    orderings = [["prune", "distill"], ["distill", "prune"], ["prune"], ["prune", "crash"]]
+    raw = tiny_recipe(name="tiny-ray", stages=stages, orderings=orderings)
+    path = write_recipe(tmp_path / "ray.yaml", raw)
+    env = dict(isolated, MLFLOW_TRACKING_URI=mlflow_server, PIPELINE_PLUGINS="tests.stages.crashing_stage",
+               PYTHONPATH=str(PROJECT_ROOT), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")  # fmt: skip
+    result = run_cli(["sweep", str(path), "--executor", "ray", "--quiet", "--no-report"], env)
+    # The crashing ordering fails the sweep (exit 1); the three others finish.
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 ordering(s) failed: prune>crash" in result.stderr
+
+    sweep_id = re.search(r"^sweep (\S+), MLflow run", result.stdout, re.M).group(1)
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("compression")
+    runs = client.search_runs([exp.experiment_id], f"tags.sweep = '{sweep_id}'", max_results=1000)
+    chains = {r.data.tags["ordering"]: r for r in runs if r.data.tags["run_type"] == "chain"}
+    assert {o: r.info.status for o, r in chains.items()} == {
+        "prune>distill": "FINISHED", "distill>prune": "FINISHED", "prune": "FINISHED", "prune>crash": "FAILED",
+    }  # fmt: skip
+    assert chains["prune>crash"].data.tags["error"]
+    for ordering in ("prune>distill", "distill>prune", "prune"):
+        assert {"top1", "artifact_bytes", "latency_ms_p50"} <= set(chains[ordering].data.metrics)
+    # Shared prefixes (the baseline, then prune) were trained once although orderings ran at the same time.
+    trained = [r.data.tags["cache_key"] for r in runs if r.data.tags.get("trained") == "true"]
+    assert len(trained) == len(set(trained)) == 5  # baseline, prune, prune>distill, distill, distill>prune
+    (sweep,) = [r for r in runs if r.data.tags["run_type"] == "sweep"]
+    assert sweep.data.params["executor"] == "ray" and sweep.info.status == "FINISHED"
+    assert not [r for r in runs if r.info.status == "RUNNING"]  # the dead worker's runs were closed
+
+
+def test_cache_lock_lets_one_of_two_workers_compute_a_stage(tmp_path):
+    cache, order = StageCache(tmp_path), []
+
+    def worker(name: str):
+        with cache.lock("k" * 64):
+            order.append(f"{name} in")
+            time.sleep(0.3)
+            order.append(f"{name} out")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
