@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -134,6 +135,14 @@ def _sweep(recipe, args) -> int:
     from pipeline.report import sweep_table
     from pipeline.sweep import run_sweep
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(
+            "error: a sweep does not run under torchrun; run one chain with `torchrun … -m pipeline run`, "
+            "or spread orderings with --executor ray",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+
     options = {}
     if args.executor == "ray":
         options = {"address": args.address, "cpus": args.cpus_per_ordering, "gpus": args.gpus_per_ordering}
@@ -175,13 +184,17 @@ def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = Fa
 
 
 def _run(recipe, args) -> int:
+    from pipeline import distributed
     from pipeline.report import summary_table
     from pipeline.runner import Runner
 
     def run() -> int:
         progress = not args.quiet and sys.stderr.isatty()
-        runner = Runner(recipe, cache_dir=args.cache_dir, progress=progress, use_cache=not args.no_cache)
-        print(summary_table(runner.run()))
+        with distributed.process_group():  # under torchrun: one process per rank, rank 0 reports
+            runner = Runner(recipe, cache_dir=args.cache_dir, progress=progress, use_cache=not args.no_cache)
+            summary = runner.run()
+            if distributed.is_main():
+                print(summary_table(summary))
         return EXIT_OK
 
     return _guarded(run)

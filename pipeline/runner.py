@@ -20,14 +20,14 @@ from pathlib import Path
 import timm
 import torch
 
-from pipeline import __version__
+from pipeline import __version__, distributed
 from pipeline.artifacts import load_artifact, save_artifact
 from pipeline.cache import CacheEntry, StageCache, digest, file_digest, stage_key
 from pipeline.data import DataBundle, load_data, locate
 from pipeline.evaluator import evaluate
 from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
-from pipeline.tracking import Tracker
+from pipeline.tracking import NullTracker, Tracker
 from stages import StageContext, get_stage
 
 log = logging.getLogger("pipeline")
@@ -61,9 +61,9 @@ class StageResult:
     name: str
     key: str
     cached: bool
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # empty on ranks other than 0 under torchrun
     seconds: float
-    artifact_path: Path
+    artifact_path: Path | None  # None on ranks other than 0 under torchrun
 
 
 @dataclass
@@ -198,7 +198,7 @@ class Runner:
         )
         if reusable:
             log.info("reusing cached stages: %s", ", ".join(reusable))
-        tracker = self.tracker or Tracker()
+        tracker = (self.tracker or Tracker()) if distributed.is_main() else NullTracker()
         tags = {
             **self.extra_tags,
             "run_type": "chain",
@@ -227,11 +227,15 @@ class Runner:
                 summary.results.append(result)
                 tracker.log_metrics(parent_id, result.metrics, step=stage.index)
             final = summary.results[-1]
-            tracker.log_artifact(parent_id, final.artifact_path, "model")
+            if final.artifact_path is not None:  # None on ranks other than 0
+                tracker.log_artifact(parent_id, final.artifact_path, "model")
             tracker.log_dict(parent_id, {r.name + f"[{r.index}]": r.metrics for r in summary.results}, "metrics.json")
         return summary
 
     def _run_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
+        distributed.barrier()  # under torchrun every rank decides after rank 0 has cached the previous stage
+        if not distributed.is_main():
+            return self._follow_stage(stage, state)
         if self.cached(stage):
             return self._track_stage(tracker, parent_id, stage, state)
         with self.cache.lock(stage.key):  # another worker may be computing this very stage: wait, then reuse it
@@ -276,7 +280,17 @@ class Runner:
             entry.artifact_path,
         ), state
 
-    def _execute(self, tracker: Tracker, run_id: str, stage: PlannedStage, state: ModelState | None):
+    def _follow_stage(self, stage: PlannedStage, state: ModelState | None):
+        """A rank other than 0: train the stage in lockstep with rank 0 when it runs; rank 0 evaluates, caches, logs."""
+        if self.cached(stage):
+            return StageResult(stage.index, stage.name, stage.key, True, {}, 0.0, None), None
+        if state is None and stage.index > 0:
+            state = self.cache.get(self.chain[stage.index - 1].key).load_state()
+        out, seconds = self._train_stage(stage, state, on_epoch_end=None)
+        return StageResult(stage.index, stage.name, stage.key, False, {}, seconds, None), out.state
+
+    def _train_stage(self, stage: PlannedStage, state: ModelState | None, on_epoch_end):
+        """Run the stage function with its seed and context; returns its output and the seconds it took."""
         seed = (self.recipe.seed * 1_000_003 + int(stage.key[:8], 16)) % 2**31
         torch.manual_seed(seed)
         ctx = StageContext(
@@ -286,18 +300,24 @@ class Runner:
             device=self.device,
             seed=seed,
             baseline=lambda: self.cache.get(self.chain[0].key).load_state(),
-            progress=self.progress,
-            on_epoch_end=lambda epoch, stats: tracker.log_metrics(run_id, stats, step=epoch),
+            progress=self.progress and distributed.is_main(),
+            on_epoch_end=on_epoch_end,
         )
         start = time.perf_counter()
         out = get_stage(stage.name).run(state, stage.spec.config, ctx)
         out.state.model.to("cpu").eval()
+        return out, time.perf_counter() - start
+
+    def _execute(self, tracker: Tracker, run_id: str, stage: PlannedStage, state: ModelState | None):
+        out, seconds = self._train_stage(
+            stage, state, on_epoch_end=lambda epoch, stats: tracker.log_metrics(run_id, stats, step=epoch)
+        )
         record = {
             "stage": stage.name,
             "index": stage.index,
             "config": stage.spec.config.model_dump(mode="json"),
             "parent": self.chain[stage.index - 1].key if stage.index else None,
-            "seconds": time.perf_counter() - start,
+            "seconds": seconds,
             "stage_metrics": out.metrics,
             "train_history": out.report.history if out.report else [],
             "version": __version__,

@@ -163,3 +163,18 @@ class Tracker:
         """Copy one artifact of a run (e.g. 'model/artifact.pt') into `dst_dir`; returns its local path."""
         dst_dir.mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dst_dir)))
+
+
+class NullTracker:
+    """Logs nothing: the tracker of the ranks other than 0 under torchrun (rank 0 logs for all)."""
+
+    uri, experiment_id = "", ""
+
+    @contextmanager
+    def run(self, name: str, tags: dict[str, str], parent_id: str | None = None, resume_id: str | None = None):
+        yield ""
+
+    def __getattr__(self, name: str):
+        if name.startswith(("log_", "set_")):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)

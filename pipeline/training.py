@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline import distributed
 from pipeline.config import StrictConfig
 from pipeline.constraints import FixedWeights
 from pipeline.data import TensorLoader
@@ -135,10 +136,11 @@ def train_(
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=cfg.epochs * len(loader))
     fixed.project_(model)
+    net = distributed.wrap(model, device)  # DDP under torchrun: gradients averaged over ranks
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
         stats = _train_epoch_(
-            model,
+            net,
             loader,
             cfg,
             optimizer,
@@ -148,7 +150,7 @@ def train_(
             hooks,
             loss_fn,
             desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-            progress=progress,
+            progress=progress and distributed.is_main(),
         )
         report.steps += len(loader)
         report.history.append(stats)
@@ -160,23 +162,26 @@ def train_(
 
 
 def _train_epoch_(model, loader, cfg, optimizer, scheduler, fixed, device, hooks, loss_fn, *, desc, progress):
+    # `model` may be wrapped in DDP: constraints and hooks address the parameters by their own names.
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
+        images, labels = distributed.shard(images), distributed.shard(labels)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         loss, logits = loss_fn(model, images, labels)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: loss became {loss.item()} (lower lr or check the input model)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        fixed.mask_grads_(model)
+        fixed.mask_grads_(inner)
         if cfg.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            nn.utils.clip_grad_norm_(inner.parameters(), cfg.grad_clip_norm)
         optimizer.step()
-        fixed.project_(model)
+        fixed.project_(inner)
         for hook in hooks.after_step:
-            hook(model)
+            hook(inner)
         scheduler.step()
         batch = labels.shape[0]
         loss_sum += loss.item() * batch
