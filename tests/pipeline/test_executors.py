@@ -5,52 +5,26 @@ ordering whose worker dies mid-stage (reported failed; the others finish)."""
 from __future__ import annotations
 
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.cache import StageCache
-from tests.conftest import PROJECT_ROOT, run_cli, tiny_recipe, write_recipe
+from tests.conftest import PROJECT_ROOT, mlflow_process, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def mlflow_server(tmp_path):
     """`mlflow server` (what `make server` starts) on a free loopback port; yields its URI."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, server.stderr.read().decode()[-2000:]
-        try:
-            if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                break
-        except OSError:
-            assert time.monotonic() < deadline, "mlflow server did not come up in 120 s"
-            time.sleep(0.5)
-    yield uri
-    server.terminate()
-    server.wait(timeout=30)
+    backend = f"sqlite:///{tmp_path / 'server.db'}"
+    with mlflow_process(
+        "server", "--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "art")
+    ) as uri:
+        yield uri
 
 
 def test_ray_sweep_into_a_tracking_server(tmp_path, isolated, mlflow_server, cifar_root):

@@ -10,17 +10,14 @@ import html
 import json
 import re
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from pipeline.report import build_report, report_sweep
 from pipeline.tracking import Tracker
+from tests.conftest import mlflow_process
 
 SWEEP = "toy-sweep-0000"
 # model -> (top1 %, artifact bytes, p50 ms); 'ab' is the output of stage a then b, and so on.
@@ -148,32 +145,9 @@ def test_html_report_renders_in_headless_chromium(toy_store, tmp_path):
     assert table.count("<tr") == 1 + len(ORDERINGS)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_mlflow_ui_lists_the_sweep_runs_with_metrics(toy_store, tmp_path):
+def test_mlflow_ui_lists_the_sweep_runs_with_metrics(toy_store):
     tracker, sweep_run = toy_store
-    port = _free_port()
-    mlflow_cli = Path(sys.executable).with_name("mlflow")
-    server = subprocess.Popen(
-        [str(mlflow_cli), "ui", "--backend-store-uri", tracker.uri, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-2000:]
-            try:
-                if urllib.request.urlopen(f"{base}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "MLflow UI did not come up in 120 s"
-                time.sleep(0.5)
+    with mlflow_process("ui", "--backend-store-uri", tracker.uri) as base:
         body = {
             "experiment_ids": [tracker.experiment_id],
             "filter": f"tags.sweep = '{SWEEP}' and tags.run_type = 'chain'",
@@ -182,9 +156,6 @@ def test_mlflow_ui_lists_the_sweep_runs_with_metrics(toy_store, tmp_path):
             f"{base}/api/2.0/mlflow/runs/search", json.dumps(body).encode(), {"Content-Type": "application/json"}
         )
         runs = json.loads(urllib.request.urlopen(request, timeout=30).read())["runs"]
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     by_ordering = {next(t["value"] for t in r["data"]["tags"] if t["key"] == "ordering"): r for r in runs}
     assert set(by_ordering) == set(ORDERINGS)
     for ordering, run in by_ordering.items():
