@@ -32,8 +32,8 @@ class Row:
     latency_p50_side_by_side: float = float("nan")
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    """Benchmark options; also sets up progress logging like the CLI."""
+def parse_args(description: str, extra=None) -> argparse.Namespace:
+    """Benchmark options (plus those `extra(parser)` adds); also sets up progress logging like the CLI."""
     logging.basicConfig(level=logging.INFO, format="[bench] %(message)s", stream=sys.stderr)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser(description=description)
@@ -41,6 +41,8 @@ def parse_args(description: str) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds (median reported)")
     parser.add_argument("--runs", type=int, default=100, help="batch-1 forward passes per round")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    if extra is not None:
+        extra(parser)
     return parser.parse_args()
 
 
