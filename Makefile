@@ -10,7 +10,7 @@ recipe ?= prune-inq-distill
 set ?=
 port ?= 5000
 sweep ?=
-executor ?= local
+executor ?=
 address ?=
 host ?= 127.0.0.1
 server_db ?= sqlite:///$(CURDIR)/server/mlflow.db
@@ -43,7 +43,7 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store
 		--host 127.0.0.1 --port $(port)
 
 sweep: $(STAMP)  ## every ordering of recipes/$(recipe).yaml (its `orderings:`, else all), then its report
-	$(PY) -m pipeline sweep $(recipe) $(set) --executor $(executor) $(if $(address),--address $(address))
+	$(PY) -m pipeline sweep $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address))
 
 server: $(STAMP)  ## MLflow tracking server on http://$(host):$(port): SQLite backend, artifacts served by it
 	mkdir -p server

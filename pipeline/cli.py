@@ -41,9 +41,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "sweep":
             cmd.add_argument(
                 "--executor",
-                default="local",
+                default=None,
                 choices=("local", "ray"),
-                help="local: one ordering after another; ray: orderings as Ray tasks",
+                help="local: one ordering after another; ray: orderings as Ray tasks (default: the recipe's "
+                "`executor:`, else local)",
             )
             cmd.add_argument(
                 "--address",
@@ -51,10 +52,10 @@ def _parser() -> argparse.ArgumentParser:
                 help="ray: the cluster to join (e.g. 10.0.0.5:6379 or auto); default: start a local Ray",
             )
             cmd.add_argument(
-                "--cpus-per-ordering", type=float, default=1.0, help="ray: CPUs each ordering's task asks for"
+                "--cpus-per-ordering", type=float, default=None, help="ray: CPUs each ordering's task asks for (1)"
             )
             cmd.add_argument(
-                "--gpus-per-ordering", type=float, default=0.0, help="ray: GPUs each ordering's task asks for"
+                "--gpus-per-ordering", type=float, default=None, help="ray: GPUs each ordering's task asks for (0)"
             )
             cmd.add_argument("--new", action="store_true", help="a new sweep id instead of resuming an identical sweep")
             cmd.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
@@ -143,11 +144,21 @@ def _sweep(recipe, args) -> int:
         )
         return EXIT_INVALID
 
-    options = {}
-    if args.executor == "ray":
-        options = {"address": args.address, "cpus": args.cpus_per_ordering, "gpus": args.gpus_per_ordering}
+    chosen = recipe.executor.model_copy(
+        update={
+            k: v
+            for k, v in {
+                "name": args.executor,
+                "address": args.address,
+                "cpus": args.cpus_per_ordering,
+                "gpus": args.gpus_per_ordering,
+            }.items()
+            if v is not None
+        }
+    )
+    options = chosen.model_dump(exclude={"name"}) if chosen.name == "ray" else {}
     try:
-        executor = get_executor(args.executor, **options)
+        executor = get_executor(chosen.name, **options)
     except ValueError as err:
         print(f"error: --executor: {err}", file=sys.stderr)
         return EXIT_INVALID

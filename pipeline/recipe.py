@@ -77,6 +77,15 @@ class Budget(StrictConfig):
         return out
 
 
+class ExecutorConfig(StrictConfig):
+    """How a sweep's orderings run; the sweep command's --executor, --address, --cpus/gpus-per-ordering override it."""
+
+    name: Literal["local", "ray"] = Field("local", description="local: one after another; ray: one Ray task each")
+    address: str | None = Field(None, description="ray: the cluster to join (host:port or auto); none: a local Ray")
+    cpus: float = Field(1.0, gt=0, le=1024, description="ray: CPUs each ordering's task asks for")
+    gpus: float = Field(0.0, ge=0, le=64, description="ray: GPUs each ordering's task asks for")
+
+
 class Recipe(StrictConfig):
     """A whole recipe: data, model, baseline training, and the chain of compression stages (or a sweep of
     orderings of them)."""
@@ -96,6 +105,7 @@ class Recipe(StrictConfig):
     )
     include_singles: bool = Field(False, description="a sweep also runs each stage alone after the baseline")
     budget: Budget | None = Field(None, description="fixed training epochs per chain, split by stage position")
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="how a sweep's orderings run")
 
     @field_validator("orderings")
     @classmethod
@@ -148,10 +158,11 @@ class Recipe(StrictConfig):
         return runnable, skipped
 
     def to_dict(self) -> dict[str, Any]:
-        out = self.model_dump(mode="json", exclude={"stages", "orderings", "include_singles", "budget"})
+        sweep_keys = {"orderings", "include_singles", "budget", "executor"}
+        out = self.model_dump(mode="json", exclude={"stages", *sweep_keys})
         out["stages"] = [s.to_dict() for s in self.stage_specs()]
         if self.is_sweep or self.budget is not None:
-            out.update(self.model_dump(mode="json", include={"orderings", "include_singles", "budget"}))
+            out.update(self.model_dump(mode="json", include=sweep_keys))
         return out
 
     def to_yaml(self) -> str:

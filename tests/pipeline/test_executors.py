@@ -34,11 +34,11 @@ def test_ray_sweep_into_a_tracking_server(tmp_path, isolated, mlflow_server, cif
         {"crash": {}},
     ]
     orderings = [["prune", "distill"], ["distill", "prune"], ["prune"], ["prune", "crash"]]
-    raw = tiny_recipe(name="tiny-ray", stages=stages, orderings=orderings)
+    raw = tiny_recipe(name="tiny-ray", stages=stages, orderings=orderings, executor={"name": "ray", "cpus": 1})
     path = write_recipe(tmp_path / "ray.yaml", raw)
     env = dict(isolated, MLFLOW_TRACKING_URI=mlflow_server, PIPELINE_PLUGINS="tests.stages.crashing_stage",
                PYTHONPATH=str(PROJECT_ROOT), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")  # fmt: skip
-    result = run_cli(["sweep", str(path), "--executor", "ray", "--quiet", "--no-report"], env)
+    result = run_cli(["sweep", str(path), "--quiet", "--no-report"], env)  # the recipe's `executor:` picks Ray
     # The crashing ordering fails the sweep (exit 1); the three others finish.
     assert result.returncode == 1, result.stderr[-3000:]
     assert "1 ordering(s) failed: prune>crash" in result.stderr

@@ -62,6 +62,8 @@ BAD = [
     (lambda r: r.update(orderings=[["prune", "prune"]]), "orderings[0][1]: 'prune' appears twice in one ordering"),
     (lambda r: r.update(orderings=[[]]), "orderings[0]: an ordering needs at least one stage"),
     (lambda r: r.update(orderings=[]), "orderings: needs at least one ordering"),
+    (lambda r: r.update(executor={"name": "dask"}), "executor.name: Input should be 'local' or 'ray'"),
+    (lambda r: r.update(executor={"name": "ray", "cpus": 0}), "executor.cpus: Input should be greater than 0"),
     (
         lambda r: r.update(budget={"epochs": 4, "split": [1, 1, 10]}, stages=THREE, orderings="all"),
         "budget: gives a chain of 3 stages [0, 0, 4] epochs",
