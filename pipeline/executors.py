@@ -68,8 +68,9 @@ class RayExecutor:
                 log_to_driver=True,
                 configure_logging=False,
             )
-        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(_call)
-        pending = {task.remote(fn, job): job for job in jobs}
+        # Ray sets OMP_NUM_THREADS to the task's CPUs; the runner sizes torch's thread pool from it.
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(fn)
+        pending = {task.remote(job): job for job in jobs}
         log.info("ray: %d jobs submitted (%.1f CPU, %.1f GPU each)", len(pending), self.cpus, self.gpus)
         while pending:
             (ready,), _ = ray.wait(list(pending), num_returns=1)
@@ -79,11 +80,6 @@ class RayExecutor:
             except ray.exceptions.RayError as err:  # the worker died (or the task raised past fn's own handling)
                 log.error("ray: a job failed: %s", str(err).splitlines()[0])
                 yield job.failed(f"{type(err).__name__}: {str(err).splitlines()[0]}")
-
-
-def _call(fn, job):
-    # Ray sets OMP_NUM_THREADS to the task's CPUs; the runner reads it to size torch's thread pool.
-    return fn(job)
 
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "ray": RayExecutor}

@@ -40,9 +40,15 @@ def frontier(frame: pd.DataFrame, objectives: Mapping[str, Direction] = OBJECTIV
     return pd.Series(mask, index=frame.index, name="pareto")
 
 
+def pair_column(a: str, b: str, objectives: Mapping[str, Direction] = OBJECTIVES) -> str:
+    """The `frontiers` column of the 2-D frontier of objectives `a` and `b` (in either order)."""
+    first, second = sorted((a, b), key=list(objectives).index)
+    return f"pareto_{first}__{second}"
+
+
 def frontiers(frame: pd.DataFrame, objectives: Mapping[str, Direction] = OBJECTIVES) -> pd.DataFrame:
-    """Columns `pareto` (all objectives) and `pareto_<a>__<b>` for every pair, one row per row of `frame`."""
+    """Columns `pareto` (all objectives) and `pair_column(a, b)` for every pair, one row per row of `frame`."""
     out = pd.DataFrame({"pareto": frontier(frame, objectives)})
     for a, b in combinations(objectives, 2):
-        out[f"pareto_{a}__{b}"] = frontier(frame, {a: objectives[a], b: objectives[b]})
+        out[pair_column(a, b, objectives)] = frontier(frame, {a: objectives[a], b: objectives[b]})
     return out

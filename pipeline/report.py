@@ -13,11 +13,12 @@ import html
 import logging
 import time
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 import pandas as pd
 
-from pipeline.pareto import OBJECTIVES, frontiers
+from pipeline.pareto import OBJECTIVES, frontiers, pair_column
 
 log = logging.getLogger("pipeline")
 
@@ -268,17 +269,13 @@ def _num(value: float, spec: str) -> str:
 
 
 def _frontier_titles() -> dict[str, str]:
-    names = list(OBJECTIVES)
-    titles = {"pareto": "3-D (" + ", ".join(names) + ")"}
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            titles[f"pareto_{a}__{b}"] = f"{a} vs {b}"
+    titles = {"pareto": "3-D (" + ", ".join(OBJECTIVES) + ")"}
+    titles.update({pair_column(a, b): f"{a} vs {b}" for a, b in combinations(OBJECTIVES, 2)})
     return titles
 
 
 def _frontier_line(models: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    column = f"pareto_{y}__{x}" if f"pareto_{y}__{x}" in models else f"pareto_{x}__{y}"
-    return models[models[column]].sort_values(x)
+    return models[models[pair_column(x, y)]].sort_values(x)
 
 
 def _plot_png(report: SweepReport, x: str, y: str, path: Path) -> Path:
