@@ -39,6 +39,9 @@ QUANTIZED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Module types whose `weight` INQ quantizes; norms, biases and everything else stay floating point."""
 
 PartitionMode = Literal["magnitude", "random"]
+N1Rule = Literal["max", "mse"]
+N1_SEARCH = 8
+"""How many top exponents the `mse` n1 rule tries, from the paper's n1 down."""
 
 
 class INQConfig(TrainConfig):
@@ -63,6 +66,13 @@ class INQConfig(TrainConfig):
     )
     partition: PartitionMode = Field(
         "magnitude", description="which free weights are quantized first: largest magnitudes (paper) or random"
+    )
+    n1_rule: N1Rule = Field(
+        "max",
+        description="how each layer's top exponent n1 is chosen: 'max' follows the paper (n1 = floor(log2(4s/3)) "
+        "from the largest weight s, nothing clipped); 'mse' (not in the paper) takes the n1 among that one and the "
+        f"{N1_SEARCH - 1} below it whose level set rounds the layer's surviving weights with the least squared "
+        "error, clipping the few largest to ±2^n1; it keeps far fewer weights at zero at 2-4 bits",
     )
     final_epochs: int = Field(
         0,
@@ -118,6 +128,24 @@ def inq_exponents(max_abs: float, bits: int) -> tuple[int, int]:
     # frexp is exact: x = m·2^e with m in [0.5, 1), so floor(log2 x) = e - 1 without log rounding.
     n1 = math.frexp(4.0 * max_abs / 3.0)[1] - 1
     return n1, n1 + 1 - 2 ** (bits - 1) // 2
+
+
+def fit_exponents(weights: torch.Tensor, bits: int, rule: N1Rule = "max") -> tuple[int, int]:
+    """A layer's (n1, n2) for its (surviving, non-zero) `weights`, by `rule`.
+
+    `max` is the paper's Eq. 2 (`inq_exponents` of the largest magnitude). `mse` tries that n1 and
+    the `N1_SEARCH - 1` below it and keeps the one whose `quantize_pow2` rounding has the least
+    squared error (ties: the larger n1); weights above the top level are clipped to ±2^n1.
+    """
+    w = weights.detach().flatten().double()
+    n1, n2 = inq_exponents(float(w.abs().max()), bits)
+    if rule == "max":
+        return n1, n2
+    if rule != "mse":
+        raise ValueError(f"n1 rule must be 'max' or 'mse', got {rule!r}")
+    errors = [(float(((quantize_pow2(w, n1 - d, n2 - d) - w) ** 2).sum()), d) for d in range(N1_SEARCH)]
+    best = min(errors)[1]
+    return n1 - best, n2 - best
 
 
 def _lower_bounds(n1: int, n2: int) -> list[float]:
@@ -228,7 +256,7 @@ class _Layer:
     eligible: torch.Tensor  # bool, CPU: free when INQ started (not fixed by an earlier stage)
 
 
-def _start_layers(state: ModelState, bits: int) -> dict[str, _Layer]:
+def _start_layers(state: ModelState, bits: int, rule: N1Rule = "max") -> dict[str, _Layer]:
     """Fix each layer's level set from its surviving weights; check what earlier stages fixed fits it."""
     layers = {}
     for name, param in inq_parameters(state.model).items():
@@ -236,9 +264,9 @@ def _start_layers(state: ModelState, bits: int) -> dict[str, _Layer]:
         pre = state.fixed.mask(name) if name in state.fixed else torch.zeros_like(w, dtype=torch.bool)
         values = state.fixed.values(name) if name in state.fixed else torch.zeros_like(w)
         surviving = torch.where(pre, values, w)[~(pre & (values == 0))]
-        max_abs = float(surviving.abs().max()) if surviving.numel() else 0.0
+        nonzero = surviving[surviving != 0]
         # A layer with no non-zero survivor has no level set; any n1 encodes its all-zero weights.
-        n1, n2 = inq_exponents(max_abs, bits) if max_abs > 0 else (0, 1 - 2 ** (bits - 1) // 2)
+        n1, n2 = fit_exponents(nonzero, bits, rule) if nonzero.numel() else (0, 1 - 2 ** (bits - 1) // 2)
         off_grid = int((pre & (quantize_pow2(values, n1, n2) != values)).sum())
         if off_grid:
             raise ValueError(
@@ -287,7 +315,7 @@ def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> S
     if state is None:
         raise ValueError("inq needs a trained input model: put a `train` (or pruning) stage before it in `stages:`")
     state.fixed.project_(state.model)
-    layers = _start_layers(state, config.bits)
+    layers = _start_layers(state, config.bits, config.n1_rule)
     generator = torch.Generator().manual_seed(ctx.seed)
     schedule = inq_schedule(config.accumulated_portions)
     report = TrainReport()

@@ -18,7 +18,9 @@ from pipeline.models import ModelState
 from pipeline.recipe import RecipeError, validate_recipe
 from stages.base import StageContext, get_stage
 from stages.inq import (
+    N1_SEARCH,
     INQConfig,
+    fit_exponents,
     inq_exponents,
     inq_parameters,
     inq_schedule,
@@ -159,6 +161,39 @@ def test_portions_count_only_eligible_weights():
     assert int(partition_mask(w, pruned | mask, 1.0, eligible=~pruned).sum()) == 450
 
 
+def test_max_rule_is_the_papers_n1():
+    w = torch.randn(1000) * 0.03
+    for bits in range(2, 9):
+        assert fit_exponents(w, bits) == fit_exponents(w, bits, "max") == inq_exponents(float(w.abs().max()), bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+def test_mse_rule_picks_the_candidate_n1_with_least_rounding_error(bits):
+    torch.manual_seed(bits)
+    w = torch.distributions.StudentT(3.0).sample((4000,)) * 0.02  # heavy-tailed, like trained conv weights
+    paper_n1, _ = inq_exponents(float(w.abs().max()), bits)
+
+    def error(n1: int) -> float:
+        n2 = n1 + 1 - 2 ** (bits - 1) // 2
+        return float(((quantize_pow2(w.double(), n1, n2) - w.double()) ** 2).sum())
+
+    n1, n2 = fit_exponents(w, bits, "mse")
+    candidates = range(paper_n1 - N1_SEARCH + 1, paper_n1 + 1)
+    assert n1 in candidates and n2 == n1 + 1 - 2 ** (bits - 1) // 2
+    assert error(n1) == min(error(c) for c in candidates)
+    if bits <= 3:  # the paper's n1 wastes the few levels on the tail: the fit moves down and zeroes less
+        assert n1 < paper_n1
+        paper_zeros = (quantize_pow2(w, *inq_exponents(float(w.abs().max()), bits)) == 0).sum()
+        assert (quantize_pow2(w, n1, n2) == 0).sum() < paper_zeros
+
+
+def test_mse_rule_clips_weights_above_the_top_level():
+    w = torch.tensor([1.0] + [0.01] * 19_999)  # one outlier: the fit serves the rest, the outlier becomes 2^n1
+    n1, n2 = fit_exponents(w, 2, "mse")
+    assert n1 < inq_exponents(1.0, 2)[0]
+    assert quantize_pow2(w, n1, n2)[0] == 2.0**n1
+
+
 def test_schedule_retrains_after_every_portion_but_the_last():
     assert inq_schedule((0.5, 0.75, 0.875, 1.0)) == [(0.5, True), (0.75, True), (0.875, True), (1.0, False)]
 
@@ -188,6 +223,20 @@ def test_after_the_last_portion_every_weight_is_a_power_of_two_or_zero(trained, 
     assert out.metrics["inq_quantized_fraction"] == 1.0 and out.metrics["inq_bits"] == bits
     assert 0 <= out.metrics["inq_zero_fraction"] < 1  # 8 bits reach 2^-63 below n1: few or no zeros
     assert out.report.epochs == 3  # no retraining after the final 1.0 portion
+
+
+def test_mse_rule_stage_stores_its_n1_and_quantizes_onto_that_grid(trained, bundle, tmp_path):
+    before = {n: p.detach().clone() for n, p in inq_parameters(trained.model).items()}
+    out = run_inq(trained, INQConfig(bits=2, n1_rule="mse"), _context(bundle))
+    params = dict(out.state.model.named_parameters())
+    for name, info in out.state.extras["inq"].items():
+        n1, n2 = fit_exponents(before[name][before[name] != 0], 2, "mse")
+        assert info == {"n1": n1, "bits": 2}
+        assert _is_pow2_or_zero(params[name].detach(), n1, n2), name
+    save_artifact(out.state, tmp_path / "inq.pt")
+    reloaded = load_artifact(tmp_path / "inq.pt")
+    for name, p in inq_parameters(reloaded).items():
+        assert torch.equal(p, params[name]), name
 
 
 def test_final_epochs_train_only_norms_and_biases(trained, bundle):
@@ -345,6 +394,7 @@ def test_default_config_suits_fine_tuning():
         ({"accumulated_portions": [0.5, 1.5]}, r"in \(0, 1\]"),
         ({"accumulated_portions": []}, "ending at 1.0"),
         ({"partition": "largest"}, "'magnitude' or 'random'"),
+        ({"n1_rule": "quantile"}, "'max' or 'mse'"),
         ({"portions": [0.5, 1.0]}, "Extra inputs are not permitted"),
     ],
 )
