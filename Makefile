@@ -19,7 +19,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format sweep report clean-cache bench bench-prune bench-inq bench-distill bench-qat
+.PHONY: run validate stages ui server test lint format sweep report clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,13 +69,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench
 	$(VENV)/bin/ruff check --fix pipeline stages tests bench
 
-bench: bench-prune bench-inq bench-distill bench-qat  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
 
 bench-prune: $(STAMP)
 	$(PY) bench/prune.py
 
 bench-inq: $(STAMP)
 	$(PY) bench/inq.py
+
+bench-inq-levels: $(STAMP)
+	$(PY) bench/inq_levels.py
 
 bench-distill: $(STAMP)
 	$(PY) bench/distill.py
