@@ -26,6 +26,8 @@ def round_all_(model: torch.nn.Module, bits: int, rule: str) -> tuple[float, lis
     shifts = []
     for param in inq_parameters(model).values():
         w = param.detach()
+        if not w.any():  # an all-zero layer has no level set and stays zero
+            continue
         n1, n2 = fit_exponents(w[w != 0], bits, rule)
         shifts.append(fit_exponents(w[w != 0], bits, "max")[0] - n1)
         param.copy_(quantize_pow2(w, n1, n2))
@@ -40,7 +42,12 @@ def main() -> None:
     baseline = load_artifact(runner.run().results[0].artifact_path)
     loader = runner.data.test_loader(500)
     print(f"\nbench/inq_levels.py {' '.join(args.set)}".rstrip() + f"\nmachine: {machine()}\n")
-    print(f"fp32 baseline: top1 {accuracy(baseline, loader)[0]:.2f} %\n")
+    print(f"fp32 baseline: top1 {accuracy(baseline, loader)[0]:.2f} %")
+    tails = sorted(float(p.abs().max() / p.std()) for p in inq_parameters(baseline).values() if p.any())
+    print(
+        f"largest |w| per layer, in standard deviations of that layer ({len(tails)} layers): "
+        f"min {tails[0]:.1f}, median {statistics.median(tails):.1f}, max {tails[-1]:.1f}\n"
+    )
     print("| bits | n1 rule | n1 below the paper's (octaves, min-median-max) | weights at 0 | top1 % (no retraining) |")
     print("| ---: | --- | --- | ---: | ---: |")
     for bits in (5, 4, 3, 2):

@@ -1,6 +1,6 @@
 """INQ (Zhou et al. 2017) as the paper defines it: the level set, the Eq. 4 rounding, largest-first
 partition, frozen groups that never move while the rest retrains, pruned zeros kept, and a packed
-b-bit artifact that loads back bit for bit."""
+b-bit artifact that loads back bit for bit; plus the optional least-squares n1 rule (not in the paper)."""
 
 from __future__ import annotations
 
@@ -187,6 +187,14 @@ def test_mse_rule_picks_the_candidate_n1_with_least_rounding_error(bits):
         assert (quantize_pow2(w, n1, n2) == 0).sum() < paper_zeros
 
 
+def test_mse_rule_hand_computed_and_ties_keep_the_larger_n1():
+    # Ternary, ten weights at 0.3 and one at 1.0. Squared error per n1 (levels {±2^n1, 0}, zero below 2^(n1-1)):
+    # n1=0: 10·0.3² = 0.9; n1=-1: 10·0.2² + 0.5² = 0.65; n1=-2: 10·0.05² + 0.75² = 0.5875; n1=-3: 1.07.
+    assert fit_exponents(torch.tensor([0.3] * 10 + [1.0]), 2, "mse") == (-2, -2)
+    # 0.75 is 0.25 from both 2^0 (the paper's n1) and 2^-1: the tie keeps the paper's level.
+    assert fit_exponents(torch.tensor([0.75]), 2, "mse") == (0, 0)
+
+
 def test_mse_rule_clips_weights_above_the_top_level():
     w = torch.tensor([1.0] + [0.01] * 19_999)  # one outlier: the fit serves the rest, the outlier becomes 2^n1
     n1, n2 = fit_exponents(w, 2, "mse")
@@ -227,6 +235,7 @@ def test_after_the_last_portion_every_weight_is_a_power_of_two_or_zero(trained, 
 
 def test_mse_rule_stage_stores_its_n1_and_quantizes_onto_that_grid(trained, bundle, tmp_path):
     before = {n: p.detach().clone() for n, p in inq_parameters(trained.model).items()}
+    paper = run_inq(copy.deepcopy(trained), INQConfig(bits=2), _context(bundle))
     out = run_inq(trained, INQConfig(bits=2, n1_rule="mse"), _context(bundle))
     params = dict(out.state.model.named_parameters())
     for name, info in out.state.extras["inq"].items():
@@ -237,6 +246,9 @@ def test_mse_rule_stage_stores_its_n1_and_quantizes_onto_that_grid(trained, bund
     reloaded = load_artifact(tmp_path / "inq.pt")
     for name, p in inq_parameters(reloaded).items():
         assert torch.equal(p, params[name]), name
+    moved = [n for n, info in out.state.extras["inq"].items() if info["n1"] < paper.state.extras["inq"][n]["n1"]]
+    assert moved, "the fit should lower n1 somewhere at 2 bits"
+    assert out.metrics["inq_zero_fraction"] < paper.metrics["inq_zero_fraction"]
 
 
 def test_final_epochs_train_only_norms_and_biases(trained, bundle):
