@@ -43,7 +43,8 @@ def main() -> None:
     loader = runner.data.test_loader(500)
     print(f"\nbench/inq_levels.py {' '.join(args.set)}".rstrip() + f"\nmachine: {machine()}\n")
     print(f"fp32 baseline: top1 {accuracy(baseline, loader)[0]:.2f} %")
-    tails = sorted(float(p.abs().max() / p.std()) for p in inq_parameters(baseline).values() if p.any())
+    weights = [p.detach() for p in inq_parameters(baseline).values()]
+    tails = sorted(float(w.abs().max() / w.std()) for w in weights if w.any())
     print(
         f"largest |w| per layer, in standard deviations of that layer ({len(tails)} layers): "
         f"min {tails[0]:.1f}, median {statistics.median(tails):.1f}, max {tails[-1]:.1f}\n"
