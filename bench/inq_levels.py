@@ -28,8 +28,9 @@ def round_all_(model: torch.nn.Module, bits: int, rule: str) -> tuple[float, lis
         w = param.detach()
         if not w.any():  # an all-zero layer has no level set and stays zero
             continue
-        n1, n2 = fit_exponents(w[w != 0], bits, rule)
-        shifts.append(fit_exponents(w[w != 0], bits, "max")[0] - n1)
+        nonzero = w[w != 0]
+        n1, n2 = fit_exponents(nonzero, bits, rule)
+        shifts.append(fit_exponents(nonzero, bits, "max")[0] - n1)
         param.copy_(quantize_pow2(w, n1, n2))
         zeros += int((param == 0).sum())
         total += param.numel()
