@@ -5,9 +5,13 @@ Nothing here writes to disk or to MLflow: the runner does that with what these f
 
 from __future__ import annotations
 
+import os
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
@@ -172,4 +176,74 @@ def evaluate(
             model, input_size, batch_size=cfg.throughput_batch_size, threads=cfg.threads, runs=cfg.throughput_runs
         ),
         "eval_threads": float(cfg.threads),
+    }
+
+
+# --- deployment runtimes: the exported file in ONNX Runtime / OpenVINO ---------------------------
+
+Predict = Callable[[np.ndarray], np.ndarray]
+
+
+def predict_accuracy(predict: Predict, loader: TensorLoader, *, progress: bool = False) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent of a runtime's `predict` (one batch -> logits) over `loader`."""
+    top1 = top5 = seen = 0
+    for images, labels in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
+        logits = torch.from_numpy(np.asarray(predict(np.ascontiguousarray(images.numpy()))))
+        k = min(5, logits.shape[1])
+        best = logits.topk(k, dim=1).indices
+        top1 += int((best[:, 0] == labels).sum())
+        top5 += int((best == labels[:, None]).any(dim=1).sum())
+        seen += labels.shape[0]
+    return 100.0 * top1 / max(seen, 1), 100.0 * top5 / max(seen, 1)
+
+
+def predict_times_ms(predict: Predict, x: np.ndarray, *, runs: int, warmup: int) -> list[float]:
+    """Wall time of each of `runs` calls of `predict(x)`, in milliseconds, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        predict(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        predict(x)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def p50_p90(times: Sequence[float]) -> tuple[float, float]:
+    """Median and 90th percentile (nearest rank) of timings."""
+    ordered = sorted(times)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+
+
+def runtime_metrics(
+    runtime: str,
+    file: Path,
+    test_loader: TensorLoader,
+    input_size: tuple[int, ...],
+    cfg: EvalConfig,
+    *,
+    threads: int,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Accuracy (whole test split), batch-1 p50/p90 latency and batch throughput of one exported file in one
+    runtime; names carry the runtime (`onnxruntime.top1`). Accuracy runs on every core, timing on `threads`."""
+    from pipeline.deploy import open_runtime, runtime_file_bytes, zipped_bytes
+
+    top1, top5 = predict_accuracy(open_runtime(runtime, file, threads=os.cpu_count() or 1), test_loader,
+                                  progress=progress)  # fmt: skip
+    one = np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32)
+    p50, p90 = p50_p90(predict_times_ms(open_runtime(runtime, file, threads=threads, batch_size=1), one,
+                                        runs=cfg.latency_runs, warmup=cfg.warmup_runs))  # fmt: skip
+    batch = np.random.default_rng(1).standard_normal((cfg.throughput_batch_size, *input_size), dtype=np.float32)
+    batch_predict = open_runtime(runtime, file, threads=threads, batch_size=cfg.throughput_batch_size)
+    batch_ms = statistics.median(predict_times_ms(batch_predict, batch, runs=cfg.throughput_runs, warmup=2))
+    return {
+        f"{runtime}.top1": top1,
+        f"{runtime}.top5": top5,
+        f"{runtime}.latency_ms_p50": p50,
+        f"{runtime}.latency_ms_p90": p90,
+        f"{runtime}.throughput_ips": cfg.throughput_batch_size / (batch_ms / 1e3),
+        f"{runtime}.file_bytes": float(runtime_file_bytes(file)),
+        f"{runtime}.file_bytes_zip": float(zipped_bytes(file)),
+        f"{runtime}.threads": float(threads),
     }

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from pipeline.config import StrictConfig
 from pipeline.data import DataConfig, DataNotFoundError, locate
+from pipeline.deploy import DeployConfig
 from pipeline.evaluator import EvalConfig
 from pipeline.models import ModelConfig
 from pipeline.training import TrainConfig
@@ -98,6 +99,9 @@ class Recipe(StrictConfig):
     baseline: TrainConfig
     stages: list[Any] = Field(default_factory=list, description="ordered one-key mappings {stage: config}")
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
+    deploy: DeployConfig = Field(
+        default_factory=DeployConfig, description="runtimes every stage's model is exported to and measured in"
+    )
     orderings: Any = Field(
         None,
         description="a sweep: `all` (every permutation of `stages`) or a list of orderings of their names; "

@@ -24,7 +24,8 @@ from pipeline import __version__, distributed
 from pipeline.artifacts import load_artifact, save_artifact
 from pipeline.cache import CacheEntry, StageCache, digest, file_digest, stage_key
 from pipeline.data import DataBundle, load_data, locate
-from pipeline.evaluator import evaluate
+from pipeline.deploy import ExportError, export_files, runtime_versions
+from pipeline.evaluator import evaluate, runtime_metrics
 from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.tracking import NullTracker, Tracker
@@ -112,6 +113,7 @@ def evaluation_key(recipe: Recipe) -> str:
     return digest(
         {
             "evaluation": recipe.evaluation.model_dump(mode="json"),
+            "deploy": recipe.deploy.model_dump(mode="json"),
             "data": recipe.data.model_dump(mode="json", include=EVAL_ONLY_DATA_FIELDS),
             "data_source": str(locate(recipe.data).path),
         }
@@ -125,6 +127,15 @@ def resolve_device(name: str) -> torch.device:
     # OMP_NUM_THREADS, when set (e.g. by Ray for a task's CPUs), sizes the thread pool; else every core.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
     return torch.device("cpu")
+
+
+def machine_tags(recipe: Recipe) -> dict[str, str]:
+    """What latency figures depend on: the CPU's instruction set as torch sees it, and the runtimes' versions."""
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "deploy_runtimes": ",".join(recipe.deploy.runtimes) or "none",
+        **runtime_versions(recipe.deploy.runtimes),
+    }
 
 
 def check_pretrained(recipe: Recipe) -> None:
@@ -171,7 +182,7 @@ class Runner:
             raise ValueError(f"recipe {recipe.name!r} declares a sweep; run it with pipeline.sweep.run_sweep")
         recipe = recipe.as_chain()  # applies a fixed budget, if any
         self.recipe, self.progress, self.use_cache = recipe, progress, use_cache
-        self.parent_run_id, self.extra_tags = parent_run_id, dict(tags or {})
+        self.parent_run_id, self.extra_tags = parent_run_id, {**(tags or {}), **machine_tags(recipe)}
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache = StageCache(self.cache_dir / "stages")
         self.tracker = tracker
@@ -265,11 +276,16 @@ class Runner:
             else:
                 log.info("stage %d (%s): reused from cache %s", stage.index, stage.name, stage.key[:12])
                 state = None  # loaded only if a later stage needs to run from it
-            metrics = self._measure(entry)
+            measured = self._measure(entry)
+            metrics = {k: float(v) for k, v in measured.items() if not isinstance(v, str)}
             metrics["stage_seconds"] = float(entry.record.get("seconds", 0.0))
             tracker.log_metrics(run_id, metrics, step=stage.index)
             tracker.log_dict(run_id, {"metrics": metrics, "record": entry.record}, "metrics.json")
             tracker.log_artifact(run_id, entry.artifact_path, "model")
+            if "deploy_error" in measured:
+                tracker.set_tags(run_id, {"deploy_error": measured["deploy_error"]})
+            elif self.recipe.deploy.runtimes and self._deploy_dir(entry).is_dir():
+                tracker.log_artifacts(run_id, self._deploy_dir(entry), "deploy")
         return StageResult(
             stage.index,
             stage.name,
@@ -328,7 +344,9 @@ class Runner:
         entry = self.cache.put(stage.key, out.state, record, save_artifact)
         return entry, out.state
 
-    def _measure(self, entry: CacheEntry) -> dict[str, float]:
+    def _measure(self, entry: CacheEntry) -> dict[str, float | str]:
+        """Metrics of the stage's artifact in torch and of its exported files in every configured runtime
+        (numbers; plus `deploy_error`, text, when export failed and deploy.required is false)."""
         metrics = entry.metrics(self.eval_key)
         if metrics is None:
             model = load_artifact(entry.artifact_path)  # measure exactly what ships
@@ -341,8 +359,41 @@ class Runner:
                 progress=self.progress,
             )
             metrics["artifact_bytes"] = float(entry.artifact_path.stat().st_size)
+            metrics.update(self._measure_deployed(entry, model, metrics["top1"]))
             entry.put_metrics(self.eval_key, metrics)
         return {**metrics, **entry.record.get("stage_metrics", {})}
+
+    def _deploy_dir(self, entry: CacheEntry) -> Path:
+        return entry.path / f"deploy-opset{self.recipe.deploy.opset}"
+
+    def _measure_deployed(self, entry: CacheEntry, model, torch_top1: float) -> dict[str, float | str]:
+        """Export the artifact for each configured runtime and measure the files there (see evaluator)."""
+        cfg = self.recipe.deploy
+        if not cfg.runtimes:
+            return {}
+        start = time.perf_counter()
+        try:
+            files = export_files(model, self.data.input_size, self._deploy_dir(entry), cfg.runtimes, opset=cfg.opset)
+            exported = time.perf_counter()
+            out: dict[str, float | str] = {"deploy_export_seconds": exported - start}
+            for runtime, file in files.items():
+                log.info("measuring the exported model in %s", runtime)
+                try:
+                    measured = runtime_metrics(runtime, file, self.data.test_loader(self.recipe.data.eval_batch_size),
+                                               self.data.input_size, self.recipe.evaluation, threads=cfg.threads,
+                                               progress=self.progress)  # fmt: skip
+                except Exception as err:
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise ExportError(f"{runtime} could not run the exported model {file.name}: {first[:400]}") from err
+                measured[f"{runtime}.top1_delta_vs_torch"] = measured[f"{runtime}.top1"] - torch_top1
+                out.update(measured)
+            out["deploy_eval_seconds"] = time.perf_counter() - exported
+            return out
+        except ExportError as err:
+            if cfg.required:
+                raise
+            log.warning("deploy: %s (deploy.required is false: the chain goes on, the error is on the run)", err)
+            return {"deploy_error": str(err)}
 
 
 __all__ = ["Runner", "RunSummary", "StageResult", "plan_chain"]

@@ -115,6 +115,8 @@ def tiny_recipe(**overrides) -> dict:
         "baseline": {"epochs": 2, "lr": 0.05},
         "stages": [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}],
         "evaluation": {"latency_runs": 5, "warmup_runs": 2, "throughput_runs": 2, "throughput_batch_size": 8},
+        # Export and runtime evaluation have their own tests (tests/pipeline/test_deploy.py); elsewhere torch only.
+        "deploy": {"runtimes": []},
     }
     for key, value in overrides.items():
         recipe[key] = value

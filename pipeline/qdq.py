@@ -1,0 +1,299 @@
+"""Lower an int8 model (the `qat` stage's FX-converted module) to a float graph with explicit QDQ pairs.
+
+Deployment runtimes read int8 as *QDQ*: a float graph in which every quantized tensor passes through
+QuantizeLinear → DequantizeLinear and every weight is an int8 constant behind a DequantizeLinear. ONNX
+Runtime fuses `DQ → Conv → Q` into its int8 kernels (QLinearConv, U8S8), OpenVINO turns the pairs into
+FakeQuantize and runs its int8 kernels. This module rewrites the converted torch graph into exactly that,
+using the values the torch int8 model holds (the scales and zero points QAT learned; no new calibration):
+
+- `quantize_per_tensor` and `dequantize` become identities; instead, **every node whose output is a
+  quantized tensor in the torch int8 model** is followed by a Q/DQ pair with that tensor's scale, zero
+  point and dtype (uint8 activations). Which outputs are quantized, and with what parameters, is read by
+  running the int8 model once on a sample input (`observe_qparams`), so ops that keep their input's
+  parameters (max pool, flatten) or fix their own (hardsigmoid) are covered without a table.
+- int8 conv and linear modules become `DequantizedWeightConv` / `DequantizedWeightLinear`: the int8
+  weights with their per-channel scales behind `dequantize_per_channel`, the bias as int32 at
+  scale = input scale × weight scale (as ONNX Runtime's own quantizer writes it), then the float op.
+- the other quantized modules and `torch.ops.quantized.*` functions become their float op (the Q/DQ
+  after them restores the int8 semantics).
+
+An op with no float counterpart here fails with `QDQExportError` naming the node and op.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+from torch import nn
+from torch.fx import Graph, GraphModule, Interpreter, Node
+
+QD = torch.ops.quantized_decomposed
+INT32_RANGE = (-(2**31), 2**31 - 1)
+# torch quantized dtype -> (plain dtype the runtimes see, quant_min, quant_max)
+QDTYPES = {torch.quint8: (torch.uint8, 0, 255), torch.qint8: (torch.int8, -128, 127)}
+
+
+class QDQExportError(RuntimeError):
+    """A node of the int8 graph that this exporter cannot express as QDQ (named in the message)."""
+
+
+QParams = tuple[float, int, torch.dtype]  # scale, zero point, torch quantized dtype
+
+
+class _Observer(Interpreter):
+    """Runs the int8 graph and records (scale, zero point, dtype) of every per-tensor quantized output."""
+
+    def __init__(self, module: GraphModule) -> None:
+        super().__init__(module)
+        self.qparams: dict[str, QParams] = {}
+
+    def run_node(self, n: Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor) and out.is_quantized and out.qscheme() == torch.per_tensor_affine:
+            self.qparams[n.name] = (float(out.q_scale()), int(out.q_zero_point()), out.dtype)
+        return out
+
+
+@torch.inference_mode()
+def observe_qparams(converted: GraphModule, example: torch.Tensor) -> dict[str, QParams]:
+    """Node name -> quantization parameters of its output, for every node that outputs a quantized tensor."""
+    observer = _Observer(converted)
+    observer.run(example)
+    return observer.qparams
+
+
+def _weight_qdq(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(int8 values, fp32 scales, int32 zero points, axis) of a quantized module's weight, per channel."""
+    w = module.weight()
+    if w.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        scales, zero_points, axis = w.q_per_channel_scales(), w.q_per_channel_zero_points(), w.q_per_channel_axis()
+    else:  # one scale for the tensor: the same form with a repeated scale
+        channels = w.shape[0]
+        scales = torch.full((channels,), w.q_scale(), dtype=torch.float64)
+        zero_points, axis = torch.full((channels,), w.q_zero_point(), dtype=torch.int64), 0
+    return w.int_repr(), scales.float(), zero_points.to(torch.int32), axis
+
+
+class _DequantizedWeight(nn.Module):
+    """Shared part of the int8-weight modules: int8 weights and an int32 bias, each behind a DequantizeLinear."""
+
+    def __init__(self, qmodule: nn.Module, input_scale: float) -> None:
+        super().__init__()
+        weight, scales, zero_points, axis = _weight_qdq(qmodule)
+        if bool((zero_points != 0).any()):
+            raise QDQExportError(f"{type(qmodule).__name__}: asymmetric int8 weights are not supported")
+        self.axis = axis
+        self.register_buffer("weight_int8", weight)
+        self.register_buffer("weight_scale", scales)
+        self.register_buffer("weight_zero_point", zero_points)
+        bias = qmodule.bias()
+        if bias is None:
+            self.bias_int32 = None
+        else:
+            bias_scale = (scales.double() * input_scale).float()
+            q = torch.round(bias.detach().double() / bias_scale.double()).clamp(*INT32_RANGE).to(torch.int32)
+            self.register_buffer("bias_int32", q)
+            self.register_buffer("bias_scale", bias_scale)
+
+    def weight(self) -> torch.Tensor:
+        return QD.dequantize_per_channel(self.weight_int8, self.weight_scale, self.weight_zero_point, self.axis,
+                                         -128, 127, torch.int8)  # fmt: skip
+
+    def bias(self) -> torch.Tensor | None:
+        if self.bias_int32 is None:
+            return None
+        zeros = torch.zeros_like(self.bias_int32)
+        return QD.dequantize_per_channel(self.bias_int32, self.bias_scale, zeros, 0, *INT32_RANGE, torch.int32)
+
+
+_CONV_FN = {1: nn.functional.conv1d, 2: nn.functional.conv2d, 3: nn.functional.conv3d}
+
+
+class DequantizedWeightConv(_DequantizedWeight):
+    """A quantized convolution as `conv(x, DQ(int8 W), DQ(int32 b))` (+ the fused add and/or ReLU)."""
+
+    def __init__(self, qconv: nn.Module, input_scale: float, *, add: bool, relu: bool) -> None:
+        super().__init__(qconv, input_scale)
+        if getattr(qconv, "padding_mode", "zeros") != "zeros":
+            raise QDQExportError(f"{type(qconv).__name__}: padding_mode {qconv.padding_mode!r} is not supported")
+        self.conv = _CONV_FN[self.weight_int8.dim() - 2]
+        self.stride, self.padding, self.dilation, self.groups = qconv.stride, qconv.padding, qconv.dilation, qconv.groups
+        self.add, self.relu = add, relu
+
+    def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.conv(x, self.weight(), self.bias(), self.stride, self.padding, self.dilation, self.groups)
+        if self.add:
+            y = y + extra
+        return torch.relu(y) if self.relu else y
+
+
+class DequantizedWeightLinear(_DequantizedWeight):
+    """A quantized linear layer as `linear(x, DQ(int8 W), DQ(int32 b))` (+ a fused activation)."""
+
+    def __init__(self, qlinear: nn.Module, input_scale: float, activation: Callable | None) -> None:
+        super().__init__(qlinear, input_scale)
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x, self.weight(), self.bias())
+        return self.activation(y) if self.activation is not None else y
+
+
+def _weighted(module: nn.Module, input_scale: float) -> nn.Module | None:
+    """The QDQ form of an int8 conv or linear module, or None if `module` is not one."""
+    convs = {nnq.Conv1d: (False, False), nnq.Conv2d: (False, False), nnq.Conv3d: (False, False),
+             nniq.ConvReLU1d: (False, True), nniq.ConvReLU2d: (False, True), nniq.ConvReLU3d: (False, True),
+             nniq.ConvAdd2d: (True, False), nniq.ConvAddReLU2d: (True, True)}  # fmt: skip
+    if type(module) in convs:
+        add, relu = convs[type(module)]
+        return DequantizedWeightConv(module, input_scale, add=add, relu=relu)
+    linears = {nnq.Linear: None, nniq.LinearReLU: torch.relu, nniq.LinearTanh: torch.tanh}
+    if type(module) in linears:
+        return DequantizedWeightLinear(module, input_scale, linears[type(module)])
+    if type(module) is nniq.LinearLeakyReLU:
+        slope = module.negative_slope
+        return DequantizedWeightLinear(module, input_scale, lambda y: nn.functional.leaky_relu(y, slope))
+    return None
+
+
+def _float_norm(module: nn.Module, float_type: type[nn.Module], **kwargs: Any) -> nn.Module:
+    out = float_type(**kwargs)
+    out.load_state_dict({k: v for k, v in module.state_dict().items() if k in out.state_dict()}, strict=True)
+    return out.eval()
+
+
+def _float_module(module: nn.Module) -> nn.Module | None:
+    """The float module computing what a quantized non-weighted module computes (before requantization)."""
+    kind = type(module)
+    simple: dict[type, Callable[[nn.Module], nn.Module]] = {
+        nnq.Hardswish: lambda m: nn.Hardswish(),
+        nnq.ReLU6: lambda m: nn.ReLU6(),
+        nnq.Sigmoid: lambda m: nn.Sigmoid(),
+        nnq.LeakyReLU: lambda m: nn.LeakyReLU(m.negative_slope),
+        nnq.ELU: lambda m: nn.ELU(m.alpha),
+        nnq.Softmax: lambda m: nn.Softmax(m.dim),
+        nnq.Dropout: lambda m: nn.Identity(),
+        nnq.BatchNorm2d: lambda m: _float_norm(m, nn.BatchNorm2d, num_features=m.num_features, eps=m.eps),
+        nnq.BatchNorm3d: lambda m: _float_norm(m, nn.BatchNorm3d, num_features=m.num_features, eps=m.eps),
+        nniq.BNReLU2d: lambda m: nn.Sequential(_float_norm(m, nn.BatchNorm2d, num_features=m.num_features,
+                                                           eps=m.eps), nn.ReLU()),  # fmt: skip
+        nnq.LayerNorm: lambda m: _float_norm(
+            m, nn.LayerNorm, normalized_shape=m.normalized_shape, eps=m.eps, elementwise_affine=m.weight is not None
+        ),
+        nnq.GroupNorm: lambda m: _float_norm(m, nn.GroupNorm, num_groups=m.num_groups, num_channels=m.num_channels,
+                                             eps=m.eps),  # fmt: skip
+    }
+    return simple[kind](module) if kind in simple else None
+
+
+def _relu_of(fn: Callable) -> Callable:
+    return lambda *args: torch.relu(fn(*args))
+
+
+# torch.ops.quantized.<name> -> (float function, how many leading arguments it takes)
+_QUANTIZED_FUNCTIONS: dict[str, tuple[Callable, int]] = {
+    "add": (torch.add, 2),
+    "add_relu": (_relu_of(torch.add), 2),
+    "mul": (torch.mul, 2),
+    "mul_relu": (_relu_of(torch.mul), 2),
+    "add_scalar": (torch.add, 2),
+    "mul_scalar": (torch.mul, 2),
+    "matmul": (torch.matmul, 2),
+    "hardswish": (nn.functional.hardswish, 1),
+    "sigmoid": (torch.sigmoid, 1),
+}
+
+
+def _float_call(node: Node) -> tuple[Callable, tuple[Any, ...], dict[str, Any]] | None:
+    """The float function and arguments for a `torch.ops.quantized.*` call, or None if `node` is not one."""
+    target = node.target
+    if not (node.op == "call_function" and str(getattr(target, "__module__", "")).startswith("torch._ops.quantized")):
+        return None
+    name = getattr(target, "__name__", str(target)).split(".")[0]
+    if name == "cat":
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        return torch.cat, (node.args[0],), {"dim": dim}
+    if name not in _QUANTIZED_FUNCTIONS:
+        raise QDQExportError(f"int8 export: node {node.name!r} calls torch.ops.quantized.{name}, which has no QDQ form")
+    fn, arity = _QUANTIZED_FUNCTIONS[name]
+    return fn, tuple(node.args[:arity]), {}
+
+
+def _is_quantize(node: Node) -> bool:
+    return node.op == "call_function" and node.target in (torch.quantize_per_tensor, torch.quantize_per_channel)
+
+
+def _is_dequantize(node: Node) -> bool:
+    return (node.op == "call_method" and node.target == "dequantize") or (
+        node.op == "call_function" and node.target is torch.dequantize
+    )
+
+
+def _qdq(graph: Graph, value: Node, qparams: QParams) -> Node:
+    scale, zero_point, qdtype = qparams
+    if qdtype not in QDTYPES:
+        raise QDQExportError(f"int8 export: {value.name!r} is quantized as {qdtype}, only quint8/qint8 are supported")
+    dtype, qmin, qmax = QDTYPES[qdtype]
+    q = graph.call_function(QD.quantize_per_tensor.default, (value, scale, zero_point, qmin, qmax, dtype))
+    return graph.call_function(QD.dequantize_per_tensor.default, (q, scale, zero_point, qmin, qmax, dtype))
+
+
+def to_qdq(converted: GraphModule, example: torch.Tensor) -> GraphModule:
+    """A float GraphModule computing what the int8 `converted` model computes, in QDQ form (see module doc).
+
+    `example`: one input batch of the right shape (values do not matter) to read the quantized outputs.
+    """
+    qparams = observe_qparams(converted, example)
+    root = copy.deepcopy(converted)
+    modules = dict(root.named_modules())
+    graph, env = Graph(), {}
+
+    def arg(a: Any) -> Any:
+        return torch.fx.node.map_arg(a, lambda n: env[n])
+
+    for node in converted.graph.nodes:
+        if _is_quantize(node) or _is_dequantize(node):
+            out = env[node.args[0]]
+        elif node.op == "call_module" and (replacement := _module_replacement(node, modules, qparams)) is not None:
+            root.set_submodule(node.target, replacement)
+            out = graph.call_module(node.target, arg(node.args), arg(node.kwargs))
+        elif (call := _float_call(node)) is not None:
+            fn, args, kwargs = call
+            out = graph.call_function(fn, arg(args), arg(kwargs))
+        else:
+            out = graph.node_copy(node, lambda n: env[n])
+        if node.name in qparams and node.op != "output":
+            out = _qdq(graph, out, qparams[node.name])
+        env[node] = out
+    lowered = GraphModule(root, graph, class_name="QDQModel")
+    lowered.graph.eliminate_dead_code()
+    lowered.recompile()
+    lowered.delete_all_unused_submodules()
+    return lowered.eval()
+
+
+def _module_replacement(node: Node, modules: dict[str, nn.Module], qparams: dict[str, QParams]) -> nn.Module | None:
+    """The float/QDQ module replacing a quantized module call, None for a module that stays as it is."""
+    module = modules[node.target]
+    if not type(module).__module__.startswith("torch.ao.nn"):
+        return None
+    source = node.args[0]
+    if isinstance(source, Node) and source.name in qparams:
+        weighted = _weighted(module, qparams[source.name][0])
+        if weighted is not None:
+            return weighted
+    replacement = _float_module(module)
+    if replacement is None:
+        raise QDQExportError(
+            f"int8 export: module {node.target!r} ({type(module).__module__}.{type(module).__name__}) has no QDQ form"
+        )
+    return replacement
+
+
+__all__ = ["QDQExportError", "observe_qparams", "to_qdq"]
