@@ -1,4 +1,5 @@
-"""Command line: `python -m pipeline run|sweep RECIPE [key=value ...]`, `report [SWEEP]`, `validate`, `stages`.
+"""Command line: `python -m pipeline run|sweep RECIPE [key=value ...]`, `report [SWEEP]`, `export SOURCE`,
+`validate`, `stages`.
 
 Exit codes: 0 success, 1 a stage (or a sweep's ordering) failed, 2 the recipe (or the command line) is
 invalid, 130 interrupted (rerun the same command to resume from the cache).
@@ -68,20 +69,47 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="time every distinct model again, side by side, instead of each stage's own figure",
     )
+    report.add_argument(
+        "--runtime",
+        default=None,
+        choices=("torch", "onnxruntime", "openvino"),
+        help="whose latency and top-1 the frontiers use (default: the sweep's first deploy runtime, else torch)",
+    )
+    export = sub.add_parser("export", help="export a model to ONNX / OpenVINO IR outside a run")
+    export.add_argument(
+        "source",
+        help="an artifact file (artifact.pt, or a folder holding one), an MLflow run id (its model/artifact.pt), or "
+        "a recipe whose chain has run (its final stage, from the cache)",
+    )
+    export.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (a recipe source only)")
+    export.add_argument(
+        "--format", default="all", choices=("onnx", "openvino", "all"), help="file format(s) to write (default: all)"
+    )
+    export.add_argument("--out", type=Path, required=True, help="folder to write model.onnx / openvino/model.xml into")
+    export.add_argument("--opset", type=int, default=18, help="ONNX opset (17-23, default 18)")
+    export.add_argument("--cache-dir", type=Path, default=None, help="stage cache of a recipe source (default .cache/)")
     sub.add_parser("stages", help="list the registered stages and their config fields")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run it; returns the process exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after the options too (`run R --cache-dir D key=value`).
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO, format="[pipeline] %(message)s", stream=sys.stderr)
     # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU-only machines.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if args.command == "stages":
         return _list_stages()
     if args.command == "report":
-        return _report(args.sweep, args.reports_dir, remeasure=args.remeasure_latency)
+        return _report(args.sweep, args.reports_dir, remeasure=args.remeasure_latency, runtime=args.runtime)
+    if args.command == "export":
+        return _export(args)
     from pipeline.recipe import RecipeError, load_recipe
 
     try:
@@ -178,13 +206,15 @@ def _sweep(recipe, args) -> int:
     return _guarded(sweep)
 
 
-def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = False) -> int:
+def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = False, runtime: str | None = None) -> int:
     from pipeline.report import REPORTS_DIR, report_sweep
     from pipeline.tracking import Tracker
 
     def report() -> int:
         try:
-            done, out_dir = report_sweep(Tracker(), sweep_id, reports_dir or REPORTS_DIR, remeasure=remeasure)
+            done, out_dir = report_sweep(
+                Tracker(), sweep_id, reports_dir or REPORTS_DIR, remeasure=remeasure, runtime=runtime
+            )
         except ValueError as err:  # no such sweep, nothing finished yet
             print(f"error: {err}", file=sys.stderr)
             return EXIT_INVALID
@@ -192,6 +222,36 @@ def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = Fa
         return EXIT_OK
 
     return _guarded(report)
+
+
+def _export(args) -> int:
+    from pipeline.artifacts import load_artifact
+    from pipeline.deploy import ExportError, export_files, runtime_file_bytes
+    from pipeline.export_source import SourceError, resolve_artifact
+
+    if not 17 <= args.opset <= 23:
+        print(f"error: --opset: must be 17..23, got {args.opset}", file=sys.stderr)
+        return EXIT_INVALID
+    runtimes = {"onnx": ["onnxruntime"], "openvino": ["openvino"], "all": ["onnxruntime", "openvino"]}[args.format]
+
+    def export() -> int:
+        try:
+            artifact = resolve_artifact(args.source, args.overrides, cache_dir=args.cache_dir)
+        except SourceError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
+        model = load_artifact(artifact)
+        try:
+            files = export_files(model, tuple(model.pretrained_cfg["input_size"]), args.out, runtimes, opset=args.opset)
+        except ExportError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_FAILED
+        print(f"exported {artifact} ({model.pretrained_cfg.get('architecture', '?')}):")
+        for runtime, file in files.items():
+            print(f"  {runtime}: {file} ({runtime_file_bytes(file):,} bytes)")
+        return EXIT_OK
+
+    return _guarded(export)
 
 
 def _run(recipe, args) -> int:

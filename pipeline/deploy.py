@@ -40,7 +40,10 @@ log = logging.getLogger("pipeline")
 Runtime = Literal["onnxruntime", "openvino"]
 RUNTIMES: tuple[str, ...] = ("onnxruntime", "openvino")
 # The Python packages each runtime needs, to export for it and to run it.
-RUNTIME_PACKAGES = {"onnxruntime": ("onnx", "onnxscript", "onnxruntime"), "openvino": ("onnx", "onnxscript", "openvino")}
+RUNTIME_PACKAGES = {
+    "onnxruntime": ("onnx", "onnxscript", "onnxruntime"),
+    "openvino": ("onnx", "onnxscript", "openvino"),
+}
 ONNX_FILE, OPENVINO_DIR, OPENVINO_XML = "model.onnx", "openvino", "model.xml"
 
 
@@ -157,24 +160,35 @@ def export_openvino(onnx_path: Path, out_dir: Path) -> Path:
     return xml
 
 
-def export_files(model: nn.Module, input_size: tuple[int, ...], out_dir: Path, runtimes: list[str], *, opset: int):
-    """Export for every runtime in `runtimes` into `out_dir`, atomically (a temporary folder, then a rename).
+def export_files(
+    model: nn.Module,
+    input_size: tuple[int, ...],
+    out_dir: Path,
+    runtimes: list[str],
+    *,
+    opset: int,
+    reuse: bool = True,
+) -> dict[str, Path]:
+    """Export for every runtime in `runtimes` into `out_dir`; returns {runtime: the file it loads}.
 
-    Returns {runtime: the file it loads}. ONNX Runtime loads `model.onnx`; OpenVINO its IR converted from it.
-    An existing complete `out_dir` is reused as it is (exports are deterministic given the artifact)."""
+    ONNX Runtime loads `model.onnx`; OpenVINO its IR (`openvino/model.xml`), converted from that ONNX file.
+    Files are written in a temporary folder and moved into place, so a crash leaves no half-written file;
+    only these files are replaced in `out_dir`. `reuse`: keep existing files (exports are deterministic
+    given the artifact, so the stage cache reuses them)."""
     out_dir = Path(out_dir)
     files = {r: _runtime_file(out_dir, r) for r in runtimes}
-    if all(f.is_file() for f in files.values()):
+    if reuse and all(f.is_file() for f in files.values()):
         return files
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".export-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         export_onnx(model, input_size, tmp / ONNX_FILE, opset=opset)
         if "openvino" in runtimes:
             export_openvino(tmp / ONNX_FILE, tmp / OPENVINO_DIR)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            shutil.rmtree(out_dir / OPENVINO_DIR, ignore_errors=True)
+            os.replace(tmp / OPENVINO_DIR, out_dir / OPENVINO_DIR)
+        os.replace(tmp / ONNX_FILE, out_dir / ONNX_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files

@@ -247,3 +247,16 @@ def runtime_metrics(
         f"{runtime}.file_bytes_zip": float(zipped_bytes(file)),
         f"{runtime}.threads": float(threads),
     }
+
+
+def predict_side_by_side(
+    predicts: Sequence[Predict], input_size: tuple[int, ...], *, rounds: int = 7, runs: int = 100, warmup: int = 10
+) -> list[float]:
+    """Batch-1 p50 latency (ms) of each runtime `predict`, the median over `rounds` interleaved rounds (as
+    `latency_side_by_side` does for torch modules). Compare their ratios."""
+    x = np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32)
+    samples: list[list[float]] = [[] for _ in predicts]
+    for _ in range(rounds):
+        for i, predict in enumerate(predicts):
+            samples[i].append(statistics.median(predict_times_ms(predict, x, runs=runs, warmup=warmup)))
+    return [statistics.median(s) for s in samples]

@@ -123,7 +123,8 @@ class DequantizedWeightConv(_DequantizedWeight):
         if getattr(qconv, "padding_mode", "zeros") != "zeros":
             raise QDQExportError(f"{type(qconv).__name__}: padding_mode {qconv.padding_mode!r} is not supported")
         self.conv = _CONV_FN[self.weight_int8.dim() - 2]
-        self.stride, self.padding, self.dilation, self.groups = qconv.stride, qconv.padding, qconv.dilation, qconv.groups
+        self.stride, self.padding = qconv.stride, qconv.padding
+        self.dilation, self.groups = qconv.dilation, qconv.groups
         self.add, self.relu = add, relu
 
     def forward(self, x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,13 +182,15 @@ def _float_module(module: nn.Module) -> nn.Module | None:
         nnq.Dropout: lambda m: nn.Identity(),
         nnq.BatchNorm2d: lambda m: _float_norm(m, nn.BatchNorm2d, num_features=m.num_features, eps=m.eps),
         nnq.BatchNorm3d: lambda m: _float_norm(m, nn.BatchNorm3d, num_features=m.num_features, eps=m.eps),
-        nniq.BNReLU2d: lambda m: nn.Sequential(_float_norm(m, nn.BatchNorm2d, num_features=m.num_features,
-                                                           eps=m.eps), nn.ReLU()),  # fmt: skip
+        nniq.BNReLU2d: lambda m: nn.Sequential(
+            _float_norm(m, nn.BatchNorm2d, num_features=m.num_features, eps=m.eps), nn.ReLU()
+        ),  # fmt: skip
         nnq.LayerNorm: lambda m: _float_norm(
             m, nn.LayerNorm, normalized_shape=m.normalized_shape, eps=m.eps, elementwise_affine=m.weight is not None
         ),
-        nnq.GroupNorm: lambda m: _float_norm(m, nn.GroupNorm, num_groups=m.num_groups, num_channels=m.num_channels,
-                                             eps=m.eps),  # fmt: skip
+        nnq.GroupNorm: lambda m: _float_norm(
+            m, nn.GroupNorm, num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps
+        ),  # fmt: skip
     }
     return simple[kind](module) if kind in simple else None
 

@@ -18,19 +18,54 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.pareto import OBJECTIVES, frontiers, pair_column
+from pipeline.pareto import Direction, frontiers, pair_column
 
 log = logging.getLogger("pipeline")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPORTS_DIR = PROJECT_ROOT / "reports"
-METRIC_COLUMNS = ("top1", "artifact_bytes", "latency_ms_p50", "params", "macs", "stage_seconds")
+RUNTIMES = ("onnxruntime", "openvino")
+REPORT_RUNTIMES = ("torch", *RUNTIMES)  # torch = the artifact in PyTorch eager
+RUNTIME_METRICS = ("top1", "latency_ms_p50", "file_bytes")
+METRIC_COLUMNS = (
+    "top1", "artifact_bytes", "latency_ms_p50", "params", "macs", "stage_seconds",
+    *(f"{r}.{m}" for r in RUNTIMES for m in RUNTIME_METRICS),
+)  # fmt: skip
 LABELS = {
     "top1": "top-1 accuracy (%)",
     "artifact_bytes": "artifact size (bytes)",
     "latency_ms_p50": "p50 latency, batch 1 (ms)",
+    "file_bytes": "runtime file (bytes)",
 }
-PLOTS = {"accuracy_vs_latency": ("latency_ms_p50", "top1"), "accuracy_vs_size": ("artifact_bytes", "top1")}
+
+
+def top1_column(runtime: str) -> str:
+    """The metric holding top-1 as measured in `runtime` ('torch': the artifact in PyTorch)."""
+    return "top1" if runtime == "torch" else f"{runtime}.top1"
+
+
+def latency_column(runtime: str) -> str:
+    """The metric holding batch-1 p50 latency in `runtime`."""
+    return "latency_ms_p50" if runtime == "torch" else f"{runtime}.latency_ms_p50"
+
+
+def report_objectives(runtime: str) -> dict[str, Direction]:
+    """The report's frontier objectives in `runtime`: accuracy up, artifact size and batch-1 latency down."""
+    return {top1_column(runtime): "max", "artifact_bytes": "min", latency_column(runtime): "min"}
+
+
+def label(column: str) -> str:
+    """Axis label of a metric column, naming the runtime it was measured in."""
+    runtime, _, metric = column.rpartition(".")
+    if column in ("top1", "latency_ms_p50"):
+        runtime = "torch eager"
+    return f"{LABELS.get(metric, metric)} [{runtime}]" if runtime else LABELS.get(metric, metric)
+
+
+def plots(runtime: str) -> dict[str, tuple[str, str]]:
+    """Plot file name -> (x, y) columns."""
+    top1 = top1_column(runtime)
+    return {"accuracy_vs_latency": (latency_column(runtime), top1), "accuracy_vs_size": ("artifact_bytes", top1)}
 
 
 def _bytes(n: float) -> str:
@@ -43,16 +78,27 @@ def _bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
+SHORT = {"onnxruntime": "ort", "openvino": "ov"}
+
+
 def summary_table(summary) -> str:
-    """A fixed-width table: one row per stage with top1, size, latency and time taken."""
-    header = f"{'#':>2}  {'stage':<10} {'cached':<6} {'top1 %':>7} {'artifact':>10} {'p50 ms':>8} {'time s':>8}"
+    """A fixed-width table: one row per stage with top1, size, latency (torch eager and each runtime) and time."""
+    runtimes = [r for r in RUNTIMES if any(f"{r}.latency_ms_p50" in res.metrics for res in summary.results)]
+    header = f"{'#':>2}  {'stage':<10} {'cached':<6} {'top1 %':>7} {'artifact':>10} {'torch p50':>9}"
+    header += "".join(f" {SHORT[r] + ' top1':>8} {SHORT[r] + ' p50':>7}" for r in runtimes) + f" {'time s':>8}"
     lines = [f"recipe {summary.recipe} ({summary.ordering}), MLflow run {summary.run_id}", header, "-" * len(header)]
     for r in summary.results:
         m = r.metrics
+        deployed = "".join(
+            f" {m.get(f'{rt}.top1', float('nan')):>8.2f} {m.get(f'{rt}.latency_ms_p50', float('nan')):>7.3f}"
+            for rt in runtimes
+        )
         lines.append(
             f"{r.index:>2}  {r.name:<10} {'yes' if r.cached else 'no':<6} {m['top1']:>7.2f} "
-            f"{_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>8.2f} {r.seconds:>8.1f}"
+            f"{_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>9.2f}{deployed} {r.seconds:>8.1f}"
         )
+    if runtimes:
+        lines.append("p50: batch-1 median latency in ms (torch eager; each runtime on the exported file)")
     reused = summary.reused
     lines.append(f"reused from cache: {', '.join(reused)}" if reused else "reused from cache: none")
     return "\n".join(lines)
@@ -97,13 +143,34 @@ class SweepReport:
     points: pd.DataFrame
     models: pd.DataFrame
     orderings: pd.DataFrame
+    runtime: str = "torch"
+
+    @property
+    def objectives(self) -> dict[str, Direction]:
+        return report_objectives(self.runtime)
 
 
-def build_report(runs: pd.DataFrame, sweep_id: str, latency: dict[str, float] | None = None) -> SweepReport:
+def default_runtime(runs: pd.DataFrame) -> str:
+    """The sweep's first deploy runtime whose metrics were logged, else 'torch'."""
+    tagged = runs.get("tags.deploy_runtimes", pd.Series(dtype=object)).dropna()
+    for runtime in str(tagged.iloc[0]).split(",") if not tagged.empty else []:
+        column = f"metrics.{latency_column(runtime)}"
+        if runtime in RUNTIMES and column in runs and runs[column].notna().any():
+            return runtime
+    return "torch"
+
+
+def build_report(
+    runs: pd.DataFrame, sweep_id: str, latency: dict[str, float] | None = None, runtime: str | None = None
+) -> SweepReport:
     """Tables from a sweep's runs as `mlflow.search_runs` returns them (tags.*, metrics.*, params.* columns).
 
-    `latency` (cache key -> ms) replaces the latency logged by each stage, e.g. with a side-by-side re-measurement."""
+    `runtime`: whose top-1 and latency the frontiers use (default: `default_runtime`); `latency` (cache key -> ms)
+    replaces that runtime's latency logged by each stage, e.g. with a side-by-side re-measurement."""
     runs = runs.copy()
+    runtime = runtime or default_runtime(runs)
+    if runtime not in REPORT_RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(REPORT_RUNTIMES)}")
     role = runs.get("tags.run_type", pd.Series(index=runs.index, dtype=object))
     sweep_rows = runs[role == "sweep"].sort_values("start_time")
     chains = runs[(role == "chain") & (runs["status"] == "FINISHED")].sort_values("start_time")
@@ -112,10 +179,12 @@ def build_report(runs: pd.DataFrame, sweep_id: str, latency: dict[str, float] | 
         raise ValueError(f"sweep {sweep_id!r} has no finished ordering yet; run `make sweep` first")
     stages = runs[(role == "stage") & runs["tags.mlflow.parentRunId"].isin(chains["run_id"])]
     points = _points(stages)
+    if runtime != "torch" and points[latency_column(runtime)].isna().all():
+        raise ValueError(f"sweep {sweep_id!r} logged no {runtime} metrics (its recipe's deploy.runtimes)")
     if latency is not None:
-        points["latency_ms_p50"] = points["cache_key"].map(latency)
-    models = _models(points)
-    orderings = _orderings(points, models)
+        points[latency_column(runtime)] = points["cache_key"].map(latency)
+    models = _models(points, runtime)
+    orderings = _orderings(points, models, runtime)
     sweep = sweep_rows.iloc[-1] if not sweep_rows.empty else pd.Series(dtype=object)
     meta = {k.split(".", 1)[1]: v for k, v in sweep.items() if k.startswith(("metrics.", "params.", "tags.sweep"))}
     meta["run_id"] = sweep.get("run_id")
@@ -125,7 +194,10 @@ def build_report(runs: pd.DataFrame, sweep_id: str, latency: dict[str, float] | 
         (role == "chain") & (runs["status"] == "FAILED") & ~runs["tags.ordering"].isin(chains["tags.ordering"])
     ]
     meta["failed_orderings"] = sorted(set(failed["tags.ordering"]))
-    return SweepReport(sweep_id, meta, points, models, orderings)
+    meta["runtime"] = runtime
+    cpu = stages.get("tags.cpu_capability", pd.Series(dtype=object)).dropna()
+    meta["cpu_capability"] = cpu.iloc[0] if not cpu.empty else None
+    return SweepReport(sweep_id, meta, points, models, orderings, runtime)
 
 
 def _points(stages: pd.DataFrame) -> pd.DataFrame:
@@ -152,14 +224,21 @@ def _points(stages: pd.DataFrame) -> pd.DataFrame:
     return points
 
 
-def _models(points: pd.DataFrame) -> pd.DataFrame:
-    """Distinct models (a shared prefix is one model), labelled by the shortest ordering prefix reaching them."""
+def _models(points: pd.DataFrame, runtime: str) -> pd.DataFrame:
+    """Distinct models (a shared prefix is one model), labelled by the shortest ordering prefix reaching them,
+    with their frontier flags in `runtime` (`pareto`, `pareto_<a>__<b>`) and the 3-D flag in every runtime
+    that was measured (`pareto[<runtime>]`)."""
     points = points.assign(
         path=[">".join(_path(o, i)) for o, i in zip(points.ordering, points.stage_index, strict=True)]
     )
     models = points.sort_values("stage_index").drop_duplicates("cache_key").set_index("cache_key")
     models = models[["path", "stage", "stage_index", *[c for c in METRIC_COLUMNS if c in models]]]
-    flags = frontiers(models.dropna(subset=list(OBJECTIVES)))
+    objectives = report_objectives(runtime)
+    flags = frontiers(models.dropna(subset=list(objectives)), objectives)
+    for other in REPORT_RUNTIMES:
+        measured = models.dropna(subset=list(report_objectives(other)))
+        if not measured.empty:
+            flags[f"pareto[{other}]"] = frontiers(measured, report_objectives(other))["pareto"]
     return models.join(flags).fillna({c: False for c in flags.columns}).astype({c: bool for c in flags.columns})
 
 
@@ -167,21 +246,27 @@ def _path(ordering: str, index: int) -> list[str]:
     return ["baseline", *ordering.split(">")[:index]] if index else ["baseline"]
 
 
-def _orderings(points: pd.DataFrame, models: pd.DataFrame) -> pd.DataFrame:
+def _orderings(points: pd.DataFrame, models: pd.DataFrame, runtime: str) -> pd.DataFrame:
+    """Each ordering's final model: top-1 and latency in `runtime` (columns named by it), torch eager's beside."""
     baseline = points[points.stage_index == 0].iloc[0]
     finals = points.sort_values("stage_index").groupby("ordering").tail(1).set_index("ordering")
+    top1, latency = top1_column(runtime), latency_column(runtime)
     out = pd.DataFrame(index=finals.index)
     out["stages"] = finals["stage_index"]
-    out["top1"] = finals["top1"]
-    out["delta_top1"] = finals["top1"] - baseline["top1"]
+    out[top1] = finals[top1]
+    out["delta_top1"] = finals[top1] - baseline[top1]
     out["artifact_bytes"] = finals["artifact_bytes"]
     out["size_ratio"] = finals["artifact_bytes"] / baseline["artifact_bytes"]
-    out["latency_ms_p50"] = finals["latency_ms_p50"]
-    out["speedup"] = baseline["latency_ms_p50"] / finals["latency_ms_p50"]
+    out[latency] = finals[latency]
+    out["speedup"] = baseline[latency] / finals[latency]
+    if runtime != "torch":
+        out["torch_latency_ms_p50"] = finals["latency_ms_p50"]
+        out["torch_speedup"] = baseline["latency_ms_p50"] / finals["latency_ms_p50"]
+        out[f"{runtime}.file_bytes"] = finals[f"{runtime}.file_bytes"]
     out["pareto"] = models.loc[finals["cache_key"], "pareto"].to_numpy()
     trained = points.groupby("ordering")["cached"].agg(lambda c: int((~c).sum()))
     out["stages_trained"] = trained.reindex(out.index)
-    out = out.sort_values(["pareto", "top1"], ascending=[False, False])
+    out = out.sort_values(["pareto", top1], ascending=[False, False])
     return out.reset_index()
 
 
@@ -194,7 +279,7 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
     paths = [out_dir / "orderings.csv", out_dir / "models.csv"]
     report.orderings.to_csv(paths[0], index=False, float_format="%.6g")
     report.models.to_csv(paths[1], float_format="%.6g")
-    for name, (x, y) in PLOTS.items():
+    for name, (x, y) in plots(report.runtime).items():
         paths.append(_plot_png(report, x, y, out_dir / f"{name}.png"))
     paths.append(out_dir / "report.md")
     paths[-1].write_text(markdown(report))
@@ -205,36 +290,40 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
 
 def markdown(report: SweepReport) -> str:
     """The report as Markdown: how the sweep ran, the orderings table, the frontiers, the plots."""
-    s = report.sweep
+    s, top1 = report.sweep, top1_column(report.runtime)
     lines = [f"# Sweep `{report.sweep_id}`", ""]
     lines += [f"- {line}" for line in _facts(report)]
-    lines += ["", "## Orderings, best first", "", _orderings_markdown(report.orderings), ""]
+    lines += ["", "## Orderings, best first", "", _orderings_markdown(report), ""]
     lines += [
-        "Pareto = the ordering's final model is on the 3-D frontier (top1 ↑, artifact_bytes ↓, latency_ms_p50 ↓) "
+        f"Pareto = the ordering's final model is on the 3-D frontier ({', '.join(report.objectives)}) "
         "of every model in the sweep, intermediate stages and baseline included.",
         "",
     ]
-    lines += ["## Pareto frontiers", ""]
-    for column, title in _frontier_titles().items():
-        on = report.models[report.models[column]].sort_values("top1", ascending=False)
+    lines += [f"## Pareto frontiers ({_runtime_name(report.runtime)})", ""]
+    for column, title in _frontier_titles(report).items():
+        on = report.models[report.models[column]].sort_values(top1, ascending=False)
         lines.append(
-            f"- **{title}**: " + ", ".join(f"`{p}` ({t:.2f} %)" for p, t in zip(on.path, on.top1, strict=True))
+            f"- **{title}**: " + ", ".join(f"`{p}` ({t:.2f} %)" for p, t in zip(on.path, on[top1], strict=True))
         )
     lines += ["", "## Plots", ""]
-    lines += [f"![{name}]({name}.png)" for name in PLOTS]
+    lines += [f"![{name}]({name}.png)" for name in plots(report.runtime)]
     lines += ["", f"Interactive version: [report.html](report.html). Sweep run in MLflow: `{s.get('run_id')}`.", ""]
     return "\n".join(lines)
 
 
 def _facts(report: SweepReport) -> list[str]:
     s, base = report.sweep, report.points[report.points.stage_index == 0].iloc[0]
+    top1, latency = top1_column(report.runtime), latency_column(report.runtime)
     facts = [
         f"recipe `{s.get('recipe')}`, model `{s.get('model', '?')}`, dataset `{s.get('dataset', '?')}`, "
         f"executor `{s.get('executor', '?')}`; report written {time.strftime('%Y-%m-%d %H:%M')}",
         f"{len(report.orderings)} orderings finished; failed: {', '.join(s.get('failed_orderings') or []) or 'none'}"
         f"; skipped: {s.get('skipped', 'none')}",
         f"budget: {s.get('budget', 'none')}",
-        f"baseline: {base.top1:.2f} % top-1, {_bytes(base.artifact_bytes)}, {base.latency_ms_p50:.2f} ms p50",
+        f"baseline: {base[top1]:.2f} % top-1, {_bytes(base.artifact_bytes)}, {base[latency]:.2f} ms p50 "
+        f"in {_runtime_name(report.runtime)}",
+        f"accuracy and latency: {_runtime_name(report.runtime)} (`make report runtime=…` picks another of "
+        f"{', '.join(r for r in REPORT_RUNTIMES if r == 'torch' or report.points[latency_column(r)].notna().any())})",
     ]
     if "stage_runs_executed" in s:
         facts.append(
@@ -246,20 +335,36 @@ def _facts(report: SweepReport) -> list[str]:
             f"latency: batch-1 p50 on 1 thread, re-measured at report time side by side: {s.get('latency_how')}"
         )
     else:
-        facts.append("latency: batch-1 p50 of each stage's artifact, measured right after the stage ran")
+        facts.append("latency: batch-1 p50 of each stage's model, measured right after the stage ran")
+    if s.get("cpu_capability"):
+        facts.append(f"CPU instruction set (torch): {s['cpu_capability']}")
     return facts
 
 
-def _orderings_markdown(orderings: pd.DataFrame) -> str:
+def _runtime_name(runtime: str) -> str:
+    return "torch eager" if runtime == "torch" else runtime
+
+
+def _orderings_markdown(report: SweepReport) -> str:
+    runtime, orderings = report.runtime, report.orderings
+    top1, latency = top1_column(runtime), latency_column(runtime)
+    eager = runtime != "torch"
+    head = f"p50 ms ({_runtime_name(runtime)})"
     lines = [
-        "| # | ordering | top1 % | Δ top1 (pts) | artifact | size × | p50 ms | speed-up | Pareto | stages trained |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | :---: | ---: |",
+        f"| # | ordering | top1 % | Δ top1 (pts) | artifact | size × | {head} | speed-up |"
+        + (" torch eager p50 ms | torch eager speed-up |" if eager else "")
+        + " Pareto | stages trained |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        + (" ---: | ---: |" if eager else "")
+        + " :---: | ---: |",
     ]
-    for rank, r in enumerate(orderings.itertuples(), 1):
+    for rank, r in enumerate(orderings.to_dict("records"), 1):
+        extra = f" {_num(r['torch_latency_ms_p50'], '.2f')} | {_num(r['torch_speedup'], '.2f')}× |" if eager else ""
         lines.append(
-            f"| {rank} | `{r.ordering}` | {_num(r.top1, '.2f')} | {_num(r.delta_top1, '+.2f')} | "
-            f"{_bytes(r.artifact_bytes)} | {_num(r.size_ratio, '.3f')} | {_num(r.latency_ms_p50, '.2f')} | "
-            f"{_num(r.speedup, '.2f')}× | {'yes' if r.pareto else ''} | {r.stages_trained}/{r.stages + 1} |"
+            f"| {rank} | `{r['ordering']}` | {_num(r[top1], '.2f')} | {_num(r['delta_top1'], '+.2f')} | "
+            f"{_bytes(r['artifact_bytes'])} | {_num(r['size_ratio'], '.3f')} | {_num(r[latency], '.2f')} | "
+            f"{_num(r['speedup'], '.2f')}× |{extra} {'yes' if r['pareto'] else ''} | "
+            f"{r['stages_trained']}/{r['stages'] + 1} |"
         )
     return "\n".join(lines)
 
@@ -268,14 +373,15 @@ def _num(value: float, spec: str) -> str:
     return "–" if value != value else format(value, spec)
 
 
-def _frontier_titles() -> dict[str, str]:
-    titles = {"pareto": "3-D (" + ", ".join(OBJECTIVES) + ")"}
-    titles.update({pair_column(a, b): f"{a} vs {b}" for a, b in combinations(OBJECTIVES, 2)})
+def _frontier_titles(report: SweepReport) -> dict[str, str]:
+    objectives = report.objectives
+    titles = {"pareto": "3-D (" + ", ".join(objectives) + ")"}
+    titles.update({pair_column(a, b, objectives): f"{a} vs {b}" for a, b in combinations(objectives, 2)})
     return titles
 
 
-def _frontier_line(models: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
-    return models[models[pair_column(x, y)]].sort_values(x)
+def _frontier_line(report: SweepReport, x: str, y: str) -> pd.DataFrame:
+    return report.models[report.models[pair_column(x, y, report.objectives)]].sort_values(x)
 
 
 def _plot_png(report: SweepReport, x: str, y: str, path: Path) -> Path:
@@ -292,7 +398,7 @@ def _plot_png(report: SweepReport, x: str, y: str, path: Path) -> Path:
         ax.plot(path_points[x], path_points[y], "-", color=color, alpha=0.7, label=ordering)
         for stage, pts in path_points.groupby("stage"):
             ax.scatter(pts[x], pts[y], color=color, marker=markers[stage], s=60, zorder=3, edgecolor="black", lw=0.4)
-    front = _frontier_line(report.models, x, y)
+    front = _frontier_line(report, x, y)
     ax.step(front[x], front[y], where="post", color="black", ls="--", lw=1.2, label="Pareto frontier")
     ax.scatter(front[x], front[y], s=220, facecolors="none", edgecolors="black", lw=1.2, zorder=4)
     if x == "artifact_bytes":
@@ -300,7 +406,7 @@ def _plot_png(report: SweepReport, x: str, y: str, path: Path) -> Path:
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _bytes(v)))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set(xlabel=LABELS[x], ylabel=LABELS[y], title=f"{report.sweep_id}: {LABELS[y]} vs {LABELS[x]}")
+    ax.set(xlabel=label(x), ylabel=label(y), title=f"{report.sweep_id}: {label(y)} vs {label(x)}")
     handles = [plt.Line2D([], [], marker=m, ls="", color="grey", label=_stage_label(s)) for s, m in markers.items()]
     ax.legend(handles=ax.get_legend_handles_labels()[0] + handles, fontsize=7, loc="best")
     ax.grid(alpha=0.3)
@@ -316,10 +422,10 @@ def _stage_label(stage: str) -> str:
 
 def html_page(report: SweepReport) -> str:
     """A self-contained page (plotly.js inlined, works offline): interactive plots and the tables."""
-    figures = [_plotly_figure(report, x, y) for x, y in PLOTS.values()]
+    figures = [_plotly_figure(report, x, y) for x, y in plots(report.runtime).values()]
     parts = [
         fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{name}")
-        for i, (fig, name) in enumerate(zip(figures, PLOTS, strict=True))
+        for i, (fig, name) in enumerate(zip(figures, plots(report.runtime), strict=True))
     ]
     facts = "".join(f"<li>{html.escape(f)}</li>" for f in _facts(report))
     table = report.orderings.to_html(index=False, float_format=lambda v: f"{v:.4g}", table_id="orderings", border=0)
@@ -349,7 +455,7 @@ def _plotly_figure(report: SweepReport, x: str, y: str):
                 hovertemplate="%{text}<br>%{x}<br>%{y:.2f}<extra></extra>",
             )
         )
-    front = _frontier_line(report.models, x, y)
+    front = _frontier_line(report, x, y)
     fig.add_trace(
         go.Scatter(
             x=front[x],
@@ -362,7 +468,7 @@ def _plotly_figure(report: SweepReport, x: str, y: str):
             hovertemplate="%{text}<extra></extra>",
         )
     )
-    fig.update_layout(title=f"{LABELS[y]} vs {LABELS[x]}", xaxis_title=LABELS[x], yaxis_title=LABELS[y], height=520)
+    fig.update_layout(title=f"{label(y)} vs {label(x)}", xaxis_title=label(x), yaxis_title=label(y), height=520)
     if x == "artifact_bytes":
         fig.update_xaxes(type="log")
     return fig
@@ -372,35 +478,58 @@ REMEASURE_ROUNDS, REMEASURE_CALLS = 7, 100
 
 
 def remeasure_latency(
-    tracker, runs: pd.DataFrame, rounds: int = REMEASURE_ROUNDS, calls: int = REMEASURE_CALLS
+    tracker, runs: pd.DataFrame, runtime: str = "torch", rounds: int = REMEASURE_ROUNDS, calls: int = REMEASURE_CALLS
 ) -> dict[str, float]:
-    """Batch-1 p50 (ms, 1 thread) of every distinct model of a sweep, its artifact fetched from its stage run in
-    MLflow and timed side by side with the others (interleaved rounds), so ratios are fair on a busy machine."""
+    """Batch-1 p50 (ms, 1 thread) of every distinct model of a sweep in `runtime`, its artifact (torch) or exported
+    file fetched from its stage run in MLflow and timed side by side with the others (interleaved rounds), so
+    ratios are fair on a busy machine."""
     import tempfile
 
     from pipeline.artifacts import load_artifact
-    from pipeline.evaluator import latency_side_by_side
+    from pipeline.deploy import ONNX_FILE, OPENVINO_DIR, OPENVINO_XML, open_runtime
+    from pipeline.evaluator import latency_side_by_side, predict_side_by_side
 
     stages = runs[(runs.get("tags.run_type") == "stage") & (runs["status"] == "FINISHED")]
     stages = stages.drop_duplicates("tags.cache_key")
+    log.info("re-measuring batch-1 latency of %d models in %s side by side (%d rounds x %d calls)",
+             len(stages), _runtime_name(runtime), rounds, calls)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        models = []
-        for i, run_id in enumerate(stages["run_id"]):
-            models.append(load_artifact(tracker.download_artifact(run_id, "model/artifact.pt", Path(tmp) / str(i))))
-    sizes = [tuple(m.pretrained_cfg["input_size"]) for m in models]
-    log.info(
-        "re-measuring batch-1 latency of %d models side by side (%d rounds x %d calls)", len(models), rounds, calls
-    )
-    medians = latency_side_by_side(models, sizes, threads=1, rounds=rounds, runs=calls)
+        if runtime == "torch":
+            models = [load_artifact(tracker.download_artifact(run_id, "model/artifact.pt", Path(tmp) / str(i)))
+                      for i, run_id in enumerate(stages["run_id"])]  # fmt: skip
+            sizes = [tuple(m.pretrained_cfg["input_size"]) for m in models]
+            medians = latency_side_by_side(models, sizes, threads=1, rounds=rounds, runs=calls)
+        else:
+            remote = f"deploy/{ONNX_FILE}" if runtime == "onnxruntime" else f"deploy/{OPENVINO_DIR}"
+            predicts = []
+            for i, run_id in enumerate(stages["run_id"]):
+                local = tracker.download_artifact(run_id, remote, Path(tmp) / str(i))
+                file = local / OPENVINO_XML if runtime == "openvino" else local
+                predicts.append(open_runtime(runtime, file, threads=1, batch_size=1))
+            size = _input_size(stages)
+            medians = predict_side_by_side(predicts, size, rounds=rounds, runs=calls)
     return dict(zip(stages["tags.cache_key"], medians, strict=True))
 
 
+def _input_size(stages: pd.DataFrame) -> tuple[int, ...]:
+    """The sweep's model input size (C, H, W), from the first stage's logged artifact metadata."""
+    sizes = stages.get("tags.input_size", pd.Series(dtype=object)).dropna()
+    if sizes.empty:
+        raise ValueError("the sweep's runs carry no input_size tag (logged by newer versions): rerun the sweep")
+    return tuple(int(v) for v in str(sizes.iloc[0]).split("x"))
+
+
 def report_sweep(
-    tracker, sweep_id: str | None = None, out_root: Path = REPORTS_DIR, remeasure: bool = False
+    tracker,
+    sweep_id: str | None = None,
+    out_root: Path = REPORTS_DIR,
+    remeasure: bool = False,
+    runtime: str | None = None,
 ) -> tuple[SweepReport, Path]:
     """Read a sweep (the latest when `sweep_id` is None) from MLflow, write its report, log it to the sweep run.
 
-    `remeasure` times every distinct model again side by side instead of using each stage's own measurement."""
+    `runtime`: whose accuracy and latency the frontiers use (default: the sweep's first deploy runtime);
+    `remeasure` times every distinct model again side by side in it instead of using each stage's figure."""
     if sweep_id is None:
         latest = tracker.find_runs("tags.run_type = 'sweep'")
         if not latest:
@@ -409,8 +538,9 @@ def report_sweep(
     runs = tracker.runs_frame(f"tags.sweep = '{sweep_id}'")
     if runs.empty:
         raise ValueError(f"no runs with tags.sweep = {sweep_id!r} in {tracker.uri}")
-    latency = remeasure_latency(tracker, runs) if remeasure else None
-    report = build_report(runs, sweep_id, latency)
+    runtime = runtime or default_runtime(runs)
+    latency = remeasure_latency(tracker, runs, runtime) if remeasure else None
+    report = build_report(runs, sweep_id, latency, runtime)
     if remeasure:
         report.sweep["latency_how"] = f"median of {REMEASURE_ROUNDS} interleaved rounds x {REMEASURE_CALLS} calls"
     out_dir = Path(out_root) / sweep_id

@@ -260,6 +260,7 @@ class Runner:
             "stage": stage.name,
             "stage_index": str(stage.index),
             "cached": str(entry is not None).lower(),
+            "input_size": "x".join(str(d) for d in self.data.input_size),
             "ordering": self.recipe.ordering,
             "recipe": self.recipe.name,
             "cache_key": stage.key,
