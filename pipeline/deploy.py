@@ -95,6 +95,7 @@ def _export_failure(err: BaseException) -> str:
     summary = re.search(r"## Exception summary\s*\n\s*\n?(.+)", text)
     line = summary.group(1) if summary else next((s for s in text.splitlines() if s.strip()), type(err).__name__)
     line = re.sub(r"\x1b\[[0-9;]*m", "", line).strip()
+    line = re.sub(r"^<class '[\w.]+'>: ", "", line)
     op = re.search(r"aten[._:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?", text)
     return f"{line}{f' (op {op.group(0)})' if op and op.group(0) not in line else ''}"[:500]
 
@@ -112,21 +113,41 @@ def export_onnx(model: nn.Module, input_size: tuple[int, ...], path: Path, *, op
     try:
         with warnings.catch_warnings(), _quiet_exporter():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
+            program = torch.onnx.export(
                 model,
                 (example,),
-                str(path),
                 dynamo=True,
                 opset_version=opset,
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_shapes=({0: batch},),
-                external_data=False,
+                optimize=False,
                 verbose=False,
             )
+            _fold_constants_(program.model)
+            program.save(str(path), external_data=False)
     except Exception as err:
         raise ExportError(f"ONNX export of {type(model).__name__} failed: {_export_failure(err)}") from err
     return path
+
+
+def _fold_constants_(model) -> None:
+    """The exporter's clean-up (constant folding, constants as initializers, deduplication) without its
+    rewrite rules. The exporter's default optimizer also fuses BatchNorm into
+    the preceding convolution, which would turn INQ's exact powers of two into arbitrary floats in the file;
+    the runtimes fold BatchNorm themselves when they load it."""
+    import onnx_ir.passes.common as common
+    import onnxscript.optimizer
+
+    onnxscript.optimizer.fold_constants(model)
+    for step in (
+        common.RemoveUnusedNodesPass(),
+        common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+        common.DeduplicateInitializersPass(),
+        common.CommonSubexpressionEliminationPass(),
+        common.RemoveUnusedNodesPass(),
+    ):
+        step(model)
 
 
 class _quiet_exporter:

@@ -199,18 +199,52 @@ def _relu_of(fn: Callable) -> Callable:
     return lambda *args: torch.relu(fn(*args))
 
 
-# torch.ops.quantized.<name> -> (float function, how many leading arguments it takes)
-_QUANTIZED_FUNCTIONS: dict[str, tuple[Callable, int]] = {
-    "add": (torch.add, 2),
-    "add_relu": (_relu_of(torch.add), 2),
-    "mul": (torch.mul, 2),
-    "mul_relu": (_relu_of(torch.mul), 2),
-    "add_scalar": (torch.add, 2),
-    "mul_scalar": (torch.mul, 2),
-    "matmul": (torch.matmul, 2),
-    "hardswish": (nn.functional.hardswish, 1),
-    "sigmoid": (torch.sigmoid, 1),
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+F = nn.functional
+# torch.ops.quantized.<name> -> (float function, positional argument names, keyword names), by the op's schema
+# (the trailing output scale / zero point are dropped: the Q/DQ after the node carries them).
+_QUANTIZED_FUNCTIONS: dict[str, tuple[Callable, tuple[str, ...], tuple[str, ...]]] = {
+    "add": (torch.add, ("qa", "qb"), ()),
+    "add_relu": (_relu_of(torch.add), ("qa", "qb"), ()),
+    "mul": (torch.mul, ("qa", "qb"), ()),
+    "mul_relu": (_relu_of(torch.mul), ("qa", "qb"), ()),
+    "add_scalar": (torch.add, ("qa", "b"), ()),
+    "mul_scalar": (torch.mul, ("qa", "b"), ()),
+    "matmul": (torch.matmul, ("qa", "qb"), ()),
+    "cat": (torch.cat, ("qx", "dim"), ()),
+    "hardswish": (F.hardswish, ("input",), ()),
+    "sigmoid": (torch.sigmoid, ("qx",), ()),
+    "softmax": (torch.softmax, ("qx", "dim"), ()),
+    "relu6": (F.relu6, ("qx",), ()),
+    "leaky_relu": (F.leaky_relu, ("qx", "negative_slope"), ()),
+    "elu": (F.elu, ("self", "alpha"), ()),
+    "celu": (F.celu, ("self", "alpha"), ()),
+    "clamp": (torch.clamp, ("qx", "min", "max"), ()),
+    "threshold": (F.threshold, ("qx", "threshold", "value"), ()),
+    "dropout": (_identity, ("self",), ()),  # inference: dropout is the identity
+    "layer_norm": (F.layer_norm, ("input", "normalized_shape", "weight", "bias", "eps"), ()),
+    "group_norm": (F.group_norm, ("input", "num_groups", "weight", "bias", "eps"), ()),
+    "instance_norm": (F.instance_norm, ("input",), ("weight", "bias", "eps")),
+    "batch_norm2d": (F.batch_norm, ("qx", "mean", "var", "weight", "bias"), ("eps",)),
 }
+
+
+def _schema_arguments(node: Node) -> dict[str, Any]:
+    """The call's arguments by the name its schema gives them, defaults filled in."""
+    target = node.target
+    schema = (target.default if hasattr(target, "default") else target)._schema
+    bound = {}
+    for i, argument in enumerate(schema.arguments):
+        if i < len(node.args):
+            bound[argument.name] = node.args[i]
+        elif argument.name in node.kwargs:
+            bound[argument.name] = node.kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+    return bound
 
 
 def _float_call(node: Node) -> tuple[Callable, tuple[Any, ...], dict[str, Any]] | None:
@@ -219,13 +253,11 @@ def _float_call(node: Node) -> tuple[Callable, tuple[Any, ...], dict[str, Any]] 
     if not (node.op == "call_function" and str(getattr(target, "__module__", "")).startswith("torch._ops.quantized")):
         return None
     name = getattr(target, "__name__", str(target)).split(".")[0]
-    if name == "cat":
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        return torch.cat, (node.args[0],), {"dim": dim}
     if name not in _QUANTIZED_FUNCTIONS:
         raise QDQExportError(f"int8 export: node {node.name!r} calls torch.ops.quantized.{name}, which has no QDQ form")
-    fn, arity = _QUANTIZED_FUNCTIONS[name]
-    return fn, tuple(node.args[:arity]), {}
+    fn, positional, keywords = _QUANTIZED_FUNCTIONS[name]
+    bound = _schema_arguments(node)
+    return fn, tuple(bound[k] for k in positional), {k: bound[k] for k in keywords}
 
 
 def _is_quantize(node: Node) -> bool:

@@ -36,6 +36,15 @@ flow can change without touching the stage, the config or the artifact's consume
   which poisons the running statistics; the next step's folded weights are NaN and the observer's
   zero point is out of range. Conv-BN modules with a zero gamma use torch's exact folding path
   (two convolutions per step, handles gamma = 0; `qat_exact_bn_fold_layers`).
+* The same error, or "loss became nan" (efficientnet_b0, mobilenetv3_large_100, ghostnet_100, from
+  random weights or a short baseline): calibration ran in eval mode (BatchNorm on running statistics)
+  while QAT trains on batch statistics. Where running statistics do not describe the activations yet,
+  eval-mode activations shrink to 1e-2 or grow to 1e9 through these nets' blocks, so the ranges were
+  orders of magnitude off what training sees (the moving-average observers move 1 % a step): activations
+  clipped or rounded to a constant, the next BatchNorm multiplied the backward pass by up to
+  1/sqrt(eps) = 316 a layer, and one step took weights and gammas past 1e20, overflowing the folded
+  weights and the weight observer's zero point. Calibration runs the forward training runs, running
+  statistics kept as they were; only `epochs: 0` (PTQ) calibrates in eval mode, as the int8 model runs.
 * timm's `BatchNormAct2d` (MobileNetV3, EfficientNet) is a BatchNorm2d subclass, so FX neither fuses
   it into the convolution nor keeps it a module: it is traced into `F.batch_norm` with the *training
   flag baked in*; traced in training mode, the int8 model would normalise with batch statistics. It
@@ -44,7 +53,7 @@ flow can change without touching the stage, the config or the artifact's consume
   op. Tracing itself runs in eval mode, so functional dropout / drop path (`drop_rate`,
   `drop_path_rate`) keep their inference behaviour in the int8 model (and are off during QAT).
 * MobileNetV3's last blocks have 1x1 spatial maps: BatchNorm in training mode needs batch > 1; the
-  shared loop drops the last partial batch, calibration runs in eval mode.
+  shared loop and calibration read the training loader, which drops the last partial batch.
 * A model FX cannot quantize fails with a RuntimeError naming the layer or op: tracing errors, or any
   convolution or linear layer left in fp32 after conversion. There is no silent fp32 fallback; ops
   without an int8 kernel between int8 layers (e.g. SiLU, Flatten) are counted (`int8_fp32_ops`) and
@@ -119,8 +128,9 @@ class QATConfig(TrainConfig):
         8,
         ge=0,
         le=100_000,
-        description="training batches (no augmentation) run in eval mode with observers on before training, "
-        "to start from calibrated ranges; with epochs: 0 they alone set the ranges",
+        description="training batches (no augmentation) run with observers on before training, to start from "
+        "the ranges training sees (BatchNorm on batch statistics, running statistics unchanged); with epochs: 0 "
+        "they alone set the ranges, in eval mode",
     )
     freeze_observers_epoch: int = Field(
         1,
@@ -373,14 +383,23 @@ def freeze_(model: nn.Module, *, observers: bool, bn_stats: bool) -> None:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: torch.device) -> int:
-    """Run up to `batches` batches in eval mode with observers on; returns how many ran."""
-    model.eval()
+def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: torch.device, *, training: bool) -> int:
+    """Run up to `batches` batches with observers on; returns how many ran.
+
+    `training`: the forward QAT trains with (BatchNorm on batch statistics unless frozen), so the ranges fit
+    what training sees; BatchNorm running statistics stay as they were. Otherwise eval mode, as the int8
+    model runs.
+    """
+    model.train(training)
+    statistics = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
+    kept = [b.clone() for b in statistics]
     ran = 0
     for images, _ in loader:
         if ran >= batches:
             break
         model(images.to(device))
+        for buffer, value in zip(statistics, kept, strict=True):
+            buffer.copy_(value)  # each batch folds and normalises as the first training step will
         ran += 1
     return ran
 
@@ -403,9 +422,11 @@ def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> S
     state.model = prepared.to(ctx.device)
     state.fixed.project_(prepared)
 
-    calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
-    calibrated = calibrate_(prepared, calibration, config.calibration_batches, ctx.device)
     observers, bn_stats = frozen_at(config, 0)
+    freeze_(prepared, observers=False, bn_stats=bn_stats)  # calibrate in the mode the first epoch trains in
+    calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
+    training = config.epochs > 0
+    calibrated = calibrate_(prepared, calibration, config.calibration_batches, ctx.device, training=training)
     freeze_(prepared, observers=observers, bn_stats=bn_stats)
     freezing = replace(ctx, on_epoch_end=_freezing_hook(prepared, config, ctx.on_epoch_end))
     report = freezing.fit(state, config, desc="qat", step=1)  # step 1: another data order than calibration's

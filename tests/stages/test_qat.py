@@ -5,6 +5,7 @@ and keeps what earlier stages imposed (structured pruning, INQ's power-of-two we
 from __future__ import annotations
 
 import io
+import math
 import subprocess
 import sys
 
@@ -19,11 +20,22 @@ from pipeline.artifacts import load_artifact, save_artifact
 from pipeline.evaluator import count_macs, count_nonzero_params, count_params, int8_modules
 from pipeline.models import ModelSpec, ModelState
 from pipeline.recipe import load_recipe
+from pipeline.training import TrainConfig
 from stages import StageContext
 from stages.distill import DistillConfig, run_distill
 from stages.inq import INQConfig, run_inq
 from stages.prune import PruneConfig, run_prune
-from stages.qat import PowerOfTwoWeightObserver, QATConfig, convert_int8, frozen_at, inq_int8_mismatches, run_qat
+from stages.qat import (
+    PowerOfTwoWeightObserver,
+    QATConfig,
+    calibrate_,
+    convert_int8,
+    frozen_at,
+    inq_int8_mismatches,
+    prepare_qat,
+    run_qat,
+)
+from stages.train import run_train
 from tests.conftest import PROJECT_ROOT, stage_context, synthetic_bundle
 
 BUNDLE32 = synthetic_bundle(n_train=32, n_test=8, classes=4, size=32)
@@ -164,6 +176,33 @@ def test_epochs_zero_is_post_training_quantization(tmp_path):
               and "." not in n]  # fmt: skip
     assert scales and all(float(s.min()) != 1.0 for s in scales)  # calibrated, not the untouched default
     _same_outputs_in_process(out.state, tmp_path / "ptq.pt")
+
+
+MOBILE_MODELS = ["efficientnet_b0", "mobilenetv3_large_100", "ghostnet_100"]
+
+
+@pytest.mark.parametrize("name", MOBILE_MODELS)
+def test_qat_trains_mobile_nets_whose_batchnorm_statistics_do_not_fit_yet(name):
+    """After a few baseline steps, running statistics do not describe these nets' activations: ranges calibrated
+    in eval mode were orders of magnitude off the batch-statistics forward QAT trains with, and the first steps
+    took the weights to inf ("zero_point must be between quant_min and quant_max") or the loss to NaN."""
+    baseline = run_train(_state(name), TrainConfig(epochs=1, lr=0.02), _ctx(name)).state
+    out = run_qat(baseline, QUICK, _ctx(name))
+    assert out.report.epochs == 1 and all(math.isfinite(epoch["train_loss"]) for epoch in out.report.history)
+    with torch.inference_mode():
+        logits = convert_int8(out.state.model)(torch.randn(4, *BUNDLE32.input_size))
+    assert torch.isfinite(logits).all() and logits.std(0).max() > 0
+
+
+def test_calibration_runs_the_training_forward_and_keeps_batchnorm_statistics():
+    prepared = prepare_qat(_state().model, BUNDLE32.input_size, [])
+    statistics = {
+        n: b.clone() for n, b in prepared.named_buffers() if n.rpartition(".")[2].startswith(("running_", "num_"))
+    }
+    loader = _ctx().data.train_loader(8, seed=0, augment=False)
+    assert calibrate_(prepared, loader, 2, torch.device("cpu"), training=True) == 2
+    assert prepared.training and statistics
+    assert all(torch.equal(b, statistics[n]) for n, b in prepared.named_buffers() if n in statistics)
 
 
 def test_observers_and_batchnorm_freeze_on_schedule():

@@ -1,0 +1,190 @@
+"""What ships: every artifact format exported to ONNX and OpenVINO IR, loaded in ONNX Runtime and OpenVINO,
+and compared with the torch model it came from; the int8 graph is real QDQ (uint8 activations, int8
+weights), INQ's powers of two survive exactly; bad or missing runtimes are refused before any compute."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from pipeline.artifacts import load_artifact, save_artifact
+from pipeline.deploy import ExportError, export_files, open_runtime, runtime_file_bytes, zipped_bytes
+from pipeline.evaluator import is_quantized_model
+from pipeline.models import ModelState
+from pipeline.recipe import RecipeError, validate_recipe
+from stages.base import get_stage
+from tests.conftest import run_cli, stage_context, synthetic_bundle, tiny_recipe, write_recipe
+
+BUNDLE = synthetic_bundle(n_train=256, n_test=256, classes=4, size=32)
+RUNTIMES = ["onnxruntime", "openvino"]
+
+
+def _ctx():
+    return stage_context(BUNDLE, batch_size=32, augment=False)
+
+
+def _run(stage: str, state: ModelState | None, **config) -> ModelState:
+    entry = get_stage(stage)
+    torch.manual_seed(0)
+    return entry.run(copy.deepcopy(state), entry.config(**config), _ctx()).state
+
+
+@pytest.fixture(scope="module")
+def states() -> dict[str, ModelState]:
+    """A briefly trained test ResNet (32x32, 4 classes) after each stage whose artifact format differs."""
+    base = _run("train", None, epochs=2, lr=0.05)
+    inq = _run("inq", base, bits=4, epochs=1)
+    return {
+        "dense": base,
+        "structured": _run("prune", base, pruning_ratio=0.5, epochs=1, lr=0.01),
+        "sparse": _run("prune", base, method="unstructured", pruning_ratio=0.5, epochs=1, lr=0.01),
+        "inq": inq,
+        "int8": _run("qat", base, epochs=1, lr=0.005, calibration_batches=4),
+        "inq_int8": _run("qat", inq, epochs=0, calibration_batches=4),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(states, tmp_path_factory) -> dict[str, tuple[torch.nn.Module, dict]]:
+    """Each state's artifact reloaded from disk (what ships) and its files for both runtimes."""
+    root = tmp_path_factory.mktemp("deploy")
+    out = {}
+    for name, state in states.items():
+        save_artifact(state, root / f"{name}.pt")
+        model = load_artifact(root / f"{name}.pt")
+        out[name] = (model, export_files(model, BUNDLE.input_size, root / name, RUNTIMES, opset=18))
+    return out
+
+
+def _images(n: int = 256) -> np.ndarray:
+    images, _ = next(iter(BUNDLE.test_loader(n)))
+    return images.numpy()
+
+
+@pytest.mark.parametrize("name", ["dense", "structured", "sparse", "inq"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_fp32_artifacts_match_torch_in_both_runtimes(exported, name, runtime):
+    model, files = exported[name]
+    x = _images(64)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    got = open_runtime(runtime, files[runtime], threads=1)(x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    batch1 = open_runtime(runtime, files[runtime], threads=1, batch_size=1)(x[:1])
+    np.testing.assert_allclose(batch1, expected[:1], rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name", ["int8", "inq_int8"])
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_int8_artifacts_agree_with_torch_int8(exported, name, runtime):
+    model, files = exported[name]
+    assert is_quantized_model(model)
+    x = _images(256)
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(x)).numpy()
+    got = open_runtime(runtime, files[runtime], threads=1)(x)
+    agreement = (got.argmax(1) == expected.argmax(1)).mean()
+    assert agreement >= 0.99, f"{runtime} int8 argmax agrees with torch int8 on {agreement:.1%} of 256 images"
+
+
+def _initializers(path) -> dict[str, np.ndarray]:
+    graph = onnx.load(str(path)).graph
+    return {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+
+
+def test_int8_onnx_is_qdq_with_uint8_activations_and_int8_per_channel_weights(exported):
+    _, files = exported["int8"]
+    graph = onnx.load(str(files["onnxruntime"])).graph
+    inits = _initializers(files["onnxruntime"])
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") >= 5 and ops.count("DequantizeLinear") > ops.count("QuantizeLinear")
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear":  # activations: uint8 zero points
+            assert inits[node.input[2]].dtype == np.uint8, node.name
+    weight_dq = [d for d in graph.node if d.op_type == "DequantizeLinear" and d.input[0] in inits]
+    int8 = [d for d in weight_dq if inits[d.input[0]].dtype == np.int8]
+    assert len(int8) >= 5 and all(inits[d.input[0]].ndim in (2, 4) for d in int8)  # conv and linear weights
+    assert all(inits[d.input[1]].ndim == 1 and inits[d.input[1]].size > 1 for d in int8)  # scales per channel
+    fp32_bytes = runtime_file_bytes(exported["dense"][1]["onnxruntime"])
+    assert runtime_file_bytes(files["onnxruntime"]) < 0.4 * fp32_bytes
+
+
+def _is_pow2_or_zero(values: np.ndarray) -> bool:
+    nonzero = np.abs(values[values != 0]).astype(np.float64)
+    return bool(np.all(np.exp2(np.round(np.log2(nonzero))) == nonzero))
+
+
+def test_inq_powers_of_two_survive_export_exactly(states, exported):
+    _, files = exported["inq"]
+    inq_layers = list(states["inq"].extras["inq"])  # parameter names of the INQ weights
+    inits = _initializers(files["onnxruntime"])
+    for name in inq_layers:
+        assert name in inits, f"{name} is not an initializer of the ONNX file"
+        assert _is_pow2_or_zero(inits[name]), name
+        assert np.array_equal(inits[name], states["inq"].model.get_parameter(name).detach().numpy())
+    # OpenVINO's conversion folds BatchNorm (and more) into the convolution weights, so its IR holds the products
+    # the runtime computes with, not the powers of two; the ONNX file is where they are kept exactly.
+
+
+def test_inq_then_qat_keeps_powers_of_two_in_the_int8_graph(exported):
+    _, files = exported["inq_int8"]
+    int8 = [w for w in _initializers(files["onnxruntime"]).values() if w.dtype == np.int8 and w.ndim == 4]
+    assert int8 and all(_is_pow2_or_zero(w) for w in int8)
+
+
+def test_sparse_file_compresses_and_structured_file_is_smaller(exported):
+    dense, sparse, structured = (exported[n][1]["onnxruntime"] for n in ("dense", "sparse", "structured"))
+    # Runtimes run unstructured sparsity dense: the file is as big, but its zeros compress.
+    assert runtime_file_bytes(sparse) == pytest.approx(runtime_file_bytes(dense), rel=0.02)
+    assert zipped_bytes(sparse) < 0.75 * zipped_bytes(dense)
+    assert runtime_file_bytes(structured) < 0.6 * runtime_file_bytes(dense)
+
+
+def test_export_failure_names_the_op(tmp_path):
+    class Unexportable(torch.nn.Module):
+        def forward(self, x):
+            return torch.linalg.eigvals(x[:, 0]).real
+
+    with pytest.raises(ExportError, match=r"ONNX export of Unexportable failed: .*No ONNX function .*aten\.linalg_eig"):
+        export_files(Unexportable(), (1, 4, 4), tmp_path, ["onnxruntime"], opset=18)
+    assert not (tmp_path / "model.onnx").exists() and not list(tmp_path.glob(".export-*"))
+
+
+def test_unknown_runtime_is_refused_with_its_field_path():
+    with pytest.raises(RecipeError, match=r"^deploy\.runtimes\[0\]: .*'onnxruntime' or 'openvino'"):
+        validate_recipe(tiny_recipe(deploy={"runtimes": ["tensorrt"]}))
+    with pytest.raises(RecipeError, match=r"deploy\.runtimes: .*twice"):
+        validate_recipe(tiny_recipe(deploy={"runtimes": ["openvino", "openvino"]}))
+    assert validate_recipe(tiny_recipe(deploy={})).deploy.runtimes == RUNTIMES  # the default: both
+
+
+def test_a_runtime_that_is_not_installed_is_refused(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    with pytest.raises(RecipeError, match=r"^deploy\.runtimes: openvino needs the Python package\(s\) openvino"):
+        validate_recipe(tiny_recipe(deploy={"runtimes": ["onnxruntime", "openvino"]}))
+    assert validate_recipe(tiny_recipe(deploy={"runtimes": ["onnxruntime"]})).deploy.runtimes == ["onnxruntime"]
+
+
+def test_cli_refuses_a_bad_runtime_before_any_run(tmp_path, isolated):
+    path = write_recipe(tmp_path / "bad.yaml", tiny_recipe(deploy={"runtimes": ["tflite"]}))
+    result = run_cli(["run", str(path)], isolated)
+    assert result.returncode == 2, result.stderr
+    assert "deploy.runtimes[0]" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
+
+
+def test_cli_export_writes_both_formats_from_an_artifact(states, tmp_path, isolated):
+    save_artifact(states["int8"], tmp_path / "artifact.pt")
+    result = run_cli(["export", str(tmp_path), "--out", str(tmp_path / "out")], isolated)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "openvino" / "model.xml").is_file()
+    assert "onnxruntime:" in result.stdout and "openvino:" in result.stdout
+    missing = run_cli(["export", "no-such-recipe", "--out", str(tmp_path / "x")], isolated)
+    assert missing.returncode == 2 and "no artifact file, MLflow run id or valid recipe" in missing.stderr
