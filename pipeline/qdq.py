@@ -146,20 +146,25 @@ class DequantizedWeightLinear(_DequantizedWeight):
         return self.activation(y) if self.activation is not None else y
 
 
+# int8 conv modules -> (fused add, fused ReLU); int8 linear modules -> fused activation
+_CONVS = {nnq.Conv1d: (False, False), nnq.Conv2d: (False, False), nnq.Conv3d: (False, False),
+          nniq.ConvReLU1d: (False, True), nniq.ConvReLU2d: (False, True), nniq.ConvReLU3d: (False, True),
+          nniq.ConvAdd2d: (True, False), nniq.ConvAddReLU2d: (True, True)}  # fmt: skip
+_LINEARS: dict[type, Callable[[nn.Module], Callable | None]] = {
+    nnq.Linear: lambda m: None,
+    nniq.LinearReLU: lambda m: torch.relu,
+    nniq.LinearTanh: lambda m: torch.tanh,
+    nniq.LinearLeakyReLU: lambda m: lambda y, slope=m.negative_slope: nn.functional.leaky_relu(y, slope),
+}
+
+
 def _weighted(module: nn.Module, input_scale: float) -> nn.Module | None:
     """The QDQ form of an int8 conv or linear module, or None if `module` is not one."""
-    convs = {nnq.Conv1d: (False, False), nnq.Conv2d: (False, False), nnq.Conv3d: (False, False),
-             nniq.ConvReLU1d: (False, True), nniq.ConvReLU2d: (False, True), nniq.ConvReLU3d: (False, True),
-             nniq.ConvAdd2d: (True, False), nniq.ConvAddReLU2d: (True, True)}  # fmt: skip
-    if type(module) in convs:
-        add, relu = convs[type(module)]
+    if type(module) in _CONVS:
+        add, relu = _CONVS[type(module)]
         return DequantizedWeightConv(module, input_scale, add=add, relu=relu)
-    linears = {nnq.Linear: None, nniq.LinearReLU: torch.relu, nniq.LinearTanh: torch.tanh}
-    if type(module) in linears:
-        return DequantizedWeightLinear(module, input_scale, linears[type(module)])
-    if type(module) is nniq.LinearLeakyReLU:
-        slope = module.negative_slope
-        return DequantizedWeightLinear(module, input_scale, lambda y: nn.functional.leaky_relu(y, slope))
+    if type(module) in _LINEARS:
+        return DequantizedWeightLinear(module, input_scale, _LINEARS[type(module)](module))
     return None
 
 
@@ -169,30 +174,45 @@ def _float_norm(module: nn.Module, float_type: type[nn.Module], **kwargs: Any) -
     return out.eval()
 
 
-def _float_module(module: nn.Module) -> nn.Module | None:
-    """The float module computing what a quantized non-weighted module computes (before requantization)."""
-    kind = type(module)
-    simple: dict[type, Callable[[nn.Module], nn.Module]] = {
-        nnq.Hardswish: lambda m: nn.Hardswish(),
-        nnq.ReLU6: lambda m: nn.ReLU6(),
-        nnq.Sigmoid: lambda m: nn.Sigmoid(),
-        nnq.LeakyReLU: lambda m: nn.LeakyReLU(m.negative_slope),
-        nnq.ELU: lambda m: nn.ELU(m.alpha),
-        nnq.Softmax: lambda m: nn.Softmax(m.dim),
-        nnq.Dropout: lambda m: nn.Identity(),
-        nnq.BatchNorm2d: lambda m: _float_norm(m, nn.BatchNorm2d, num_features=m.num_features, eps=m.eps),
-        nnq.BatchNorm3d: lambda m: _float_norm(m, nn.BatchNorm3d, num_features=m.num_features, eps=m.eps),
-        nniq.BNReLU2d: lambda m: nn.Sequential(
-            _float_norm(m, nn.BatchNorm2d, num_features=m.num_features, eps=m.eps), nn.ReLU()
-        ),  # fmt: skip
-        nnq.LayerNorm: lambda m: _float_norm(
-            m, nn.LayerNorm, normalized_shape=m.normalized_shape, eps=m.eps, elementwise_affine=m.weight is not None
-        ),
-        nnq.GroupNorm: lambda m: _float_norm(
-            m, nn.GroupNorm, num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps
-        ),  # fmt: skip
-    }
-    return simple[kind](module) if kind in simple else None
+# Quantized modules without weights to dequantize -> the float module computing the same (before requantization).
+_FLOAT_MODULES: dict[type, Callable[[nn.Module], nn.Module]] = {
+    nnq.Hardswish: lambda m: nn.Hardswish(),
+    nnq.ReLU6: lambda m: nn.ReLU6(),
+    nnq.Sigmoid: lambda m: nn.Sigmoid(),
+    nnq.LeakyReLU: lambda m: nn.LeakyReLU(m.negative_slope),
+    nnq.ELU: lambda m: nn.ELU(m.alpha),
+    nnq.Softmax: lambda m: nn.Softmax(m.dim),
+    nnq.Dropout: lambda m: nn.Identity(),
+    nnq.BatchNorm2d: lambda m: _float_norm(m, nn.BatchNorm2d, num_features=m.num_features, eps=m.eps),
+    nnq.BatchNorm3d: lambda m: _float_norm(m, nn.BatchNorm3d, num_features=m.num_features, eps=m.eps),
+    nniq.BNReLU2d: lambda m: nn.Sequential(
+        _float_norm(m, nn.BatchNorm2d, num_features=m.num_features, eps=m.eps), nn.ReLU()
+    ),
+    nnq.LayerNorm: lambda m: _float_norm(
+        m, nn.LayerNorm, normalized_shape=m.normalized_shape, eps=m.eps, elementwise_affine=m.weight is not None
+    ),
+    nnq.GroupNorm: lambda m: _float_norm(
+        m, nn.GroupNorm, num_groups=m.num_groups, num_channels=m.num_channels, eps=m.eps
+    ),
+}
+
+
+def _is_quantized_module(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.ao.nn")
+
+
+def unsupported_ops(converted: GraphModule) -> list[str]:
+    """Nodes of the int8 graph with no QDQ form here, each as "node (op)"; empty when it lowers."""
+    modules = dict(converted.named_modules())
+    out = []
+    for node in converted.graph.nodes:
+        if node.op == "call_module" and _is_quantized_module(module := modules[node.target]):
+            kind = type(module)
+            if kind not in _CONVS and kind not in _LINEARS and kind not in _FLOAT_MODULES:
+                out.append(f"{node.target} ({kind.__module__}.{kind.__name__})")
+        elif _is_quantized_function(node) and _quantized_name(node) not in _QUANTIZED_FUNCTIONS:
+            out.append(f"{node.name} (torch.ops.quantized.{_quantized_name(node)})")
+    return out
 
 
 def _relu_of(fn: Callable) -> Callable:
@@ -247,15 +267,19 @@ def _schema_arguments(node: Node) -> dict[str, Any]:
     return bound
 
 
+def _is_quantized_function(node: Node) -> bool:
+    return node.op == "call_function" and str(getattr(node.target, "__module__", "")).startswith("torch._ops.quantized")
+
+
+def _quantized_name(node: Node) -> str:
+    return getattr(node.target, "__name__", str(node.target)).split(".")[0]
+
+
 def _float_call(node: Node) -> tuple[Callable, tuple[Any, ...], dict[str, Any]] | None:
     """The float function and arguments for a `torch.ops.quantized.*` call, or None if `node` is not one."""
-    target = node.target
-    if not (node.op == "call_function" and str(getattr(target, "__module__", "")).startswith("torch._ops.quantized")):
+    if not _is_quantized_function(node):
         return None
-    name = getattr(target, "__name__", str(target)).split(".")[0]
-    if name not in _QUANTIZED_FUNCTIONS:
-        raise QDQExportError(f"int8 export: node {node.name!r} calls torch.ops.quantized.{name}, which has no QDQ form")
-    fn, positional, keywords = _QUANTIZED_FUNCTIONS[name]
+    fn, positional, keywords = _QUANTIZED_FUNCTIONS[_quantized_name(node)]
     bound = _schema_arguments(node)
     return fn, tuple(bound[k] for k in positional), {k: bound[k] for k in keywords}
 
@@ -284,6 +308,9 @@ def to_qdq(converted: GraphModule, example: torch.Tensor) -> GraphModule:
 
     `example`: one input batch of the right shape (values do not matter) to read the quantized outputs.
     """
+    missing = unsupported_ops(converted)
+    if missing:
+        raise QDQExportError(f"int8 export: no QDQ form for {len(missing)} op(s): {', '.join(missing[:6])}")
     qparams = observe_qparams(converted, example)
     root = copy.deepcopy(converted)
     modules = dict(root.named_modules())
@@ -316,19 +343,14 @@ def to_qdq(converted: GraphModule, example: torch.Tensor) -> GraphModule:
 def _module_replacement(node: Node, modules: dict[str, nn.Module], qparams: dict[str, QParams]) -> nn.Module | None:
     """The float/QDQ module replacing a quantized module call, None for a module that stays as it is."""
     module = modules[node.target]
-    if not type(module).__module__.startswith("torch.ao.nn"):
+    if not _is_quantized_module(module):
         return None
     source = node.args[0]
-    if isinstance(source, Node) and source.name in qparams:
-        weighted = _weighted(module, qparams[source.name][0])
-        if weighted is not None:
-            return weighted
-    replacement = _float_module(module)
-    if replacement is None:
-        raise QDQExportError(
-            f"int8 export: module {node.target!r} ({type(module).__module__}.{type(module).__name__}) has no QDQ form"
-        )
-    return replacement
+    if type(module) in _CONVS or type(module) in _LINEARS:
+        if not (isinstance(source, Node) and source.name in qparams):
+            raise QDQExportError(f"int8 export: the input of {node.target!r} is not a quantized tensor")
+        return _weighted(module, qparams[source.name][0])
+    return _FLOAT_MODULES[type(module)](module)
 
 
-__all__ = ["QDQExportError", "observe_qparams", "to_qdq"]
+__all__ = ["QDQExportError", "observe_qparams", "to_qdq", "unsupported_ops"]

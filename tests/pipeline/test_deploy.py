@@ -188,3 +188,62 @@ def test_cli_export_writes_both_formats_from_an_artifact(states, tmp_path, isola
     assert "onnxruntime:" in result.stdout and "openvino:" in result.stdout
     missing = run_cli(["export", "no-such-recipe", "--out", str(tmp_path / "x")], isolated)
     assert missing.returncode == 2 and "no artifact file, MLflow run id or valid recipe" in missing.stderr
+
+
+# --- through the runner: every stage measured in the runtimes, logged to MLflow --------------------------
+
+
+@pytest.mark.slow
+def test_run_measures_every_stage_in_both_runtimes(tmp_path, isolated, cifar_root):
+    from mlflow.tracking import MlflowClient
+
+    raw = tiny_recipe(deploy={"runtimes": RUNTIMES, "threads": 1})
+    result = run_cli(["run", str(write_recipe(tmp_path / "tiny.yaml", raw))], isolated)
+    assert result.returncode == 0, result.stderr
+    assert "ort top1" in result.stdout and "ov p50" in result.stdout
+    client = MlflowClient(isolated["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("compression")
+    stages = client.search_runs([exp.experiment_id], "tags.run_type = 'stage'")
+    assert len(stages) == 2  # baseline and prune
+    for run in stages:
+        metrics, tags = run.data.metrics, run.data.tags
+        for runtime in RUNTIMES:
+            for name in ("top1", "top5", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "file_bytes"):
+                assert metrics[f"{runtime}.{name}"] > 0, f"{runtime}.{name}"
+            # fp32: the exported model predicts what torch predicts (100 test images: 1 image = 1 point)
+            assert abs(metrics[f"{runtime}.top1_delta_vs_torch"]) <= 1.0
+        assert metrics["deploy_export_seconds"] > 0 and metrics["deploy_eval_seconds"] > 0
+        assert tags["cpu_capability"] and tags["onnxruntime_version"] and tags["openvino_version"]
+        logged = {a.path for a in client.list_artifacts(run.info.run_id, "deploy")}
+        assert {"deploy/model.onnx", "deploy/openvino"} <= logged
+
+
+def _runner(tmp_path, deploy: dict):
+    from pipeline.recipe import validate_recipe
+    from pipeline.runner import Runner
+    from pipeline.tracking import Tracker
+
+    recipe = validate_recipe(tiny_recipe(stages=[], deploy=deploy))
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return Runner(recipe, cache_dir=tmp_path / "cache", tracker=tracker, progress=False), tracker
+
+
+@pytest.mark.slow
+def test_an_export_failure_fails_the_stage_unless_deploy_is_optional(tmp_path, monkeypatch, cifar_root):
+    import pipeline.runner
+
+    def fail(*args, **kwargs):
+        raise ExportError("ONNX export of ResNet failed: No ONNX function found for aten.some_op")
+
+    monkeypatch.setattr(pipeline.runner, "export_files", fail)
+    runner, tracker = _runner(tmp_path, {"runtimes": ["onnxruntime"], "required": True})
+    with pytest.raises(ExportError, match="aten.some_op"):
+        runner.run()
+    (failed,) = tracker.find_runs("tags.run_type = 'stage'")
+    assert failed.info.status == "FAILED" and "aten.some_op" in failed.data.tags["error"]
+
+    runner, tracker = _runner(tmp_path, {"runtimes": ["onnxruntime"], "required": False})
+    summary = runner.run()  # the trained baseline is reused from the cache; the chain goes on
+    assert summary.results[0].metrics["top1"] > 0 and "onnxruntime.top1" not in summary.results[0].metrics
+    finished = tracker.find_runs("tags.run_type = 'stage' and attributes.status = 'FINISHED'")
+    assert "aten.some_op" in finished[0].data.tags["deploy_error"]

@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from pipeline.report import build_report, report_sweep
+from pipeline.report import build_report, markdown, report_sweep
 from pipeline.tracking import Tracker
 from tests.conftest import mlflow_process
 
@@ -31,8 +31,13 @@ MODELS = {
 ORDERINGS = {"a>b": ["base", "a", "ab"], "b>a": ["base", "b", "ba"], "a": ["base", "a"]}
 
 
-def write_toy_sweep(tracker: Tracker) -> str:
-    """A finished sweep of three orderings sharing the baseline (and `a` as a prefix), as the runner logs it."""
+# The same models' batch-1 p50 (ms) in OpenVINO, where the ranking differs from torch eager's.
+OPENVINO_MS = {"base": 1.0, "a": 0.9, "ab": 0.5, "b": 0.3, "ba": 0.35}
+
+
+def write_toy_sweep(tracker: Tracker, openvino: bool = False) -> str:
+    """A finished sweep of three orderings sharing the baseline (and `a` as a prefix), as the runner logs it;
+    `openvino`: the stages were also measured in OpenVINO (OPENVINO_MS)."""
     with tracker.run("sweep toy", {"sweep": SWEEP, "run_type": "sweep", "recipe": "toy"}) as sweep_run:
         tracker.log_params(sweep_run, {"model": "toy_net", "dataset": "cifar10", "executor": "local"})
         seen: set[str] = set()
@@ -43,10 +48,14 @@ def write_toy_sweep(tracker: Tracker) -> str:
                     stage = "train" if index == 0 else ordering.split(">")[index - 1]
                     top1, size, latency = MODELS[model]
                     stage_tags = {**tags, "run_type": "stage", "stage": stage, "stage_index": str(index),
-                                  "cache_key": model, "cached": str(model in seen).lower()}  # fmt: skip
+                                  "cache_key": model, "cached": str(model in seen).lower(),
+                                  "deploy_runtimes": "openvino" if openvino else "none"}  # fmt: skip
                     seen.add(model)
                     with tracker.run(f"{index}-{stage}", stage_tags, parent_id=chain_run) as stage_run:
                         metrics = {"top1": top1, "artifact_bytes": size, "latency_ms_p50": latency, "params": 1.0}
+                        if openvino:
+                            metrics |= {"openvino.top1": top1, "openvino.latency_ms_p50": OPENVINO_MS[model],
+                                        "openvino.file_bytes": 2 * size}  # fmt: skip
                         tracker.log_metrics(stage_run, metrics, step=index)
                         tracker.log_metrics(chain_run, metrics, step=index)
         tracker.log_metrics(sweep_run, {"stage_runs_executed": 5, "stage_runs_reused": 3, "sweep_seconds": 60})
@@ -77,6 +86,33 @@ def test_report_tables_and_frontiers_from_mlflow(toy_store):
     assert sorted(models.index[models.pareto_top1__artifact_bytes]) == ["ab", "b"]
     assert sorted(models.index[models.pareto_top1__latency_ms_p50]) == ["a", "ab", "b", "ba"]
     assert models.loc["ab", "path"] == "baseline>a>b"
+
+
+def test_report_uses_the_first_deploy_runtime_and_keeps_torch_eager_beside_it(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    write_toy_sweep(tracker, openvino=True)
+    runs = tracker.runs_frame(f"tags.sweep = '{SWEEP}'")
+    report = build_report(runs, SWEEP)
+    assert report.runtime == "openvino"
+    table = report.orderings.set_index("ordering")
+    # In OpenVINO `b` dominates `a` (more accurate, smaller, faster): the ordering `a` leaves the frontier.
+    assert sorted(report.models.index[report.models.pareto]) == ["ab", "b", "ba"]
+    assert sorted(report.models.index[report.models["pareto[torch]"]]) == ["a", "ab", "b", "ba"]
+    assert not table.loc["a", "pareto"] and table.loc["b>a", "pareto"]
+    assert table.loc["b>a", "speedup"] == pytest.approx(1.0 / 0.35)
+    assert table.loc["b>a", "torch_speedup"] == pytest.approx(4.0 / 1.3)
+    md = markdown(report)
+    assert "p50 ms (openvino)" in md and "torch eager p50 ms" in md and "## Pareto frontiers (openvino)" in md
+    eager = build_report(runs, SWEEP, runtime="torch")
+    assert eager.runtime == "torch" and sorted(eager.models.index[eager.models.pareto]) == ["a", "ab", "b", "ba"]
+    with pytest.raises(ValueError, match="unknown runtime 'tflite'"):
+        build_report(runs, SWEEP, runtime="tflite")
+
+
+def test_report_of_a_runtime_the_sweep_did_not_measure_is_an_error(toy_store):
+    tracker, _ = toy_store
+    with pytest.raises(ValueError, match="logged no onnxruntime metrics"):
+        build_report(tracker.runs_frame(f"tags.sweep = '{SWEEP}'"), SWEEP, runtime="onnxruntime")
 
 
 def test_report_writes_files_and_logs_them_to_the_sweep_run(toy_store, tmp_path):
