@@ -1,5 +1,5 @@
-# User targets: `make recipe=NAME [set="key=value ..."]`, `make sweep recipe=NAME`, `make report [sweep=ID]`,
-# `make ui`.  Developer: `make test`, `make lint`, `make bench`.
+# User targets: `make recipe=NAME [set="key=value ..."]`, `make sweep recipe=NAME`, `make report [sweep=ID]
+# [runtime=openvino]`, `make export recipe=NAME [format=onnx|openvino] [out=DIR]`, `make ui`.  Developer: `make test`, `make lint`, `make bench`.
 # Every target builds the virtual environment (.venv) from pyproject.toml on first use.
 
 PYTHON ?= python3
@@ -10,6 +10,9 @@ recipe ?= prune-inq-distill
 set ?=
 port ?= 5000
 sweep ?=
+runtime ?=
+format ?= all
+out ?= export/$(notdir $(basename $(recipe)))
 executor ?=
 address ?=
 host ?= 127.0.0.1
@@ -19,7 +22,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format sweep report clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat
+.PHONY: run validate stages ui server test lint format sweep report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,8 +53,11 @@ server: $(STAMP)  ## MLflow tracking server on http://$(host):$(port): SQLite ba
 	$(VENV)/bin/mlflow server --backend-store-uri $(server_db) --artifacts-destination $(CURDIR)/server/artifacts \
 		--host $(host) --port $(port)
 
-report: $(STAMP)  ## Pareto report of sweep=ID (default: the latest sweep) into reports/<sweep>/
-	$(PY) -m pipeline report $(sweep)
+report: $(STAMP)  ## Pareto report of sweep=ID (default: the latest sweep) into reports/<sweep>/, in runtime=
+	$(PY) -m pipeline report $(sweep) $(if $(runtime),--runtime $(runtime))
+
+export: $(STAMP)  ## the final model of recipes/$(recipe).yaml (already run) as ONNX / OpenVINO IR into out=DIR
+	$(PY) -m pipeline export $(recipe) $(set) --format $(format) --out $(out)
 
 $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "install Chromium (/usr/bin/chromium) for the HTML report test"; exit 1; }
@@ -69,7 +75,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench
 	$(VENV)/bin/ruff check --fix pipeline stages tests bench
 
-bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
 
 bench-prune: $(STAMP)
 	$(PY) bench/prune.py
@@ -85,6 +91,9 @@ bench-distill: $(STAMP)
 
 bench-qat: $(STAMP)
 	$(PY) bench/qat.py
+
+bench-deploy: $(STAMP)
+	$(PY) bench/deploy.py
 
 clean-cache:
 	rm -rf .cache
