@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +39,14 @@ def accuracy(
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent over every batch of `loader`."""
     model.eval()
+    batches = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress)
+    return top1_top5((model(images.to(device)), labels.to(device)) for images, labels in batches)
+
+
+def top1_top5(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent over (logits, labels) batches."""
     top1 = top5 = seen = 0
-    for images, labels in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
-        logits = model(images.to(device))
-        labels = labels.to(device)
+    for logits, labels in batches:
         k = min(5, logits.shape[1])
         best = logits.topk(k, dim=1).indices
         top1 += int((best[:, 0] == labels).sum())
@@ -186,15 +190,11 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 def predict_accuracy(predict: Predict, loader: TensorLoader, *, progress: bool = False) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent of a runtime's `predict` (one batch -> logits) over `loader`."""
-    top1 = top5 = seen = 0
-    for images, labels in tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress):
-        logits = torch.from_numpy(np.asarray(predict(np.ascontiguousarray(images.numpy()))))
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
-        top1 += int((best[:, 0] == labels).sum())
-        top5 += int((best == labels[:, None]).any(dim=1).sum())
-        seen += labels.shape[0]
-    return 100.0 * top1 / max(seen, 1), 100.0 * top5 / max(seen, 1)
+    batches = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress)
+    return top1_top5(
+        (torch.from_numpy(np.asarray(predict(np.ascontiguousarray(images.numpy())))), labels)
+        for images, labels in batches
+    )
 
 
 def predict_times_ms(predict: Predict, x: np.ndarray, *, runs: int, warmup: int) -> list[float]:
