@@ -103,12 +103,15 @@ def _export_failure(err: BaseException) -> str:
 def export_onnx(model: nn.Module, input_size: tuple[int, ...], path: Path, *, opset: int) -> Path:
     """Write `model` (an artifact as loaded by `load_artifact`, fp32 or int8) as ONNX with a dynamic batch axis."""
     from pipeline.evaluator import is_quantized_model
-    from pipeline.qdq import to_qdq
+    from pipeline.qdq import QDQExportError, to_qdq
 
     model = model.eval()
     example = torch.zeros(2, *input_size)
     if is_quantized_model(model):
-        model = to_qdq(model, example)
+        try:
+            model = to_qdq(model, example)
+        except QDQExportError as err:
+            raise ExportError(str(err)) from err
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with warnings.catch_warnings(), _quiet_exporter():
@@ -132,10 +135,9 @@ def export_onnx(model: nn.Module, input_size: tuple[int, ...], path: Path, *, op
 
 
 def _fold_constants_(model) -> None:
-    """The exporter's clean-up (constant folding, constants as initializers, deduplication) without its
-    rewrite rules. The exporter's default optimizer also fuses BatchNorm into
-    the preceding convolution, which would turn INQ's exact powers of two into arbitrary floats in the file;
-    the runtimes fold BatchNorm themselves when they load it."""
+    """The exporter's clean-up (constant folding, constants as initializers, deduplication) without its rewrite
+    rules: those also fuse BatchNorm into the preceding convolution, which would turn INQ's exact powers of two
+    into arbitrary floats in the file. The runtimes fold BatchNorm themselves when they load it."""
     import onnx_ir.passes.common as common
     import onnxscript.optimizer
 

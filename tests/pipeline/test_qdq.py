@@ -14,7 +14,7 @@ import timm
 import torch
 from onnx import numpy_helper
 
-from pipeline.deploy import export_files, open_runtime
+from pipeline.deploy import ExportError, export_files, open_runtime
 from pipeline.qdq import QDQExportError, to_qdq
 from stages.qat import calibrate_, convert_int8, prepare_qat
 
@@ -66,7 +66,7 @@ def test_int8_round_trip(name, tmp_path):
         assert _corr(got, expected) > 0.9, f"{runtime} vs torch int8"
 
 
-def test_an_op_without_a_qdq_form_is_named():
+def test_an_op_without_a_qdq_form_is_named(tmp_path):
     converted = _int8("resnet10t", {})
     node = next(n for n in converted.graph.nodes if str(getattr(n.target, "__name__", "")).startswith("add_relu"))
     node.target = torch.ops.quantized.embedding_bag_byte_rowwise_offsets
@@ -74,3 +74,5 @@ def test_an_op_without_a_qdq_form_is_named():
     expected = rf"no QDQ form for 1 op\(s\): {node.name} \(torch.ops.quantized.embedding_bag"
     with pytest.raises(QDQExportError, match=expected):
         to_qdq(converted, torch.zeros(2, *INPUT))
+    with pytest.raises(ExportError, match=expected):  # what the runner catches (deploy.required: false)
+        export_files(converted, INPUT, tmp_path, ["onnxruntime"], opset=18)
