@@ -216,6 +216,15 @@ def test_run_measures_every_stage_in_both_runtimes(tmp_path, isolated, cifar_roo
         assert tags["cpu_capability"] and tags["onnxruntime_version"] and tags["openvino_version"]
         logged = {a.path for a in client.list_artifacts(run.info.run_id, "deploy")}
         assert {"deploy/model.onnx", "deploy/openvino"} <= logged
+    # The report's side-by-side re-measure fetches each stage's exported files from MLflow and times them.
+    from pipeline.report import remeasure_latency
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(isolated["MLFLOW_TRACKING_URI"])
+    frame = tracker.runs_frame("tags.run_type = 'stage'")
+    for runtime in ("torch", *RUNTIMES):
+        ms = remeasure_latency(tracker, frame, runtime, rounds=1, calls=3)
+        assert set(ms) == set(frame["tags.cache_key"]) and all(v > 0 for v in ms.values())
 
 
 def _runner(tmp_path, deploy: dict):
