@@ -107,14 +107,17 @@ def summary_table(summary) -> str:
 def sweep_table(summary) -> str:
     """What one `sweep` invocation did: each ordering's final metrics and what it trained or reused."""
     plan = summary.plan
-    header = f"{'ordering':<28} {'status':<9} {'top1 %':>7} {'artifact':>10} {'p50 ms':>8} {'trained':>7} {'reused':>6}"
+    runtimes = [rt for rt in RUNTIMES if any(f"{rt}.latency_ms_p50" in r.final for r in summary.results)]
+    header = f"{'ordering':<28} {'status':<9} {'top1 %':>7} {'artifact':>10} {'torch p50':>9}"
+    header += "".join(f" {SHORT[rt] + ' p50':>7}" for rt in runtimes) + f" {'trained':>7} {'reused':>6}"
     lines = [f"sweep {plan.sweep_id}, MLflow run {summary.run_id}", header, "-" * len(header)]
     for r in summary.results:
         m = r.final
         metrics = (
-            f"{m['top1']:>7.2f} {_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>8.2f}"
+            f"{m['top1']:>7.2f} {_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>9.2f}"
+            + "".join(f" {m.get(f'{rt}.latency_ms_p50', float('nan')):>7.3f}" for rt in runtimes)
             if m
-            else f"{'-':>7} {'-':>10} {'-':>8}"
+            else f"{'-':>7} {'-':>10} {'-':>9}" + "".join(f" {'-':>7}" for _ in runtimes)
         )
         lines.append(f"{r.ordering:<28} {r.status:<9} {metrics} {len(r.executed):>7} {r.reused:>6}")
         if r.error:
