@@ -65,7 +65,8 @@ def side_by_side(rows: list[Row], threads: int, rounds: int) -> dict[tuple[int, 
     samples: dict[tuple[int, str, int], list[float]] = {}
     runs = {1: 100, 64: 10}
     setups = {(i, b): predictors(r, b, threads) for i, r in enumerate(rows) for b in BATCHES}
-    inputs = {b: np.random.default_rng(0).standard_normal((b, 3, 32, 32), dtype=np.float32) for b in BATCHES}
+    size = tuple(load_artifact(rows[0].artifact).pretrained_cfg["input_size"])
+    inputs = {b: np.random.default_rng(0).standard_normal((b, *size), dtype=np.float32) for b in BATCHES}
     with torch.inference_mode():
         for _ in range(rounds):
             for (i, batch), runtimes in setups.items():
