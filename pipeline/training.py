@@ -7,7 +7,7 @@ before each optimizer step and fixed weights are projected back to their values 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -63,7 +63,6 @@ class LoopHooks:
     """What a stage may plug into the loop without copying it."""
 
     loss: LossFn | None = None
-    after_step: Sequence[Callable[[nn.Module], None]] = ()
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
 
 
@@ -115,6 +114,35 @@ def cross_entropy_loss(label_smoothing: float) -> LossFn:
     return loss
 
 
+@dataclass
+class _Loop:
+    """What every step of one `train_` call uses, built once: optimizer, LR schedule, constraints, loss."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    fixed: FixedWeights
+    device: torch.device
+    loss_fn: LossFn
+    grad_clip_norm: float | None
+
+    def step_(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, desc: str):
+        """One optimizer step on a batch already on the device; returns (loss, logits)."""
+        # `model` may be wrapped in DDP: constraints address the parameters by their own names.
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        loss, logits = self.loss_fn(model, images, labels)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss became {loss.item()} (lower lr or check the input model)")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.fixed.mask_grads_(inner)
+        if self.grad_clip_norm is not None:
+            nn.utils.clip_grad_norm_(inner.parameters(), self.grad_clip_norm)
+        self.optimizer.step()
+        self.fixed.project_(inner)
+        self.scheduler.step()
+        return loss, logits
+
+
 def train_(
     model: nn.Module,
     loader: TensorLoader,
@@ -131,27 +159,17 @@ def train_(
     report = TrainReport()
     if cfg.epochs == 0:
         return report
-    loss_fn = hooks.loss or cross_entropy_loss(cfg.label_smoothing)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, total_steps=cfg.epochs * len(loader))
+    loss_fn = hooks.loss or cross_entropy_loss(cfg.label_smoothing)
+    loop = _Loop(optimizer, scheduler, fixed, device, loss_fn, cfg.grad_clip_norm)
     fixed.project_(model)
     net = distributed.wrap(model, device)  # DDP under torchrun: gradients averaged over ranks
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        stats = _train_epoch_(
-            net,
-            loader,
-            cfg,
-            optimizer,
-            scheduler,
-            fixed,
-            device,
-            hooks,
-            loss_fn,
-            desc=f"{desc} {epoch + 1}/{cfg.epochs}",
-            progress=progress and distributed.is_main(),
-        )
+        epoch_desc = f"{desc} {epoch + 1}/{cfg.epochs}"
+        stats = _train_epoch_(net, loader, loop, desc=epoch_desc, progress=progress and distributed.is_main())
         report.steps += len(loader)
         report.history.append(stats)
         if hooks.on_epoch_end is not None:
@@ -161,28 +179,15 @@ def train_(
     return report
 
 
-def _train_epoch_(model, loader, cfg, optimizer, scheduler, fixed, device, hooks, loss_fn, *, desc, progress):
-    # `model` may be wrapped in DDP: constraints and hooks address the parameters by their own names.
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def _train_epoch_(model: nn.Module, loader: TensorLoader, loop: _Loop, *, desc: str, progress: bool):
+    """One pass over `loader`; returns the epoch's mean loss, train top-1 (percent) and final learning rate."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
         images, labels = distributed.shard(images), distributed.shard(labels)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        loss, logits = loss_fn(model, images, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss became {loss.item()} (lower lr or check the input model)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        fixed.mask_grads_(inner)
-        if cfg.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(inner.parameters(), cfg.grad_clip_norm)
-        optimizer.step()
-        fixed.project_(inner)
-        for hook in hooks.after_step:
-            hook(inner)
-        scheduler.step()
+        images, labels = images.to(loop.device, non_blocking=True), labels.to(loop.device, non_blocking=True)
+        loss, logits = loop.step_(model, images, labels, desc)
         batch = labels.shape[0]
         loss_sum += loss.item() * batch
         correct += int((logits.argmax(1) == labels).sum())
@@ -191,5 +196,5 @@ def _train_epoch_(model, loader, cfg, optimizer, scheduler, fixed, device, hooks
     return {
         "train_loss": loss_sum / max(seen, 1),
         "train_top1": 100.0 * correct / max(seen, 1),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": loop.optimizer.param_groups[0]["lr"],
     }
