@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
         )
         if name in {"run", "sweep"}:
             cmd.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default .cache/)")
-            cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+            cmd.add_argument(
+                "--quiet", action="store_true", help="no progress bars (nor per-epoch lines off a terminal)"
+            )
         if name == "run":
             cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
         if name == "sweep":
@@ -104,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="[pipeline] %(message)s", stream=sys.stderr)
     # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU-only machines.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    # Off a terminal the training loop logs a line per epoch instead of drawing a bar; --quiet drops those too.
+    logging.getLogger("pipeline.training").setLevel(
+        logging.WARNING if getattr(args, "quiet", False) else logging.NOTSET
+    )
     if args.command == "stages":
         return _list_stages()
     if args.command == "report":

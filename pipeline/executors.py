@@ -8,8 +8,10 @@ An executor yields each job's result as it finishes; a job whose worker died yie
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
@@ -69,7 +71,7 @@ class RayExecutor:
                 configure_logging=False,
             )
         # Ray sets OMP_NUM_THREADS to the task's CPUs; the runner sizes torch's thread pool from it.
-        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(fn)
+        task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus, max_retries=self.max_retries)(_logging_to_stderr(fn))
         pending = {task.remote(job): job for job in jobs}
         log.info("ray: %d jobs submitted (%.1f CPU, %.1f GPU each)", len(pending), self.cpus, self.gpus)
         while pending:
@@ -80,6 +82,23 @@ class RayExecutor:
             except ray.exceptions.RayError as err:  # the worker died (or the task raised past fn's own handling)
                 log.error("ray: a job failed: %s", str(err).splitlines()[0])
                 yield job.failed(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+
+
+def _logging_to_stderr(fn: Callable[[J], R]) -> Callable[[J], R]:
+    """`fn` with the `pipeline` logger's INFO lines (stage starts, one line per training epoch) going to stderr,
+    which Ray forwards to the driver: a Ray worker configures no logging, so they would be dropped."""
+
+    @functools.wraps(fn)
+    def run(job: J) -> R:
+        logger = logging.getLogger("pipeline")
+        if not logger.handlers and not logging.getLogger().handlers:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("[pipeline] %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+        return fn(job)
+
+    return run
 
 
 EXECUTORS: dict[str, Callable[..., Executor]] = {"local": LocalExecutor, "ray": RayExecutor}

@@ -6,6 +6,8 @@ before each optimizer step and fixed weights are projected back to their values 
 
 from __future__ import annotations
 
+import logging
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,8 @@ from pipeline import distributed
 from pipeline.config import StrictConfig
 from pipeline.constraints import FixedWeights
 from pipeline.data import TensorLoader
+
+log = logging.getLogger("pipeline.training")
 
 
 class TrainConfig(StrictConfig):
@@ -154,22 +158,27 @@ def train_(
     desc: str = "train",
     progress: bool = True,
 ) -> TrainReport:
-    """Train `model` in place for `cfg.epochs` epochs, keeping every fixed weight fixed."""
+    """Train `model` in place for `cfg.epochs` epochs, keeping every fixed weight fixed.
+
+    `progress` draws a tqdm bar per epoch while stderr is a terminal. Off a terminal (a log file, CI, nohup, a
+    Ray worker) a bar is noise, so one INFO line per epoch goes to the `pipeline.training` logger instead,
+    whether or not `progress` is set, so callers that turn bars off there (the CLI) still leave a trace.
+    """
     hooks = hooks or LoopHooks()
     report = TrainReport()
     if cfg.epochs == 0:
         return report
-    model.to(device)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=cfg.epochs * len(loader))
-    loss_fn = hooks.loss or cross_entropy_loss(cfg.label_smoothing)
-    loop = _Loop(optimizer, scheduler, fixed, device, loss_fn, cfg.grad_clip_norm)
-    fixed.project_(model)
+    loop = _build_loop(model, cfg, fixed=fixed, device=device, loss=hooks.loss, total_steps=cfg.epochs * len(loader))
     net = distributed.wrap(model, device)  # DDP under torchrun: gradients averaged over ranks
+    terminal, main = sys.stderr is not None and sys.stderr.isatty(), distributed.is_main()
     start = time.perf_counter()
     for epoch in range(cfg.epochs):
-        epoch_desc = f"{desc} {epoch + 1}/{cfg.epochs}"
-        stats = _train_epoch_(net, loader, loop, desc=epoch_desc, progress=progress and distributed.is_main())
+        epoch_start = time.perf_counter()
+        stats = _train_epoch_(net, loader, loop, desc=f"{desc} {epoch + 1}/{cfg.epochs}",
+                              progress=progress and terminal and main)  # fmt: skip
+        if main and not terminal:
+            now = time.perf_counter()
+            _log_epoch(desc, epoch + 1, cfg.epochs, stats, seconds=now - epoch_start, elapsed=now - start)
         report.steps += len(loader)
         report.history.append(stats)
         if hooks.on_epoch_end is not None:
@@ -177,6 +186,16 @@ def train_(
     report.epochs = cfg.epochs
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _build_loop(model, cfg: TrainConfig, *, fixed: FixedWeights, device, loss: LossFn | None, total_steps: int):
+    """Move `model` to `device`, build its optimizer and schedule, and start it inside its constraints."""
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=total_steps)
+    fixed.project_(model)
+    loss_fn = loss or cross_entropy_loss(cfg.label_smoothing)
+    return _Loop(optimizer, scheduler, fixed, device, loss_fn, cfg.grad_clip_norm)
 
 
 def _train_epoch_(model: nn.Module, loader: TensorLoader, loop: _Loop, *, desc: str, progress: bool):
@@ -198,3 +217,22 @@ def _train_epoch_(model: nn.Module, loader: TensorLoader, loop: _Loop, *, desc: 
         "train_top1": 100.0 * correct / max(seen, 1),
         "lr": loop.optimizer.param_groups[0]["lr"],
     }
+
+
+def _log_epoch(desc: str, done: int, epochs: int, stats: dict[str, float], *, seconds: float, elapsed: float):
+    """One line for a finished epoch: loss, train top-1, its seconds, and how long the remaining epochs should take."""
+    eta = elapsed / done * (epochs - done)
+    log.info(
+        "%s: epoch %d/%d, loss %.4f, train top-1 %.2f%%, %s, ETA %s",
+        desc, done, epochs, stats["train_loss"], stats["train_top1"], _duration(seconds), _duration(eta),
+    )  # fmt: skip
+
+
+def _duration(seconds: float) -> str:
+    """`seconds` as 4.2s, 3m05s or 1h02m."""
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"

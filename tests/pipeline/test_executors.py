@@ -4,6 +4,7 @@ ordering whose worker dies mid-stage (reported failed; the others finish)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -77,3 +78,22 @@ def test_cache_lock_lets_one_of_two_workers_compute_a_stage(tmp_path):
     for t in threads:
         t.join()
     assert order in (["a in", "a out", "b in", "b out"], ["b in", "b out", "a in", "a out"])
+
+
+def test_a_ray_task_logs_the_pipeline_progress_to_its_stderr(monkeypatch, capsys):
+    """A Ray worker configures no logging: the task wrapper sends `pipeline` INFO lines (per-epoch progress) to
+    stderr, which Ray forwards to the driver."""
+    from pipeline.executors import _logging_to_stderr
+
+    logger = logging.getLogger("pipeline")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh worker process
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+
+    def job(n: int) -> int:
+        logging.getLogger("pipeline.training").info("train: epoch %d/2", n)
+        return n
+
+    assert _logging_to_stderr(job)(1) == 1
+    assert _logging_to_stderr(job)(2) == 2  # a reused worker does not add a second handler
+    assert capsys.readouterr().err == "[pipeline] train: epoch 1/2\n[pipeline] train: epoch 2/2\n"

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import re
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -62,6 +67,43 @@ def test_fixed_weights_never_move(optimizer):
     )
     assert torch.equal(conv.detach()[mask], values[mask])
     assert not torch.equal(conv.detach()[~mask], before_free[~mask])  # the rest did train
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _train_two_epochs(progress: bool = True):
+    loader = synthetic_bundle().train_loader(16, seed=0, augment=False)
+    train_(_tiny_cnn(), loader, TrainConfig(epochs=2), fixed=FixedWeights(), device=torch.device("cpu"),
+           desc="stage 0 (train)", progress=progress)  # fmt: skip
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_off_a_terminal_each_epoch_is_one_log_line(monkeypatch, caplog, progress):
+    """A log file, CI or a Ray worker gets one line per epoch instead of a bar (the CLI passes progress=False there)."""
+    stderr = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    caplog.set_level(logging.INFO, logger="pipeline.training")
+    _train_two_epochs(progress)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pipeline.training"]
+    number, seconds = r"\d+\.\d+", r"\d+\.\ds"
+    assert len(lines) == 2
+    assert re.fullmatch(
+        rf"stage 0 \(train\): epoch 1/2, loss {number}, train top-1 {number}%, {seconds}, ETA {seconds}", lines[0]
+    )
+    assert lines[1].startswith("stage 0 (train): epoch 2/2,") and lines[1].endswith("ETA 0.0s")
+    assert stderr.getvalue() == ""  # no bar
+
+
+def test_on_a_terminal_progress_is_a_bar_not_log_lines(monkeypatch, caplog):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    caplog.set_level(logging.INFO, logger="pipeline.training")
+    _train_two_epochs()
+    assert not [r for r in caplog.records if r.name == "pipeline.training"]
+    assert "stage 0 (train) 2/2" in terminal.getvalue()
 
 
 def test_fixed_set_only_grows_and_keeps_old_values():
