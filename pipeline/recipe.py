@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import StrictConfig
 from pipeline.data import DataConfig, DataNotFoundError, locate
@@ -85,6 +85,12 @@ class ExecutorConfig(StrictConfig):
     address: str | None = Field(None, description="ray: the cluster to join (host:port or auto); none: a local Ray")
     cpus: float = Field(1.0, gt=0, le=1024, description="ray: CPUs each ordering's task asks for")
     gpus: float = Field(0.0, ge=0, le=64, description="ray: GPUs each ordering's task asks for")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone(cls, value: Any) -> Any:
+        """`executor: ray` is short for `executor: {name: ray}`."""
+        return {"name": value} if isinstance(value, str) else value
 
 
 class Recipe(StrictConfig):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.recipe import RECIPES_DIR, RecipeError, apply_override_, load_recipe, validate_recipe
+from pipeline.recipe import RECIPES_DIR, ExecutorConfig, RecipeError, apply_override_, load_recipe, validate_recipe
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 SHIPPED = sorted(RECIPES_DIR.rglob("*.yaml"))
@@ -64,6 +64,7 @@ BAD = [
     (lambda r: r.update(orderings=[]), "orderings: needs at least one ordering"),
     (lambda r: r.update(executor={"name": "dask"}), "executor.name: Input should be 'local' or 'ray'"),
     (lambda r: r.update(executor={"name": "ray", "cpus": 0}), "executor.cpus: Input should be greater than 0"),
+    (lambda r: r.update(executor="dask"), "executor.name: Input should be 'local' or 'ray', got 'dask'"),
     (
         lambda r: r.update(budget={"epochs": 4, "split": [1, 1, 10]}, stages=THREE, orderings="all"),
         "budget: gives a chain of 3 stages [0, 0, 4] epochs",
@@ -194,6 +195,15 @@ def test_cli_run_of_a_sweep_recipe_points_to_sweep(tmp_path, isolated):
     assert result.returncode == 2
     assert "declares a sweep" in result.stderr and f"python -m pipeline sweep {path}" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("name", ["local", "ray"])
+def test_executor_may_be_given_by_name_alone(tmp_path, name):
+    """`executor: ray` is short for `executor: {name: ray}`; the mapping still sets the Ray options."""
+    path = write_recipe(tmp_path / "s.yaml", tiny_recipe(orderings="all", executor=name))
+    assert load_recipe(path).executor == ExecutorConfig(name=name)
+    assert load_recipe(path, ["executor=local"]).executor.name == "local"
+    assert load_recipe(path, ["executor={name: ray, cpus: 2}"]).executor == ExecutorConfig(name="ray", cpus=2)
 
 
 def test_cli_unknown_executor_exits_2(tmp_path, isolated):
