@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,16 @@ BAD = [
     (lambda r: r["model"].update(name="resnet99"), "model.name: unknown timm model 'resnet99'; similar:"),
     (lambda r: r["model"].update(checkpoint="/no/such.pt"), "model.checkpoint: checkpoint file not found"),
     (lambda r: r["model"].update(kwargs={"num_classes": 3}), "model: kwargs may not set ['num_classes']"),
+    (
+        lambda r: r["model"].update(name="vit_tiny_patch16_224"),
+        "model: vit_tiny_patch16_224 cannot run on 3x32x32 inputs: Input height (32) doesn't match model (224); "
+        "for ViTs set model.kwargs: {img_size: 32, patch_size: 4}",
+    ),
+    (lambda r: r["model"].update(kwargs={"in_chans": 1}), "model: test_resnet cannot run on 3x32x32 inputs: Given"),
+    (
+        lambda r: r["model"].update(kwargs={"bogus": 1}),
+        "model.kwargs: timm cannot build test_resnet: ResNet.__init__()",
+    ),
     (lambda r: r.update(seed=-1), "seed: Input should be greater than or equal to 0"),
     (lambda r: r.update(name="has space"), "name: String should match pattern"),
     (lambda r: r.update(device="tpu"), "device: Input should be 'auto', 'cpu' or 'cuda'"),
@@ -112,6 +123,33 @@ def test_bad_recipes_fail_with_field_path(change, expected):
     message = str(info.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("model", "data"),
+    [
+        ({"name": "resnet10t"}, {}),
+        ({"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 4}}, {}),
+        ({"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 48, "patch_size": 8}}, {"img_size": 48}),
+    ],
+)
+def test_models_that_take_the_data_validate_quickly(model, data):
+    """The model check builds on the meta device (no weights, no memory): a small share of a second."""
+    raw = tiny_recipe(model=model)
+    raw["data"].update(data)
+    start = time.perf_counter()
+    assert validate_recipe(raw).model.name == model["name"]
+    assert time.perf_counter() - start < 5
+
+
+def test_model_check_reads_an_imagefolder_image_size(imagefolder):
+    """Without data.img_size the size is one image's header (12x12 here)."""
+    raw = tiny_recipe(model={"name": "vit_tiny_patch16_224", "kwargs": {"img_size": 32, "patch_size": 4}})
+    raw["data"] = {"dataset": "imagefolder", "root": str(imagefolder)}
+    with pytest.raises(RecipeError, match=r"^model: vit_tiny_patch16_224 cannot run on 3x12x12 inputs: .*img_size: 12"):
+        validate_recipe(raw)
+    raw["model"]["kwargs"] = {"img_size": 12, "patch_size": 4}
+    validate_recipe(raw)
 
 
 def test_overrides_apply_dotted_and_indexed_paths():
@@ -187,6 +225,15 @@ def test_cli_bad_recipe_exits_2_with_one_line_and_writes_nothing(tmp_path, isola
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
     assert not (tmp_path / "cache").exists()
+
+
+def test_cli_validate_refuses_a_model_that_cannot_take_the_images(tmp_path, isolated):
+    path = write_recipe(tmp_path / "vit.yaml", tiny_recipe(model={"name": "vit_tiny_patch16_224"}))
+    result = run_cli(["validate", str(path)], isolated)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: model: vit_tiny_patch16_224 cannot run on 3x32x32 inputs"), result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 def test_cli_run_of_a_sweep_recipe_points_to_sweep(tmp_path, isolated):
