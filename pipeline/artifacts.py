@@ -1,9 +1,11 @@
 """Deployable artifacts: what a user ships, written as one file, and read back into a runnable module.
 
-Each format registers a writer and a reader. Stages name the format of their output
-(`ModelState.artifact_format`); later stages add their own (sparse, INQ-packed, int8).
-Every artifact records the preprocessing it expects, exposed on the loaded module as
-`pretrained_cfg` (timm's convention).
+An artifact is two independent parts: how to rebuild the structure (the timm model spec plus the
+ordered structural changes of `pipeline.structure`) and how the weights are encoded (a format:
+dense, sparse, INQ-packed, int8). Each format registers a writer and a reader; stages name the
+format of their output (`ModelState.artifact_format`). A format's reader receives the model with its
+structure already replayed, so it only decodes values. Every artifact records the preprocessing it
+expects, exposed on the loaded module as `pretrained_cfg` (timm's convention).
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import torch
 from torch import nn
 
 from pipeline.models import ModelSpec, ModelState
+from pipeline.structure import StructuralChange, replay_structure
 
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
+"""2: the structure is an ordered record of changes (1 stored a per-format attribute delta)."""
 
 
 @dataclass(frozen=True)
 class ArtifactFormat:
-    """`encode(state) -> payload` (tensors and plain data only); `decode(payload, model) -> model`."""
+    """`encode(state) -> payload` (tensors and plain data only); `decode(payload, model) -> model`, where
+    `model` already has the artifact's structure (placeholder values)."""
 
     name: str
     encode: Callable[[ModelState], dict[str, Any]]
@@ -50,68 +55,18 @@ def artifact_format(name: str) -> ArtifactFormat:
     return _FORMATS[name]
 
 
-_PLAIN = (int, float, bool, str)
-
-
-def _plain_attrs(module: nn.Module) -> dict[str, Any]:
-    return {
-        k: v
-        for k, v in vars(module).items()
-        if not k.startswith("_")
-        and k != "training"
-        and (isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)))
-    }
-
-
-def architecture_delta(state: ModelState) -> dict[str, dict[str, Any]]:
-    """Plain attributes (channel counts, head counts…) where the model differs from a fresh `spec.build()`.
-
-    Structured pruning shrinks layers in place; recording only these ints and tuples lets a fresh
-    process rebuild the smaller architecture from timm without unpickling any code.
-    """
-    reference = dict(state.spec.build().named_modules())
-    delta = {}
-    for name, module in state.model.named_modules():
-        if name not in reference:
-            raise ValueError(f"module {name!r} does not exist in a fresh {state.spec.name}: cannot describe it")
-        ref = _plain_attrs(reference[name])
-        changed = {k: v for k, v in _plain_attrs(module).items() if ref.get(k) != v}
-        if changed:
-            delta[name] = changed
-    return delta
-
-
-def apply_architecture_(model: nn.Module, delta: dict[str, dict[str, Any]], state_dict: dict[str, torch.Tensor]):
-    """Reshape a freshly built model in place so that `state_dict` (of a pruned model) loads strictly."""
-    modules = dict(model.named_modules())
-    for name, attrs in delta.items():
-        for key, value in attrs.items():
-            setattr(modules[name], key, value)
-    for key, tensor in state_dict.items():
-        owner_name, _, leaf = key.rpartition(".")
-        owner = modules[owner_name]
-        if leaf in owner._parameters and owner._parameters[leaf].shape != tensor.shape:
-            owner._parameters[leaf] = nn.Parameter(torch.empty_like(tensor))
-        elif leaf in owner._buffers and owner._buffers[leaf] is not None and owner._buffers[leaf].shape != tensor.shape:
-            owner._buffers[leaf] = torch.empty_like(tensor)
-    model.load_state_dict(state_dict, strict=True)
-    return model
-
-
 @register_artifact_format("dense")
 class DenseFP32:
     """The plain fp32 state_dict of the (possibly physically smaller) model."""
 
     @staticmethod
     def encode(state: ModelState) -> dict[str, Any]:
-        return {
-            "state_dict": {k: v.detach().cpu().contiguous() for k, v in state.model.state_dict().items()},
-            "architecture": architecture_delta(state),
-        }
+        return {"state_dict": {k: v.detach().cpu().contiguous() for k, v in state.model.state_dict().items()}}
 
     @staticmethod
     def decode(payload: dict[str, Any], model: nn.Module) -> nn.Module:
-        return apply_architecture_(model, payload.get("architecture", {}), payload["state_dict"])
+        model.load_state_dict(payload["state_dict"], strict=True)
+        return model
 
 
 def save_artifact(state: ModelState, path: Path) -> int:
@@ -122,6 +77,7 @@ def save_artifact(state: ModelState, path: Path) -> int:
         "version": ARTIFACT_VERSION,
         "model": state.spec.to_dict(),
         "pretrained_cfg": dict(state.preprocessing),
+        "structure": [change.to_dict() for change in state.structure],
         "payload": fmt.encode(state),
     }
     path = Path(path)
@@ -132,21 +88,39 @@ def save_artifact(state: ModelState, path: Path) -> int:
     return path.stat().st_size
 
 
+ARTIFACT_FILE = "artifact.pt"
+"""The artifact's file name inside a folder (a cache entry, MLflow's downloaded `model` artifact)."""
+
+
 def load_artifact(path: str | Path) -> nn.Module:
     """Turn any stage's artifact back into a runnable module in eval mode (public API).
 
-    Loads with `weights_only=True`: an artifact holds tensors and plain data, never code.
-    The module's `pretrained_cfg` says which input it expects (mean, std, input_size).
+    `path` is the artifact file or a folder holding one `artifact.pt` (what MLflow's
+    `download_artifacts(run_id, "model")` returns). Loads with `weights_only=True`: an artifact holds
+    tensors and plain data, never code. The module's `pretrained_cfg` says which input it expects
+    (mean, std, input_size).
     """
-    import stages  # noqa: F401  (stages register their artifact formats)
+    import stages  # noqa: F401  (stages register their artifact formats and structural changes)
 
-    blob = torch.load(Path(path), map_location="cpu", weights_only=True)
+    path = Path(path)
+    if path.is_dir():
+        if not (path / ARTIFACT_FILE).is_file():
+            raise FileNotFoundError(f"{path} is a folder without an {ARTIFACT_FILE}")
+        path = path / ARTIFACT_FILE
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(blob, dict) or "format" not in blob or "payload" not in blob:
         raise ValueError(f"{path} is not a pipeline artifact")
-    if blob.get("version", 0) > ARTIFACT_VERSION:
-        raise ValueError(f"{path}: artifact version {blob['version']} is newer than this tool ({ARTIFACT_VERSION})")
+    version = blob.get("version", 0)
+    if version > ARTIFACT_VERSION:
+        raise ValueError(f"{path}: artifact version {version} is newer than this tool ({ARTIFACT_VERSION})")
+    if version < ARTIFACT_VERSION:
+        raise ValueError(
+            f"{path}: artifact version {version} was written by an older version of this tool, which recorded "
+            "structure differently; rerun the recipe (or `python -m pipeline export`) to write it again"
+        )
     spec = ModelSpec.from_dict(blob["model"])
-    model = artifact_format(blob["format"]).decode(blob["payload"], spec.build())
+    structure = [StructuralChange.from_dict(d) for d in blob["structure"]]
+    model = artifact_format(blob["format"]).decode(blob["payload"], replay_structure(spec.build(), structure))
     model.pretrained_cfg = {
         **getattr(model, "pretrained_cfg", {}),
         **blob["pretrained_cfg"],

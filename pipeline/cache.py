@@ -25,10 +25,12 @@ from typing import Any
 
 import torch
 
+from pipeline.artifacts import ARTIFACT_FILE
 from pipeline.models import ModelState
 
-CACHE_FORMAT = 1
-STATE_FILE, ARTIFACT_FILE, RECORD_FILE, METRICS_DIR = "state.pt", "artifact.pt", "record.json", "metrics"
+CACHE_FORMAT = 2
+"""Part of every key; bumped when what a cached state holds changes (2: `ModelState.structure`)."""
+STATE_FILE, RECORD_FILE, METRICS_DIR = "state.pt", "record.json", "metrics"
 
 
 def digest(obj: Any) -> str:

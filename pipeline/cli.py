@@ -279,7 +279,6 @@ def _run(recipe, args) -> int:
 
 def _list_stages() -> int:
     from stages import available_stages, get_stage
-    from stages.base import PLANNED_STAGES
 
     for name in available_stages():
         entry = get_stage(name)
@@ -287,6 +286,4 @@ def _list_stages() -> int:
         for field, info in entry.config.model_fields.items():
             default = "required" if info.is_required() else f"default {info.default!r}"
             print(f"  {field} ({default}): {info.description or ''}")
-    for name, issue in PLANNED_STAGES.items():
-        print(f"{name}: not yet supported (issue #{issue})")
     return EXIT_OK

@@ -57,6 +57,12 @@ class FixedWeights:
             self._masks[name] = self._masks[name].index_select(dim, keep.cpu())
             self._values[name] = self._values[name].index_select(dim, keep.cpu())
 
+    def drop_(self, names: list[str]) -> None:
+        """Release every entry of these parameters (a stage replaced them by new ones)."""
+        for name in names:
+            self._masks.pop(name, None)
+            self._values.pop(name, None)
+
     def fixed_count(self) -> int:
         """Number of fixed weight entries over all parameters."""
         return int(sum(int(m.sum()) for m in self._masks.values()))

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.config import StrictConfig
 from pipeline.constraints import FixedWeights
+from pipeline.structure import StructuralChange
 
 
 class ModelConfig(StrictConfig):
@@ -77,8 +78,9 @@ class ModelSpec:
 class ModelState:
     """What one stage hands to the next.
 
-    `fixed` holds the weights later training must keep; `artifact_format` names how the model is
-    shipped (see pipeline.artifacts); `preprocessing` is the input the model expects (timm's
+    `fixed` holds the weights later training must keep; `structure` records, in order, how the model's
+    structure differs from `spec.build()` (see pipeline.structure); `artifact_format` names how the
+    weights are encoded when shipped (see pipeline.artifacts); `preprocessing` is the input the model expects (timm's
     pretrained_cfg keys: mean, std, input_size); `extras` is stage-specific state later stages or
     the artifact writer need (e.g. INQ bit-widths), kept picklable.
     """
@@ -87,6 +89,7 @@ class ModelState:
     spec: ModelSpec
     preprocessing: dict[str, Any]
     fixed: FixedWeights = field(default_factory=FixedWeights)
+    structure: list[StructuralChange] = field(default_factory=list)
     artifact_format: str = "dense"
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -8,7 +8,7 @@ in every process that loads stages (Ray workers included, which inherit the vari
 import importlib
 import os
 
-from stages import distill, inq, prune, qat, train  # noqa: F401  (registers the stages)
+from stages import distill, inq, lowrank, prune, qat, train  # noqa: F401  (registers the stages)
 from stages.base import StageContext, StageOutput, available_stages, get_stage, register_stage
 
 for _module in filter(None, (m.strip() for m in os.environ.get("PIPELINE_PLUGINS", "").split(","))):

@@ -18,10 +18,6 @@ from pipeline.data import DataBundle, DataConfig
 from pipeline.models import ModelConfig, ModelState
 from pipeline.training import LoopHooks, LossFn, TrainConfig, TrainReport, train_
 
-# Stages the product plans but that are not implemented yet: a recipe naming one fails at load time
-# with this pointer instead of running a silent no-op.
-PLANNED_STAGES: dict[str, int] = {}
-
 
 @dataclass
 class StageContext:
@@ -89,9 +85,12 @@ class StageEntry:
     name: str
     config: type[StrictConfig]
     run: StageFn
-    # Stages whose output this stage cannot take as input (e.g. pruning a fake-quant int8 model); a recipe
-    # or ordering that asks for it fails at load time instead of after the earlier stages have run.
+    # Which chains are refused when the recipe loads, instead of after the earlier stages have run. A stage
+    # names the stages whose output it cannot take (`not_after`: low-rank factorisation would undo INQ's
+    # powers of two), and may restrict what can follow it (`may_follow`: only stages that keep fake-quant
+    # intact after qat; None allows any), so neither side has to know the other when it is written.
     not_after: frozenset[str] = frozenset()
+    may_follow: frozenset[str] | None = None
 
     @property
     def summary(self) -> str:
@@ -106,13 +105,23 @@ class UnknownStageError(KeyError):
 _REGISTRY: dict[str, StageEntry] = {}
 
 
-def register_stage(name: str, *, config: type[StrictConfig], not_after: frozenset[str] | set[str] = frozenset()):
-    """Register a stage function under `name`, validated by `config`; it cannot follow the stages in `not_after`."""
+def register_stage(
+    name: str,
+    *,
+    config: type[StrictConfig],
+    not_after: frozenset[str] | set[str] = frozenset(),
+    may_follow: frozenset[str] | set[str] | None = None,
+):
+    """Register a stage function under `name`, validated by `config`.
+
+    It cannot follow the stages in `not_after`; when `may_follow` is given, only those stages may run after it.
+    """
 
     def wrap(fn: StageFn) -> StageFn:
         if name in _REGISTRY:
             raise ValueError(f"stage {name!r} is registered twice")
-        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after))
+        allowed = None if may_follow is None else frozenset(may_follow)
+        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed)
         return fn
 
     return wrap
@@ -123,15 +132,10 @@ def available_stages() -> list[str]:
 
 
 def get_stage(name: str) -> StageEntry:
-    """The registered stage, or an error naming the known ones (and the issue of a planned one)."""
+    """The registered stage, or an error naming the known ones."""
     if name in _REGISTRY:
         return _REGISTRY[name]
-    known = ", ".join(available_stages())
-    if name in PLANNED_STAGES:
-        raise UnknownStageError(
-            f"stage {name!r} is not yet supported (planned in issue #{PLANNED_STAGES[name]}); available: {known}"
-        )
-    raise UnknownStageError(f"unknown stage {name!r}; available: {known}")
+    raise UnknownStageError(f"unknown stage {name!r}; available: {', '.join(available_stages())}")
 
 
 def chain_conflict(names: list[str]) -> tuple[int, str] | None:
@@ -139,6 +143,7 @@ def chain_conflict(names: list[str]) -> tuple[int, str] | None:
     for index, name in enumerate(names):
         blocked = get_stage(name).not_after
         for earlier in names[:index]:
-            if earlier in blocked:
+            allowed = get_stage(earlier).may_follow
+            if earlier in blocked or (allowed is not None and name not in allowed):
                 return index, f"{name} cannot run after {earlier}; put {name} before {earlier}"
     return None

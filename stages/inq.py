@@ -35,7 +35,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from pipeline.artifacts import apply_architecture_, architecture_delta, register_artifact_format
+from pipeline.artifacts import register_artifact_format
 from pipeline.models import ModelState
 from pipeline.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
@@ -314,7 +314,7 @@ def _inq_metrics(state: ModelState, layers: dict[str, _Layer], bits: int, steps:
     }
 
 
-@register_stage("inq", config=INQConfig, not_after={"qat"})  # INQ levels need float weights, not fake-quant
+@register_stage("inq", config=INQConfig)
 def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> StageOutput:
     """Incremental Network Quantization: conv/linear weights become ±2^k or 0 by portions, retraining the rest."""
     if state is None:
@@ -396,8 +396,7 @@ class INQPacked:
             except ValueError as err:
                 raise ValueError(f"inq artifact: {key}: {err}") from None
             quantized[key] = {"codes": pack_bits(codes, bits), "shape": list(value.shape), "n1": n1, "bits": bits}
-        # The architecture delta lets a structurally pruned (physically smaller) model load back too.
-        return {"state_dict": dense, "inq": quantized, "architecture": architecture_delta(state)}
+        return {"state_dict": dense, "inq": quantized}
 
     @staticmethod
     def decode(payload: dict[str, Any], model: nn.Module) -> nn.Module:
@@ -406,4 +405,5 @@ class INQPacked:
             count = math.prod(q["shape"])
             codes = unpack_bits(q["codes"], q["bits"], count)
             state_dict[key] = decode_pow2(codes, q["n1"], q["bits"]).view(q["shape"])
-        return apply_architecture_(model, payload.get("architecture", {}), state_dict)
+        model.load_state_dict(state_dict, strict=True)
+        return model

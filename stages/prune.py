@@ -22,6 +22,7 @@ from pipeline.artifacts import DenseFP32, register_artifact_format
 from pipeline.constraints import FixedWeights
 from pipeline.evaluator import count_macs, count_params
 from pipeline.models import ModelState
+from pipeline.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
 from pipeline.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
 
@@ -80,13 +81,13 @@ def step_ratio(final_ratio: float, step: int, steps: int) -> float:
     return final_ratio * step / steps
 
 
-@register_stage("prune", config=PruneConfig, not_after={"qat"})  # torch-pruning cannot trace fake-quant
+@register_stage("prune", config=PruneConfig)
 def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) -> StageOutput:
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:
         raise ValueError("prune needs a trained input model; it cannot be the first stage")
     before = _size_metrics(state.model, ctx.data.input_size)
-    widths = _layer_widths(state.model)
+    widths, layout_before = _layer_widths(state.model), layout(state.model)
     prune_step = _structured_step if config.method == "structured" else _unstructured_step
     pruner = _make_pruner(state.model, config, ctx) if config.method == "structured" else None
     report = TrainReport()
@@ -100,6 +101,7 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
         _check_sparsity(state.model, config)
     else:
         _check_shrunk(state.model, widths, config)
+        state.structure.append(StructuralChange("prune_channels", resize_args(layout_before, state.model)))
     metrics = {
         "params_before": before["params"],
         "params_after": after["params"],
@@ -320,6 +322,12 @@ def _structured_step(state: ModelState, config: PruneConfig, ctx: StageContext, 
         if hasattr(attn, "attn_dim"):
             attn.attn_dim = attn.num_heads * attn.head_dim
     _check_forward(model, ctx.data.input_size)
+
+
+@register_structural_change("prune_channels")
+def _replay_pruned_channels(model: nn.Module, args: dict[str, Any]) -> nn.Module:
+    """Structured pruning shrank layers in place: their new channel counts and tensor shapes."""
+    return resize_(model, args)
 
 
 def _weight_dim(module: nn.Module, is_out: bool) -> int | None:

@@ -98,11 +98,12 @@ from torch.ao.quantization.observer import PerChannelMinMaxObserver, _PartialWra
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
 from torch.fx import GraphModule
 
-from pipeline.artifacts import apply_architecture_, architecture_delta, register_artifact_format
+from pipeline.artifacts import register_artifact_format
 from pipeline.constraints import FixedWeights
 from pipeline.data import TensorLoader
 from pipeline.evaluator import int8_modules
 from pipeline.models import ModelState
+from pipeline.structure import StructuralChange, register_structural_change
 from pipeline.training import TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
@@ -407,14 +408,15 @@ def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: tor
 # --- the stage -----------------------------------------------------------------------------------
 
 
-@register_stage("qat", config=QATConfig, not_after={"qat"})
+# After qat the model is a fake-quant graph: torch-pruning cannot trace it, INQ's levels and low-rank factors need
+# float weights, and a second qat would quantize twice. Stages that only train it may follow.
+@register_stage("qat", config=QATConfig, may_follow={"distill", "train"})
 def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> StageOutput:
     """INT8 quantization-aware training: fake-quant fine-tuning, shipped as a real int8 model (x86 kernels)."""
     if state is None:
         raise ValueError("qat needs a trained input model: put a `train` (or pruning, INQ) stage before it")
     _check_can_quantize(state.model)
     pow2_modules = [name.rpartition(".")[0] for name in state.extras.get("inq", {})]
-    record = _int8_record(state, pow2_modules)
     names_before = {id(p): n for n, p in state.model.named_parameters()}
     prepared = prepare_qat(state.model, ctx.data.input_size, pow2_modules)
     state.fixed = _renamed_fixed(state.fixed, names_before, prepared)
@@ -431,8 +433,9 @@ def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> S
     freezing = replace(ctx, on_epoch_end=_freezing_hook(prepared, config, ctx.on_epoch_end))
     report = freezing.fit(state, config, desc="qat", step=1)  # step 1: another data order than calibration's
 
+    state.structure.append(StructuralChange("qat_prepare", {"backend": BACKEND, "pow2_modules": pow2_modules,
+                                                            "input_size": list(ctx.data.input_size)}))  # fmt: skip
     state.artifact_format = "int8"
-    state.extras["int8"] = record
     metrics = _int8_metrics(prepared, pow2_modules)
     metrics["qat_calibration_batches"] = float(calibrated)
     return StageOutput(state, metrics=metrics, report=report)
@@ -443,20 +446,6 @@ def _check_can_quantize(model: nn.Module) -> None:
         raise ValueError("qat: the input model is already fake-quantized (an earlier qat stage); use one qat stage")
     if BACKEND not in torch.backends.quantized.supported_engines:
         raise RuntimeError(f"qat: this torch build has no {BACKEND!r} quantized engine (int8 CPU kernels)")
-
-
-def _int8_record(state: ModelState, pow2_modules: list[str]) -> dict[str, Any]:
-    """What the artifact needs to rebuild the int8 module in a fresh process: plain data only."""
-    return {
-        "backend": BACKEND,
-        "pow2_modules": list(pow2_modules),
-        "input_size": list(state.preprocessing["input_size"]),
-        # The float architecture before fake quantization: a structurally pruned model rebuilds from these.
-        "architecture": architecture_delta(state),
-        "shapes": {
-            k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in state.model.state_dict().items()
-        },
-    }
 
 
 def _freezing_hook(model: nn.Module, config: QATConfig, outer: Callable[[int, dict[str, float]], None] | None):
@@ -610,26 +599,28 @@ def load_portable_state_dict_(converted: nn.Module, state_dict: dict[str, Any]) 
     converted.load_state_dict(full, strict=True)
 
 
+@register_structural_change("qat_prepare")
+def _replay_qat_prepare(model: nn.Module, args: dict[str, Any]) -> GraphModule:
+    """The fake-quant graph FX made of the float model, with the same power-of-two weight quantizers."""
+    if args["backend"] != BACKEND:
+        raise ValueError(f"int8 artifact: backend {args['backend']!r} is not supported (only {BACKEND!r})")
+    return prepare_qat(model, tuple(args["input_size"]), list(args["pow2_modules"]))
+
+
 @register_artifact_format("int8")
 class Int8Quantized:
-    """The converted int8 model's state (int8 weights with per-channel scales, fp32 biases, activation
-    scales and zero points) plus what rebuilds its graph from timm: the float architecture delta and
-    shapes, and which layers had power-of-two weight quantizers. Conversion runs when it is written."""
+    """The converted int8 model's state: int8 weights with per-channel scales, fp32 biases, activation
+    scales and zero points. Conversion runs when it is written; reading converts the replayed fake-quant
+    graph (structure only) and loads the values into it."""
 
     @staticmethod
     def encode(state: ModelState) -> dict[str, Any]:
-        record = state.extras.get("int8")
-        if record is None:
-            raise ValueError("int8 artifact: the model state has no int8 record (it did not pass through qat)")
-        return {**record, "state_dict": portable_state_dict(convert_int8(state.model))}
+        if not any(change.kind == "qat_prepare" for change in state.structure):
+            raise ValueError("int8 artifact: the model did not pass through qat (no fake-quant graph to convert)")
+        return {"state_dict": portable_state_dict(convert_int8(state.model))}
 
     @staticmethod
     def decode(payload: dict[str, Any], model: nn.Module) -> nn.Module:
-        shapes = {k: torch.zeros(shape, dtype=getattr(torch, dtype)) for k, (shape, dtype) in payload["shapes"].items()}
-        apply_architecture_(model, payload["architecture"], shapes)
-        if payload.get("backend", BACKEND) != BACKEND:
-            raise ValueError(f"int8 artifact: backend {payload['backend']!r} is not supported (only {BACKEND!r})")
-        prepared = prepare_qat(model, tuple(payload["input_size"]), list(payload["pow2_modules"]))
-        converted = convert_int8(prepared)  # the graph only: every value comes from the state_dict below
+        converted = convert_int8(model)  # the graph only: every value comes from the state_dict below
         load_portable_state_dict_(converted, payload["state_dict"])
         return converted

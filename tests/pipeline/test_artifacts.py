@@ -87,3 +87,29 @@ def test_unknown_format_is_named(tiny_bundle, tmp_path):
     with pytest.raises(KeyError, match="unknown artifact format 'zip-of-dreams'; known: dense"):
         save_artifact(state, tmp_path / "x.pt")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_folder_holding_the_artifact_loads_like_the_file(tiny_bundle, tmp_path):
+    """MLflow's download_artifacts(run, "model") gives the folder, not the file."""
+    state = _state(tiny_bundle)
+    save_artifact(state, tmp_path / "model" / "artifact.pt")
+    x = torch.randn(2, *tiny_bundle.input_size)
+    with torch.inference_mode():
+        assert torch.equal(load_artifact(tmp_path / "model")(x), load_artifact(tmp_path / "model" / "artifact.pt")(x))
+    with pytest.raises(FileNotFoundError, match="without an artifact.pt"):
+        load_artifact(tmp_path)
+
+
+def test_structure_is_an_ordered_record_and_unknown_changes_are_named(tiny_bundle, tmp_path):
+    state = _kind("structured", tiny_bundle)
+    save_artifact(state, tmp_path / "a.pt")
+    blob = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert [c["kind"] for c in blob["structure"]] == ["prune_channels"] and "architecture" not in blob["payload"]
+    blob["structure"].append({"kind": "hypernetwork", "args": {}})
+    torch.save(blob, tmp_path / "b.pt")
+    with pytest.raises(KeyError, match=r"structure\[1\]: unknown structural change 'hypernetwork'"):
+        load_artifact(tmp_path / "b.pt")
+    blob["version"] = 1
+    torch.save(blob, tmp_path / "c.pt")
+    with pytest.raises(ValueError, match="written by an older version"):
+        load_artifact(tmp_path / "c.pt")
