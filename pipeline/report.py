@@ -1,10 +1,9 @@
 """Reports: the run summary printed after `run`, and a sweep's Pareto-frontier report.
 
-A sweep report reads the sweep's runs back from MLflow (`Tracker.runs_frame`, i.e. `mlflow.search_runs`)
-into pandas and writes `reports/<sweep>/`: report.md and orderings.csv / models.csv (every ordering's final
-metrics, best first, with deltas vs the baseline; every distinct model with its frontier flags), one PNG
-per plot, and report.html (the same plots, interactive, with the tables). The same folder is logged as
-artifacts of the sweep's MLflow run.
+A sweep report reads the sweep's runs back from MLflow (`Tracker.read_sweep`) into pandas and writes
+`reports/<sweep>/`: report.md and orderings.csv / models.csv (every ordering's final metrics, best first, with
+deltas vs the baseline; every distinct model with its frontier flags), one PNG per plot, and report.html (the
+same plots, interactive, with the tables). The same folder is logged as artifacts of the sweep's MLflow run.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.pareto import Direction, frontiers, pair_column
+from pipeline.tracking import TAGS, RunRecord, RunType, SweepRuns, records_from_frame
 
 log = logging.getLogger("pipeline")
 
@@ -153,78 +153,82 @@ class SweepReport:
         return report_objectives(self.runtime)
 
 
-def default_runtime(runs: pd.DataFrame) -> str:
+def default_runtime(runs: SweepRuns) -> str:
     """The sweep's first deploy runtime whose metrics were logged, else 'torch'."""
-    tagged = runs.get("tags.deploy_runtimes", pd.Series(dtype=object)).dropna()
-    for runtime in str(tagged.iloc[0]).split(",") if not tagged.empty else []:
-        column = f"metrics.{latency_column(runtime)}"
-        if runtime in RUNTIMES and column in runs and runs[column].notna().any():
+    tagged = [run.tags[TAGS.deploy_runtimes] for run in runs.stages if run.tags.get(TAGS.deploy_runtimes)]
+    for runtime in tagged[0].split(",") if tagged else []:
+        if runtime in RUNTIMES and any(latency_column(runtime) in run.metrics for run in runs.stages):
             return runtime
     return "torch"
 
 
 def build_report(
-    runs: pd.DataFrame, sweep_id: str, latency: dict[str, float] | None = None, runtime: str | None = None
+    runs: SweepRuns, sweep_id: str, latency: dict[str, float] | None = None, runtime: str | None = None
 ) -> SweepReport:
-    """Tables from a sweep's runs as `mlflow.search_runs` returns them (tags.*, metrics.*, params.* columns).
+    """Tables from a sweep's runs as `Tracker.read_sweep` returns them.
 
     `runtime`: whose top-1 and latency the frontiers use (default: `default_runtime`); `latency` (cache key -> ms)
     replaces that runtime's latency logged by each stage, e.g. with a side-by-side re-measurement."""
-    runs = runs.copy()
     runtime = runtime or default_runtime(runs)
     if runtime not in REPORT_RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(REPORT_RUNTIMES)}")
-    role = runs.get("tags.run_type", pd.Series(index=runs.index, dtype=object))
-    sweep_rows = runs[role == "sweep"].sort_values("start_time")
-    chains = runs[(role == "chain") & (runs["status"] == "FINISHED")].sort_values("start_time")
-    chains = chains.drop_duplicates("tags.ordering", keep="last")  # a rerun ordering: its latest run
-    if chains.empty:
+    chains = _latest_finished_chains(runs.chains)
+    if not chains:
         raise ValueError(f"sweep {sweep_id!r} has no finished ordering yet; run `make sweep` first")
-    stages = runs[(role == "stage") & runs["tags.mlflow.parentRunId"].isin(chains["run_id"])]
-    points = _points(stages)
+    stages = [run for run in runs.stages if run.parent_id in chains]
+    points = _points(stages, chains)
     if runtime != "torch" and points[latency_column(runtime)].isna().all():
         raise ValueError(f"sweep {sweep_id!r} logged no {runtime} metrics (its recipe's deploy.runtimes)")
     if latency is not None:
         points[latency_column(runtime)] = points["cache_key"].map(latency)
     models = _models(points, runtime)
     orderings = _orderings(points, models, runtime)
-    sweep = sweep_rows.iloc[-1] if not sweep_rows.empty else pd.Series(dtype=object)
-    meta = {k.split(".", 1)[1]: v for k, v in sweep.items() if k.startswith(("metrics.", "params.", "tags.sweep"))}
-    meta["run_id"] = sweep.get("run_id")
-    meta["recipe"] = sweep.get("tags.recipe")
+    meta = _sweep_facts(runs, chains, stages)
     meta["latency_source"] = "side by side" if latency is not None else "per stage"
-    failed = runs[
-        (role == "chain") & (runs["status"] == "FAILED") & ~runs["tags.ordering"].isin(chains["tags.ordering"])
-    ]
-    meta["failed_orderings"] = sorted(set(failed["tags.ordering"]))
     meta["runtime"] = runtime
-    cpu = stages.get("tags.cpu_capability", pd.Series(dtype=object)).dropna()
-    meta["cpu_capability"] = cpu.iloc[0] if not cpu.empty else None
     return SweepReport(sweep_id, meta, points, models, orderings, runtime)
 
 
-def _points(stages: pd.DataFrame) -> pd.DataFrame:
-    # A metric no stage logged (e.g. an older run) becomes a column of NaN, shown as "–".
-    stages = stages.reindex(
-        columns=[*stages.columns, *(f"metrics.{m}" for m in METRIC_COLUMNS if f"metrics.{m}" not in stages)]
-    )
-    cols = {f"metrics.{m}": m for m in METRIC_COLUMNS}
-    points = stages[
-        ["run_id", "tags.ordering", "tags.stage", "tags.stage_index", "tags.cache_key", "tags.cached", *cols]
-    ]
-    points = points.rename(
-        columns={
-            "tags.ordering": "ordering",
-            "tags.stage": "stage",
-            "tags.stage_index": "stage_index",
-            "tags.cache_key": "cache_key",
-            "tags.cached": "cached",
-            **cols,
+def _latest_finished_chains(chains: list[RunRecord]) -> dict[str, str]:
+    """run id -> ordering of each ordering's latest FINISHED chain run (an ordering rerun: its latest run)."""
+    latest: dict[str, RunRecord] = {}
+    for run in sorted(chains, key=lambda r: r.start_time):
+        if run.status == "FINISHED":
+            latest[run.tags[TAGS.ordering]] = run
+    return {run.run_id: ordering for ordering, run in latest.items()}
+
+
+def _sweep_facts(runs: SweepRuns, chains: dict[str, str], stages: list[RunRecord]) -> dict[str, object]:
+    """The sweep run's params and metrics, its id and recipe, the orderings that failed, the CPU it ran on."""
+    sweep = max(runs.sweeps, key=lambda r: r.start_time, default=None)
+    meta: dict[str, object] = {**sweep.params, **sweep.metrics} if sweep else {}
+    meta["sweep"] = sweep.tags.get(TAGS.sweep) if sweep else None
+    meta["run_id"] = sweep.run_id if sweep else None
+    meta["recipe"] = sweep.tags.get(TAGS.recipe) if sweep else None
+    finished = set(chains.values())
+    failed = {run.tags[TAGS.ordering] for run in runs.chains if run.status == "FAILED"}
+    meta["failed_orderings"] = sorted(failed - finished)
+    cpu = [run.tags[TAGS.cpu_capability] for run in stages if run.tags.get(TAGS.cpu_capability)]
+    meta["cpu_capability"] = cpu[0] if cpu else None
+    return meta
+
+
+def _points(stages: list[RunRecord], chains: dict[str, str]) -> pd.DataFrame:
+    """One row per stage run of the finished orderings; a metric a stage did not log (e.g. an older run) is NaN,
+    shown as "–". The ordering is its chain's (older stage runs carried it too; newer ones do not)."""
+    rows = [
+        {
+            "run_id": run.run_id,
+            "ordering": chains[run.parent_id],
+            "stage": run.tags[TAGS.stage],
+            "stage_index": int(run.tags[TAGS.stage_index]),
+            "cache_key": run.tags[TAGS.cache_key],
+            "cached": run.flag(TAGS.cached),
+            **{metric: run.metrics.get(metric, float("nan")) for metric in METRIC_COLUMNS},
         }
-    )
-    points = points.astype({"stage_index": int}).sort_values(["ordering", "stage_index"]).reset_index(drop=True)
-    points["cached"] = points["cached"] == "true"
-    return points
+        for run in stages
+    ]
+    return pd.DataFrame(rows).sort_values(["ordering", "stage_index"]).reset_index(drop=True)
 
 
 def _models(points: pd.DataFrame, runtime: str) -> pd.DataFrame:
@@ -481,45 +485,59 @@ REMEASURE_ROUNDS, REMEASURE_CALLS = 7, 100
 
 
 def remeasure_latency(
-    tracker, runs: pd.DataFrame, runtime: str = "torch", rounds: int = REMEASURE_ROUNDS, calls: int = REMEASURE_CALLS
+    tracker,
+    stages: list[RunRecord] | pd.DataFrame,
+    runtime: str = "torch",
+    rounds: int = REMEASURE_ROUNDS,
+    calls: int = REMEASURE_CALLS,
 ) -> dict[str, float]:
     """Batch-1 p50 (ms, 1 thread) of every distinct model of a sweep in `runtime`, its artifact (torch) or exported
     file fetched from its stage run in MLflow and timed side by side with the others (interleaved rounds), so
-    ratios are fair on a busy machine."""
+    ratios are fair on a busy machine. `stages`: the sweep's stage runs (a `Tracker.runs_frame` works too);
+    returns cache key -> ms."""
     import tempfile
 
     from pipeline.artifacts import load_artifact
     from pipeline.deploy import ONNX_FILE, OPENVINO_DIR, OPENVINO_XML, open_runtime
     from pipeline.evaluator import latency_side_by_side, predict_side_by_side
 
-    stages = runs[(runs.get("tags.run_type") == "stage") & (runs["status"] == "FINISHED")]
-    stages = stages.drop_duplicates("tags.cache_key")
+    if isinstance(stages, pd.DataFrame):
+        stages = records_from_frame(stages)
+    models = _distinct_finished_models(stages)
     log.info("re-measuring batch-1 latency of %d models in %s side by side (%d rounds x %d calls)",
-             len(stages), _runtime_name(runtime), rounds, calls)  # fmt: skip
+             len(models), _runtime_name(runtime), rounds, calls)  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         if runtime == "torch":
-            models = [load_artifact(tracker.download_artifact(run_id, "model/artifact.pt", Path(tmp) / str(i)))
-                      for i, run_id in enumerate(stages["run_id"])]  # fmt: skip
-            sizes = [tuple(m.pretrained_cfg["input_size"]) for m in models]
-            medians = latency_side_by_side(models, sizes, threads=1, rounds=rounds, runs=calls)
+            loaded = [load_artifact(tracker.download_artifact(run.run_id, "model/artifact.pt", Path(tmp) / str(i)))
+                      for i, run in enumerate(models.values())]  # fmt: skip
+            sizes = [tuple(m.pretrained_cfg["input_size"]) for m in loaded]
+            medians = latency_side_by_side(loaded, sizes, threads=1, rounds=rounds, runs=calls)
         else:
             remote = f"deploy/{ONNX_FILE}" if runtime == "onnxruntime" else f"deploy/{OPENVINO_DIR}"
             predicts = []
-            for i, run_id in enumerate(stages["run_id"]):
-                local = tracker.download_artifact(run_id, remote, Path(tmp) / str(i))
+            for i, run in enumerate(models.values()):
+                local = tracker.download_artifact(run.run_id, remote, Path(tmp) / str(i))
                 file = local / OPENVINO_XML if runtime == "openvino" else local
                 predicts.append(open_runtime(runtime, file, threads=1, batch_size=1))
-            size = _input_size(stages)
-            medians = predict_side_by_side(predicts, size, rounds=rounds, runs=calls)
-    return dict(zip(stages["tags.cache_key"], medians, strict=True))
+            medians = predict_side_by_side(predicts, _input_size(models.values()), rounds=rounds, runs=calls)
+    return dict(zip(models, medians, strict=True))
 
 
-def _input_size(stages: pd.DataFrame) -> tuple[int, ...]:
+def _distinct_finished_models(stages: list[RunRecord]) -> dict[str, RunRecord]:
+    """cache key -> one FINISHED stage run that holds that model."""
+    models: dict[str, RunRecord] = {}
+    for run in stages:
+        if run.tags.get(TAGS.run_type) == RunType.STAGE and run.status == "FINISHED":
+            models.setdefault(run.tags[TAGS.cache_key], run)
+    return models
+
+
+def _input_size(stages) -> tuple[int, ...]:
     """The sweep's model input size (C, H, W), from the first stage's logged artifact metadata."""
-    sizes = stages.get("tags.input_size", pd.Series(dtype=object)).dropna()
-    if sizes.empty:
+    sizes = [run.tags[TAGS.input_size] for run in stages if run.tags.get(TAGS.input_size)]
+    if not sizes:
         raise ValueError("the sweep's runs carry no input_size tag (logged by newer versions): rerun the sweep")
-    return tuple(int(v) for v in str(sizes.iloc[0]).split("x"))
+    return tuple(int(v) for v in sizes[0].split("x"))
 
 
 def report_sweep(
@@ -534,15 +552,15 @@ def report_sweep(
     `runtime`: whose accuracy and latency the frontiers use (default: the sweep's first deploy runtime);
     `remeasure` times every distinct model again side by side in it instead of using each stage's figure."""
     if sweep_id is None:
-        latest = tracker.find_runs("tags.run_type = 'sweep'")
+        latest = tracker.sweep_runs()
         if not latest:
             raise ValueError("no sweep in the MLflow store yet; run `make sweep recipe=NAME` first")
-        sweep_id = latest[0].data.tags["sweep"]
-    runs = tracker.runs_frame(f"tags.sweep = '{sweep_id}'")
+        sweep_id = latest[0].tags[TAGS.sweep]
+    runs = tracker.read_sweep(sweep_id)
     if runs.empty:
         raise ValueError(f"no runs with tags.sweep = {sweep_id!r} in {tracker.uri}")
     runtime = runtime or default_runtime(runs)
-    latency = remeasure_latency(tracker, runs, runtime) if remeasure else None
+    latency = remeasure_latency(tracker, runs.stages, runtime) if remeasure else None
     report = build_report(runs, sweep_id, latency, runtime)
     if remeasure:
         report.sweep["latency_how"] = f"median of {REMEASURE_ROUNDS} interleaved rounds x {REMEASURE_CALLS} calls"

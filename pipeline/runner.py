@@ -28,7 +28,7 @@ from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.evaluator import evaluate, runtime_metrics
 from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
-from pipeline.tracking import NullTracker, Tracker
+from pipeline.tracking import TAGS, NullTracker, RunType, Tracker
 from stages import StageContext, get_stage
 
 log = logging.getLogger("pipeline")
@@ -132,8 +132,8 @@ def resolve_device(name: str) -> torch.device:
 def machine_tags(recipe: Recipe) -> dict[str, str]:
     """What latency figures depend on: the CPU's instruction set as torch sees it, and the runtimes' versions."""
     return {
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "deploy_runtimes": ",".join(recipe.deploy.runtimes) or "none",
+        TAGS.cpu_capability: torch.backends.cpu.get_cpu_capability(),
+        TAGS.deploy_runtimes: ",".join(recipe.deploy.runtimes) or "none",
         **runtime_versions(recipe.deploy.runtimes),
     }
 
@@ -212,10 +212,10 @@ class Runner:
         tracker = (self.tracker or Tracker()) if distributed.is_main() else NullTracker()
         tags = {
             **self.extra_tags,
-            "run_type": "chain",
-            "recipe": recipe.name,
-            "ordering": recipe.ordering,
-            "pipeline_version": __version__,
+            TAGS.run_type: RunType.CHAIN,
+            TAGS.recipe: recipe.name,
+            TAGS.ordering: recipe.ordering,
+            TAGS.pipeline_version: __version__,
         }
         name = recipe.ordering if self.parent_run_id else recipe.name
         with termination_as_interrupt(), tracker.run(name, tags, parent_id=self.parent_run_id) as parent_id:
@@ -256,14 +256,14 @@ class Runner:
         entry = self.cached(stage)
         tags = {
             **self.extra_tags,
-            "run_type": "stage",
-            "stage": stage.name,
-            "stage_index": str(stage.index),
-            "cached": str(entry is not None).lower(),
-            "input_size": "x".join(str(d) for d in self.data.input_size),
-            "ordering": self.recipe.ordering,
-            "recipe": self.recipe.name,
-            "cache_key": stage.key,
+            TAGS.run_type: RunType.STAGE,
+            TAGS.stage: stage.name,
+            TAGS.stage_index: str(stage.index),
+            TAGS.cached: str(entry is not None).lower(),
+            TAGS.input_size: "x".join(str(d) for d in self.data.input_size),
+            TAGS.ordering: self.recipe.ordering,
+            TAGS.recipe: self.recipe.name,
+            TAGS.cache_key: stage.key,
         }
         with tracker.run(f"{stage.index}-{stage.name}", tags, parent_id=parent_id) as run_id:
             tracker.log_params(run_id, stage.spec.config.model_dump(mode="json"))
@@ -273,7 +273,7 @@ class Runner:
                     state = self.cache.get(self.chain[stage.index - 1].key).load_state()
                 log.info("stage %d (%s): running", stage.index, stage.name)
                 entry, state = self._execute(tracker, run_id, stage, state)
-                tracker.set_tags(run_id, {"trained": "true"})  # cached now, even if evaluation is interrupted
+                tracker.set_tags(run_id, {TAGS.trained: "true"})  # cached now, even if evaluation is interrupted
             else:
                 log.info("stage %d (%s): reused from cache %s", stage.index, stage.name, stage.key[:12])
                 state = None  # loaded only if a later stage needs to run from it
@@ -284,14 +284,14 @@ class Runner:
             tracker.log_dict(run_id, {"metrics": metrics, "record": entry.record}, "metrics.json")
             tracker.log_artifact(run_id, entry.artifact_path, "model")
             if "deploy_error" in measured:
-                tracker.set_tags(run_id, {"deploy_error": measured["deploy_error"]})
+                tracker.set_tags(run_id, {TAGS.deploy_error: measured["deploy_error"]})
             elif self.recipe.deploy.runtimes and self._deploy_dir(entry).is_dir():
                 tracker.log_artifacts(run_id, self._deploy_dir(entry), "deploy")
         return StageResult(
             stage.index,
             stage.name,
             stage.key,
-            tags["cached"] == "true",
+            tags[TAGS.cached] == "true",
             metrics,
             time.perf_counter() - start,
             entry.artifact_path,

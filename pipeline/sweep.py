@@ -30,7 +30,7 @@ from pipeline.runner import (
     termination_as_interrupt,
     training_epochs,
 )
-from pipeline.tracking import Tracker
+from pipeline.tracking import TAGS, RunType, Tracker
 
 log = logging.getLogger("pipeline")
 
@@ -117,7 +117,7 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
     """Run one ordering's chain under the sweep's run. A failing stage fails this ordering, not the sweep."""
     start = time.perf_counter()
     tracker = Tracker(job.tracking_uri, experiment_id=job.experiment_id)
-    tags = {"sweep": job.sweep_id}
+    tags = {TAGS.sweep: job.sweep_id}
     runner = Runner(
         job.chain,
         cache_dir=job.cache_dir,
@@ -183,7 +183,7 @@ def run_sweep(
     tracker = tracker or Tracker()
     for ordering, reason in plan.skipped:
         log.warning("skipping ordering %s: %s", ">".join(ordering), reason)
-    previous = tracker.find_runs(f"tags.sweep = '{plan.sweep_id}' and tags.run_type = 'sweep'")
+    previous = tracker.sweep_runs(plan.sweep_id)
     done = _finished_orderings(tracker, plan.sweep_id) if previous else {}
     todo = [chain for chain in plan.chains if chain.ordering not in done]
     log.info(
@@ -195,8 +195,13 @@ def run_sweep(
         plan.stage_slots,
         runner.name,
     )
-    tags = {"sweep": plan.sweep_id, "run_type": "sweep", "recipe": recipe.name, "pipeline_version": __version__}
-    resume_id = previous[0].info.run_id if previous else None
+    tags = {
+        TAGS.sweep: plan.sweep_id,
+        TAGS.run_type: RunType.SWEEP,
+        TAGS.recipe: recipe.name,
+        TAGS.pipeline_version: __version__,
+    }
+    resume_id = previous[0].run_id if previous else None
     with termination_as_interrupt(), tracker.run(f"sweep {recipe.name}", tags, resume_id=resume_id) as sweep_run_id:
         if resume_id is None:
             _log_plan(tracker, sweep_run_id, plan, runner.name)
@@ -205,10 +210,7 @@ def run_sweep(
         results = _run_jobs(runner, jobs)
         for result in results:
             if result.run_id is None:  # its worker died: close the runs it left RUNNING
-                tracker.fail_open_runs(
-                    f"tags.sweep = '{plan.sweep_id}' and tags.ordering = '{result.ordering}'",
-                    result.error or "worker died",
-                )
+                tracker.fail_open_ordering_runs(plan.sweep_id, result.ordering, result.error or "worker died")
         summary = _summarize(plan, sweep_run_id, results, list(done), time.perf_counter() - start)
         _log_totals(tracker, sweep_run_id, summary)
     return summary
@@ -224,10 +226,8 @@ def _run_jobs(runner: Executor, jobs: list[OrderingJob]) -> list[OrderingResult]
 
 def _finished_orderings(tracker: Tracker, sweep_id: str) -> dict[str, str]:
     """ordering -> run id of its FINISHED chain run in this sweep (from an earlier, interrupted invocation)."""
-    runs = tracker.find_runs(
-        f"tags.sweep = '{sweep_id}' and tags.run_type = 'chain' and attributes.status = 'FINISHED'"
-    )
-    return {run.data.tags["ordering"]: run.info.run_id for run in reversed(runs)}
+    runs = tracker.chain_runs(sweep_id, status="FINISHED")
+    return {run.tags[TAGS.ordering]: run.run_id for run in reversed(runs)}
 
 
 def _summarize(plan: SweepPlan, run_id: str, results: list[OrderingResult], done: list[str], seconds: float):
@@ -258,12 +258,10 @@ def _log_totals(tracker: Tracker, run_id: str, summary: SweepSummary) -> None:
     """Counts over every invocation of this sweep, read back from its runs, so a resumed sweep adds up:
     executed = distinct stage outputs trained into the cache, reused = stage runs of finished orderings that
     came from the cache."""
-    stages = tracker.find_runs(f"tags.sweep = '{summary.plan.sweep_id}' and tags.run_type = 'stage'")
+    stages = tracker.stage_runs(summary.plan.sweep_id)
     finished = set(_finished_orderings(tracker, summary.plan.sweep_id).values())
-    trained = {r.data.tags["cache_key"] for r in stages if r.data.tags.get("trained") == "true"}
-    reused = sum(
-        r.data.tags.get("cached") == "true" and r.data.tags.get("mlflow.parentRunId") in finished for r in stages
-    )
+    trained = {run.tags[TAGS.cache_key] for run in stages if run.flag(TAGS.trained)}
+    reused = sum(run.flag(TAGS.cached) and run.parent_id in finished for run in stages)
     tracker.log_metrics(
         run_id,
         {

@@ -1,8 +1,13 @@
-"""The only module that talks to MLflow.
+"""The only module that talks to MLflow, and the one place that names what the pipeline keeps there.
 
 Default store: SQLite in the project folder (`sqlite:///mlflow.db`), artifacts beside it in
 `mlartifacts/`; `MLFLOW_TRACKING_URI` points elsewhere (a team's tracking server).
 A run ends FINISHED, FAILED (with the error as a tag) or KILLED (Ctrl-C); never left RUNNING.
+
+Runs come in three kinds (tag `run_type`): a sweep, one chain per ordering (or one for `run`), one stage run per
+stage below its chain. Other modules name tags through `TAGS` and read runs back through the Tracker's query
+methods (`sweep_runs`, `chain_runs`, `stage_runs`, `read_sweep`), which return plain `RunRecord`s: no other
+module builds an MLflow filter string or holds an MLflow object.
 """
 
 from __future__ import annotations
@@ -11,12 +16,81 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "compression"
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class Tags:
+    """Names of the run tags the pipeline writes and reads back (MLflow's own keys among them)."""
+
+    run_type: str = "run_type"  # RunType.SWEEP, CHAIN or STAGE
+    sweep: str = "sweep"  # the sweep's id, on every run of a sweep
+    recipe: str = "recipe"  # the recipe's name
+    ordering: str = "ordering"  # chain runs: stage names joined by '>', e.g. 'prune>inq>distill'
+    stage: str = "stage"  # stage runs: the registered stage name
+    stage_index: str = "stage_index"  # stage runs: position in the chain, the baseline being 0
+    cached: str = "cached"  # stage runs: 'true' when the stage's output was reused from the cache
+    trained: str = "trained"  # stage runs: 'true' once this run trained the stage and cached its output
+    cache_key: str = "cache_key"  # stage runs: the stage cache's key of the output (same key, same model)
+    input_size: str = "input_size"  # stage runs: the model's input, CxHxW
+    pipeline_version: str = "pipeline_version"
+    cpu_capability: str = "cpu_capability"  # the CPU's instruction set as torch sees it (AVX2, AVX512, ...)
+    deploy_runtimes: str = "deploy_runtimes"  # runtimes measured, comma-separated, or 'none'
+    error: str = "error"  # a FAILED or KILLED run's error
+    deploy_error: str = "deploy_error"  # a stage whose export failed with deploy.required false
+    parent_run_id: str = "mlflow.parentRunId"  # MLflow's nesting: the sweep above a chain, the chain above a stage
+
+
+TAGS = Tags()
+
+
+class RunType:
+    """Values of the `run_type` tag."""
+
+    SWEEP = "sweep"
+    CHAIN = "chain"
+    STAGE = "stage"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run read back, as plain data: the latest value of each metric, every param and tag."""
+
+    run_id: str
+    name: str
+    status: str  # RUNNING, FINISHED, FAILED or KILLED
+    start_time: int  # ms since the epoch
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.tags.get(TAGS.parent_run_id)
+
+    def flag(self, tag: str) -> bool:
+        """Whether a true/false tag (`cached`, `trained`) is true."""
+        return self.tags.get(tag) == "true"
+
+
+@dataclass(frozen=True)
+class SweepRuns:
+    """Every run of one sweep, by kind; each list newest first."""
+
+    sweep_id: str
+    sweeps: list[RunRecord]  # the sweep's own run (more than one only if it was started twice without resuming)
+    chains: list[RunRecord]
+    stages: list[RunRecord]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.sweeps or self.chains or self.stages)
 
 
 def tracking_uri() -> str:
@@ -70,21 +144,21 @@ class Tracker:
         `resume_id` reopens an existing run (an interrupted sweep continuing) instead of creating one."""
         tags = dict(tags)
         if parent_id:
-            tags["mlflow.parentRunId"] = parent_id
+            tags[TAGS.parent_run_id] = parent_id
         if resume_id:
             run_id = resume_id
             self.client.update_run(run_id, status="RUNNING")
-            self.set_tags(run_id, {**tags, "error": ""})
+            self.set_tags(run_id, {**tags, TAGS.error: ""})
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         try:
             yield run_id
         except KeyboardInterrupt:
-            self.client.set_tag(run_id, "error", "interrupted (KeyboardInterrupt)")
+            self.client.set_tag(run_id, TAGS.error, "interrupted (KeyboardInterrupt)")
             self.client.set_terminated(run_id, "KILLED")
             raise
         except BaseException as err:
-            self.client.set_tag(run_id, "error", f"{type(err).__name__}: {err}"[:5000])
+            self.client.set_tag(run_id, TAGS.error, f"{type(err).__name__}: {err}"[:5000])
             self.client.set_terminated(run_id, "FAILED")
             raise
         self.client.set_terminated(run_id, "FINISHED")
@@ -123,8 +197,49 @@ class Tracker:
 
     # --- reading back ------------------------------------------------------------------------------
 
+    def sweep_runs(self, sweep_id: str | None = None) -> list[RunRecord]:
+        """The top-level runs of sweep `sweep_id` (of every sweep when None), newest first."""
+        return self._search({TAGS.sweep: sweep_id, TAGS.run_type: RunType.SWEEP})
+
+    def chain_runs(self, sweep_id: str, *, status: str | None = None) -> list[RunRecord]:
+        """The ordering (chain) runs of a sweep, newest first; `status` keeps only those that ended so."""
+        return self._search({TAGS.sweep: sweep_id, TAGS.run_type: RunType.CHAIN}, status=status)
+
+    def stage_runs(self, sweep_id: str | None = None, *, status: str | None = None) -> list[RunRecord]:
+        """The stage runs of a sweep (of every chain in the experiment when None), newest first."""
+        return self._search({TAGS.sweep: sweep_id, TAGS.run_type: RunType.STAGE}, status=status)
+
+    def read_sweep(self, sweep_id: str) -> SweepRuns:
+        """Every run of a sweep in one query, split by kind."""
+        runs = self._search({TAGS.sweep: sweep_id})
+        by_type: dict[str | None, list[RunRecord]] = {}
+        for run in runs:
+            by_type.setdefault(run.tags.get(TAGS.run_type), []).append(run)
+        kinds = (RunType.SWEEP, RunType.CHAIN, RunType.STAGE)
+        return SweepRuns(sweep_id, *(by_type.get(kind, []) for kind in kinds))
+
+    def fail_open_ordering_runs(self, sweep_id: str, ordering: str, error: str) -> int:
+        """Mark an ordering's chain run and its stage runs still RUNNING as FAILED with `error` (their process
+        died); returns how many."""
+        chains = [run for run in self.chain_runs(sweep_id) if run.tags.get(TAGS.ordering) == ordering]
+        chain_ids = {run.run_id for run in chains}
+        stages = [run for run in self.stage_runs(sweep_id, status="RUNNING") if run.parent_id in chain_ids]
+        open_runs = [run for run in chains if run.status == "RUNNING"] + stages
+        for run in open_runs:
+            self.client.set_tag(run.run_id, TAGS.error, error[:5000])
+            self.client.set_terminated(run.run_id, "FAILED")
+        return len(open_runs)
+
+    def _search(self, tags: dict[str, str | None], status: str | None = None) -> list[RunRecord]:
+        """Runs whose tags have the given values (None: any), newest first."""
+        clauses = [f"tags.{key} = '{value}'" for key, value in tags.items() if value is not None]
+        if status is not None:
+            clauses.append(f"attributes.status = '{status}'")
+        return [_record(run) for run in self.find_runs(" and ".join(clauses))]
+
     def find_runs(self, filter_string: str, order_by: tuple[str, ...] = ("attributes.start_time DESC",)) -> list:
-        """Every run of the experiment matching an MLflow filter, e.g. "tags.sweep = 'x'" (all pages)."""
+        """Every run of the experiment matching an MLflow filter, e.g. "tags.sweep = 'x'" (all pages), as MLflow's
+        Run objects: a low-level escape hatch for tests and ad-hoc queries; the pipeline uses the methods above."""
         runs, token = [], None
         while True:
             page = self.client.search_runs(
@@ -135,20 +250,13 @@ class Tracker:
             if not token:
                 return runs
 
-    def fail_open_runs(self, filter_string: str, error: str) -> int:
-        """Mark the matching runs still RUNNING as FAILED with `error` (their process died); returns how many."""
-        runs = self.find_runs(f"{filter_string} and attributes.status = 'RUNNING'")
-        for run in runs:
-            self.client.set_tag(run.info.run_id, "error", error[:5000])
-            self.client.set_terminated(run.info.run_id, "FAILED")
-        return len(runs)
-
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         """The latest value of each metric of a run."""
         return dict(self.client.get_run(run_id).data.metrics)
 
     def runs_frame(self, filter_string: str):
-        """The matching runs as a pandas DataFrame (`mlflow.search_runs`): metrics.*, params.*, tags.* columns."""
+        """The matching runs as a pandas DataFrame (`mlflow.search_runs`): metrics.*, params.*, tags.* columns;
+        like `find_runs`, for tests and ad-hoc queries (`records_from_frame` turns it into RunRecords)."""
         import mlflow
 
         previous = mlflow.get_tracking_uri()
@@ -163,6 +271,37 @@ class Tracker:
         """Copy one artifact of a run (e.g. 'model/artifact.pt') into `dst_dir`; returns its local path."""
         dst_dir.mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dst_dir)))
+
+
+def _record(run) -> RunRecord:
+    """An MLflow Run as a RunRecord."""
+    info, data = run.info, run.data
+    tags, metrics, params = dict(data.tags), dict(data.metrics), dict(data.params)
+    return RunRecord(info.run_id, info.run_name or "", info.status, info.start_time or 0, tags, metrics, params)
+
+
+def records_from_frame(frame) -> list[RunRecord]:
+    """The rows of a `Tracker.runs_frame` DataFrame as RunRecords (missing values left out)."""
+    records = []
+    for row in frame.to_dict("records"):
+        values = {key: value for key, value in row.items() if value is not None and value == value}  # not NaN
+        start = values.get("start_time")
+        records.append(
+            RunRecord(
+                run_id=values["run_id"],
+                name=str(values.get("tags.mlflow.runName", "")),
+                status=str(values.get("status", "")),
+                start_time=int(start.timestamp() * 1000) if hasattr(start, "timestamp") else int(start or 0),
+                tags=_under(values, "tags."),
+                metrics=_under(values, "metrics."),
+                params=_under(values, "params."),
+            )
+        )
+    return records
+
+
+def _under(values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {key[len(prefix) :]: value for key, value in values.items() if key.startswith(prefix)}
 
 
 class NullTracker:

@@ -70,7 +70,7 @@ def toy_store(tmp_path):
 
 def test_report_tables_and_frontiers_from_mlflow(toy_store):
     tracker, _ = toy_store
-    report = build_report(tracker.runs_frame(f"tags.sweep = '{SWEEP}'"), SWEEP)
+    report = build_report(tracker.read_sweep(SWEEP), SWEEP)
     table = report.orderings.set_index("ordering")
     # All three finals are on the 3-D frontier, so best first is by accuracy.
     assert report.orderings.ordering.tolist() == ["a", "a>b", "b>a"]
@@ -91,7 +91,7 @@ def test_report_tables_and_frontiers_from_mlflow(toy_store):
 def test_report_uses_the_first_deploy_runtime_and_keeps_torch_eager_beside_it(tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     write_toy_sweep(tracker, openvino=True)
-    runs = tracker.runs_frame(f"tags.sweep = '{SWEEP}'")
+    runs = tracker.read_sweep(SWEEP)
     report = build_report(runs, SWEEP)
     assert report.runtime == "openvino"
     table = report.orderings.set_index("ordering")
@@ -112,7 +112,7 @@ def test_report_uses_the_first_deploy_runtime_and_keeps_torch_eager_beside_it(tm
 def test_report_of_a_runtime_the_sweep_did_not_measure_is_an_error(toy_store):
     tracker, _ = toy_store
     with pytest.raises(ValueError, match="logged no onnxruntime metrics"):
-        build_report(tracker.runs_frame(f"tags.sweep = '{SWEEP}'"), SWEEP, runtime="onnxruntime")
+        build_report(tracker.read_sweep(SWEEP), SWEEP, runtime="onnxruntime")
 
 
 def test_report_writes_files_and_logs_them_to_the_sweep_run(toy_store, tmp_path):
