@@ -95,7 +95,7 @@ BAD = [
     ),
     (
         lambda r: r.update(stages=[{"bogus": {}}]),
-        "stages[0]: unknown stage 'bogus'; available: distill, inq, prune, qat, train",
+        "stages[0]: unknown stage 'bogus'; available: distill, inq, lowrank, prune, qat, train",
     ),
     (lambda r: r.update(stages=[{"qat": {"epochs": -1}}]), "stages[0].qat.epochs: Input should be greater"),
     (lambda r: r.update(stages=[{"inq": {"bits": 12}}]), "stages[0].inq.bits: must be 2..8, got 12"),
