@@ -1,8 +1,9 @@
 """Runs a recipe: the baseline, then each stage in order, each evaluated, cached and tracked.
 
-For every stage: reuse the cached output when its key is known, else run it (from the previous
-output, loaded lazily), write its artifact and state atomically, then evaluate the artifact as it
-was written (the deployable form) and log everything to the stage's nested MLflow run.
+For every stage: reuse the cached output when its key is known, else train it (from the previous
+output, loaded lazily; `pipeline.stage_training`), write its artifact and state atomically, then evaluate
+the artifact as it was written (the deployable form) and log everything to the stage's nested MLflow run.
+Under torchrun the ranks other than 0 only train (`follow_chain`); rank 0 does all the rest.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import timm
 import torch
 
 from pipeline import __version__, distributed
-from pipeline.artifacts import load_artifact, save_artifact
+from pipeline.artifacts import load_artifact
 from pipeline.cache import CacheEntry, StageCache, digest, file_digest, stage_key
 from pipeline.data import DataBundle, load_data, locate
 from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.evaluator import evaluate, runtime_metrics
 from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
-from pipeline.tracking import TAGS, NullTracker, RunType, Tracker
-from stages import StageContext, get_stage
+from pipeline.stage_training import PlannedStage, StageResult, StageTrainer, follow_chain
+from pipeline.tracking import TAGS, RunType, Tracker
 
 log = logging.getLogger("pipeline")
 
@@ -41,30 +42,6 @@ EVAL_ONLY_DATA_FIELDS = {"test_subset", "eval_batch_size"}
 def default_cache_dir() -> Path:
     """$PIPELINE_CACHE_DIR, else .cache/ in the project folder."""
     return Path(os.environ.get("PIPELINE_CACHE_DIR") or PROJECT_ROOT / ".cache")
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    """One step of the chain: index 0 is the baseline (`train`)."""
-
-    index: int
-    spec: StageSpec
-    key: str
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-
-@dataclass
-class StageResult:
-    index: int
-    name: str
-    key: str
-    cached: bool
-    metrics: dict[str, float]  # empty on ranks other than 0 under torchrun
-    seconds: float
-    artifact_path: Path | None  # None on ranks other than 0 under torchrun
 
 
 @dataclass
@@ -195,7 +172,18 @@ class Runner:
         return self.cache.get(stage.key) if self.use_cache else None
 
     def run(self) -> RunSummary:
-        """Run every stage (reusing cached ones) under one MLflow parent run; returns per-stage results."""
+        """Run every stage (reusing cached ones) under one MLflow parent run; returns per-stage results.
+
+        Under torchrun only rank 0 evaluates, caches and logs; the other ranks train alongside it (`follow_chain`)
+        and return results without metrics."""
+        trainer = self._prepare()
+        if not distributed.is_main():
+            results = follow_chain(trainer, self.cached)
+            return RunSummary(self.recipe.name, self.recipe.ordering, "", results)
+        return self._run_tracked_chain(trainer, self.tracker or Tracker())
+
+    def _prepare(self) -> StageTrainer:
+        """Pick the device and load the data (once per run); fetch pretrained weights first if the baseline runs."""
         recipe = self.recipe
         reusable = [s.name for s in self.chain if self.cached(s)]
         if not self.cached(self.chain[0]):
@@ -209,7 +197,11 @@ class Runner:
         )
         if reusable:
             log.info("reusing cached stages: %s", ", ".join(reusable))
-        tracker = (self.tracker or Tracker()) if distributed.is_main() else NullTracker()
+        return StageTrainer(recipe, self.chain, self.cache, self.data, self.device, self.progress)
+
+    def _run_tracked_chain(self, trainer: StageTrainer, tracker: Tracker) -> RunSummary:
+        """The chain under its MLflow parent run, one nested run per stage (rank 0, or the only process)."""
+        recipe = self.recipe
         tags = {
             **self.extra_tags,
             TAGS.run_type: RunType.CHAIN,
@@ -234,25 +226,29 @@ class Runner:
             )
             state: ModelState | None = None
             for stage in self.chain:
-                result, state = self._run_stage(tracker, parent_id, stage, state)
+                distributed.barrier()  # in step with follow_chain on the other ranks under torchrun
+                result, state = self._reuse_or_train_under_lock(trainer, tracker, parent_id, stage, state)
                 summary.results.append(result)
                 tracker.log_metrics(parent_id, result.metrics, step=stage.index)
             final = summary.results[-1]
-            if final.artifact_path is not None:  # None on ranks other than 0
-                tracker.log_artifact(parent_id, final.artifact_path, "model")
+            tracker.log_artifact(parent_id, final.artifact_path, "model")
             tracker.log_dict(parent_id, {r.name + f"[{r.index}]": r.metrics for r in summary.results}, "metrics.json")
         return summary
 
-    def _run_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
-        distributed.barrier()  # under torchrun every rank decides after rank 0 has cached the previous stage
-        if not distributed.is_main():
-            return self._follow_stage(stage, state)
+    def _reuse_or_train_under_lock(
+        self, trainer: StageTrainer, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None
+    ) -> tuple[StageResult, ModelState | None]:
+        """The stage's tracked run; a stage not cached yet is trained holding the cache's lock on its key, since
+        another worker may be computing this very stage: it waits, then reuses it."""
         if self.cached(stage):
-            return self._track_stage(tracker, parent_id, stage, state)
-        with self.cache.lock(stage.key):  # another worker may be computing this very stage: wait, then reuse it
-            return self._track_stage(tracker, parent_id, stage, state)
+            return self._tracked_stage(trainer, tracker, parent_id, stage, state)
+        with self.cache.lock(stage.key):
+            return self._tracked_stage(trainer, tracker, parent_id, stage, state)
 
-    def _track_stage(self, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None):
+    def _tracked_stage(
+        self, trainer: StageTrainer, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None
+    ) -> tuple[StageResult, ModelState | None]:
+        """One nested MLflow run: reuse the cached output or train it, then measure the artifact and log it all."""
         entry = self.cached(stage)
         tags = {
             **self.extra_tags,
@@ -269,10 +265,10 @@ class Runner:
             tracker.log_params(run_id, stage.spec.config.model_dump(mode="json"))
             start = time.perf_counter()
             if entry is None:
-                if state is None and stage.index > 0:
-                    state = self.cache.get(self.chain[stage.index - 1].key).load_state()
                 log.info("stage %d (%s): running", stage.index, stage.name)
-                entry, state = self._execute(tracker, run_id, stage, state)
+                entry, state = trainer.train_and_cache(
+                    stage, state, on_epoch_end=lambda epoch, stats: tracker.log_metrics(run_id, stats, step=epoch)
+                )
                 tracker.set_tags(run_id, {TAGS.trained: "true"})  # cached now, even if evaluation is interrupted
             else:
                 log.info("stage %d (%s): reused from cache %s", stage.index, stage.name, stage.key[:12])
@@ -280,70 +276,29 @@ class Runner:
             measured = self._measure(entry)
             metrics = {k: float(v) for k, v in measured.items() if not isinstance(v, str)}
             metrics["stage_seconds"] = float(entry.record.get("seconds", 0.0))
-            tracker.log_metrics(run_id, metrics, step=stage.index)
-            tracker.log_dict(run_id, {"metrics": metrics, "record": entry.record}, "metrics.json")
-            tracker.log_artifact(run_id, entry.artifact_path, "model")
-            if "deploy_error" in measured:
-                tracker.set_tags(run_id, {TAGS.deploy_error: measured["deploy_error"]})
-            elif self.recipe.deploy.runtimes and self._deploy_dir(entry).is_dir():
-                tracker.log_artifacts(run_id, self._deploy_dir(entry), "deploy")
+            self._log_stage_outputs(tracker, run_id, stage, entry, measured, metrics)
+        cached = tags[TAGS.cached] == "true"
         return StageResult(
-            stage.index,
-            stage.name,
-            stage.key,
-            tags[TAGS.cached] == "true",
-            metrics,
-            time.perf_counter() - start,
-            entry.artifact_path,
+            stage.index, stage.name, stage.key, cached, metrics, time.perf_counter() - start, entry.artifact_path
         ), state
 
-    def _follow_stage(self, stage: PlannedStage, state: ModelState | None):
-        """A rank other than 0: train the stage in lockstep with rank 0 when it runs; rank 0 evaluates, caches, logs."""
-        if self.cached(stage):
-            return StageResult(stage.index, stage.name, stage.key, True, {}, 0.0, None), None
-        if state is None and stage.index > 0:
-            state = self.cache.get(self.chain[stage.index - 1].key).load_state()
-        out, seconds = self._train_stage(stage, state, on_epoch_end=None)
-        return StageResult(stage.index, stage.name, stage.key, False, {}, seconds, None), out.state
-
-    def _train_stage(self, stage: PlannedStage, state: ModelState | None, on_epoch_end):
-        """Run the stage function with its seed and context; returns its output and the seconds it took."""
-        seed = (self.recipe.seed * 1_000_003 + int(stage.key[:8], 16)) % 2**31
-        torch.manual_seed(seed)
-        ctx = StageContext(
-            data=self.data,
-            data_config=self.recipe.data,
-            model_config=self.recipe.model,
-            device=self.device,
-            seed=seed,
-            baseline=lambda: self.cache.get(self.chain[0].key).load_state(),
-            progress=self.progress and distributed.is_main(),
-            on_epoch_end=on_epoch_end,
-        )
-        start = time.perf_counter()
-        out = get_stage(stage.name).run(state, stage.spec.config, ctx)
-        out.state.model.to("cpu").eval()
-        return out, time.perf_counter() - start
-
-    def _execute(self, tracker: Tracker, run_id: str, stage: PlannedStage, state: ModelState | None):
-        out, seconds = self._train_stage(
-            stage, state, on_epoch_end=lambda epoch, stats: tracker.log_metrics(run_id, stats, step=epoch)
-        )
-        record = {
-            "stage": stage.name,
-            "index": stage.index,
-            "config": stage.spec.config.model_dump(mode="json"),
-            "parent": self.chain[stage.index - 1].key if stage.index else None,
-            "seconds": seconds,
-            "stage_metrics": out.metrics,
-            "train_history": out.report.history if out.report else [],
-            "version": __version__,
-            # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-        }
-        entry = self.cache.put(stage.key, out.state, record, save_artifact)
-        return entry, out.state
+    def _log_stage_outputs(
+        self,
+        tracker: Tracker,
+        run_id: str,
+        stage: PlannedStage,
+        entry: CacheEntry,
+        measured: dict[str, float | str],
+        metrics: dict[str, float],
+    ) -> None:
+        """The stage run's metrics (step = stage index), metrics.json, its artifact and its exported files."""
+        tracker.log_metrics(run_id, metrics, step=stage.index)
+        tracker.log_dict(run_id, {"metrics": metrics, "record": entry.record}, "metrics.json")
+        tracker.log_artifact(run_id, entry.artifact_path, "model")
+        if "deploy_error" in measured:
+            tracker.set_tags(run_id, {TAGS.deploy_error: measured["deploy_error"]})
+        elif self.recipe.deploy.runtimes and self._deploy_dir(entry).is_dir():
+            tracker.log_artifacts(run_id, self._deploy_dir(entry), "deploy")
 
     def _measure(self, entry: CacheEntry) -> dict[str, float | str]:
         """Metrics of the stage's artifact in torch and of its exported files in every configured runtime
