@@ -1,0 +1,60 @@
+"""The console tables printed after `run` (one row per stage) and after `sweep` (one row per ordering)."""
+
+from __future__ import annotations
+
+from pipeline.reporting.columns import RUNTIMES
+from pipeline.reporting.formatting import format_bytes
+
+SHORT = {"onnxruntime": "ort", "openvino": "ov"}
+
+
+def summary_table(summary) -> str:
+    """A fixed-width table: one row per stage with top1, size, latency (torch eager and each runtime) and time."""
+    runtimes = [r for r in RUNTIMES if any(f"{r}.latency_ms_p50" in res.metrics for res in summary.results)]
+    header = f"{'#':>2}  {'stage':<10} {'cached':<6} {'top1 %':>7} {'artifact':>10} {'torch p50':>9}"
+    header += "".join(f" {SHORT[r] + ' top1':>8} {SHORT[r] + ' p50':>7}" for r in runtimes) + f" {'time s':>8}"
+    lines = [f"recipe {summary.recipe} ({summary.ordering}), MLflow run {summary.run_id}", header, "-" * len(header)]
+    for r in summary.results:
+        m = r.metrics
+        deployed = "".join(
+            f" {m.get(f'{rt}.top1', float('nan')):>8.2f} {m.get(f'{rt}.latency_ms_p50', float('nan')):>7.3f}"
+            for rt in runtimes
+        )
+        lines.append(
+            f"{r.index:>2}  {r.name:<10} {'yes' if r.cached else 'no':<6} {m['top1']:>7.2f} "
+            f"{format_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>9.2f}{deployed} {r.seconds:>8.1f}"
+        )
+    if runtimes:
+        lines.append("p50: batch-1 median latency in ms (torch eager; each runtime on the exported file)")
+    reused = summary.reused
+    lines.append(f"reused from cache: {', '.join(reused)}" if reused else "reused from cache: none")
+    return "\n".join(lines)
+
+
+def sweep_table(summary) -> str:
+    """What one `sweep` invocation did: each ordering's final metrics and what it trained or reused."""
+    plan = summary.plan
+    runtimes = [rt for rt in RUNTIMES if any(f"{rt}.latency_ms_p50" in r.final for r in summary.results)]
+    header = f"{'ordering':<28} {'status':<9} {'top1 %':>7} {'artifact':>10} {'torch p50':>9}"
+    header += "".join(f" {SHORT[rt] + ' p50':>7}" for rt in runtimes) + f" {'trained':>7} {'reused':>6}"
+    lines = [f"sweep {plan.sweep_id}, MLflow run {summary.run_id}", header, "-" * len(header)]
+    for r in summary.results:
+        m = r.final
+        metrics = (
+            f"{m['top1']:>7.2f} {format_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>9.2f}"
+            + "".join(f" {m.get(f'{rt}.latency_ms_p50', float('nan')):>7.3f}" for rt in runtimes)
+            if m
+            else f"{'-':>7} {'-':>10} {'-':>9}" + "".join(f" {'-':>7}" for _ in runtimes)
+        )
+        lines.append(f"{r.ordering:<28} {r.status:<9} {metrics} {len(r.executed):>7} {r.reused:>6}")
+        if r.error:
+            lines.append(f"    error: {r.error[:200]}")
+    if summary.already_done:
+        lines.append(f"finished in an earlier invocation: {', '.join(summary.already_done)}")
+    for ordering, reason in plan.skipped:
+        lines.append(f"skipped {'>'.join(ordering)}: {reason}")
+    lines.append(
+        f"stage runs: {summary.executed} executed, {summary.reused} reused from the cache "
+        f"({plan.distinct_stages} distinct in the sweep, {plan.stage_slots} in all); {summary.seconds:.0f} s"
+    )
+    return "\n".join(lines)
