@@ -23,6 +23,11 @@ from typing import Any
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = "compression"
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+# The experiment tag MLflow 3 reads to choose an experiment's UI, and its value for classic model training (the UI
+# labels it "Machine learning"; "genai_development" would be "GenAI apps & agents"). MLflow's UI writes this very
+# tag when a user picks the experiment type; MLflow 3.17's UI also has a global GenAI / Model training switch.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 
 @dataclass(frozen=True)
@@ -129,11 +134,13 @@ class Tracker:
             return
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         found = self.client.get_experiment_by_name(name)
-        self.experiment_id = (
-            found.experiment_id
-            if found
-            else self.client.create_experiment(name, artifact_location=_artifact_root(self.uri))
-        )
+        kind = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND}
+        if found is None:
+            self.experiment_id = self.client.create_experiment(name, _artifact_root(self.uri), tags=kind)
+            return
+        self.experiment_id = found.experiment_id
+        if EXPERIMENT_KIND_TAG not in found.tags:  # an experiment from before; a kind chosen in the UI is kept
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
 
     @contextmanager
     def run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.tracking import TAGS, RunRecord, RunType, Tracker, records_from_frame
+from pipeline.tracking import EXPERIMENT_KIND_TAG, TAGS, RunRecord, RunType, Tracker, records_from_frame
 
 
 @pytest.fixture
@@ -71,3 +71,15 @@ def test_records_from_a_runs_frame(tracker):
         direct.run_id, "FINISHED", {"top1": 50.0}, "key-a",
     )  # fmt: skip
     assert record.start_time == direct.start_time
+
+
+def test_experiment_is_marked_as_model_training_not_genai(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    assert tracker.client.get_experiment(tracker.experiment_id).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # An experiment created before (untagged) is marked when opened; a kind someone chose in the UI is kept.
+    older = tracker.client.create_experiment("older")
+    chosen = tracker.client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    Tracker(uri, experiment="older"), Tracker(uri, experiment="chosen")
+    assert tracker.client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracker.client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
