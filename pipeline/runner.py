@@ -30,7 +30,7 @@ from pipeline.evaluator import evaluate, runtime_metrics
 from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.stage_training import PlannedStage, StageResult, StageTrainer, follow_chain
-from pipeline.tracking import TAGS, RunType, Tracker
+from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
 
 log = logging.getLogger("pipeline")
 
@@ -232,7 +232,11 @@ class Runner:
                 tracker.log_metrics(parent_id, result.metrics, step=stage.index)
             final = summary.results[-1]
             tracker.log_artifact(parent_id, final.artifact_path, "model")
-            tracker.log_dict(parent_id, {r.name + f"[{r.index}]": r.metrics for r in summary.results}, "metrics.json")
+            tracker.log_dict(
+                parent_id,
+                {f"{r.name}[{r.index}]": mlflow_metric_names(r.metrics) for r in summary.results},
+                "metrics.json",
+            )
         return summary
 
     def _reuse_or_train_under_lock(
@@ -293,7 +297,7 @@ class Runner:
     ) -> None:
         """The stage run's metrics (step = stage index), metrics.json, its artifact and its exported files."""
         tracker.log_metrics(run_id, metrics, step=stage.index)
-        tracker.log_dict(run_id, {"metrics": metrics, "record": entry.record}, "metrics.json")
+        tracker.log_dict(run_id, {"metrics": mlflow_metric_names(metrics), "record": entry.record}, "metrics.json")
         tracker.log_artifact(run_id, entry.artifact_path, "model")
         if "deploy_error" in measured:
             tracker.set_tags(run_id, {TAGS.deploy_error: measured["deploy_error"]})

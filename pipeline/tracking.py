@@ -63,6 +63,16 @@ class RunType:
     STAGE = "stage"
 
 
+# Metrics whose name in MLflow differs from the pipeline's: `params` (the parameter count) would sit beside MLflow's
+# "Parameters" column, and the per-epoch `lr` beside the `lr` param of the stage's config.
+MLFLOW_METRIC_NAMES = {"params": "param_count", "lr": "lr_epoch"}
+
+
+def mlflow_metric_names(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` under the names they carry in MLflow (MLFLOW_METRIC_NAMES)."""
+    return {MLFLOW_METRIC_NAMES.get(key, key): value for key, value in metrics.items()}
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """One run read back, as plain data: the latest value of each metric, every param and tag."""
@@ -179,10 +189,11 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        """Log metrics at `step`, under their MLflow names (`params` as `param_count`, `lr` as `lr_epoch`)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step) for k, v in mlflow_metric_names(metrics).items()]
         self.client.log_batch(run_id, metrics=items)
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
@@ -281,9 +292,9 @@ class Tracker:
 
 
 def _record(run) -> RunRecord:
-    """An MLflow Run as a RunRecord."""
+    """An MLflow Run as a RunRecord; metrics an older version logged under the pipeline's names are renamed."""
     info, data = run.info, run.data
-    tags, metrics, params = dict(data.tags), dict(data.metrics), dict(data.params)
+    tags, metrics, params = dict(data.tags), _current_names(data.metrics), dict(data.params)
     return RunRecord(info.run_id, info.run_name or "", info.status, info.start_time or 0, tags, metrics, params)
 
 
@@ -300,11 +311,17 @@ def records_from_frame(frame) -> list[RunRecord]:
                 status=str(values.get("status", "")),
                 start_time=int(start.timestamp() * 1000) if hasattr(start, "timestamp") else int(start or 0),
                 tags=_under(values, "tags."),
-                metrics=_under(values, "metrics."),
+                metrics=_current_names(_under(values, "metrics.")),
                 params=_under(values, "params."),
             )
         )
     return records
+
+
+def _current_names(metrics: dict[str, float]) -> dict[str, float]:
+    """Metrics as read back, under today's MLflow names (runs logged before the renames carry the old ones)."""
+    renamed = {new: metrics[old] for old, new in MLFLOW_METRIC_NAMES.items() if old in metrics and new not in metrics}
+    return {key: value for key, value in metrics.items() if key not in MLFLOW_METRIC_NAMES} | renamed
 
 
 def _under(values: dict[str, Any], prefix: str) -> dict[str, Any]:

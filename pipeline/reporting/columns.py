@@ -9,7 +9,7 @@ RUNTIMES = ("onnxruntime", "openvino")
 REPORT_RUNTIMES = ("torch", *RUNTIMES)  # torch = the artifact in PyTorch eager
 RUNTIME_METRICS = ("top1", "latency_ms_p50", "file_bytes")
 METRIC_COLUMNS = (
-    "top1", "artifact_bytes", "latency_ms_p50", "params", "macs", "stage_seconds",
+    "top1", "artifact_bytes", "latency_ms_p50", "param_count", "macs", "stage_seconds",
     *(f"{r}.{m}" for r in RUNTIMES for m in RUNTIME_METRICS),
 )  # fmt: skip
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 METRICS = {
     "top1",
     "top5",
-    "params",
+    "param_count",
     "nonzero_params",
     "artifact_bytes",
     "latency_ms_p50",
@@ -73,6 +73,10 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     assert sorted(m.step for m in history) == [0, 1]
     # Per-epoch training curves live in the stage's run.
     assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 2
+    # No metric shares a name with MLflow's Parameters column or with a param of the run.
+    assert len(client.get_metric_history(children[0].info.run_id, "lr_epoch")) == 2
+    for run in runs:
+        assert "params" not in run.data.metrics and not set(run.data.metrics) & set(run.data.params)
 
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"recipe.yaml", "metrics.json", "model"} <= artifacts
@@ -116,7 +120,7 @@ def test_same_recipe_and_seed_give_the_same_metrics(recipe_path, isolated, tmp_p
     for c in children:
         by_index.setdefault(c.data.tags["stage_index"], []).append(c.data.metrics)
     for a, b in by_index.values():
-        for key in ("top1", "top5", "params", "nonzero_params", "macs", "artifact_bytes"):
+        for key in ("top1", "top5", "param_count", "nonzero_params", "macs", "artifact_bytes"):
             assert a[key] == b[key], key
 
 

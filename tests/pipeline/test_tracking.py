@@ -83,3 +83,15 @@ def test_experiment_is_marked_as_model_training_not_genai(tmp_path):
     Tracker(uri, experiment="older"), Tracker(uri, experiment="chosen")
     assert tracker.client.get_experiment(older).tags[EXPERIMENT_KIND_TAG] == "custom_model_development"
     assert tracker.client.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+
+
+def test_metrics_are_logged_under_names_apart_from_mlflows_params_and_read_back_from_older_runs(tracker):
+    new = tracker.client.create_run(tracker.experiment_id, tags={TAGS.run_type: RunType.STAGE}).info.run_id
+    tracker.log_params(new, {"lr": 0.1})
+    tracker.log_metrics(new, {"params": 1000.0, "lr": 0.05, "top1": 50.0})
+    assert set(tracker.client.get_run(new).data.metrics) == {"param_count", "lr_epoch", "top1"}
+    old = tracker.client.create_run(tracker.experiment_id, tags={TAGS.run_type: RunType.STAGE}).info.run_id
+    tracker.client.log_metric(old, "params", 2000.0)  # as an older version logged it
+    records = {r.run_id: r for r in tracker.stage_runs()}
+    assert records[new].metrics == {"param_count": 1000.0, "lr_epoch": 0.05, "top1": 50.0}
+    assert records[old].metrics == {"param_count": 2000.0}
