@@ -85,6 +85,21 @@ def training_epochs(recipe: Recipe) -> int:
     return sum(getattr(s.config, "total_epochs", lambda: 0)() for s in recipe.stage_specs())
 
 
+# Config fields that make a stage a different technique under the same name, and how the ordering shows them.
+VARIANT_FIELDS = {"method": "{}", "bits": "{}-bit"}
+
+
+def ordering_detail(recipe: Recipe) -> str:
+    """The ordering with each stage's variant, e.g. 'prune[structured]>inq[5-bit]>distill', so that structured and
+    unstructured pruning (or INQ at 5 and 2 bits) do not read as the same ordering."""
+    names = []
+    for spec in recipe.stage_specs():
+        config = spec.config.model_dump()
+        variant = ",".join(shown.format(config[f]) for f, shown in VARIANT_FIELDS.items() if f in config)
+        names.append(f"{spec.name}[{variant}]" if variant else spec.name)
+    return ">".join(names) or "train"
+
+
 def evaluation_key(recipe: Recipe) -> str:
     """Identifies how metrics were measured; cached metrics are reused only under the same key."""
     return digest(
@@ -207,6 +222,7 @@ class Runner:
             TAGS.run_type: RunType.CHAIN,
             TAGS.recipe: recipe.name,
             TAGS.ordering: recipe.ordering,
+            TAGS.ordering_detail: ordering_detail(recipe),
             TAGS.pipeline_version: __version__,
         }
         name = recipe.ordering if self.parent_run_id else recipe.name
@@ -261,7 +277,7 @@ class Runner:
             TAGS.stage_index: str(stage.index),
             TAGS.cached: str(entry is not None).lower(),
             TAGS.input_size: "x".join(str(d) for d in self.data.input_size),
-            TAGS.ordering: self.recipe.ordering,
+            TAGS.chain_ordering: self.recipe.ordering,
             TAGS.recipe: self.recipe.name,
             TAGS.cache_key: stage.key,
         }
@@ -356,4 +372,4 @@ class Runner:
             return {"deploy_error": str(err)}
 
 
-__all__ = ["Runner", "RunSummary", "StageResult", "plan_chain"]
+__all__ = ["Runner", "RunSummary", "StageResult", "ordering_detail", "plan_chain"]

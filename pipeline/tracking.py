@@ -37,7 +37,9 @@ class Tags:
     run_type: str = "run_type"  # RunType.SWEEP, CHAIN or STAGE
     sweep: str = "sweep"  # the sweep's id, on every run of a sweep
     recipe: str = "recipe"  # the recipe's name
-    ordering: str = "ordering"  # chain runs: stage names joined by '>', e.g. 'prune>inq>distill'
+    ordering: str = "ordering"  # chain runs only: stage names joined by '>', e.g. 'prune>inq>distill'
+    ordering_detail: str = "ordering_detail"  # chain runs: the ordering with variants, 'prune[structured]>inq[5-bit]'
+    chain_ordering: str = "chain_ordering"  # stage runs: their chain's ordering (grouping by `ordering` shows chains)
     stage: str = "stage"  # stage runs: the registered stage name
     stage_index: str = "stage_index"  # stage runs: position in the chain, the baseline being 0
     cached: str = "cached"  # stage runs: 'true' when the stage's output was reused from the cache

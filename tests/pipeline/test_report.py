@@ -36,7 +36,8 @@ OPENVINO_MS = {"base": 1.0, "a": 0.9, "ab": 0.5, "b": 0.3, "ba": 0.35}
 
 
 def write_toy_sweep(tracker: Tracker, openvino: bool = False) -> str:
-    """A finished sweep of three orderings sharing the baseline (and `a` as a prefix), as the runner logs it;
+    """A finished sweep of three orderings sharing the baseline (and `a` as a prefix), as the runner logs it
+    (its stage runs tagged `ordering` as before `chain_ordering`: reports read a stage's ordering from its chain);
     `openvino`: the stages were also measured in OpenVINO (OPENVINO_MS)."""
     with tracker.run("sweep toy", {"sweep": SWEEP, "run_type": "sweep", "recipe": "toy"}) as sweep_run:
         tracker.log_params(sweep_run, {"model": "toy_net", "dataset": "cifar10", "executor": "local"})

@@ -14,6 +14,8 @@ from mlflow.tracking import MlflowClient
 from pipeline import load_artifact
 from pipeline.data import DataConfig, load_data
 from pipeline.evaluator import accuracy
+from pipeline.recipe import validate_recipe
+from pipeline.runner import ordering_detail
 from tests.conftest import PROJECT_ROOT, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -57,6 +59,7 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     (parent,), children = _split(runs)
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["recipe"] == "tiny" and parent.data.tags["ordering"] == "prune"
+    assert parent.data.tags["ordering_detail"] == "prune[structured]"
     children.sort(key=lambda r: int(r.data.tags["stage_index"]))
     assert [(c.data.tags["stage"], c.data.tags["stage_index"], c.data.tags["cached"]) for c in children] == [
         ("train", "0", "false"),
@@ -64,6 +67,7 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     ]
     for child in children:
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert child.data.tags["chain_ordering"] == "prune" and "ordering" not in child.data.tags
         assert child.info.status == "FINISHED"
         assert set(child.data.metrics) >= METRICS
         assert 0 <= child.data.metrics["top1"] <= 100
@@ -153,3 +157,15 @@ def test_interrupted_run_is_marked_killed_and_resumes(tmp_path, isolated, cifar_
     assert resumed.returncode == 0, resumed.stderr
     assert "stage 0 (train): reused from cache" in resumed.stderr
     assert "stage 1 (train): running" in resumed.stderr
+
+
+def test_ordering_detail_tells_variants_of_a_stage_apart(cifar_root):
+    stages = [
+        {"prune": {"method": "unstructured", "pruning_ratio": 0.5}},
+        {"inq": {"bits": 2}},
+        {"distill": {}},
+    ]
+    recipe = validate_recipe(tiny_recipe(stages=stages))
+    assert recipe.ordering == "prune>inq>distill"
+    assert ordering_detail(recipe) == "prune[unstructured]>inq[2-bit]>distill"
+    assert ordering_detail(validate_recipe(tiny_recipe(stages=[]))) == "train"
