@@ -243,17 +243,27 @@ class Runner:
             state: ModelState | None = None
             for stage in self.chain:
                 distributed.barrier()  # in step with follow_chain on the other ranks under torchrun
-                result, state = self._reuse_or_train_under_lock(trainer, tracker, parent_id, stage, state)
+                try:
+                    result, state = self._reuse_or_train_under_lock(trainer, tracker, parent_id, stage, state)
+                except BaseException:
+                    tracker.set_tags(parent_id, {TAGS.stopped_at_stage: f"{stage.index} ({stage.name})"})
+                    raise
                 summary.results.append(result)
-                tracker.log_metrics(parent_id, result.metrics, step=stage.index)
-            final = summary.results[-1]
-            tracker.log_artifact(parent_id, final.artifact_path, "model")
-            tracker.log_dict(
-                parent_id,
-                {f"{r.name}[{r.index}]": mlflow_metric_names(r.metrics) for r in summary.results},
-                "metrics.json",
-            )
+            self._log_chain_outcome(tracker, parent_id, summary)
         return summary
+
+    def _log_chain_outcome(self, tracker: Tracker, parent_id: str, summary: RunSummary) -> None:
+        """What a finished chain logs on its run: each stage's metrics at step = stage index (the charts along the
+        chain; the latest values are the final model's), the final model and metrics.json. Only a finished chain
+        logs metrics, so a failed one shows no baseline figures as if they were its outcome."""
+        for result in summary.results:
+            tracker.log_metrics(parent_id, result.metrics, step=result.index)
+        tracker.log_artifact(parent_id, summary.results[-1].artifact_path, "model")
+        tracker.log_dict(
+            parent_id,
+            {f"{r.name}[{r.index}]": mlflow_metric_names(r.metrics) for r in summary.results},
+            "metrics.json",
+        )
 
     def _reuse_or_train_under_lock(
         self, trainer: StageTrainer, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None

@@ -50,6 +50,7 @@ class Tags:
     cpu_capability: str = "cpu_capability"  # the CPU's instruction set as torch sees it (AVX2, AVX512, ...)
     deploy_runtimes: str = "deploy_runtimes"  # runtimes measured, comma-separated, or 'none'
     error: str = "error"  # a FAILED or KILLED run's error
+    stopped_at_stage: str = "stopped_at_stage"  # a FAILED or KILLED chain run: the stage it stopped in, '2 (inq)'
     deploy_error: str = "deploy_error"  # a stage whose export failed with deploy.required false
     parent_run_id: str = "mlflow.parentRunId"  # MLflow's nesting: the sweep above a chain, the chain above a stage
 

@@ -152,6 +152,8 @@ def test_interrupted_run_is_marked_killed_and_resumes(tmp_path, isolated, cifar_
     _, runs = _runs(isolated)
     statuses = {(r.data.tags.get("stage_index", "parent")): r.info.status for r in runs}
     assert statuses == {"parent": "KILLED", "0": "FINISHED", "1": "KILLED"}
+    (parent,), _ = _split(runs)
+    assert parent.data.metrics == {} and parent.data.tags["stopped_at_stage"] == "1 (train)"
 
     resumed = run_cli(["run", str(path), "stages[0].train.epochs=1"], isolated)
     assert resumed.returncode == 0, resumed.stderr

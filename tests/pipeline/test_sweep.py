@@ -141,6 +141,10 @@ def test_a_failing_ordering_does_not_stop_the_others(tmp_path, isolated, failing
     assert "boom: this stage always fails" in summary.failed[0].error
     runs = _sweep_runs(isolated, summary.plan.sweep_id)
     assert {r.data.tags["ordering"]: r.info.status for r in runs["chain"]} == {"boom": "FAILED", "prune": "FINISHED"}
+    chains = {r.data.tags["ordering"]: r for r in runs["chain"]}
+    # The failed chain does not show its baseline's figures as its result; it names where it stopped.
+    assert chains["boom"].data.metrics == {} and chains["boom"].data.tags["stopped_at_stage"] == "1 (boom)"
+    assert chains["prune"].data.metrics["top1"] > 0 and "stopped_at_stage" not in chains["prune"].data.tags
     assert runs["sweep"][0].info.status == "FINISHED"
     assert runs["sweep"][0].data.metrics["orderings_failed"] == 1
 
