@@ -255,9 +255,15 @@ class Runner:
     def _log_chain_outcome(self, tracker: Tracker, parent_id: str, summary: RunSummary) -> None:
         """What a finished chain logs on its run: each stage's metrics at step = stage index (the charts along the
         chain; the latest values are the final model's), the final model and metrics.json. Only a finished chain
-        logs metrics, so a failed one shows no baseline figures as if they were its outcome."""
+        logs metrics, so a failed one shows no baseline figures as if they were its outcome.
+
+        Instead of `stage_seconds`, whose latest value would be the last stage's alone, the chain logs
+        `chain_seconds`: the stages' training seconds summed up to each step, so its latest value is the chain's."""
+        chain_seconds = 0.0
         for result in summary.results:
-            tracker.log_metrics(parent_id, result.metrics, step=result.index)
+            metrics = dict(result.metrics)
+            chain_seconds += metrics.pop("stage_seconds", 0.0)
+            tracker.log_metrics(parent_id, {**metrics, "chain_seconds": chain_seconds}, step=result.index)
         tracker.log_artifact(parent_id, summary.results[-1].artifact_path, "model")
         tracker.log_dict(
             parent_id,

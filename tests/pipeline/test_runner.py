@@ -75,6 +75,10 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     # The parent charts each metric along the chain (step = stage index).
     history = client.get_metric_history(parent.info.run_id, "top1")
     assert sorted(m.step for m in history) == [0, 1]
+    # Its time is the chain's: the stages' training seconds summed along it, not the last stage's alone.
+    seconds = [c.data.metrics["stage_seconds"] for c in children]
+    assert parent.data.metrics["chain_seconds"] == pytest.approx(sum(seconds))
+    assert "stage_seconds" not in parent.data.metrics
     # Per-epoch training curves live in the stage's run.
     assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 2
     # No metric shares a name with MLflow's Parameters column or with a param of the run.
