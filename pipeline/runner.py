@@ -29,6 +29,7 @@ from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.evaluator import evaluate, runtime_metrics
 from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
+from pipeline.reporting.summaries import chain_note
 from pipeline.stage_training import PlannedStage, StageResult, StageTrainer, follow_chain
 from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
 
@@ -245,8 +246,8 @@ class Runner:
                 distributed.barrier()  # in step with follow_chain on the other ranks under torchrun
                 try:
                     result, state = self._reuse_or_train_under_lock(trainer, tracker, parent_id, stage, state)
-                except BaseException:
-                    tracker.set_tags(parent_id, {TAGS.stopped_at_stage: f"{stage.index} ({stage.name})"})
+                except BaseException as err:
+                    self._log_stopped_chain(tracker, parent_id, summary, stage, err)
                     raise
                 summary.results.append(result)
             self._log_chain_outcome(tracker, parent_id, summary)
@@ -270,6 +271,17 @@ class Runner:
             {f"{r.name}[{r.index}]": mlflow_metric_names(r.metrics) for r in summary.results},
             "metrics.json",
         )
+        tracker.set_tags(parent_id, {TAGS.note: chain_note(summary)})
+
+    def _log_stopped_chain(
+        self, tracker: Tracker, parent_id: str, summary: RunSummary, stage: PlannedStage, err: BaseException
+    ) -> None:
+        """A chain that stopped in `stage` (failed or interrupted) logs no metrics: a tag naming the stage, and as
+        its description the table of the stages that finished and why it stopped."""
+        where = f"{stage.index} ({stage.name})"
+        first_line = next(iter(str(err).strip().splitlines()), "")
+        why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {first_line}"[:300]
+        tracker.set_tags(parent_id, {TAGS.stopped_at_stage: where, TAGS.note: chain_note(summary, f"{where}: {why}")})
 
     def _reuse_or_train_under_lock(
         self, trainer: StageTrainer, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None

@@ -53,6 +53,7 @@ class Tags:
     stopped_at_stage: str = "stopped_at_stage"  # a FAILED or KILLED chain run: the stage it stopped in, '2 (inq)'
     deploy_error: str = "deploy_error"  # a stage whose export failed with deploy.required false
     parent_run_id: str = "mlflow.parentRunId"  # MLflow's nesting: the sweep above a chain, the chain above a stage
+    note: str = "mlflow.note.content"  # the run's Markdown description, shown on its page in the UI
 
 
 TAGS = Tags()

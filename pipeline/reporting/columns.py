@@ -3,7 +3,10 @@ exported file in that runtime (metrics named `<runtime>.<metric>`)."""
 
 from __future__ import annotations
 
-from pipeline.pareto import Direction
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.pareto import Direction
 
 RUNTIMES = ("onnxruntime", "openvino")
 REPORT_RUNTIMES = ("torch", *RUNTIMES)  # torch = the artifact in PyTorch eager

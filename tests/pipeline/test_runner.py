@@ -79,6 +79,10 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     seconds = [c.data.metrics["stage_seconds"] for c in children]
     assert parent.data.metrics["chain_seconds"] == pytest.approx(sum(seconds))
     assert "stage_seconds" not in parent.data.metrics
+    # The run's description (its page in the UI) is the chain's stage table.
+    note = parent.data.tags["mlflow.note.content"]
+    assert "| # | stage | cached | top-1 % | artifact | p50 ms | train s |" in note
+    assert f"| 1 | prune | no | {children[1].data.metrics['top1']:.2f} |" in note
     # Per-epoch training curves live in the stage's run.
     assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 2
     # No metric shares a name with MLflow's Parameters column or with a param of the run.

@@ -144,6 +144,8 @@ def test_a_failing_ordering_does_not_stop_the_others(tmp_path, isolated, failing
     chains = {r.data.tags["ordering"]: r for r in runs["chain"]}
     # The failed chain does not show its baseline's figures as its result; it names where it stopped.
     assert chains["boom"].data.metrics == {} and chains["boom"].data.tags["stopped_at_stage"] == "1 (boom)"
+    note = chains["boom"].data.tags["mlflow.note.content"]
+    assert "| 0 | train |" in note and "**Stopped at stage 1 (boom): RuntimeError: boom: this stage" in note
     assert chains["prune"].data.metrics["top1"] > 0 and "stopped_at_stage" not in chains["prune"].data.tags
     assert runs["sweep"][0].info.status == "FINISHED"
     assert runs["sweep"][0].data.metrics["orderings_failed"] == 1
