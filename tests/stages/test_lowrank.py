@@ -15,6 +15,7 @@ from pipeline.models import ModelSpec, ModelState
 from pipeline.recipe import validate_recipe
 from pipeline.sweep import plan_sweep
 from stages.base import chain_conflict
+from stages.distill import DistillConfig, run_distill
 from stages.inq import INQConfig, run_inq
 from stages.lowrank import LowRankConfig, choose_rank, factorise, lowrank_module, run_lowrank
 from stages.prune import PruneConfig, run_prune
@@ -115,6 +116,10 @@ def _inq(state):
     return run_inq(state, INQConfig(bits=5, epochs=0), _ctx()).state
 
 
+def _distill(state):
+    return run_distill(state, DistillConfig(epochs=1, teacher="input"), _ctx()).state
+
+
 def _qat(state):
     return run_qat(state, QATConfig(epochs=1, calibration_batches=2, lr=0.02), _ctx()).state
 
@@ -126,6 +131,8 @@ CHAINS = {
     "unstructured>lowrank": [_unstructured, _lowrank],
     "lowrank>inq": [_lowrank, _inq],
     "prune>lowrank>inq>qat": [_structured, _lowrank, _inq, _qat],
+    "lowrank>qat>distill": [_lowrank, _qat, _distill],
+    "distill>lowrank>distill": [_distill, _lowrank, _distill],
 }
 
 
