@@ -9,6 +9,7 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,26 +34,86 @@ class EvalConfig(StrictConfig):
     throughput_runs: int = Field(10, ge=1, le=10_000, description="timed batches for throughput")
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Per test image, in the loader's order: the predicted class, whether the label is in the top 5, the label.
+
+    Stored beside every stage's metrics (`to_npz`: about 10 KB per model for CIFAR-10's 10,000 test images), so
+    any two models can be compared image by image (paired tests) without running either again.
+    """
+
+    predicted: np.ndarray
+    top5_hit: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.predicted == self.labels
+
+    @property
+    def top1(self) -> float:
+        """Top-1 accuracy in percent."""
+        return 100.0 * int(self.correct.sum()) / max(self.labels.size, 1)
+
+    @property
+    def top5(self) -> float:
+        """Top-5 accuracy in percent."""
+        return 100.0 * int(self.top5_hit.sum()) / max(self.labels.size, 1)
+
+
+def _class_dtype(classes: int) -> np.dtype:
+    return np.dtype(np.uint8 if classes <= 256 else np.int32)
+
+
+def classify(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Predictions:
+    """Per-image predictions from (logits, labels) batches."""
+    predicted, hits, labels, classes = [], [], [], 1
+    for logits, batch_labels in batches:
+        classes = max(classes, logits.shape[1])
+        best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        predicted.append(best[:, 0].cpu().numpy())
+        hits.append((best == batch_labels[:, None]).any(dim=1).cpu().numpy())
+        labels.append(batch_labels.cpu().numpy())
+    dtype = _class_dtype(classes)
+    join = lambda parts, kind: np.concatenate(parts).astype(kind) if parts else np.zeros(0, kind)  # noqa: E731
+    return Predictions(join(predicted, dtype), join(hits, bool), join(labels, dtype))
+
+
+def save_predictions(path: Path, by_runtime: dict[str, Predictions]) -> None:
+    """Write each runtime's predicted classes (and the labels once) to one compressed .npz file."""
+    labels = next(iter(by_runtime.values())).labels
+    arrays = {f"{name}.predicted": p.predicted for name, p in by_runtime.items()}
+    np.savez_compressed(path, labels=labels, **arrays)
+
+
+def load_predictions(path: Path) -> dict[str, np.ndarray]:
+    """`save_predictions` output: {"labels": …, "<runtime>": predicted classes}."""
+    with np.load(path) as data:
+        return {k.removesuffix(".predicted"): data[k] for k in data.files}
+
+
 @torch.inference_mode()
+def predictions(
+    model: nn.Module, loader: TensorLoader, *, device: torch.device | str = "cpu", progress: bool = False
+) -> Predictions:
+    """The model's predictions on every image of `loader`."""
+    model.eval()
+    batches = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress)
+    return classify((model(images.to(device)), labels.to(device)) for images, labels in batches)
+
+
 def accuracy(
     model: nn.Module, loader: TensorLoader, *, device: torch.device | str = "cpu", progress: bool = False
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent over every batch of `loader`."""
-    model.eval()
-    batches = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress)
-    return top1_top5((model(images.to(device)), labels.to(device)) for images, labels in batches)
+    result = predictions(model, loader, device=device, progress=progress)
+    return result.top1, result.top5
 
 
 def top1_top5(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent over (logits, labels) batches."""
-    top1 = top5 = seen = 0
-    for logits, labels in batches:
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
-        top1 += int((best[:, 0] == labels).sum())
-        top5 += int((best == labels[:, None]).any(dim=1).sum())
-        seen += labels.shape[0]
-    return 100.0 * top1 / max(seen, 1), 100.0 * top5 / max(seen, 1)
+    result = classify(batches)
+    return result.top1, result.top5
 
 
 def int8_modules(model: nn.Module) -> list[nn.Module]:
@@ -163,14 +224,27 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, float]:
     """Every evaluator metric except artifact_bytes (which belongs to the file the runner wrote)."""
+    return evaluate_with_predictions(model, test_loader, input_size, cfg, device=device, progress=progress)[0]
+
+
+def evaluate_with_predictions(
+    model: nn.Module,
+    test_loader: TensorLoader,
+    input_size: tuple[int, ...],
+    cfg: EvalConfig,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[dict[str, float], Predictions]:
+    """`evaluate`'s metrics and the per-image predictions they were computed from."""
     if is_quantized_model(model):
         device = "cpu"  # int8 kernels are CPU kernels
-    top1, top5 = accuracy(model.to(device), test_loader, device=device, progress=progress)
+    scored = predictions(model.to(device), test_loader, device=device, progress=progress)
     model = model.to("cpu")
     p50, p90 = latency_ms(model, input_size, threads=cfg.threads, runs=cfg.latency_runs, warmup=cfg.warmup_runs)
-    return {
-        "top1": top1,
-        "top5": top5,
+    metrics = {
+        "top1": scored.top1,
+        "top5": scored.top5,
         "params": float(count_params(model)),
         "nonzero_params": float(count_nonzero_params(model)),
         "macs": float(count_macs(model, input_size)),
@@ -181,6 +255,7 @@ def evaluate(
         ),
         "eval_threads": float(cfg.threads),
     }
+    return metrics, scored
 
 
 # --- deployment runtimes: the exported file in ONNX Runtime / OpenVINO ---------------------------
@@ -188,13 +263,19 @@ def evaluate(
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def predict_accuracy(predict: Predict, loader: TensorLoader, *, progress: bool = False) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy in percent of a runtime's `predict` (one batch -> logits) over `loader`."""
+def predict_predictions(predict: Predict, loader: TensorLoader, *, progress: bool = False) -> Predictions:
+    """A runtime's `predict` (one batch -> logits) on every image of `loader`."""
     batches = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress)
-    return top1_top5(
+    return classify(
         (torch.from_numpy(np.asarray(predict(np.ascontiguousarray(images.numpy())))), labels)
         for images, labels in batches
     )
+
+
+def predict_accuracy(predict: Predict, loader: TensorLoader, *, progress: bool = False) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy in percent of a runtime's `predict` (one batch -> logits) over `loader`."""
+    result = predict_predictions(predict, loader, progress=progress)
+    return result.top1, result.top5
 
 
 def predict_times_ms(predict: Predict, x: np.ndarray, *, runs: int, warmup: int) -> list[float]:
@@ -227,10 +308,26 @@ def runtime_metrics(
 ) -> dict[str, float]:
     """Accuracy (whole test split), batch-1 p50/p90 latency and batch throughput of one exported file in one
     runtime; names carry the runtime (`onnxruntime.top1`). Accuracy runs on every core, timing on `threads`."""
+    args = (runtime, file, test_loader, input_size, cfg)
+    return runtime_metrics_with_predictions(*args, threads=threads, progress=progress)[0]
+
+
+def runtime_metrics_with_predictions(
+    runtime: str,
+    file: Path,
+    test_loader: TensorLoader,
+    input_size: tuple[int, ...],
+    cfg: EvalConfig,
+    *,
+    threads: int,
+    progress: bool = False,
+) -> tuple[dict[str, float], Predictions]:
+    """`runtime_metrics` and the per-image predictions of its accuracy."""
     from pipeline.deploy import open_runtime, runtime_file_bytes, zipped_bytes
 
-    top1, top5 = predict_accuracy(open_runtime(runtime, file, threads=os.cpu_count() or 1), test_loader,
-                                  progress=progress)  # fmt: skip
+    scored = predict_predictions(open_runtime(runtime, file, threads=os.cpu_count() or 1), test_loader,
+                                 progress=progress)  # fmt: skip
+    top1, top5 = scored.top1, scored.top5
     one = np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32)
     p50, p90 = p50_p90(predict_times_ms(open_runtime(runtime, file, threads=threads, batch_size=1), one,
                                         runs=cfg.latency_runs, warmup=cfg.warmup_runs))  # fmt: skip
@@ -246,7 +343,7 @@ def runtime_metrics(
         f"{runtime}.file_bytes": float(runtime_file_bytes(file)),
         f"{runtime}.file_bytes_zip": float(zipped_bytes(file)),
         f"{runtime}.threads": float(threads),
-    }
+    }, scored
 
 
 def predict_side_by_side(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -14,6 +15,9 @@ from pipeline.evaluator import (
     count_params,
     evaluate,
     latency_ms,
+    load_predictions,
+    predictions,
+    save_predictions,
     throughput_ips,
 )
 
@@ -43,6 +47,19 @@ def test_accuracy_top1_top5():
     top1, top5 = accuracy(model, _loader([0, 0, 1, 4, 5, 6]))
     assert top1 == 100 * 2 / 6
     assert top5 == 100 * 4 / 6
+
+
+def test_per_image_predictions_give_the_same_accuracy_and_round_trip_compactly(tmp_path):
+    model = FixedScores([6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0])
+    scored = predictions(model, _loader([0, 0, 1, 4, 5, 6]))
+    assert scored.predicted.tolist() == [0] * 6 and scored.labels.tolist() == [0, 0, 1, 4, 5, 6]
+    assert scored.correct.tolist() == [True, True, False, False, False, False]
+    assert (scored.top1, scored.top5) == accuracy(model, _loader([0, 0, 1, 4, 5, 6]))
+    assert scored.predicted.dtype == np.uint8  # 1 byte per image below 257 classes
+    save_predictions(tmp_path / "p.npz", {"torch": scored, "onnxruntime": scored})
+    loaded = load_predictions(tmp_path / "p.npz")
+    assert set(loaded) == {"labels", "torch", "onnxruntime"}
+    assert np.array_equal(loaded["torch"], scored.predicted) and np.array_equal(loaded["labels"], scored.labels)
 
 
 def test_param_counts():
