@@ -61,7 +61,7 @@ def test_torchrun_two_ranks_gives_the_metrics_of_one_process(tmp_path, isolated,
     assert set(distributed) == set(alone) == {"train", "prune"}
     for stage in alone:
         assert set(distributed[stage]) == set(alone[stage]), stage
-        assert distributed[stage]["params"] == alone[stage]["params"]  # the same architecture after pruning
+        assert distributed[stage]["param_count"] == alone[stage]["param_count"]  # the same architecture after pruning
         assert 0 < distributed[stage]["top1"] <= 100
 
 
