@@ -88,6 +88,20 @@ class CacheEntry:
         path = self.path / METRICS_DIR / f"{eval_key}.json"
         return json.loads(path.read_text()) if path.exists() else None
 
+    def predictions_path(self, eval_key: str) -> Path:
+        """Per-image predictions (see `pipeline.evaluator.save_predictions`) of the evaluation `eval_key`."""
+        return self.path / METRICS_DIR / f"{eval_key}.predictions.npz"
+
+    def put_predictions(self, eval_key: str, by_runtime) -> None:
+        """Write the per-image predictions atomically (before the metrics: their presence marks the evaluation done)."""
+        from pipeline.evaluator import save_predictions
+
+        path = self.predictions_path(eval_key)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+        save_predictions(tmp, by_runtime)
+        os.replace(tmp, path)
+
     def put_metrics(self, eval_key: str, metrics: dict[str, float]) -> None:
         (self.path / METRICS_DIR).mkdir(exist_ok=True)
         write_json_atomic(self.path / METRICS_DIR / f"{eval_key}.json", metrics)

@@ -26,7 +26,7 @@ from pipeline.artifacts import load_artifact
 from pipeline.cache import CacheEntry, StageCache, digest, file_digest, stage_key
 from pipeline.data import DataBundle, load_data, locate
 from pipeline.deploy import ExportError, export_files, runtime_versions
-from pipeline.evaluator import evaluate, runtime_metrics
+from pipeline.evaluator import Predictions, evaluate_with_predictions, runtime_metrics_with_predictions
 from pipeline.models import ModelState, create_model, pretrained_normalization
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.reporting.summaries import chain_note
@@ -326,9 +326,9 @@ class Runner:
             metrics["stage_seconds"] = float(entry.record.get("seconds", 0.0))
             self._log_stage_outputs(tracker, run_id, stage, entry, measured, metrics)
         cached = tags[TAGS.cached] == "true"
-        return StageResult(
-            stage.index, stage.name, stage.key, cached, metrics, time.perf_counter() - start, entry.artifact_path
-        ), state
+        seconds, predictions = time.perf_counter() - start, entry.predictions_path(self.eval_key)
+        return StageResult(stage.index, stage.name, stage.key, cached, metrics, seconds, entry.artifact_path,
+                           predictions), state  # fmt: skip
 
     def _log_stage_outputs(
         self,
@@ -343,6 +343,7 @@ class Runner:
         tracker.log_metrics(run_id, metrics, step=stage.index)
         tracker.log_dict(run_id, {"metrics": mlflow_metric_names(metrics), "record": entry.record}, "metrics.json")
         tracker.log_artifact(run_id, entry.artifact_path, "model")
+        tracker.log_artifact(run_id, entry.predictions_path(self.eval_key), "predictions")
         if "deploy_error" in measured:
             tracker.set_tags(run_id, {TAGS.deploy_error: measured["deploy_error"]})
         elif self.recipe.deploy.runtimes and self._deploy_dir(entry).is_dir():
@@ -352,9 +353,9 @@ class Runner:
         """Metrics of the stage's artifact in torch and of its exported files in every configured runtime
         (numbers; plus `deploy_error`, text, when export failed and deploy.required is false)."""
         metrics = entry.metrics(self.eval_key)
-        if metrics is None:
+        if metrics is None or not entry.predictions_path(self.eval_key).is_file():
             model = load_artifact(entry.artifact_path)  # measure exactly what ships
-            metrics = evaluate(
+            metrics, scored = evaluate_with_predictions(
                 model,
                 self.data.test_loader(self.recipe.data.eval_batch_size),
                 self.data.input_size,
@@ -363,15 +364,20 @@ class Runner:
                 progress=self.progress,
             )
             metrics["artifact_bytes"] = float(entry.artifact_path.stat().st_size)
-            metrics.update(self._measure_deployed(entry, model, metrics["top1"]))
+            predictions = {"torch": scored}
+            metrics.update(self._measure_deployed(entry, model, metrics["top1"], predictions))
+            entry.put_predictions(self.eval_key, predictions)
             entry.put_metrics(self.eval_key, metrics)
         return {**metrics, **entry.record.get("stage_metrics", {})}
 
     def _deploy_dir(self, entry: CacheEntry) -> Path:
         return entry.path / f"deploy-opset{self.recipe.deploy.opset}"
 
-    def _measure_deployed(self, entry: CacheEntry, model, torch_top1: float) -> dict[str, float | str]:
-        """Export the artifact for each configured runtime and measure the files there (see evaluator)."""
+    def _measure_deployed(
+        self, entry: CacheEntry, model, torch_top1: float, predictions: dict[str, Predictions]
+    ) -> dict[str, float | str]:
+        """Export the artifact for each configured runtime and measure the files there (see evaluator); each
+        runtime's per-image predictions go into `predictions`."""
         cfg = self.recipe.deploy
         if not cfg.runtimes:
             return {}
@@ -383,9 +389,9 @@ class Runner:
             for runtime, file in files.items():
                 log.info("measuring the exported model in %s", runtime)
                 try:
-                    measured = runtime_metrics(runtime, file, self.data.test_loader(self.recipe.data.eval_batch_size),
-                                               self.data.input_size, self.recipe.evaluation, threads=cfg.threads,
-                                               progress=self.progress)  # fmt: skip
+                    measured, predictions[runtime] = runtime_metrics_with_predictions(
+                        runtime, file, self.data.test_loader(self.recipe.data.eval_batch_size), self.data.input_size,
+                        self.recipe.evaluation, threads=cfg.threads, progress=self.progress)  # fmt: skip
                 except Exception as err:
                     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                     raise ExportError(f"{runtime} could not run the exported model {file.name}: {first[:400]}") from err

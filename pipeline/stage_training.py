@@ -49,6 +49,7 @@ class StageResult:
     metrics: dict[str, float]  # empty on ranks other than 0 under torchrun
     seconds: float
     artifact_path: Path | None  # None on ranks other than 0 under torchrun
+    predictions_path: Path | None = None  # per-image predictions of the evaluation (pipeline.evaluator)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from pipeline import load_artifact
 from pipeline.data import DataConfig, load_data
-from pipeline.evaluator import accuracy
+from pipeline.evaluator import accuracy, load_predictions
 from pipeline.recipe import validate_recipe
 from pipeline.runner import ordering_detail
 from tests.conftest import PROJECT_ROOT, run_cli, tiny_recipe, write_recipe
@@ -97,6 +97,12 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     data = load_data(DataConfig(train_subset=320, test_subset=100, batch_size=32), seed=0)
     top1, _ = accuracy(model, data.test_loader(100))
     assert top1 == pytest.approx(children[-1].data.metrics["top1"])
+    # Every stage run holds its per-image predictions, which give the logged top-1 without running the model.
+    for child in children:
+        folder = Path(client.download_artifacts(child.info.run_id, "predictions", str(tmp_path / child.info.run_id)))
+        stored = load_predictions(next(folder.glob("*.npz")))
+        assert stored["labels"].shape == stored["torch"].shape == (100,)
+        assert 100.0 * (stored["torch"] == stored["labels"]).mean() == pytest.approx(child.data.metrics["top1"])
 
 
 def test_rerun_reuses_cache_and_new_eval_settings_remeasure(recipe_path, isolated):
