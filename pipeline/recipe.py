@@ -117,6 +117,24 @@ class Recipe(StrictConfig):
     )
     include_singles: bool = Field(False, description="a sweep also runs each stage alone after the baseline")
     budget: Budget | None = Field(None, description="fixed training epochs per chain, split by stage position")
+    seeds: int | list[int] | None = Field(
+        None,
+        description="repeat every chain once per seed: a count n (seeds `seed` … `seed`+n-1) or a list of seeds; "
+        "run with `make sweep` (each (ordering, seed) chain is tracked with a `seed` tag)",
+    )
+    seed_scope: Literal["baseline", "stages"] = Field(
+        "baseline",
+        description="with seeds: `baseline` retrains the baseline per seed, so the spread across seeds includes "
+        "the baseline's (the honest default); `stages` trains one baseline (with `seed`) and varies only the "
+        "stages after it (cheaper; reports say so)",
+    )
+    stage_seed: int | None = Field(
+        None,
+        ge=0,
+        le=2**31 - 1,
+        description="seed of the stages after the baseline when it differs from `seed` (set per chain by "
+        "`seeds` with seed_scope: stages)",
+    )
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="how a sweep's orderings run")
 
     @field_validator("orderings")
@@ -129,6 +147,31 @@ class Recipe(StrictConfig):
             raise ValueError(f"must be `all` or a list of orderings (lists of stage names), got {value!r}")
         return value
 
+    @field_validator("seeds")
+    @classmethod
+    def _seed_count_or_list(cls, seeds: int | list[int] | None) -> int | list[int] | None:
+        if isinstance(seeds, int) and not 1 <= seeds <= 100:
+            raise ValueError(f"a count of seeds must be 1..100, got {seeds}")
+        if isinstance(seeds, list):
+            if not seeds:
+                raise ValueError("must list at least one seed, or give a count (seeds: 3)")
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds must be distinct, got {seeds}")
+            if any(not 0 <= x <= 2**31 - 1 for x in seeds):
+                raise ValueError(f"each seed must be in 0..2^31-1, got {seeds}")
+        return seeds
+
+    def seed_list(self) -> list[int]:
+        """The seeds every chain runs with: `seeds` expanded, or just `seed`."""
+        if self.seeds is None:
+            return [self.seed]
+        return list(self.seeds) if isinstance(self.seeds, list) else [self.seed + i for i in range(self.seeds)]
+
+    @property
+    def chain_seed(self) -> int:
+        """The seed that tells this chain's repetitions apart: the stages' seed (the baseline's unless set apart)."""
+        return self.seed if self.stage_seed is None else self.stage_seed
+
     def stage_specs(self) -> list[StageSpec]:
         return list(self.stages)
 
@@ -139,24 +182,37 @@ class Recipe(StrictConfig):
 
     @property
     def is_sweep(self) -> bool:
-        """Whether the recipe declares a sweep (`orderings:` or `include_singles:`) rather than one chain."""
-        return self.orderings is not None or self.include_singles
+        """Whether the recipe declares a sweep (`orderings:`, `include_singles:` or `seeds:`) rather than one chain."""
+        return self.orderings is not None or self.include_singles or self.seeds is not None
 
-    def as_chain(self, names: Sequence[str] | None = None) -> Recipe:
+    def as_chain(self, names: Sequence[str] | None = None, seed: int | None = None) -> Recipe:
         """One concrete chain: the named stages (default: all, in recipe order) with the budget applied to
-        their epochs, and no sweep keys, so it runs, caches and reads back like a hand-written recipe."""
+        their epochs, and no sweep keys, so it runs, caches and reads back like a hand-written recipe.
+
+        `seed` (one of `seed_list()`) sets the baseline's seed, or with seed_scope: stages only the stages'."""
         by_name = {s.name: s for s in self.stage_specs()}
         specs = [by_name[n] for n in names] if names is not None else self.stage_specs()
         if self.budget is not None:
             epochs = self.budget.stage_epochs(len(specs))
             specs = [StageSpec(s.name, s.config.with_total_epochs(e)) for s, e in zip(specs, epochs, strict=True)]
-        return self.model_copy(update={"stages": specs, "orderings": None, "include_singles": False, "budget": None})
+        update: dict[str, Any] = {"stages": specs, "orderings": None, "include_singles": False, "budget": None,
+                                  "seeds": None}  # fmt: skip
+        if seed is not None and self.seed_scope == "baseline":
+            update.update(seed=seed, stage_seed=None)
+        elif seed is not None:
+            update["stage_seed"] = None if seed == self.seed else seed
+        return self.model_copy(update=update)
 
     def sweep_orderings(self) -> tuple[list[tuple[str, ...]], list[tuple[tuple[str, ...], str]]]:
         """(orderings to run, [(ordering, reason)] skipped): `all` (also when unset) is every permutation of
         the stages minus those a stage cannot follow (e.g. pruning after qat); singles are added last."""
         names = [s.name for s in self.stage_specs()]
-        chosen = self.orderings if isinstance(self.orderings, list) else itertools.permutations(names)
+        if self.orderings is None and self.seeds is not None and not self.include_singles:
+            chosen = [names]  # seeds alone repeat the recipe's own chain
+        elif isinstance(self.orderings, list):
+            chosen = self.orderings
+        else:
+            chosen = itertools.permutations(names)
         ordered: dict[tuple[str, ...], None] = dict.fromkeys(tuple(o) for o in chosen)
         if self.include_singles:
             ordered.update(dict.fromkeys((n,) for n in names))
@@ -170,8 +226,10 @@ class Recipe(StrictConfig):
         return runnable, skipped
 
     def to_dict(self) -> dict[str, Any]:
-        sweep_keys = {"orderings", "include_singles", "budget", "executor"}
-        out = self.model_dump(mode="json", exclude={"stages", *sweep_keys})
+        sweep_keys = {"orderings", "include_singles", "budget", "executor", "seeds", "seed_scope"}
+        out = self.model_dump(
+            mode="json", exclude={"stages", *sweep_keys} | ({"stage_seed"} if self.stage_seed is None else set())
+        )
         out["stages"] = [s.to_dict() for s in self.stage_specs()]
         if self.is_sweep or self.budget is not None:
             out.update(self.model_dump(mode="json", include=sweep_keys))

@@ -76,6 +76,8 @@ def plan_chain(recipe: Recipe) -> list[PlannedStage]:
     specs = [StageSpec("train", recipe.baseline), *recipe.stage_specs()]
     chain, parent = [], root
     for index, spec in enumerate(specs):
+        if index == 1 and recipe.stage_seed is not None and recipe.stage_seed != recipe.seed:
+            parent = digest({"parent": parent, "stage_seed": recipe.stage_seed})  # one baseline, seeded stages
         parent = stage_key(parent, spec.name, spec.config.model_dump(mode="json"))
         chain.append(PlannedStage(index, spec, parent))
     return chain
@@ -224,6 +226,7 @@ class Runner:
             TAGS.recipe: recipe.name,
             TAGS.ordering: recipe.ordering,
             TAGS.ordering_detail: ordering_detail(recipe),
+            TAGS.seed: str(recipe.chain_seed),
             TAGS.pipeline_version: __version__,
         }
         name = recipe.ordering if self.parent_run_id else recipe.name
@@ -234,6 +237,7 @@ class Runner:
                 parent_id,
                 {
                     "seed": recipe.seed,
+                    "stage_seed": recipe.chain_seed,
                     "model": recipe.model.name,
                     "dataset": recipe.data.dataset,
                     "device": str(self.device),

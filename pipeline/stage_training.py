@@ -74,7 +74,8 @@ class StageTrainer:
         self, stage: PlannedStage, state: ModelState | None, on_epoch_end: EpochCallback | None = None
     ) -> tuple[StageOutput, float]:
         """Run the stage function with its seed and context; returns its output and the seconds it took."""
-        seed = (self.recipe.seed * 1_000_003 + int(stage.key[:8], 16)) % 2**31
+        base = self.recipe.seed if stage.index == 0 else self.recipe.chain_seed
+        seed = (base * 1_000_003 + int(stage.key[:8], 16)) % 2**31
         torch.manual_seed(seed)
         ctx = StageContext(
             data=self.data,

@@ -66,7 +66,8 @@ def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
     if not orderings:
         reasons = "; ".join(reason for _, reason in skipped) or "no stages"
         raise ValueError(f"recipe {recipe.name!r}: no ordering can run ({reasons})")
-    chains = [recipe.as_chain(ordering) for ordering in orderings]
+    seeds = recipe.seed_list() if recipe.seeds is not None else [None]
+    chains = [recipe.as_chain(ordering, seed=seed) for ordering in orderings for seed in seeds]
     if recipe.budget is not None:
         for chain in chains:
             if (epochs := training_epochs(chain)) != recipe.budget.epochs:
@@ -95,15 +96,20 @@ class OrderingJob:
     tracking_uri: str
     experiment_id: str
     progress: bool
+    label: str = ""  # the chain's name in the sweep (`chain_label`); the ordering when empty
+
+    @property
+    def name(self) -> str:
+        return self.label or self.chain.ordering
 
     def failed(self, error: str) -> OrderingResult:
         """The result of this job when its worker died before it could report."""
-        return OrderingResult(self.chain.ordering, "FAILED", error=error)
+        return OrderingResult(self.name, "FAILED", error=error, seed=self.chain.chain_seed)
 
 
 @dataclass
 class OrderingResult:
-    ordering: str
+    ordering: str  # the chain's label: its ordering, with its seed when the sweep repeats chains per seed
     status: str  # FINISHED or FAILED
     run_id: str | None = None
     executed: list[str] = field(default_factory=list)  # cache keys of stages this ordering trained
@@ -111,6 +117,7 @@ class OrderingResult:
     final: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+    seed: int | None = None
 
 
 def run_ordering(job: OrderingJob) -> OrderingResult:
@@ -129,12 +136,11 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
     try:
         summary = runner.run()
     except Exception as err:  # the Runner marked its MLflow runs FAILED; the other orderings go on
-        log.error("ordering %s failed: %s: %s", job.chain.ordering, type(err).__name__, err)
-        return OrderingResult(
-            job.chain.ordering, "FAILED", seconds=time.perf_counter() - start, error=f"{type(err).__name__}: {err}"
-        )
+        log.error("ordering %s failed: %s: %s", job.name, type(err).__name__, err)
+        return OrderingResult(job.name, "FAILED", seconds=time.perf_counter() - start,
+                              error=f"{type(err).__name__}: {err}", seed=job.chain.chain_seed)  # fmt: skip
     return OrderingResult(
-        job.chain.ordering,
+        job.name,
         "FINISHED",
         run_id=summary.run_id,
         executed=[r.key for r in summary.results if not r.cached],
@@ -145,6 +151,7 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
             if k in FINAL_METRICS or k.rpartition(".")[2] in RUNTIME_FINAL_METRICS
         },  # fmt: skip
         seconds=time.perf_counter() - start,
+        seed=job.chain.chain_seed,
     )
 
 
@@ -184,8 +191,8 @@ def run_sweep(
     for ordering, reason in plan.skipped:
         log.warning("skipping ordering %s: %s", ">".join(ordering), reason)
     previous = tracker.sweep_runs(plan.sweep_id)
-    done = _finished_orderings(tracker, plan.sweep_id) if previous else {}
-    todo = [chain for chain in plan.chains if chain.ordering not in done]
+    done = _finished_orderings(tracker, plan.sweep_id, plan.recipe) if previous else {}
+    todo = [chain for chain in plan.chains if chain_label(chain, plan.recipe) not in done]
     log.info(
         "sweep %s: %d orderings (%d already finished), %d distinct stage outputs of %d stage runs; executor %s",
         plan.sweep_id,
@@ -206,11 +213,15 @@ def run_sweep(
         if resume_id is None:
             _log_plan(tracker, sweep_run_id, plan, runner.name)
         where = (Path(cache_dir or default_cache_dir()), tracker.uri, tracker.experiment_id)
-        jobs = [OrderingJob(chain, plan.sweep_id, sweep_run_id, *where, progress) for chain in todo]
+        jobs = [OrderingJob(chain, plan.sweep_id, sweep_run_id, *where, progress, chain_label(chain, plan.recipe))
+                for chain in todo]  # fmt: skip
         results = _run_jobs(runner, jobs)
         for result in results:
             if result.run_id is None:  # its worker died: close the runs it left RUNNING
-                tracker.fail_open_ordering_runs(plan.sweep_id, result.ordering, result.error or "worker died")
+                ordering = result.ordering.split(" (seed ")[0]
+                tracker.fail_open_ordering_runs(
+                    plan.sweep_id, ordering, result.error or "worker died", seed=result.seed
+                )
         summary = _summarize(plan, sweep_run_id, results, list(done), time.perf_counter() - start)
         _log_totals(tracker, sweep_run_id, summary)
     return summary
@@ -224,10 +235,20 @@ def _run_jobs(runner: Executor, jobs: list[OrderingJob]) -> list[OrderingResult]
     return results
 
 
-def _finished_orderings(tracker: Tracker, sweep_id: str) -> dict[str, str]:
-    """ordering -> run id of its FINISHED chain run in this sweep (from an earlier, interrupted invocation)."""
+def chain_label(chain: Recipe, sweep: Recipe) -> str:
+    """How a sweep names one of its chains: the ordering, plus its seed when the sweep repeats chains per seed."""
+    return chain.ordering if sweep.seeds is None else f"{chain.ordering} (seed {chain.chain_seed})"
+
+
+def _finished_orderings(tracker: Tracker, sweep_id: str, sweep: Recipe) -> dict[str, str]:
+    """chain label -> run id of its FINISHED chain run in this sweep (from an earlier, interrupted invocation)."""
     runs = tracker.chain_runs(sweep_id, status="FINISHED")
-    return {run.tags[TAGS.ordering]: run.run_id for run in reversed(runs)}
+    labels = {}
+    for run in reversed(runs):
+        seed = run.tags.get(TAGS.seed, str(sweep.seed))  # runs logged before seeds existed ran with `seed`
+        ordering = run.tags[TAGS.ordering]
+        labels[ordering if sweep.seeds is None else f"{ordering} (seed {seed})"] = run.run_id
+    return labels
 
 
 def _summarize(plan: SweepPlan, run_id: str, results: list[OrderingResult], done: list[str], seconds: float):
@@ -243,7 +264,9 @@ def _log_plan(tracker: Tracker, run_id: str, plan: SweepPlan, executor: str) -> 
         run_id,
         {
             "orderings": len(plan.chains),
-            "ordering_list": ", ".join(c.ordering for c in plan.chains),
+            "ordering_list": ", ".join(dict.fromkeys(c.ordering for c in plan.chains)),
+            "seeds": ", ".join(str(seed) for seed in plan.recipe.seed_list()),
+            "seed_scope": plan.recipe.seed_scope if plan.recipe.seeds is not None else "none",
             "skipped": "; ".join(f"{'>'.join(o)}: {why}" for o, why in plan.skipped) or "none",
             "include_singles": plan.recipe.include_singles,
             "budget": json.dumps(plan.recipe.budget.model_dump(mode="json")) if plan.recipe.budget else "none",
@@ -259,7 +282,7 @@ def _log_totals(tracker: Tracker, run_id: str, summary: SweepSummary) -> None:
     executed = distinct stage outputs trained into the cache, reused = stage runs of finished orderings that
     came from the cache."""
     stages = tracker.stage_runs(summary.plan.sweep_id)
-    finished = set(_finished_orderings(tracker, summary.plan.sweep_id).values())
+    finished = set(_finished_orderings(tracker, summary.plan.sweep_id, summary.plan.recipe).values())
     trained = {run.tags[TAGS.cache_key] for run in stages if run.flag(TAGS.trained)}
     reused = sum(run.flag(TAGS.cached) and run.parent_id in finished for run in stages)
     tracker.log_metrics(

@@ -39,6 +39,7 @@ class Tags:
     recipe: str = "recipe"  # the recipe's name
     ordering: str = "ordering"  # chain runs only: stage names joined by '>', e.g. 'prune>inq>distill'
     ordering_detail: str = "ordering_detail"  # chain runs: the ordering with variants, 'prune[structured]>inq[5-bit]'
+    seed: str = "seed"  # chain runs: the seed that tells repetitions of one ordering apart (its stages' seed)
     chain_ordering: str = "chain_ordering"  # stage runs: their chain's ordering (grouping by `ordering` shows chains)
     stage: str = "stage"  # stage runs: the registered stage name
     stage_index: str = "stage_index"  # stage runs: position in the chain, the baseline being 0
@@ -240,10 +241,11 @@ class Tracker:
         kinds = (RunType.SWEEP, RunType.CHAIN, RunType.STAGE)
         return SweepRuns(sweep_id, *(by_type.get(kind, []) for kind in kinds))
 
-    def fail_open_ordering_runs(self, sweep_id: str, ordering: str, error: str) -> int:
-        """Mark an ordering's chain run and its stage runs still RUNNING as FAILED with `error` (their process
-        died); returns how many."""
-        chains = [run for run in self.chain_runs(sweep_id) if run.tags.get(TAGS.ordering) == ordering]
+    def fail_open_ordering_runs(self, sweep_id: str, ordering: str, error: str, seed: int | None = None) -> int:
+        """Mark an ordering's chain run (of `seed`, when given) and its stage runs still RUNNING as FAILED with
+        `error` (their process died); returns how many."""
+        chains = [run for run in self.chain_runs(sweep_id) if run.tags.get(TAGS.ordering) == ordering
+                  and (seed is None or run.tags.get(TAGS.seed) in (None, str(seed)))]  # fmt: skip
         chain_ids = {run.run_id for run in chains}
         stages = [run for run in self.stage_runs(sweep_id, status="RUNNING") if run.parent_id in chain_ids]
         open_runs = [run for run in chains if run.status == "RUNNING"] + stages

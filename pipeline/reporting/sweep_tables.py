@@ -56,6 +56,7 @@ def build_report(
     runtime = runtime or default_runtime(runs)
     if runtime not in REPORT_RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(REPORT_RUNTIMES)}")
+    _refuse_several_seeds(runs.chains, sweep_id)
     chains = _latest_finished_chains(runs.chains)
     if not chains:
         raise ValueError(f"sweep {sweep_id!r} has no finished ordering yet; run `make sweep` first")
@@ -71,6 +72,26 @@ def build_report(
     meta["latency_source"] = "side by side" if latency is not None else "per stage"
     meta["runtime"] = runtime
     return SweepReport(sweep_id, meta, points, models, orderings, runtime)
+
+
+class SeveralSeedsNotSupported(ValueError):
+    """A sweep that repeats orderings over seeds: its report would have to aggregate them."""
+
+
+def _refuse_several_seeds(chains: list[RunRecord], sweep_id: str) -> None:
+    """Reports over several seeds (mean ± CI, paired tests) are not built yet; picking one seed's chain per
+    ordering would silently report a single repetition as the ordering's result."""
+    seeds: dict[str, set[str]] = {}
+    for run in chains:
+        if run.status == "FINISHED":
+            seeds.setdefault(run.tags[TAGS.ordering], set()).add(run.tags.get(TAGS.seed, ""))
+    repeated = sorted(o for o, s in seeds.items() if len(s) > 1)
+    if repeated:
+        raise SeveralSeedsNotSupported(
+            f"sweep {sweep_id!r} ran {', '.join(repeated[:3])} with several seeds: reports across seeds (mean ± CI, "
+            "paired tests) are not yet supported (issue #14); each (ordering, seed) chain is in MLflow with a `seed` "
+            "tag, and its per-image predictions are logged with every stage run"
+        )
 
 
 def _latest_finished_chains(chains: list[RunRecord]) -> dict[str, str]:

@@ -73,6 +73,12 @@ BAD = [
     (lambda r: r.update(orderings=[["prune", "prune"]]), "orderings[0][1]: 'prune' appears twice in one ordering"),
     (lambda r: r.update(orderings=[[]]), "orderings[0]: an ordering needs at least one stage"),
     (lambda r: r.update(orderings=[]), "orderings: needs at least one ordering"),
+    # Seeds: a count 1..100 or a list of distinct seeds, and a scope.
+    (lambda r: r.update(seeds=0), "seeds: a count of seeds must be 1..100, got 0"),
+    (lambda r: r.update(seeds=[]), "seeds: must list at least one seed"),
+    (lambda r: r.update(seeds=[1, 1]), "seeds: seeds must be distinct, got [1, 1]"),
+    (lambda r: r.update(seeds=[-1]), "seeds: each seed must be in 0..2^31-1"),
+    (lambda r: r.update(seeds=3, seed_scope="all"), "seed_scope: Input should be 'baseline' or 'stages'"),
     (lambda r: r.update(executor={"name": "dask"}), "executor.name: Input should be 'local' or 'ray'"),
     (lambda r: r.update(executor={"name": "ray", "cpus": 0}), "executor.cpus: Input should be greater than 0"),
     (lambda r: r.update(executor="dask"), "executor.name: Input should be 'local' or 'ray', got 'dask'"),
@@ -312,3 +318,31 @@ def test_budget_sets_each_stage_epochs_in_its_own_units():
     # A single recipe (no sweep) with a budget runs with it applied too.
     single = validate_recipe(tiny_recipe(stages=[{"distill": {}}], budget={"epochs": 3, "split": [1]}))
     assert single.as_chain().stage_specs()[0].config.epochs == 3
+
+
+def test_seeds_repeat_the_recipes_own_chain_and_scope_decides_what_is_shared():
+    from pipeline.runner import plan_chain
+    from pipeline.sweep import chain_label, plan_sweep
+
+    two = [{"prune": {"epochs": 1}}, {"inq": {"epochs": 1}}]
+    recipe = validate_recipe(tiny_recipe(stages=two, seed=5, seeds=3))
+    assert recipe.is_sweep and recipe.seed_list() == [5, 6, 7]
+    assert recipe.sweep_orderings() == ([("prune", "inq")], [])  # seeds alone: the recipe's chain, not permutations
+    plan = plan_sweep(recipe)
+    assert [chain_label(c, recipe) for c in plan.chains] == [f"prune>inq (seed {s})" for s in (5, 6, 7)]
+    keys = [[s.key for s in plan_chain(c)] for c in plan.chains]
+    assert len({k[0] for k in keys}) == 3  # seed_scope baseline: every seed retrains the baseline
+    unseeded = plan_chain(validate_recipe(tiny_recipe(stages=two, seed=5)))
+    assert keys[0] == [s.key for s in unseeded]  # the first seed is the plain recipe: its cache is reused
+
+    shared = validate_recipe(tiny_recipe(stages=two, seed=5, seeds=[5, 9], seed_scope="stages"))
+    chains = plan_sweep(shared).chains
+    assert [(c.seed, c.chain_seed) for c in chains] == [(5, 5), (5, 9)]
+    first, second = ([s.key for s in plan_chain(c)] for c in chains)
+    assert first[0] == second[0] and first[1] != second[1]  # one baseline, stages seeded apart
+    assert first == [s.key for s in unseeded]
+
+    both = validate_recipe(tiny_recipe(stages=two, orderings="all", seeds=2))
+    assert [chain_label(c, both) for c in plan_sweep(both).chains] == [
+        "prune>inq (seed 0)", "prune>inq (seed 1)", "inq>prune (seed 0)", "inq>prune (seed 1)",
+    ]  # fmt: skip

@@ -183,3 +183,25 @@ def test_four_stages_share_prefixes_64_not_96(cifar_root):
     assert len(plan.chains) == 24
     assert plan.distinct_stages - 1 == 4 + 12 + 24 + 24 == 64  # without the baseline
     assert plan.stage_slots - len(plan.chains) == 96
+
+
+def test_seeds_repeat_each_chain_and_adding_a_seed_trains_only_its_chains(tmp_path, isolated, cifar_root):
+    stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}]
+    two = tiny_recipe(name="tiny-seeds", stages=stages, seeds=[0, 1], seed_scope="stages")
+    path = write_recipe(tmp_path / "seeds.yaml", two)
+    first = run_cli(["sweep", str(path), "--reports-dir", str(tmp_path / "reports")], isolated)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # One shared baseline and one prune per seed.
+    assert "stage runs: 3 executed, 1 reused from the cache" in first.stdout
+    assert "reports across seeds (mean ± CI, paired tests) are not yet supported (issue #14)" in first.stdout
+    sweep_id = plan_sweep(validate_recipe(two)).sweep_id
+    chains = _sweep_runs(isolated, sweep_id)["chain"]
+    assert sorted((c.data.tags["ordering"], c.data.tags["seed"]) for c in chains) == [("prune", "0"), ("prune", "1")]
+    refused = run_cli(["report", sweep_id, "--reports-dir", str(tmp_path / "reports")], isolated)
+    assert refused.returncode == 2 and "not yet supported (issue #14)" in refused.stderr
+
+    # A third seed: a new sweep id (its chains differ), and only the new seed's prune trains.
+    path = write_recipe(tmp_path / "seeds.yaml", {**two, "seeds": [0, 1, 2]})
+    again = run_cli(["sweep", str(path), "--no-report"], isolated)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stage runs: 1 executed, 5 reused from the cache" in again.stdout
