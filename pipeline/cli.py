@@ -205,10 +205,7 @@ def _sweep(recipe, args) -> int:
             names = ", ".join(r.ordering for r in summary.failed)
             print(f"error: {len(summary.failed)} ordering(s) failed: {names} (errors in MLflow)", file=sys.stderr)
         finished = len(summary.results) - len(summary.failed) + len(summary.already_done)
-        if not args.no_report and finished and len(recipe.seed_list()) > 1:
-            print("note: no report: reports across seeds (mean ± CI, paired tests) are not yet supported (issue #14);"
-                  f" the chains are in MLflow under sweep {summary.plan.sweep_id}, tagged with their seed")  # fmt: skip
-        elif not args.no_report and finished:
+        if not args.no_report and finished:
             _report(summary.plan.sweep_id, args.reports_dir)
         return EXIT_FAILED if summary.failed else EXIT_OK
 

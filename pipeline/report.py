@@ -12,8 +12,13 @@ each job lives in `pipeline.reporting` (console tables, sweep tables, plots, pag
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.evaluator import load_predictions
 from pipeline.reporting.columns import (
     METRIC_COLUMNS,
     REPORT_RUNTIMES,
@@ -32,6 +37,22 @@ log = logging.getLogger("pipeline")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPORTS_DIR = PROJECT_ROOT / "reports"
+
+
+def stored_correctness(tracker, tmp: Path) -> Callable[[str, str], np.ndarray | None]:
+    """`(stage_run_id, runtime) -> per-image correctness` from the predictions the stage run logged (None when it
+    logged none, e.g. a run from before predictions were stored, or none for that runtime)."""
+
+    def correct_of(run_id: str, runtime: str) -> np.ndarray | None:
+        try:
+            folder = tracker.download_artifact(run_id, "predictions", tmp / run_id)
+        except Exception:  # MLflow raises several types for a missing artifact; none is worth more than a note
+            return None
+        files = sorted(Path(folder).glob("*.npz"))
+        stored = load_predictions(files[0]) if files else {}
+        return stored[runtime] == stored["labels"] if runtime in stored else None
+
+    return correct_of
 
 
 def report_sweep(
@@ -55,7 +76,8 @@ def report_sweep(
         raise ValueError(f"no runs with tags.sweep = {sweep_id!r} in {tracker.uri}")
     runtime = runtime or default_runtime(runs)
     latency = remeasure_latency(tracker, runs.stages, runtime) if remeasure else None
-    report = build_report(runs, sweep_id, latency, runtime)
+    with tempfile.TemporaryDirectory() as tmp:
+        report = build_report(runs, sweep_id, latency, runtime, stored_correctness(tracker, Path(tmp)))
     if remeasure:
         report.sweep["latency_how"] = f"median of {REMEASURE_ROUNDS} interleaved rounds x {REMEASURE_CALLS} calls"
     out_dir = Path(out_root) / sweep_id

@@ -13,6 +13,7 @@ from pipeline.reporting.columns import REPORT_RUNTIMES, latency_column, runtime_
 from pipeline.reporting.formatting import format_bytes, format_number
 from pipeline.reporting.plots import plot_png, plotly_figure, plots
 from pipeline.reporting.sweep_tables import SweepReport
+from pipeline.significance import best_or_tied, dominated_with_confidence, verdict_matrix
 
 
 def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
@@ -21,6 +22,9 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
     paths = [out_dir / "orderings.csv", out_dir / "models.csv"]
     report.orderings.to_csv(paths[0], index=False, float_format="%.6g")
     report.models.to_csv(paths[1], float_format="%.6g")
+    if report.pairs is not None:
+        paths.append(out_dir / "comparisons.csv")
+        report.pairs.to_csv(paths[-1], index=False, float_format="%.6g")
     for name, (x, y) in plots(report.runtime).items():
         paths.append(plot_png(report, x, y, out_dir / f"{name}.png"))
     paths.append(out_dir / "report.md")
@@ -41,6 +45,7 @@ def markdown(report: SweepReport) -> str:
         "of every model in the sweep, intermediate stages and baseline included.",
         "",
     ]
+    lines += ["## Which differences the data supports", "", *_comparisons_markdown(report), ""]
     lines += [f"## Pareto frontiers ({runtime_name(report.runtime)})", ""]
     for column, title in _frontier_titles(report).items():
         on = report.models[report.models[column]].sort_values(top1, ascending=False)
@@ -97,16 +102,66 @@ def _orderings_markdown(report: SweepReport) -> str:
         + (" ---: | ---: |" if eager else "")
         + " :---: | ---: |",
     ]
-    num = format_number
+    num, seeded = format_number, _seeded(report)
+    if seeded:
+        lines[0] = lines[0].replace("| top1 % |", f"| top1 % (mean of {len(report.sweep['seeds'])} seeds [95 % CI]) |")
     for rank, r in enumerate(orderings.to_dict("records"), 1):
         extra = f" {num(r['torch_latency_ms_p50'], '.2f')} | {num(r['torch_speedup'], '.2f')}× |" if eager else ""
         lines.append(
-            f"| {rank} | `{r['ordering']}` | {num(r[top1], '.2f')} | {num(r['delta_top1'], '+.2f')} | "
+            f"| {rank} | `{r['ordering']}` | {_top1_cell(r, top1, seeded)} | {num(r['delta_top1'], '+.2f')} | "
             f"{format_bytes(r['artifact_bytes'])} | {num(r['size_ratio'], '.3f')} | {num(r[latency], '.2f')} | "
             f"{num(r['speedup'], '.2f')}× |{extra} {'yes' if r['pareto'] else ''} | "
-            f"{r['stages_trained']}/{r['stages'] + 1} |"
+            f"{r['stages_trained']}/{(r['stages'] + 1) * r['seeds']} |"
         )
     return "\n".join(lines)
+
+
+def _seeded(report: SweepReport) -> bool:
+    return bool(report.sweep.get("seeds"))
+
+
+def _top1_cell(r: dict, top1: str, seeded: bool) -> str:
+    """Top-1, with its seed-to-seed 95 % interval when there are several seeds."""
+    if not seeded:
+        return format_number(r[top1], ".2f")
+    return f"{r[top1]:.2f} [{format_number(r['top1_ci_low'], '.2f')}, {format_number(r['top1_ci_high'], '.2f')}]"
+
+
+def _comparisons_markdown(report: SweepReport) -> list[str]:
+    """What the paired tests support: the best ordering or who it is tied with, the verdict matrix, the pairs."""
+    if report.pairs is None:
+        return [report.pairs_how[0].upper() + report.pairs_how[1:] + "."]
+    pairs, names = report.pairs, list(report.orderings.ordering)
+    names = [n for n in names if n in set(pairs.a) | set(pairs.b)]
+    verdict = best_or_tied(pairs)
+    if verdict.best is not None:
+        head = f"**`{verdict.best}` is the most accurate ordering**: significantly better than every other one."
+    else:
+        ties = ", ".join(f"`{n}` (p = {format_number(verdict.p_holm[n], '.3g')})" for n in verdict.tied_with)
+        head = (
+            f"**No ordering is significantly the most accurate.** `{verdict.leader}` has the highest top-1 but is "
+            f"tied with {ties} (Holm-adjusted p of the exact McNemar test)."
+        )
+    lines = [head, "", f"How: {report.pairs_how}.", "", "Verdicts, row vs column:", ""]
+    matrix = verdict_matrix(pairs, names)
+    lines += ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " :---: |" * len(names)]
+    lines += [f"| `{a}` | " + " | ".join(matrix.loc[a, b] or "·" for b in names) + " |" for a in names]
+    lines += ["", "| a | b | Δ top1 a−b (pts) | 95 % interval | only a right | only b right | p (McNemar) | "
+              "p (Holm) | verdict |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
+    num = format_number
+    for r in pairs.sort_values("p_holm").to_dict("records"):
+        lines.append(
+            f"| `{r['a']}` | `{r['b']}` | {r['diff_pp']:+.2f} | [{num(r['ci_low_pp'], '+.2f')}, "
+            f"{num(r['ci_high_pp'], '+.2f')}] | {r['a_only_correct']} | {r['b_only_correct']} | "
+            f"{num(r['p_mcnemar'], '.3g')} | {num(r['p_holm'], '.3g')} | {r['verdict']} |"
+        )
+    if _seeded(report):
+        costs = ["artifact_bytes", latency_column(report.runtime)]
+        points = report.orderings.rename(columns={"ordering": "name"})
+        dominated = dominated_with_confidence(points, costs)
+        lines += ["", "Dominated with confidence (another ordering's top-1 interval lies above theirs at no more "
+                  f"mean bytes and latency): {', '.join(f'`{d}`' for d in dominated) or 'none'}."]  # fmt: skip
+    return lines
 
 
 def _frontier_titles(report: SweepReport) -> dict[str, str]:
@@ -116,20 +171,41 @@ def _frontier_titles(report: SweepReport) -> dict[str, str]:
     return titles
 
 
+def _comparisons_html(report: SweepReport) -> str:
+    """The verdict matrix as a heatmap (green: the row ordering is better) and the pairs table."""
+    if report.pairs is None:
+        return f"<p>{html.escape(report.pairs_how)}</p>"
+    import plotly.graph_objects as go
+
+    names = [n for n in report.orderings.ordering if n in set(report.pairs.a) | set(report.pairs.b)]
+    matrix = verdict_matrix(report.pairs, names)
+    score = matrix.replace({"better": 1, "tied": 0, "worse": -1, "": float("nan")}).astype(float)
+    fig = go.Figure(go.Heatmap(z=score.to_numpy(), x=names, y=names, text=matrix.to_numpy(), texttemplate="%{text}",
+                               zmin=-1, zmax=1, colorscale=[[0, "#d62728"], [0.5, "#eeeeee"], [1, "#2ca02c"]],
+                               showscale=False))  # fmt: skip
+    fig.update_layout(title="row vs column", height=120 + 60 * len(names), yaxis={"autorange": "reversed"})
+    pairs = report.pairs.to_html(index=False, float_format=lambda v: f"{v:.4g}", table_id="pairs", border=0)
+    how = html.escape(report.pairs_how)
+    # This heatmap comes first on the page, so it carries plotly.js for the plots below it.
+    return f"<p>{how}</p>{fig.to_html(full_html=False, include_plotlyjs=True, div_id='verdicts')}{pairs}"
+
+
 def html_page(report: SweepReport) -> str:
     """A self-contained page (plotly.js inlined, works offline): interactive plots and the tables."""
     figures = [plotly_figure(report, x, y) for x, y in plots(report.runtime).values()]
     parts = [
-        fig.to_html(full_html=False, include_plotlyjs=(i == 0), div_id=f"plot-{name}")
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0 and report.pairs is None), div_id=f"plot-{name}")
         for i, (fig, name) in enumerate(zip(figures, plots(report.runtime), strict=True))
     ]
     facts = "".join(f"<li>{html.escape(f)}</li>" for f in _facts(report))
     table = report.orderings.to_html(index=False, float_format=lambda v: f"{v:.4g}", table_id="orderings", border=0)
     models = report.models.to_html(float_format=lambda v: f"{v:.4g}", table_id="models", border=0)
+    tests = _comparisons_html(report)
     style = "body{font-family:sans-serif;margin:2em} table{border-collapse:collapse} td,th{padding:3px 8px}"
     return (
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Sweep {html.escape(report.sweep_id)}</title>"
         f"<style>{style}</style></head><body><h1>Sweep {html.escape(report.sweep_id)}</h1><ul>{facts}</ul>"
-        f"<h2>Orderings, best first</h2>{table}<h2>Plots</h2>{''.join(parts)}"
+        f"<h2>Orderings, best first</h2>{table}<h2>Which differences the data supports</h2>{tests}"
+        f"<h2>Plots</h2>{''.join(parts)}"
         f"<h2>Every distinct model</h2>{models}</body></html>"
     )

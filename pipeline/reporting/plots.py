@@ -50,11 +50,18 @@ def plot_png(report: SweepReport, x: str, y: str, path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     markers = dict(zip(sorted(set(report.points.stage)), "*osD^vP<>", strict=False))
-    for i, (ordering, path_points) in enumerate(report.points.groupby("ordering", sort=False)):
+    for i, (ordering, chain_points) in enumerate(report.points.groupby("ordering", sort=False)):
         color = plt.cm.tab10(i % 10)
-        ax.plot(path_points[x], path_points[y], "-", color=color, alpha=0.7, label=ordering)
-        for stage, pts in path_points.groupby("stage"):
-            ax.scatter(pts[x], pts[y], color=color, marker=markers[stage], s=60, zorder=3, edgecolor="black", lw=0.4)
+        for k, (_, path_points) in enumerate(chain_points.groupby("seed", sort=True)):  # one line per seed
+            ax.plot(path_points[x], path_points[y], "-", color=color, alpha=0.7, label=None if k else ordering)
+            for stage, pts in path_points.groupby("stage"):
+                ax.scatter(pts[x], pts[y], color=color, marker=markers[stage], s=60, zorder=3, edgecolor="black",
+                           lw=0.4)  # fmt: skip
+        final = report.orderings[report.orderings.ordering == ordering]
+        if len(final) and final["seeds"].iloc[0] > 1:  # the seeds' mean with its 95 % interval of top-1
+            mean = final.iloc[0]
+            ax.errorbar(mean[x], mean[y], yerr=[[mean[y] - mean["top1_ci_low"]], [mean["top1_ci_high"] - mean[y]]],
+                        color=color, marker="_", ms=18, capsize=5, lw=2, zorder=5)  # fmt: skip
     front = frontier_line(report, x, y)
     ax.step(front[x], front[y], where="post", color="black", ls="--", lw=1.2, label="Pareto frontier")
     ax.scatter(front[x], front[y], s=220, facecolors="none", edgecolors="black", lw=1.2, zorder=4)
@@ -82,16 +89,37 @@ def plotly_figure(report: SweepReport, x: str, y: str):
     import plotly.graph_objects as go
 
     fig = go.Figure()
-    for ordering, pts in report.points.groupby("ordering", sort=False):
-        text = [f"{ordering}<br>stage {i}: {s}" for i, s in zip(pts.stage_index, pts.stage, strict=True)]
+    for (ordering, seed), pts in report.points.groupby(["ordering", "seed"], sort=False):
+        name = f"{ordering} (seed {seed})" if report.sweep.get("seeds") else ordering
+        text = [f"{name}<br>stage {i}: {s}" for i, s in zip(pts.stage_index, pts.stage, strict=True)]
         fig.add_trace(
             go.Scatter(
                 x=pts[x],
                 y=pts[y],
                 mode="lines+markers",
-                name=ordering,
+                name=name,
+                legendgroup=ordering,
                 text=text,
                 hovertemplate="%{text}<br>%{x}<br>%{y:.2f}<extra></extra>",
+            )
+        )
+    seeded = report.orderings[report.orderings["seeds"] > 1]
+    if len(seeded):
+        fig.add_trace(
+            go.Scatter(
+                x=seeded[x],
+                y=seeded[y],
+                mode="markers",
+                name="mean of seeds (95 % CI)",
+                marker={"symbol": "line-ew-open", "size": 18},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": seeded["top1_ci_high"] - seeded[y],
+                    "arrayminus": seeded[y] - seeded["top1_ci_low"],
+                },  # fmt: skip
+                text=list(seeded.ordering),
+                hovertemplate="%{text}: mean %{y:.2f}<extra></extra>",
             )
         )
     front = frontier_line(report, x, y)

@@ -4,8 +4,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from pipeline.pareto import Direction, frontiers
@@ -17,6 +19,7 @@ from pipeline.reporting.columns import (
     report_objectives,
     top1_column,
 )
+from pipeline.significance import mean_ci, pairwise_comparisons
 from pipeline.tracking import TAGS, RunRecord, SweepRuns
 
 
@@ -31,6 +34,8 @@ class SweepReport:
     models: pd.DataFrame
     orderings: pd.DataFrame
     runtime: str = "torch"
+    pairs: pd.DataFrame | None = None  # pairwise tests between the orderings' final models (see `comparisons`)
+    pairs_how: str = ""  # what the tests compared, or why there are none
 
     @property
     def objectives(self) -> dict[str, Direction]:
@@ -47,16 +52,20 @@ def default_runtime(runs: SweepRuns) -> str:
 
 
 def build_report(
-    runs: SweepRuns, sweep_id: str, latency: dict[str, float] | None = None, runtime: str | None = None
+    runs: SweepRuns,
+    sweep_id: str,
+    latency: dict[str, float] | None = None,
+    runtime: str | None = None,
+    correct_of: Callable[[str, str], np.ndarray | None] | None = None,
 ) -> SweepReport:
     """Tables from a sweep's runs as `Tracker.read_sweep` returns them.
 
     `runtime`: whose top-1 and latency the frontiers use (default: `default_runtime`); `latency` (cache key -> ms)
-    replaces that runtime's latency logged by each stage, e.g. with a side-by-side re-measurement."""
+    replaces that runtime's latency logged by each stage, e.g. with a side-by-side re-measurement;
+    `correct_of(stage_run_id, runtime)` gives a stage's per-image correctness for the paired tests."""
     runtime = runtime or default_runtime(runs)
     if runtime not in REPORT_RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(REPORT_RUNTIMES)}")
-    _refuse_several_seeds(runs.chains, sweep_id)
     chains = _latest_finished_chains(runs.chains)
     if not chains:
         raise ValueError(f"sweep {sweep_id!r} has no finished ordering yet; run `make sweep` first")
@@ -71,36 +80,21 @@ def build_report(
     meta = _sweep_facts(runs, chains, stages)
     meta["latency_source"] = "side by side" if latency is not None else "per stage"
     meta["runtime"] = runtime
-    return SweepReport(sweep_id, meta, points, models, orderings, runtime)
+    meta["seeds"] = sorted(set(points.seed) - {""}, key=lambda x: int(x)) if points.seed.nunique() > 1 else []
+    pairs, how = (None, "no paired tests: per-image predictions were not read")
+    if correct_of is not None:
+        pairs, how = comparisons(points, models, runtime, lambda run_id: correct_of(run_id, runtime))
+    return SweepReport(sweep_id, meta, points, models, orderings, runtime, pairs, how)
 
 
-class SeveralSeedsNotSupported(ValueError):
-    """A sweep that repeats orderings over seeds: its report would have to aggregate them."""
-
-
-def _refuse_several_seeds(chains: list[RunRecord], sweep_id: str) -> None:
-    """Reports over several seeds (mean ± CI, paired tests) are not built yet; picking one seed's chain per
-    ordering would silently report a single repetition as the ordering's result."""
-    seeds: dict[str, set[str]] = {}
-    for run in chains:
-        if run.status == "FINISHED":
-            seeds.setdefault(run.tags[TAGS.ordering], set()).add(run.tags.get(TAGS.seed, ""))
-    repeated = sorted(o for o, s in seeds.items() if len(s) > 1)
-    if repeated:
-        raise SeveralSeedsNotSupported(
-            f"sweep {sweep_id!r} ran {', '.join(repeated[:3])} with several seeds: reports across seeds (mean ± CI, "
-            "paired tests) are not yet supported (issue #14); each (ordering, seed) chain is in MLflow with a `seed` "
-            "tag, and its per-image predictions are logged with every stage run"
-        )
-
-
-def _latest_finished_chains(chains: list[RunRecord]) -> dict[str, str]:
-    """run id -> ordering of each ordering's latest FINISHED chain run (an ordering rerun: its latest run)."""
-    latest: dict[str, RunRecord] = {}
+def _latest_finished_chains(chains: list[RunRecord]) -> dict[str, tuple[str, str]]:
+    """run id -> (ordering, seed) of each (ordering, seed)'s latest FINISHED chain run (a chain rerun: its latest
+    run); the seed is '' for runs logged before chains carried one."""
+    latest: dict[tuple[str, str], RunRecord] = {}
     for run in sorted(chains, key=lambda r: r.start_time):
         if run.status == "FINISHED":
-            latest[run.tags[TAGS.ordering]] = run
-    return {run.run_id: ordering for ordering, run in latest.items()}
+            latest[run.tags[TAGS.ordering], run.tags.get(TAGS.seed, "")] = run
+    return {run.run_id: key for key, run in latest.items()}
 
 
 def _sweep_facts(runs: SweepRuns, chains: dict[str, str], stages: list[RunRecord]) -> dict[str, object]:
@@ -110,7 +104,7 @@ def _sweep_facts(runs: SweepRuns, chains: dict[str, str], stages: list[RunRecord
     meta["sweep"] = sweep.tags.get(TAGS.sweep) if sweep else None
     meta["run_id"] = sweep.run_id if sweep else None
     meta["recipe"] = sweep.tags.get(TAGS.recipe) if sweep else None
-    finished = set(chains.values())
+    finished = {ordering for ordering, _ in chains.values()}
     failed = {run.tags[TAGS.ordering] for run in runs.chains if run.status == "FAILED"}
     meta["failed_orderings"] = sorted(failed - finished)
     cpu = [run.tags[TAGS.cpu_capability] for run in stages if run.tags.get(TAGS.cpu_capability)]
@@ -118,13 +112,14 @@ def _sweep_facts(runs: SweepRuns, chains: dict[str, str], stages: list[RunRecord
     return meta
 
 
-def _points(stages: list[RunRecord], chains: dict[str, str]) -> pd.DataFrame:
-    """One row per stage run of the finished orderings; a metric a stage did not log (e.g. an older run) is NaN,
-    shown as "–". The ordering is its chain's (older stage runs carried it too; newer ones do not)."""
+def _points(stages: list[RunRecord], chains: dict[str, tuple[str, str]]) -> pd.DataFrame:
+    """One row per stage run of the finished chains; a metric a stage did not log (e.g. an older run) is NaN,
+    shown as "–". The ordering and seed are its chain's (older stage runs carried the ordering too)."""
     rows = [
         {
             "run_id": run.run_id,
-            "ordering": chains[run.parent_id],
+            "ordering": chains[run.parent_id][0],
+            "seed": chains[run.parent_id][1],
             "stage": run.tags[TAGS.stage],
             "stage_index": int(run.tags[TAGS.stage_index]),
             "cache_key": run.tags[TAGS.cache_key],
@@ -133,16 +128,17 @@ def _points(stages: list[RunRecord], chains: dict[str, str]) -> pd.DataFrame:
         }
         for run in stages
     ]
-    return pd.DataFrame(rows).sort_values(["ordering", "stage_index"]).reset_index(drop=True)
+    return pd.DataFrame(rows).sort_values(["ordering", "seed", "stage_index"]).reset_index(drop=True)
 
 
 def _models(points: pd.DataFrame, runtime: str) -> pd.DataFrame:
     """Distinct models (a shared prefix is one model), labelled by the shortest ordering prefix reaching them,
     with their frontier flags in `runtime` (`pareto`, `pareto_<a>__<b>`) and the 3-D flag in every runtime
     that was measured (`pareto[<runtime>]`)."""
-    points = points.assign(
-        path=[">".join(_path(o, i)) for o, i in zip(points.ordering, points.stage_index, strict=True)]
-    )
+    seeded = points.seed.nunique() > 1
+    paths = [">".join(_path(o, i)) + (f" (seed {s})" if seeded else "")
+             for o, i, s in zip(points.ordering, points.stage_index, points.seed, strict=True)]  # fmt: skip
+    points = points.assign(path=paths)
     models = points.sort_values("stage_index").drop_duplicates("cache_key").set_index("cache_key")
     models = models[["path", "stage", "stage_index", *[c for c in METRIC_COLUMNS if c in models]]]
     objectives = report_objectives(runtime)
@@ -159,24 +155,86 @@ def _path(ordering: str, index: int) -> list[str]:
 
 
 def _orderings(points: pd.DataFrame, models: pd.DataFrame, runtime: str) -> pd.DataFrame:
-    """Each ordering's final model: top-1 and latency in `runtime` (columns named by it), torch eager's beside."""
-    baseline = points[points.stage_index == 0].iloc[0]
-    finals = points.sort_values("stage_index").groupby("ordering").tail(1).set_index("ordering")
+    """Each ordering's final model: top-1 and latency in `runtime` (columns named by it), torch eager's beside.
+
+    With several seeds, one row per ordering holds the means over its seeds' final models (deltas and ratios
+    against each seed's own baseline), `seeds`, the 95 % t interval of top-1 (`top1_ci_low` / `top1_ci_high`, NaN
+    for one seed), the seed-to-seed standard deviations of top-1 and latency, and `pareto` when at least half the
+    seeds' final models are on the frontier (`pareto_share`)."""
+    per_seed = _finals_per_seed(points, models, runtime)
     top1, latency = top1_column(runtime), latency_column(runtime)
-    out = pd.DataFrame(index=finals.index)
-    out["stages"] = finals["stage_index"]
-    out[top1] = finals[top1]
-    out["delta_top1"] = finals[top1] - baseline[top1]
-    out["artifact_bytes"] = finals["artifact_bytes"]
-    out["size_ratio"] = finals["artifact_bytes"] / baseline["artifact_bytes"]
-    out[latency] = finals[latency]
-    out["speedup"] = baseline[latency] / finals[latency]
-    if runtime != "torch":
-        out["torch_latency_ms_p50"] = finals["latency_ms_p50"]
-        out["torch_speedup"] = baseline["latency_ms_p50"] / finals["latency_ms_p50"]
-        out[f"{runtime}.file_bytes"] = finals[f"{runtime}.file_bytes"]
-    out["pareto"] = models.loc[finals["cache_key"], "pareto"].to_numpy()
-    trained = points.groupby("ordering")["cached"].agg(lambda c: int((~c).sum()))
-    out["stages_trained"] = trained.reindex(out.index)
+    grouped = per_seed.groupby("ordering", sort=False)
+    out = grouped.mean(numeric_only=True)
+    out["stages"] = grouped["stages"].first()
+    out["stages_trained"] = grouped["stages_trained"].sum()
+    out["seeds"] = grouped.size()
+    out["pareto_share"] = grouped["pareto"].mean()
+    out["pareto"] = out["pareto_share"] >= 0.5
+    intervals = {name: mean_ci(values.to_numpy()) if len(values) > 1 else None for name, values in grouped[top1]}
+    out["top1_ci_low"] = [iv.low if iv else float("nan") for iv in (intervals[n] for n in out.index)]
+    out["top1_ci_high"] = [iv.high if iv else float("nan") for iv in (intervals[n] for n in out.index)]
+    out["top1_std"] = grouped[top1].std()
+    out["latency_std"] = grouped[latency].std()
     out = out.sort_values(["pareto", top1], ascending=[False, False])
     return out.reset_index()
+
+
+def _finals_per_seed(points: pd.DataFrame, models: pd.DataFrame, runtime: str) -> pd.DataFrame:
+    """One row per (ordering, seed): its final model against that seed's baseline."""
+    baselines = points[points.stage_index == 0].drop_duplicates("seed").set_index("seed")
+    finals = points.sort_values("stage_index").groupby(["ordering", "seed"]).tail(1)
+    base = baselines.loc[finals["seed"]].set_index(finals.index)
+    top1, latency = top1_column(runtime), latency_column(runtime)
+    out = pd.DataFrame({"ordering": finals["ordering"], "seed": finals["seed"], "final_run_id": finals["run_id"]})
+    out["stages"] = finals["stage_index"]
+    out[top1] = finals[top1]
+    out["delta_top1"] = finals[top1] - base[top1]
+    out["artifact_bytes"] = finals["artifact_bytes"]
+    out["size_ratio"] = finals["artifact_bytes"] / base["artifact_bytes"]
+    out[latency] = finals[latency]
+    out["speedup"] = base[latency] / finals[latency]
+    if runtime != "torch":
+        out["torch_latency_ms_p50"] = finals["latency_ms_p50"]
+        out["torch_speedup"] = base["latency_ms_p50"] / finals["latency_ms_p50"]
+        out[f"{runtime}.file_bytes"] = finals[f"{runtime}.file_bytes"]
+    out["pareto"] = models.loc[finals["cache_key"], "pareto"].to_numpy()
+    trained = points.groupby(["ordering", "seed"])["cached"].agg(lambda c: int((~c).sum()))
+    out["stages_trained"] = [int(trained[o, seed]) for o, seed in zip(out.ordering, out.seed, strict=True)]
+    return out
+
+
+# --- which differences the data supports: paired tests on per-image predictions ------------------------
+
+ALPHA = 0.05
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def comparisons(
+    points: pd.DataFrame, models: pd.DataFrame, runtime: str, correct_of: Callable[[str], np.ndarray | None]
+) -> tuple[pd.DataFrame | None, str]:
+    """Pairwise tests between the orderings' final models (`pipeline.significance.pairwise_comparisons`) on their
+    per-image correctness in `runtime`, `correct_of(stage_run_id)` giving it (None: not stored); returns the
+    pairs table (None when fewer than two orderings have predictions) and a sentence on what was compared."""
+    finals = _finals_per_seed(points, models, runtime)
+    seeds = sorted(set.intersection(*(set(g.seed) for _, g in finals.groupby("ordering"))))
+    arrays, missing = {}, []
+    for ordering, group in finals.groupby("ordering", sort=False):
+        by_seed = dict(zip(group.seed, group.final_run_id, strict=True))
+        per_seed = [correct_of(by_seed[seed]) for seed in seeds]
+        if any(a is None for a in per_seed):
+            missing.append(ordering)
+        else:
+            arrays[ordering] = np.stack(per_seed)
+    if len(arrays) < 2:
+        return None, f"no paired tests: fewer than two orderings have stored per-image predictions ({runtime})"
+    pairs = pairwise_comparisons(arrays, alpha=ALPHA, n_resamples=BOOTSTRAP_RESAMPLES, rng=0)
+    images = next(iter(arrays.values())).shape[1]
+    how = (
+        f"paired tests on the same {images:,} test images x {len(seeds)} seed(s) ({runtime}): exact McNemar "
+        f"(discordant images pooled over seeds) and a paired bootstrap {100 * (1 - ALPHA):.0f} % interval of the "
+        f"top-1 difference ({BOOTSTRAP_RESAMPLES} resamples of images{' and seeds' if len(seeds) > 1 else ''}), "
+        f"Holm-corrected over {len(pairs)} pairs; 'better' needs p(Holm) < {ALPHA} and the interval above 0"
+    )
+    if missing:
+        how += f"; without stored predictions, not compared: {', '.join(missing)}"
+    return pairs, how

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -185,23 +186,40 @@ def test_four_stages_share_prefixes_64_not_96(cifar_root):
     assert plan.stage_slots - len(plan.chains) == 96
 
 
-def test_seeds_repeat_each_chain_and_adding_a_seed_trains_only_its_chains(tmp_path, isolated, cifar_root):
-    stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}]
-    two = tiny_recipe(name="tiny-seeds", stages=stages, seeds=[0, 1], seed_scope="stages")
+def test_seeds_repeat_each_chain_the_report_tests_differences_and_a_new_seed_trains_only_its_chains(
+    tmp_path, isolated, cifar_root
+):
+    stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
+    two = tiny_recipe(name="tiny-seeds", stages=stages, orderings="all", seeds=[0, 1], seed_scope="stages")
     path = write_recipe(tmp_path / "seeds.yaml", two)
-    first = run_cli(["sweep", str(path), "--reports-dir", str(tmp_path / "reports")], isolated)
+    reports = tmp_path / "reports"
+    first = run_cli(["sweep", str(path), "--reports-dir", str(reports)], isolated)
     assert first.returncode == 0, first.stderr[-3000:]
-    # One shared baseline and one prune per seed.
-    assert "stage runs: 3 executed, 1 reused from the cache" in first.stdout
-    assert "reports across seeds (mean ± CI, paired tests) are not yet supported (issue #14)" in first.stdout
+    # One shared baseline; per seed: 2 first stages + 2 second stages.
+    assert "stage runs: 9 executed, 3 reused from the cache" in first.stdout
     sweep_id = plan_sweep(validate_recipe(two)).sweep_id
     chains = _sweep_runs(isolated, sweep_id)["chain"]
-    assert sorted((c.data.tags["ordering"], c.data.tags["seed"]) for c in chains) == [("prune", "0"), ("prune", "1")]
-    refused = run_cli(["report", sweep_id, "--reports-dir", str(tmp_path / "reports")], isolated)
-    assert refused.returncode == 2 and "not yet supported (issue #14)" in refused.stderr
+    assert sorted((c.data.tags["ordering"], c.data.tags["seed"]) for c in chains) == [
+        ("distill>prune", "0"), ("distill>prune", "1"), ("prune>distill", "0"), ("prune>distill", "1"),
+    ]  # fmt: skip
 
-    # A third seed: a new sweep id (its chains differ), and only the new seed's prune trains.
+    # The report: mean and 95 % interval over the seeds, the paired tests and the verdict matrix.
+    report = (reports / sweep_id / "report.md").read_text()
+    assert "top1 % (mean of 2 seeds [95 % CI])" in report
+    assert "## Which differences the data supports" in report and "Verdicts, row vs column:" in report
+    assert "x 2 seed(s)" in report and "Holm-corrected over 1 pairs" in report
+    orderings = pd.read_csv(reports / sweep_id / "orderings.csv")
+    assert set(orderings.ordering) == {"prune>distill", "distill>prune"} and (orderings.seeds == 2).all()
+    assert (orderings.top1_ci_low <= orderings.top1).all() and (orderings.top1 <= orderings.top1_ci_high).all()
+    pairs = pd.read_csv(reports / sweep_id / "comparisons.csv")
+    assert len(pairs) == 1 and pairs.verdict[0] in {"better", "worse", "tied"}
+    by_name = orderings.set_index("ordering").top1
+    assert pairs.top1_a[0] == pytest.approx(by_name[pairs.a[0]])  # the tests read the same predictions
+    assert pairs.top1_b[0] == pytest.approx(by_name[pairs.b[0]])
+    assert "verdicts" in (reports / sweep_id / "report.html").read_text()  # the heatmap
+
+    # A third seed: a new sweep id (its chains differ), and only the new seed's stages train.
     path = write_recipe(tmp_path / "seeds.yaml", {**two, "seeds": [0, 1, 2]})
     again = run_cli(["sweep", str(path), "--no-report"], isolated)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stage runs: 1 executed, 5 reused from the cache" in again.stdout
+    assert "stage runs: 4 executed, 14 reused from the cache" in again.stdout
