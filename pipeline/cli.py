@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep(recipe, args)
     if recipe.is_sweep:
         print(
-            f"error: recipe {recipe.name!r} declares a sweep (orderings / include_singles); run it with "
-            f"`make sweep recipe={args.recipe}` or `python -m pipeline sweep {args.recipe}`",
+            f"error: recipe {recipe.name!r} declares a sweep (orderings, include_singles, seeds or control); run it "
+            f"with `make sweep recipe={args.recipe}` or `python -m pipeline sweep {args.recipe}`",
             file=sys.stderr,
         )
         return EXIT_INVALID

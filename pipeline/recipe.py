@@ -128,6 +128,16 @@ class Recipe(StrictConfig):
         "the baseline's (the honest default); `stages` trains one baseline (with `seed`) and varies only the "
         "stages after it (cheaper; reports say so)",
     )
+    control: bool | None = Field(
+        None,
+        description="add an equal-training control: the baseline continued in fp32 (a `train` stage) for as many "
+        "epochs as a chain trains, with the optimizer, LR and schedule of the chain's first training stage, so "
+        "each result reads against the baseline trained as long; default: on for sweeps, off for one chain "
+        "(`control: true` on a chain makes it a sweep of the chain and its control)",
+    )
+    control_epochs: int | None = Field(
+        None, ge=1, le=10_000, description="set on a control chain itself: the chain epochs it matches"
+    )
     stage_seed: int | None = Field(
         None,
         ge=0,
@@ -178,12 +188,14 @@ class Recipe(StrictConfig):
     @property
     def ordering(self) -> str:
         """Stage names joined by '>', e.g. 'prune>inq>distill' ('train' for a baseline-only recipe)."""
+        if self.control_epochs is not None:
+            return f"control({self.control_epochs} ep)"
         return ">".join(s.name for s in self.stage_specs()) or "train"
 
     @property
     def is_sweep(self) -> bool:
         """Whether the recipe declares a sweep (`orderings:`, `include_singles:` or `seeds:`) rather than one chain."""
-        return self.orderings is not None or self.include_singles or self.seeds is not None
+        return self.orderings is not None or self.include_singles or self.seeds is not None or bool(self.control)
 
     def as_chain(self, names: Sequence[str] | None = None, seed: int | None = None) -> Recipe:
         """One concrete chain: the named stages (default: all, in recipe order) with the budget applied to
@@ -196,19 +208,28 @@ class Recipe(StrictConfig):
             epochs = self.budget.stage_epochs(len(specs))
             specs = [StageSpec(s.name, s.config.with_total_epochs(e)) for s, e in zip(specs, epochs, strict=True)]
         update: dict[str, Any] = {"stages": specs, "orderings": None, "include_singles": False, "budget": None,
-                                  "seeds": None}  # fmt: skip
+                                  "seeds": None, "control": None}  # fmt: skip
         if seed is not None and self.seed_scope == "baseline":
             update.update(seed=seed, stage_seed=None)
         elif seed is not None:
             update["stage_seed"] = None if seed == self.seed else seed
         return self.model_copy(update=update)
 
+    def control_chain(self, epochs: int, first_stage: StageSpec | None, seed: int | None = None) -> Recipe:
+        """The equal-training control of chains that train `epochs` epochs: the baseline continued by a `train`
+        stage with `first_stage`'s optimizer, LR and schedule (the baseline's when it has none)."""
+        source = first_stage.config if first_stage and isinstance(first_stage.config, TrainConfig) else self.baseline
+        fields = {k: v for k, v in source.model_dump().items() if k in TrainConfig.model_fields}
+        control = StageSpec("train", TrainConfig.model_validate({**fields, "epochs": epochs}))
+        chain = self.as_chain([], seed=seed)
+        return chain.model_copy(update={"stages": [control], "control_epochs": epochs})
+
     def sweep_orderings(self) -> tuple[list[tuple[str, ...]], list[tuple[tuple[str, ...], str]]]:
         """(orderings to run, [(ordering, reason)] skipped): `all` (also when unset) is every permutation of
         the stages minus those a stage cannot follow (e.g. pruning after qat); singles are added last."""
         names = [s.name for s in self.stage_specs()]
-        if self.orderings is None and self.seeds is not None and not self.include_singles:
-            chosen = [names]  # seeds alone repeat the recipe's own chain
+        if self.orderings is None and (self.seeds is not None or self.control) and not self.include_singles:
+            chosen = [names]  # seeds or a control alone: the recipe's own chain
         elif isinstance(self.orderings, list):
             chosen = self.orderings
         else:
@@ -226,10 +247,9 @@ class Recipe(StrictConfig):
         return runnable, skipped
 
     def to_dict(self) -> dict[str, Any]:
-        sweep_keys = {"orderings", "include_singles", "budget", "executor", "seeds", "seed_scope"}
-        out = self.model_dump(
-            mode="json", exclude={"stages", *sweep_keys} | ({"stage_seed"} if self.stage_seed is None else set())
-        )
+        sweep_keys = {"orderings", "include_singles", "budget", "executor", "seeds", "seed_scope", "control"}
+        unset = {k for k in ("stage_seed", "control_epochs") if getattr(self, k) is None}
+        out = self.model_dump(mode="json", exclude={"stages", *sweep_keys} | unset)
         out["stages"] = [s.to_dict() for s in self.stage_specs()]
         if self.is_sweep or self.budget is not None:
             out.update(self.model_dump(mode="json", include=sweep_keys))

@@ -227,6 +227,7 @@ class Runner:
             TAGS.ordering: recipe.ordering,
             TAGS.ordering_detail: ordering_detail(recipe),
             TAGS.seed: str(recipe.chain_seed),
+            **({TAGS.control_epochs: str(recipe.control_epochs)} if recipe.control_epochs is not None else {}),
             TAGS.pipeline_version: __version__,
         }
         name = recipe.ordering if self.parent_run_id else recipe.name

@@ -68,6 +68,8 @@ def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
         raise ValueError(f"recipe {recipe.name!r}: no ordering can run ({reasons})")
     seeds = recipe.seed_list() if recipe.seeds is not None else [None]
     chains = [recipe.as_chain(ordering, seed=seed) for ordering in orderings for seed in seeds]
+    if recipe.control is not False:  # unset: every sweep gets its equal-training control
+        chains += control_chains(recipe, chains, seeds)
     if recipe.budget is not None:
         for chain in chains:
             if (epochs := training_epochs(chain)) != recipe.budget.epochs:
@@ -80,6 +82,18 @@ def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
     content = digest({"chains": [c.to_dict() for c in chains], "evaluation": evaluation_key(recipe)})[:8]
     sweep_id = f"{recipe.name}-{content}" + (time.strftime("-%Y%m%d-%H%M%S") if new else "")
     return SweepPlan(recipe, sweep_id, chains, skipped)
+
+
+def control_chains(recipe: Recipe, chains: list[Recipe], seeds: list[int | None]) -> list[Recipe]:
+    """One equal-training control per distinct number of epochs the chains train (and per seed): the baseline
+    continued in fp32 for as long, with the first training stage's optimizer and schedule of a chain that long."""
+    first_by_epochs: dict[int, object] = {}
+    for chain in chains:
+        epochs = training_epochs(chain)
+        if epochs > 0 and epochs not in first_by_epochs:
+            trains = [s for s in chain.stage_specs() if getattr(s.config, "total_epochs", lambda: 0)() > 0]
+            first_by_epochs[epochs] = trains[0] if trains else None
+    return [recipe.control_chain(e, first, seed) for e, first in sorted(first_by_epochs.items()) for seed in seeds]
 
 
 # --- running one ordering (what an executor runs) --------------------------------------------------
@@ -267,6 +281,7 @@ def _log_plan(tracker: Tracker, run_id: str, plan: SweepPlan, executor: str) -> 
             "ordering_list": ", ".join(dict.fromkeys(c.ordering for c in plan.chains)),
             "seeds": ", ".join(str(seed) for seed in plan.recipe.seed_list()),
             "seed_scope": plan.recipe.seed_scope if plan.recipe.seeds is not None else "none",
+            "controls": ", ".join(c.ordering for c in plan.chains if c.control_epochs is not None) or "none",
             "skipped": "; ".join(f"{'>'.join(o)}: {why}" for o, why in plan.skipped) or "none",
             "include_singles": plan.recipe.include_singles,
             "budget": json.dumps(plan.recipe.budget.model_dump(mode="json")) if plan.recipe.budget else "none",

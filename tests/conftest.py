@@ -117,6 +117,9 @@ def tiny_recipe(**overrides) -> dict:
         "evaluation": {"latency_runs": 5, "warmup_runs": 2, "throughput_runs": 2, "throughput_batch_size": 8},
         # Export and runtime evaluation have their own tests (tests/pipeline/test_deploy.py); elsewhere torch only.
         "deploy": {"runtimes": []},
+        # Sweeps add an equal-training control chain by default; tests that count a sweep's runs opt out, and the
+        # control's own test (tests/pipeline/test_sweep.py) turns it on.
+        "control": False,
     }
     for key, value in overrides.items():
         recipe[key] = value

@@ -42,7 +42,9 @@ def markdown(report: SweepReport) -> str:
     lines += ["", "## Orderings, best first", "", _orderings_markdown(report), ""]
     lines += [
         f"Pareto = the ordering's final model is on the 3-D frontier ({', '.join(report.objectives)}) "
-        "of every model in the sweep, intermediate stages and baseline included.",
+        "of every model in the sweep, intermediate stages and baseline included. `control(N ep)` is the "
+        "equal-training control: the baseline trained N more epochs in fp32; Δ vs control compares each "
+        "ordering with the control of its own epochs (and seed).",
         "",
     ]
     lines += ["## Which differences the data supports", "", *_comparisons_markdown(report), ""]
@@ -105,10 +107,15 @@ def _orderings_markdown(report: SweepReport) -> str:
     num, seeded = format_number, _seeded(report)
     if seeded:
         lines[0] = lines[0].replace("| top1 % |", f"| top1 % (mean of {len(report.sweep['seeds'])} seeds [95 % CI]) |")
+    controlled = "delta_control" in orderings and orderings["delta_control"].notna().any()
+    if controlled:  # the equal-training control: the baseline trained as long, in fp32
+        lines[0] = lines[0].replace("| Δ top1 (pts) |", "| Δ top1 (pts) | Δ vs control (pts) |")
+        lines[1] = lines[1].replace("| ---: | --- | ---: | ---: |", "| ---: | --- | ---: | ---: | ---: |", 1)
     for rank, r in enumerate(orderings.to_dict("records"), 1):
         extra = f" {num(r['torch_latency_ms_p50'], '.2f')} | {num(r['torch_speedup'], '.2f')}× |" if eager else ""
+        delta = f"{num(r['delta_top1'], '+.2f')} |" + (f" {num(r['delta_control'], '+.2f')} |" if controlled else "")
         lines.append(
-            f"| {rank} | `{r['ordering']}` | {_top1_cell(r, top1, seeded)} | {num(r['delta_top1'], '+.2f')} | "
+            f"| {rank} | `{r['ordering']}` | {_top1_cell(r, top1, seeded)} | {delta} "
             f"{format_bytes(r['artifact_bytes'])} | {num(r['size_ratio'], '.3f')} | {num(r[latency], '.2f')} | "
             f"{num(r['speedup'], '.2f')}× |{extra} {'yes' if r['pareto'] else ''} | "
             f"{r['stages_trained']}/{(r['stages'] + 1) * r['seeds']} |"

@@ -71,6 +71,9 @@ def build_report(
         raise ValueError(f"sweep {sweep_id!r} has no finished ordering yet; run `make sweep` first")
     stages = [run for run in runs.stages if run.parent_id in chains]
     points = _points(stages, chains)
+    by_id = {run.run_id: run for run in runs.chains}
+    points["chain_epochs"] = [_chain_epochs(by_id[run_id]) for run_id in _parents(stages, points)]
+    points["control"] = [by_id[run_id].tags.get(TAGS.control_epochs) is not None for run_id in _parents(stages, points)]
     if runtime != "torch" and points[latency_column(runtime)].isna().all():
         raise ValueError(f"sweep {sweep_id!r} logged no {runtime} metrics (its recipe's deploy.runtimes)")
     if latency is not None:
@@ -95,6 +98,16 @@ def _latest_finished_chains(chains: list[RunRecord]) -> dict[str, tuple[str, str
         if run.status == "FINISHED":
             latest[run.tags[TAGS.ordering], run.tags.get(TAGS.seed, "")] = run
     return {run.run_id: key for key, run in latest.items()}
+
+
+def _parents(stages: list[RunRecord], points: pd.DataFrame) -> list[str]:
+    parent = {run.run_id: run.parent_id for run in stages}
+    return [parent[run_id] for run_id in points.run_id]
+
+
+def _chain_epochs(chain: RunRecord) -> int:
+    """Epochs the chain's stages trained in all (its `training_epochs` param; -1 when an older run lacks it)."""
+    return int(chain.params.get("training_epochs", -1))
 
 
 def _sweep_facts(runs: SweepRuns, chains: dict[str, str], stages: list[RunRecord]) -> dict[str, object]:
@@ -198,6 +211,12 @@ def _finals_per_seed(points: pd.DataFrame, models: pd.DataFrame, runtime: str) -
         out["torch_speedup"] = base["latency_ms_p50"] / finals["latency_ms_p50"]
         out[f"{runtime}.file_bytes"] = finals[f"{runtime}.file_bytes"]
     out["pareto"] = models.loc[finals["cache_key"], "pareto"].to_numpy()
+    controls = finals[finals["control"]]
+    control_top1 = dict(zip(zip(controls.seed, controls.chain_epochs, strict=True), controls[top1], strict=True))
+    out["delta_control"] = [
+        t - control_top1.get((seed, e), float("nan")) if not c else float("nan")
+        for t, seed, e, c in zip(finals[top1], finals.seed, finals.chain_epochs, finals["control"], strict=True)
+    ]
     trained = points.groupby(["ordering", "seed"])["cached"].agg(lambda c: int((~c).sum()))
     out["stages_trained"] = [int(trained[o, seed]) for o, seed in zip(out.ordering, out.seed, strict=True)]
     return out

@@ -79,6 +79,7 @@ BAD = [
     (lambda r: r.update(seeds=[1, 1]), "seeds: seeds must be distinct, got [1, 1]"),
     (lambda r: r.update(seeds=[-1]), "seeds: each seed must be in 0..2^31-1"),
     (lambda r: r.update(seeds=3, seed_scope="all"), "seed_scope: Input should be 'baseline' or 'stages'"),
+    (lambda r: r.update(control="maybe"), "control: Input should be a valid boolean"),
     (lambda r: r.update(executor={"name": "dask"}), "executor.name: Input should be 'local' or 'ray'"),
     (lambda r: r.update(executor={"name": "ray", "cpus": 0}), "executor.cpus: Input should be greater than 0"),
     (lambda r: r.update(executor="dask"), "executor.name: Input should be 'local' or 'ray', got 'dask'"),
@@ -346,3 +347,23 @@ def test_seeds_repeat_the_recipes_own_chain_and_scope_decides_what_is_shared():
     assert [chain_label(c, both) for c in plan_sweep(both).chains] == [
         "prune>inq (seed 0)", "prune>inq (seed 1)", "inq>prune (seed 0)", "inq>prune (seed 1)",
     ]  # fmt: skip
+
+
+def test_every_sweep_gets_an_equal_training_control_per_epoch_count_unless_it_opts_out():
+    from pipeline.runner import plan_chain, training_epochs
+    from pipeline.sweep import plan_sweep
+
+    stages = [{"prune": {"epochs": 1, "lr": 0.03, "schedule": "constant"}}, {"distill": {"epochs": 2, "lr": 0.01}}]
+    sweep = validate_recipe(tiny_recipe(stages=stages, orderings="all", control=None))
+    chains = plan_sweep(sweep).chains
+    assert [c.ordering for c in chains] == ["prune>distill", "distill>prune", "control(3 ep)"]
+    (control,) = [c for c in chains if c.control_epochs is not None]
+    assert [s.name for s in control.stage_specs()] == ["train"] and training_epochs(control) == 3
+    train = control.stage_specs()[0].config
+    assert (train.lr, train.schedule) == (0.03, "constant")  # the first training stage's, of the first chain
+    assert plan_chain(control)[0].key == plan_chain(chains[0])[0].key  # it continues the same baseline
+
+    off = validate_recipe(tiny_recipe(stages=stages, orderings="all", control=False))
+    assert [c.ordering for c in plan_sweep(off).chains] == ["prune>distill", "distill>prune"]
+    chain = validate_recipe(tiny_recipe(stages=stages, control=True))  # a chain asking for its control
+    assert chain.is_sweep and [c.ordering for c in plan_sweep(chain).chains] == ["prune>distill", "control(3 ep)"]

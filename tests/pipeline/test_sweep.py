@@ -190,29 +190,39 @@ def test_seeds_repeat_each_chain_the_report_tests_differences_and_a_new_seed_tra
     tmp_path, isolated, cifar_root
 ):
     stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
-    two = tiny_recipe(name="tiny-seeds", stages=stages, orderings="all", seeds=[0, 1], seed_scope="stages")
+    seeded = {"seeds": [0, 1], "seed_scope": "stages", "control": None}  # control unset: a sweep's default, on
+    two = tiny_recipe(name="tiny-seeds", stages=stages, orderings="all", **seeded)
     path = write_recipe(tmp_path / "seeds.yaml", two)
     reports = tmp_path / "reports"
     first = run_cli(["sweep", str(path), "--reports-dir", str(reports)], isolated)
     assert first.returncode == 0, first.stderr[-3000:]
-    # One shared baseline; per seed: 2 first stages + 2 second stages.
-    assert "stage runs: 9 executed, 3 reused from the cache" in first.stdout
+    # One shared baseline; per seed: 2 first stages + 2 second stages + the control (2 epochs of `train`).
+    assert "stage runs: 11 executed, 5 reused from the cache" in first.stdout
     sweep_id = plan_sweep(validate_recipe(two)).sweep_id
     chains = _sweep_runs(isolated, sweep_id)["chain"]
     assert sorted((c.data.tags["ordering"], c.data.tags["seed"]) for c in chains) == [
+        ("control(2 ep)", "0"), ("control(2 ep)", "1"),
         ("distill>prune", "0"), ("distill>prune", "1"), ("prune>distill", "0"), ("prune>distill", "1"),
     ]  # fmt: skip
+    control = next(c for c in chains if c.data.tags["ordering"] == "control(2 ep)")
+    assert control.data.tags["control_epochs"] == "2" and control.data.params["training_epochs"] == "2"
 
     # The report: mean and 95 % interval over the seeds, the paired tests and the verdict matrix.
     report = (reports / sweep_id / "report.md").read_text()
     assert "top1 % (mean of 2 seeds [95 % CI])" in report
     assert "## Which differences the data supports" in report and "Verdicts, row vs column:" in report
-    assert "x 2 seed(s)" in report and "Holm-corrected over 1 pairs" in report
+    assert "x 2 seed(s)" in report and "Holm-corrected over 3 pairs" in report
+    assert "| Δ top1 (pts) | Δ vs control (pts) |" in report
     orderings = pd.read_csv(reports / sweep_id / "orderings.csv")
-    assert set(orderings.ordering) == {"prune>distill", "distill>prune"} and (orderings.seeds == 2).all()
+    assert set(orderings.ordering) == {"prune>distill", "distill>prune", "control(2 ep)"}
+    assert (orderings.seeds == 2).all()
+    by_ordering = orderings.set_index("ordering")
+    for ordering in ("prune>distill", "distill>prune"):  # against the control of the same seeds and epochs
+        expected = by_ordering.top1[ordering] - by_ordering.top1["control(2 ep)"]
+        assert by_ordering.delta_control[ordering] == pytest.approx(expected)
     assert (orderings.top1_ci_low <= orderings.top1).all() and (orderings.top1 <= orderings.top1_ci_high).all()
     pairs = pd.read_csv(reports / sweep_id / "comparisons.csv")
-    assert len(pairs) == 1 and pairs.verdict[0] in {"better", "worse", "tied"}
+    assert len(pairs) == 3 and set(pairs.verdict) <= {"better", "worse", "tied"}
     by_name = orderings.set_index("ordering").top1
     assert pairs.top1_a[0] == pytest.approx(by_name[pairs.a[0]])  # the tests read the same predictions
     assert pairs.top1_b[0] == pytest.approx(by_name[pairs.b[0]])
@@ -222,4 +232,4 @@ def test_seeds_repeat_each_chain_the_report_tests_differences_and_a_new_seed_tra
     path = write_recipe(tmp_path / "seeds.yaml", {**two, "seeds": [0, 1, 2]})
     again = run_cli(["sweep", str(path), "--no-report"], isolated)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "stage runs: 4 executed, 14 reused from the cache" in again.stdout
+    assert "stage runs: 5 executed, 19 reused from the cache" in again.stdout
