@@ -24,6 +24,7 @@ from pipeline.evaluator import count_macs, count_params
 from pipeline.models import ModelState
 from pipeline.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
 from pipeline.training import TrainConfig, TrainReport
+from stages import qat
 from stages.base import StageContext, StageOutput, register_stage
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -86,6 +87,9 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:
         raise ValueError("prune needs a trained input model; it cannot be the first stage")
+    quantized = qat.is_fake_quantized(state)
+    if quantized:  # after qat: prune the float weights under the fake quantization, then quantize again
+        qat.float_state_(state)
     before = _size_metrics(state.model, ctx.data.input_size)
     widths, layout_before = _layer_widths(state.model), layout(state.model)
     prune_step = _structured_step if config.method == "structured" else _unstructured_step
@@ -93,15 +97,14 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     report = TrainReport()
     for step in range(1, config.iterative_steps + 1):
         prune_step(state, config, ctx, step, pruner)
+        if step == config.iterative_steps:
+            _record_result(state, config, widths, layout_before)
+            if quantized:  # the last fine-tuning is quantization-aware, as qat's was
+                qat.requantize_(state, ctx, training=config.epochs > 0)
         if config.finetune == "each_step" or step == config.iterative_steps:
             report.extend(ctx.fit(state, config, desc=f"prune finetune {step}", step=step, epoch_offset=report.epochs))
-    after = _size_metrics(state.model, ctx.data.input_size)
-    if config.method == "unstructured":
-        state.artifact_format = "sparse" if state.artifact_format == "dense" else state.artifact_format
-        _check_sparsity(state.model, config)
-    else:
-        _check_shrunk(state.model, widths, config)
-        state.structure.append(StructuralChange("prune_channels", resize_args(layout_before, state.model)))
+    float_model = state.extras["qat"]["float_model"] if quantized else state.model  # the flop counter needs float
+    after = _size_metrics(float_model, ctx.data.input_size)
     metrics = {
         "params_before": before["params"],
         "params_after": after["params"],
@@ -111,6 +114,16 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
         "weight_sparsity": after["sparsity"],
     }
     return StageOutput(state, metrics=metrics, report=report)
+
+
+def _record_result(state: ModelState, config: PruneConfig, widths: dict[str, int], layout_before) -> None:
+    """Check that pruning did what was asked and record it: sparse weights' format, or the smaller structure."""
+    if config.method == "unstructured":
+        state.artifact_format = "sparse" if state.artifact_format == "dense" else state.artifact_format
+        _check_sparsity(state.model, config)
+    else:
+        _check_shrunk(state.model, widths, config)
+        state.structure.append(StructuralChange("prune_channels", resize_args(layout_before, state.model)))
 
 
 def _layer_widths(model: nn.Module) -> dict[str, int]:

@@ -54,6 +54,7 @@ from pipeline.int8_fx import (
     convert_int8,
     fp32_ops,
     load_portable_state_dict_,
+    plain_torch_layers_,
     portable_state_dict,
     prepare_qat,
 )
@@ -151,21 +152,17 @@ def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: tor
 # --- the stage -----------------------------------------------------------------------------------
 
 
-# After qat the model is a fake-quant graph: torch-pruning cannot trace it, INQ's levels and low-rank factors need
-# float weights, and a second qat would quantize twice. Stages that only train it may follow.
-@register_stage("qat", config=QATConfig, may_follow={"distill", "train"})
+# After qat the model is a fake-quant graph: INQ's levels and low-rank factors need float weights, and a second qat
+# would quantize twice. Stages that train it may follow, and prune, which works on the float weights under the
+# fake quantization and quantizes again (`float_state_`, `requantize_`).
+@register_stage("qat", config=QATConfig, may_follow={"distill", "train", "prune"})
 def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> StageOutput:
     """INT8 quantization-aware training: fake-quant fine-tuning, shipped as a real int8 model (x86 kernels)."""
     if state is None:
         raise ValueError("qat needs a trained input model: put a `train` (or pruning, INQ) stage before it")
     _check_can_quantize(state.model)
-    pow2_modules = [name.rpartition(".")[0] for name in state.extras.get("inq", {})]
-    names_before = {id(p): n for n, p in state.model.named_parameters()}
-    prepared = prepare_qat(state.model, ctx.data.input_size, pow2_modules)
-    state.fixed = _renamed_fixed(state.fixed, names_before, prepared)
-    state.extras = _renamed_extras(state.extras, names_before, prepared)
-    state.model = prepared.to(ctx.device)
-    state.fixed.project_(prepared)
+    prepared = fake_quantize_(state, ctx)
+    pow2_modules = state.structure[-1].args["pow2_modules"]
 
     observers, bn_stats = frozen_at(config, 0)
     freeze_(prepared, observers=False, bn_stats=bn_stats)  # calibrate in the mode the first epoch trains in
@@ -176,12 +173,67 @@ def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> S
     freezing = replace(ctx, on_epoch_end=_freezing_hook(prepared, config, ctx.on_epoch_end))
     report = freezing.fit(state, config, desc="qat", step=1)  # step 1: another data order than calibration's
 
-    state.structure.append(StructuralChange("qat_prepare", {"backend": BACKEND, "pow2_modules": pow2_modules,
-                                                            "input_size": list(ctx.data.input_size)}))  # fmt: skip
-    state.artifact_format = "int8"
     metrics = _int8_metrics(prepared, pow2_modules)
     metrics["qat_calibration_batches"] = float(calibrated)
     return StageOutput(state, metrics=metrics, report=report)
+
+
+# --- leaving and re-entering fake quantization (qat -> prune) --------------------------------------------
+
+
+def fake_quantize_(state: ModelState, ctx: StageContext) -> GraphModule:
+    """Replace `state.model` by its fake-quant form (weights shared, not copied) and record how: the structure gets
+    `fx_plain_layers` and `qat_prepare`, fixed weights and INQ records follow the new parameter names, and the
+    float model is kept (`extras["qat"]`) so a later stage can work on the float weights (`float_state_`)."""
+    pow2_modules = [name.rpartition(".")[0] for name in state.extras.get("inq", {})]
+    float_model, float_format = plain_torch_layers_(state.model), state.artifact_format
+    names_before = {id(p): n for n, p in float_model.named_parameters()}
+    prepared = prepare_qat(float_model, ctx.data.input_size, pow2_modules)
+    state.fixed = _renamed_fixed(state.fixed, names_before, prepared)
+    state.extras = _renamed_extras(state.extras, names_before, prepared)
+    state.extras["qat"] = {"float_model": float_model, "float_format": float_format}
+    state.model = prepared.to(ctx.device)
+    state.fixed.project_(prepared)
+    state.structure.append(StructuralChange("fx_plain_layers"))
+    state.structure.append(StructuralChange("qat_prepare", {"backend": BACKEND, "pow2_modules": pow2_modules,
+                                                            "input_size": list(ctx.data.input_size)}))  # fmt: skip
+    state.artifact_format = "int8"
+    return prepared
+
+
+def is_fake_quantized(state: ModelState) -> bool:
+    """Whether `state` is qat's output: a fake-quant graph over float weights kept in `extras["qat"]`."""
+    return bool(state.structure) and state.structure[-1].kind == "qat_prepare" and "qat" in state.extras
+
+
+def float_state_(state: ModelState) -> None:
+    """Turn qat's output back into its float model in place (the latent weights fake quantization trained, BatchNorm
+    statistics included), so a stage that needs float weights (pruning) can run; `fake_quantize_` and calibration
+    then quantize the result again with the same quantizers."""
+    record = state.extras.pop("qat")
+    names_prepared = {id(p): n for n, p in state.model.named_parameters()}
+    device = next(state.model.parameters()).device
+    state.fixed = _renamed_fixed(state.fixed, names_prepared, record["float_model"])
+    state.extras = _renamed_extras(state.extras, names_prepared, record["float_model"])
+    state.model = record["float_model"].to(device)
+    state.structure.pop()  # qat_prepare; fx_plain_layers stays: the float model keeps its plain torch layers
+    state.artifact_format = record["float_format"]
+
+
+def requantize_(state: ModelState, ctx: StageContext, *, calibration_batches: int = 8, training: bool = True) -> int:
+    """Fake-quantize a float model that was qat's output before (after `float_state_` and a stage's surgery) and
+    calibrate its ranges on training batches (`training`: in the mode fine-tuning runs in); returns the batches."""
+    prepared = fake_quantize_(state, ctx)
+    state.structure.pop(-2)  # fx_plain_layers is already in the record from the first quantization
+    freeze_(prepared, observers=False, bn_stats=False)
+    calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
+    return calibrate_(prepared, calibration, calibration_batches, ctx.device, training=training)
+
+
+@register_structural_change("fx_plain_layers")
+def _replay_plain_layers(model: nn.Module, _args: dict[str, Any]) -> nn.Module:
+    """timm's BatchNormAct2d and Linear replaced by plain torch modules (module names change under the first)."""
+    return plain_torch_layers_(model)
 
 
 def _check_can_quantize(model: nn.Module) -> None:

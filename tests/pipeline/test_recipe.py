@@ -87,7 +87,7 @@ BAD = [
         lambda r: r.update(budget={"epochs": 4, "split": [1, 1, 10]}, stages=THREE, orderings="all"),
         "budget: gives a chain of 3 stages [0, 0, 4] epochs",
     ),
-    (lambda r: r.update(orderings=[["qat", "prune"]], stages=[{"prune": {}}, {"qat": {}}]), "orderings[0][1]: prune"),
+    (lambda r: r.update(orderings=[["qat", "inq"]], stages=[{"inq": {}}, {"qat": {}}]), "orderings[0][1]: inq"),
     (lambda r: r.update(stages=[{"qat": {}}, {"inq": {}}]), "stages[1]: inq cannot run after qat; put inq before qat"),
     (lambda r: r.update(orderings="all", stages=[{"prune": {}}, {"prune": {}}]), "stages[1]: a sweep names stages"),
     (lambda r: r.update(orderings="all", stages=[]), "stages: a sweep needs at least one stage"),
@@ -284,10 +284,13 @@ def test_sweep_all_is_every_permutation_then_singles():
 
 
 def test_sweep_all_skips_orderings_a_stage_cannot_follow():
-    recipe = validate_recipe(tiny_recipe(stages=[{"prune": {}}, {"qat": {}}], orderings="all"))
+    recipe = validate_recipe(tiny_recipe(stages=[{"inq": {}}, {"qat": {}}], orderings="all"))
     orderings, skipped = recipe.sweep_orderings()
-    assert _names(orderings) == ["prune>qat"]
-    assert skipped == [(("qat", "prune"), "prune cannot run after qat; put prune before qat")]
+    assert _names(orderings) == ["inq>qat"]
+    assert skipped == [(("qat", "inq"), "inq cannot run after qat; put inq before qat")]
+    # Pruning after qat prunes the float weights under the fake quantization: both orders run.
+    both = validate_recipe(tiny_recipe(stages=[{"prune": {}}, {"qat": {}}], orderings="all"))
+    assert both.sweep_orderings() == ([("prune", "qat"), ("qat", "prune")], [])
 
 
 def test_explicit_orderings_keep_their_order_and_drop_duplicate_singles():
