@@ -143,6 +143,10 @@ def _describe(recipe) -> str:
         return recipe.ordering
     orderings, skipped = recipe.sweep_orderings()
     text = f"sweep of {len(orderings)} orderings: " + ", ".join(">".join(o) for o in orderings)
+    if recipe.seeds is not None:
+        text += f"; each with seeds {', '.join(map(str, recipe.seed_list()))} (seed_scope {recipe.seed_scope})"
+    if recipe.control is not False:
+        text += "; plus the equal-training control"
     return text + (f"; skipped {len(skipped)}: " + "; ".join(r for _, r in skipped) if skipped else "")
 
 
