@@ -180,23 +180,27 @@ def prepare_qat(model: nn.Module, input_size: tuple[int, ...], pow2_modules: lis
     return prepared
 
 
+def _plain_qconfig(qconfig: QConfig | None) -> QConfig | None:
+    if qconfig is None:
+        return None
+    strip = lambda ctr: _PartialWrapper(ctr.p) if isinstance(ctr, _PartialWrapper) else ctr  # noqa: E731
+    return QConfig(activation=strip(qconfig.activation), weight=strip(qconfig.weight))
+
+
+def picklable_qconfigs_(module: nn.Module) -> None:
+    """Drop the device closures FX binds into the qconfig of every submodule, so `module` pickles (the stage
+    cache). FX sets them on the prepared model and on the float model it was traced from. They only pick the
+    device of observers created later; conversion runs on the CPU."""
+    for submodule in module.modules():
+        if getattr(submodule, "qconfig", None) is not None:
+            submodule.qconfig = _plain_qconfig(submodule.qconfig)
+
+
 def _picklable_qconfigs_(prepared: GraphModule) -> None:
-    """Drop the device closures FX binds into every qconfig, so the prepared model pickles (the stage cache).
-
-    They only pick the device of observers created later; conversion runs on the CPU.
-    """
-
-    def plain(qconfig: QConfig | None) -> QConfig | None:
-        if qconfig is None:
-            return None
-        strip = lambda ctr: _PartialWrapper(ctr.p) if isinstance(ctr, _PartialWrapper) else ctr  # noqa: E731
-        return QConfig(activation=strip(qconfig.activation), weight=strip(qconfig.weight))
-
-    for module in prepared.modules():
-        if getattr(module, "qconfig", None) is not None:
-            module.qconfig = plain(module.qconfig)
+    """`picklable_qconfigs_` for the prepared model, including the qconfigs convert_fx reads from its `meta`."""
+    picklable_qconfigs_(prepared)
     attrs = prepared.meta["_observed_graph_module_attrs"]
-    attrs.node_name_to_qconfig = {name: plain(q) for name, q in attrs.node_name_to_qconfig.items()}
+    attrs.node_name_to_qconfig = {name: _plain_qconfig(q) for name, q in attrs.node_name_to_qconfig.items()}
     # convert_fx looks for these in `meta`, which pickling (the stage cache) drops and deepcopy keeps;
     # an attribute is kept by pickling, and by deepcopy when listed as a preserved attribute.
     prepared._qat_observed_attrs = attrs

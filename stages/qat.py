@@ -54,6 +54,7 @@ from pipeline.int8_fx import (
     convert_int8,
     fp32_ops,
     load_portable_state_dict_,
+    picklable_qconfigs_,
     plain_torch_layers_,
     portable_state_dict,
     prepare_qat,
@@ -189,6 +190,7 @@ def fake_quantize_(state: ModelState, ctx: StageContext) -> GraphModule:
     float_model, float_format = plain_torch_layers_(state.model), state.artifact_format
     names_before = {id(p): n for n, p in float_model.named_parameters()}
     prepared = prepare_qat(float_model, ctx.data.input_size, pow2_modules)
+    picklable_qconfigs_(float_model)  # FX set qconfigs on it too; the stage cache pickles it with the state
     state.fixed = _renamed_fixed(state.fixed, names_before, prepared)
     state.extras = _renamed_extras(state.extras, names_before, prepared)
     state.extras["qat"] = {"float_model": float_model, "float_format": float_format}

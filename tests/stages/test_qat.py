@@ -131,7 +131,9 @@ def test_qat_of_a_structurally_pruned_model_keeps_it_small(tmp_path):
 def test_pruning_after_qat_prunes_the_float_weights_and_quantizes_again(name, tmp_path):
     from stages.qat import is_fake_quantized
 
-    qat = run_qat(_state(name), QUICK, _ctx(name)).state
+    buffer = io.BytesIO()  # through the stage cache (pickle), as a sweep's qat>prune reads it
+    torch.save(run_qat(_state(name), QUICK, _ctx(name)).state, buffer)
+    qat = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     out = run_prune(qat, PruneConfig(pruning_ratio=0.5, epochs=1, lr=0.01), _ctx(name)).state
     assert is_fake_quantized(out) and out.artifact_format == "int8"
     assert [c.kind for c in out.structure] == ["fx_plain_layers", "prune_channels", "qat_prepare"]
