@@ -140,7 +140,11 @@ def _comparisons_markdown(report: SweepReport) -> list[str]:
         return [report.pairs_how[0].upper() + report.pairs_how[1:] + "."]
     pairs, names = report.pairs, list(report.orderings.ordering)
     names = [n for n in names if n in set(pairs.a) | set(pairs.b)]
-    verdict = best_or_tied(pairs)
+    controls = set(report.points.ordering[report.points.control]) if "control" in report.points else set()
+    compressed = pairs[~pairs.a.isin(controls) & ~pairs.b.isin(controls)]  # the control is a reference, not a rival
+    if compressed.empty:
+        return [f"How: {report.pairs_how}.", "", "Only one ordering besides the control: nothing to rank."]
+    verdict = best_or_tied(compressed)
     if verdict.best is not None:
         head = f"**`{verdict.best}` is the most accurate ordering**: significantly better than every other one."
     else:
@@ -150,6 +154,12 @@ def _comparisons_markdown(report: SweepReport) -> list[str]:
             f"tied with {ties} (Holm-adjusted p of the exact McNemar test)."
         )
     lines = [head, "", f"How: {report.pairs_how}.", "", "Verdicts, row vs column:", ""]
+    for control in sorted(controls & set(names)):  # how each ordering fares against the baseline trained as long
+        rows = pairs[(pairs.a == control) | (pairs.b == control)]
+        beat = sorted({r.b if r.a == control else r.a for r in rows.itertuples()
+                       if r.verdict == ("worse" if r.a == control else "better")})  # fmt: skip
+        lines[1:1] = ["", f"Against `{control}` (the baseline trained as long, in fp32), significantly better: "
+                      f"{', '.join(f'`{b}`' for b in beat) or 'none'}."]  # fmt: skip
     matrix = verdict_matrix(pairs, names)
     lines += ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " :---: |" * len(names)]
     lines += [f"| `{a}` | " + " | ".join(matrix.loc[a, b] or "·" for b in names) + " |" for a in names]
