@@ -23,7 +23,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock sweep report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy
+.PHONY: run validate stages ui server test lint format lock sweep report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -88,7 +88,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench
 	$(VENV)/bin/ruff check --fix pipeline stages tests bench
 
-bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
 
 bench-prune: $(STAMP)
 	$(PY) bench/prune.py
@@ -107,6 +107,9 @@ bench-qat: $(STAMP)
 
 bench-deploy: $(STAMP)
 	$(PY) bench/deploy.py
+
+bench-significance: $(STAMP)
+	$(PY) bench/significance.py
 
 clean-cache:
 	rm -rf .cache
