@@ -118,7 +118,9 @@ class OrderingJob:
 
     def failed(self, error: str) -> OrderingResult:
         """The result of this job when its worker died before it could report."""
-        return OrderingResult(self.name, "FAILED", error=error, seed=self.chain.chain_seed)
+        return OrderingResult(
+            self.name, "FAILED", error=error, seed=self.chain.chain_seed, chain_ordering=self.chain.ordering
+        )
 
 
 @dataclass
@@ -132,6 +134,7 @@ class OrderingResult:
     seconds: float = 0.0
     error: str | None = None
     seed: int | None = None
+    chain_ordering: str = ""  # the ordering alone (`ordering` may add the seed)
 
 
 def run_ordering(job: OrderingJob) -> OrderingResult:
@@ -152,7 +155,8 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
     except Exception as err:  # the Runner marked its MLflow runs FAILED; the other orderings go on
         log.error("ordering %s failed: %s: %s", job.name, type(err).__name__, err)
         return OrderingResult(job.name, "FAILED", seconds=time.perf_counter() - start,
-                              error=f"{type(err).__name__}: {err}", seed=job.chain.chain_seed)  # fmt: skip
+                              error=f"{type(err).__name__}: {err}", seed=job.chain.chain_seed,
+                              chain_ordering=job.chain.ordering)  # fmt: skip
     return OrderingResult(
         job.name,
         "FINISHED",
@@ -166,6 +170,7 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
         },  # fmt: skip
         seconds=time.perf_counter() - start,
         seed=job.chain.chain_seed,
+        chain_ordering=job.chain.ordering,
     )
 
 
@@ -232,9 +237,8 @@ def run_sweep(
         results = _run_jobs(runner, jobs)
         for result in results:
             if result.run_id is None:  # its worker died: close the runs it left RUNNING
-                ordering = result.ordering.split(" (seed ")[0]
                 tracker.fail_open_ordering_runs(
-                    plan.sweep_id, ordering, result.error or "worker died", seed=result.seed
+                    plan.sweep_id, result.chain_ordering, result.error or "worker died", seed=result.seed
                 )
         summary = _summarize(plan, sweep_run_id, results, list(done), time.perf_counter() - start)
         _log_totals(tracker, sweep_run_id, summary)

@@ -101,8 +101,17 @@ def factorise(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     A has shape (rank, *weight.shape[1:]), B (out, rank); the singular values are split evenly
     (√S on each side) so both factors have comparable scale for fine-tuning.
     """
-    matrix = weight.detach().double().flatten(1)
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return _truncate(weight, _svd(weight), rank)
+
+
+def _svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of `weight` reshaped to (out, in·k·k), in float64."""
+    return torch.linalg.svd(weight.detach().double().flatten(1), full_matrices=False)
+
+
+def _truncate(weight: torch.Tensor, svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int):
+    """`factorise`'s (A, B) from an SVD of `weight` already computed."""
+    u, s, vh = svd
     root = s[:rank].sqrt()
     a = (root[:, None] * vh[:rank]).reshape(rank, *weight.shape[1:])
     b = u[:, :rank] * root[None, :]
@@ -159,10 +168,10 @@ def _plan_ranks(model: nn.Module, config: LowRankConfig) -> dict[str, tuple[int,
     plan = {}
     for name, layer in _candidates(model, config).items():
         weight = layer.weight.detach().cpu()
-        singular = torch.linalg.svdvals(weight.double().flatten(1))
-        rank = choose_rank(singular, config.keep, config.rank_by)
+        svd = _svd(weight)  # once per layer: its singular values choose the rank, its vectors give the factors
+        rank = choose_rank(svd[1], config.keep, config.rank_by)
         if factorised_params(weight.shape, rank) <= (1 - config.min_param_reduction) * weight.numel():
-            plan[name] = (rank, *factorise(weight, rank))
+            plan[name] = (rank, *_truncate(weight, svd, rank))
     return plan
 
 

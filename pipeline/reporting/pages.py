@@ -138,30 +138,48 @@ def _comparisons_markdown(report: SweepReport) -> list[str]:
     """What the paired tests support: the best ordering or who it is tied with, the verdict matrix, the pairs."""
     if report.pairs is None:
         return [report.pairs_how[0].upper() + report.pairs_how[1:] + "."]
-    pairs, names = report.pairs, list(report.orderings.ordering)
-    names = [n for n in names if n in set(pairs.a) | set(pairs.b)]
+    pairs = report.pairs
+    names = [n for n in report.orderings.ordering if n in set(pairs.a) | set(pairs.b)]
     controls = set(report.points.ordering[report.points.control]) if "control" in report.points else set()
     compressed = pairs[~pairs.a.isin(controls) & ~pairs.b.isin(controls)]  # the control is a reference, not a rival
     if compressed.empty:
         return [f"How: {report.pairs_how}.", "", "Only one ordering besides the control: nothing to rank."]
-    verdict = best_or_tied(compressed)
+    lines = [_verdict_sentence(compressed)]
+    lines += [line for control in sorted(controls & set(names)) for line in ("", _against_control(pairs, control))]
+    lines += ["", f"How: {report.pairs_how}.", "", "Verdicts, row vs column:", "", *_pair_tables(pairs, names)]
+    if _seeded(report):
+        costs = ["artifact_bytes", latency_column(report.runtime)]
+        dominated = dominated_with_confidence(report.orderings.rename(columns={"ordering": "name"}), costs)
+        lines += ["", "Dominated with confidence (another ordering's top-1 interval lies above theirs at no more "
+                  f"mean bytes and latency): {', '.join(f'`{d}`' for d in dominated) or 'none'}."]  # fmt: skip
+    return lines
+
+
+def _verdict_sentence(pairs) -> str:
+    """The most accurate ordering when the tests support it, else the leader and who it is tied with."""
+    verdict = best_or_tied(pairs)
     if verdict.best is not None:
-        head = f"**`{verdict.best}` is the most accurate ordering**: significantly better than every other one."
-    else:
-        ties = ", ".join(f"`{n}` (p = {format_number(verdict.p_holm[n], '.3g')})" for n in verdict.tied_with)
-        head = (
-            f"**No ordering is significantly the most accurate.** `{verdict.leader}` has the highest top-1 but is "
-            f"tied with {ties} (Holm-adjusted p of the exact McNemar test)."
-        )
-    lines = [head, "", f"How: {report.pairs_how}.", "", "Verdicts, row vs column:", ""]
-    for control in sorted(controls & set(names)):  # how each ordering fares against the baseline trained as long
-        rows = pairs[(pairs.a == control) | (pairs.b == control)]
-        beat = sorted({r.b if r.a == control else r.a for r in rows.itertuples()
-                       if r.verdict == ("worse" if r.a == control else "better")})  # fmt: skip
-        lines[1:1] = ["", f"Against `{control}` (the baseline trained as long, in fp32), significantly better: "
-                      f"{', '.join(f'`{b}`' for b in beat) or 'none'}."]  # fmt: skip
+        return f"**`{verdict.best}` is the most accurate ordering**: significantly better than every other one."
+    ties = ", ".join(f"`{n}` (p = {format_number(verdict.p_holm[n], '.3g')})" for n in verdict.tied_with)
+    return (
+        f"**No ordering is significantly the most accurate.** `{verdict.leader}` has the highest top-1 but is "
+        f"tied with {ties} (Holm-adjusted p of the exact McNemar test)."
+    )
+
+
+def _against_control(pairs, control: str) -> str:
+    """Which orderings beat the equal-training control significantly."""
+    rows = pairs[(pairs.a == control) | (pairs.b == control)]
+    beat = sorted({r.b if r.a == control else r.a for r in rows.itertuples()
+                   if r.verdict == ("worse" if r.a == control else "better")})  # fmt: skip
+    return (f"Against `{control}` (the baseline trained as long, in fp32), significantly better: "
+            f"{', '.join(f'`{b}`' for b in beat) or 'none'}.")  # fmt: skip
+
+
+def _pair_tables(pairs, names: list[str]) -> list[str]:
+    """The verdict matrix, then every pair (smallest adjusted p first), as Markdown lines."""
     matrix = verdict_matrix(pairs, names)
-    lines += ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " :---: |" * len(names)]
+    lines = ["| | " + " | ".join(f"`{n}`" for n in names) + " |", "| --- |" + " :---: |" * len(names)]
     lines += [f"| `{a}` | " + " | ".join(matrix.loc[a, b] or "·" for b in names) + " |" for a in names]
     lines += ["", "| a | b | Δ top1 a−b (pts) | 95 % interval | only a right | only b right | p (McNemar) | "
               "p (Holm) | verdict |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]  # fmt: skip
@@ -172,12 +190,6 @@ def _comparisons_markdown(report: SweepReport) -> list[str]:
             f"{num(r['ci_high_pp'], '+.2f')}] | {r['a_only_correct']} | {r['b_only_correct']} | "
             f"{num(r['p_mcnemar'], '.3g')} | {num(r['p_holm'], '.3g')} | {r['verdict']} |"
         )
-    if _seeded(report):
-        costs = ["artifact_bytes", latency_column(report.runtime)]
-        points = report.orderings.rename(columns={"ordering": "name"})
-        dominated = dominated_with_confidence(points, costs)
-        lines += ["", "Dominated with confidence (another ordering's top-1 interval lies above theirs at no more "
-                  f"mean bytes and latency): {', '.join(f'`{d}`' for d in dominated) or 'none'}."]  # fmt: skip
     return lines
 
 

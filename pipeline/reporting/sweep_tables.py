@@ -72,8 +72,9 @@ def build_report(
     stages = [run for run in runs.stages if run.parent_id in chains]
     points = _points(stages, chains)
     by_id = {run.run_id: run for run in runs.chains}
-    points["chain_epochs"] = [_chain_epochs(by_id[run_id]) for run_id in _parents(stages, points)]
-    points["control"] = [by_id[run_id].tags.get(TAGS.control_epochs) is not None for run_id in _parents(stages, points)]
+    parents = [by_id[run_id] for run_id in _parents(stages, points)]
+    points["chain_epochs"] = [_chain_epochs(chain) for chain in parents]
+    points["control"] = [chain.tags.get(TAGS.control_epochs) is not None for chain in parents]
     if runtime != "torch" and points[latency_column(runtime)].isna().all():
         raise ValueError(f"sweep {sweep_id!r} logged no {runtime} metrics (its recipe's deploy.runtimes)")
     if latency is not None:
