@@ -1,5 +1,5 @@
-# User targets: `make recipe=NAME [set="key=value ..."]`, `make sweep recipe=NAME`, `make report [sweep=ID]
-# [runtime=openvino]`, `make export recipe=NAME [format=onnx|openvino] [out=DIR]`, `make ui`.  Developer: `make test`, `make lint`, `make bench`.
+# User targets: `make recipe=NAME [set="key=value ..."]`, `make sweep recipe=NAME`, `make search recipe=NAME
+# [against=SWEEP_ID]`, `make report [sweep=ID | search=ID] [runtime=openvino]`, `make export recipe=NAME [format=onnx|openvino] [out=DIR]`, `make ui`.  Developer: `make test`, `make lint`, `make bench`.
 # Every target builds the virtual environment (.venv) from pyproject.toml on first use, at the exact versions
 # in constraints.txt (`make lock` rewrites it from .venv).
 
@@ -11,6 +11,8 @@ recipe ?= prune-inq-distill
 set ?=
 port ?= 5000
 sweep ?=
+search ?=
+against ?=
 runtime ?=
 format ?= all
 out ?= export/$(notdir $(basename $(recipe)))
@@ -23,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock sweep report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance
+.PHONY: run validate stages ui server test lint format lock sweep search report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,13 +63,18 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store
 sweep: $(STAMP)  ## every ordering of recipes/$(recipe).yaml (its `orderings:`, else all), then its report
 	$(PY) -m pipeline sweep $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address))
 
+search: $(STAMP)  ## search orderings and stage settings of recipes/$(recipe).yaml (its `search:`), register the best, report
+	$(PY) -m pipeline search $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address)) \
+		$(if $(against),--against $(against))
+
 server: $(STAMP)  ## MLflow tracking server on http://$(host):$(port): SQLite backend, artifacts served by it
 	mkdir -p server
 	$(VENV)/bin/mlflow server --backend-store-uri $(server_db) --artifacts-destination $(CURDIR)/server/artifacts \
 		--host $(host) --port $(port)
 
-report: $(STAMP)  ## Pareto report of sweep=ID (default: the latest sweep) into reports/<sweep>/, in runtime=
-	$(PY) -m pipeline report $(sweep) $(if $(runtime),--runtime $(runtime))
+report: $(STAMP)  ## Pareto report of sweep=ID (default: the latest sweep) or search=ID into reports/<id>/, in runtime=
+	$(PY) -m pipeline report $(sweep)$(search) $(if $(search),--search) $(if $(against),--against $(against)) \
+		$(if $(runtime),--runtime $(runtime))
 
 export: $(STAMP)  ## the final model of recipes/$(recipe).yaml (already run) as ONNX / OpenVINO IR into out=DIR
 	$(PY) -m pipeline export $(recipe) $(set) --format $(format) --out $(out)

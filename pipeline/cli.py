@@ -1,5 +1,5 @@
-"""Command line: `python -m pipeline run|sweep RECIPE [key=value ...]`, `report [SWEEP]`, `export SOURCE`,
-`validate`, `stages`.
+"""Command line: `python -m pipeline run|sweep|search RECIPE [key=value ...]`, `report [SWEEP|SEARCH]`,
+`export SOURCE`, `validate`, `stages`.
 
 Exit codes: 0 success, 1 a stage (or a sweep's ordering) failed, 2 the recipe (or the command line) is
 invalid, 130 interrupted (rerun the same command to resume from the cache).
@@ -23,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = (
         ("run", "run a recipe's chain end to end"),
         ("sweep", "run every ordering of a recipe's stages (its `orderings:`, else all), then write the report"),
+        ("search", "search orderings and stage settings (the recipe's `search:`), register the best, report"),
         ("validate", "validate a recipe, run nothing"),
     )
     for name, help_text in commands:
@@ -34,20 +35,20 @@ def _parser() -> argparse.ArgumentParser:
             metavar="key=value",
             help="dotted overrides, e.g. data.train_subset=2000 baseline.epochs=1",
         )
-        if name in {"run", "sweep"}:
+        if name in {"run", "sweep", "search"}:
             cmd.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default .cache/)")
             cmd.add_argument(
                 "--quiet", action="store_true", help="no progress bars (nor per-epoch lines off a terminal)"
             )
         if name == "run":
             cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
-        if name == "sweep":
+        if name in {"sweep", "search"}:
             cmd.add_argument(
                 "--executor",
                 default=None,
                 choices=("local", "ray"),
-                help="local: one ordering after another; ray: orderings as Ray tasks (default: the recipe's "
-                "`executor:`, else local)",
+                help="local: one ordering (trial) after another; ray: orderings (search workers) as Ray tasks "
+                "(default: the recipe's `executor:`, else local)",
             )
             cmd.add_argument(
                 "--address",
@@ -60,11 +61,17 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--gpus-per-ordering", type=float, default=None, help="ray: GPUs each ordering's task asks for (0)"
             )
-            cmd.add_argument("--new", action="store_true", help="a new sweep id instead of resuming an identical sweep")
+            cmd.add_argument("--new", action="store_true", help=f"a new {name} id instead of resuming an identical one")
             cmd.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
             cmd.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
-    report = sub.add_parser("report", help="write a sweep's Pareto report from MLflow into reports/<sweep>/")
-    report.add_argument("sweep", nargs="?", default=None, help="sweep id (tag `sweep`); default: the latest sweep")
+        if name == "search":
+            cmd.add_argument("--against", default=None, help="a sweep id whose frontier the report compares with")
+    report = sub.add_parser("report", help="write a sweep's (or search's) report from MLflow into reports/<id>/")
+    report.add_argument(
+        "sweep", nargs="?", default=None, help="sweep or search id (tag `sweep` / `search`); default: the latest sweep"
+    )
+    report.add_argument("--search", action="store_true", help="report the latest search (when no id is given)")
+    report.add_argument("--against", default=None, help="a search report: the sweep id to compare frontiers with")
     report.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
     report.add_argument(
         "--remeasure-latency",
@@ -113,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stages":
         return _list_stages()
     if args.command == "report":
+        if args.search or args.against or _is_search_id(args.sweep):
+            return _report_search(args.sweep, args.reports_dir, args.against)
         return _report(args.sweep, args.reports_dir, remeasure=args.remeasure_latency, runtime=args.runtime)
     if args.command == "export":
         return _export(args)
@@ -128,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "sweep":
         return _sweep(recipe, args)
+    if args.command == "search":
+        return _search(recipe, args)
+    if recipe.is_search:
+        print(
+            f"error: recipe {recipe.name!r} declares a search; run it with `make search recipe={args.recipe}` or "
+            f"`python -m pipeline search {args.recipe}`",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     if recipe.is_sweep:
         print(
             f"error: recipe {recipe.name!r} declares a sweep (orderings, include_singles, seeds or control); run it "
@@ -170,7 +188,6 @@ def _guarded(action):
 
 
 def _sweep(recipe, args) -> int:
-    from pipeline.executors import get_executor
     from pipeline.report import sweep_table
     from pipeline.sweep import run_sweep
 
@@ -181,6 +198,29 @@ def _sweep(recipe, args) -> int:
             file=sys.stderr,
         )
         return EXIT_INVALID
+
+    executor = _executor(recipe, args)
+    if executor is None:
+        return EXIT_INVALID
+
+    def sweep() -> int:
+        progress = not args.quiet and sys.stderr.isatty()
+        summary = run_sweep(recipe, cache_dir=args.cache_dir, executor=executor, progress=progress, new=args.new)
+        print(sweep_table(summary))
+        if summary.failed:
+            names = ", ".join(r.ordering for r in summary.failed)
+            print(f"error: {len(summary.failed)} ordering(s) failed: {names} (errors in MLflow)", file=sys.stderr)
+        finished = len(summary.results) - len(summary.failed) + len(summary.already_done)
+        if not args.no_report and finished:
+            _report(summary.plan.sweep_id, args.reports_dir)
+        return EXIT_FAILED if summary.failed else EXIT_OK
+
+    return _guarded(sweep)
+
+
+def _executor(recipe, args):
+    """The recipe's executor with the command line's overrides; None (after saying why) when it cannot start."""
+    from pipeline.executors import get_executor
 
     chosen = recipe.executor.model_copy(
         update={
@@ -199,21 +239,62 @@ def _sweep(recipe, args) -> int:
         executor = get_executor(chosen.name, **options)
     except ValueError as err:
         print(f"error: --executor: {err}", file=sys.stderr)
+        return None
+    return executor
+
+
+def _search(recipe, args) -> int:
+    from pipeline.search import run_search
+
+    if not recipe.is_search:
+        print(f"error: recipe {recipe.name!r} has no `search:` block; see README (Search)", file=sys.stderr)
+        return EXIT_INVALID
+    executor = _executor(recipe, args)
+    if executor is None:
         return EXIT_INVALID
 
-    def sweep() -> int:
+    def search() -> int:
         progress = not args.quiet and sys.stderr.isatty()
-        summary = run_sweep(recipe, cache_dir=args.cache_dir, executor=executor, progress=progress, new=args.new)
-        print(sweep_table(summary))
-        if summary.failed:
-            names = ", ".join(r.ordering for r in summary.failed)
-            print(f"error: {len(summary.failed)} ordering(s) failed: {names} (errors in MLflow)", file=sys.stderr)
-        finished = len(summary.results) - len(summary.failed) + len(summary.already_done)
-        if not args.no_report and finished:
-            _report(summary.plan.sweep_id, args.reports_dir)
-        return EXIT_FAILED if summary.failed else EXIT_OK
+        summary = run_search(recipe, cache_dir=args.cache_dir, executor=executor, progress=progress, new=args.new)
+        totals, best = summary.outcome.totals(), summary.outcome.best
+        print(f"\nsearch {summary.plan.search_id}: {int(totals['trials_complete'])} trials finished "
+              f"({int(totals['trials_early_stopped'])} ended early, {int(totals['trials_feasible'])} feasible), "
+              f"Pareto set of {int(totals['pareto_size'])}, {summary.seconds / 60:.1f} min")  # fmt: skip
+        if best is not None:
+            print(f"best under the constraints: trial {best.number} ({best.chain})"
+                  + (f", registered as {summary.registered[0]} version {summary.registered[1]}" if summary.registered
+                     else ""))  # fmt: skip
+        else:
+            print("no trial met every constraint; nothing registered")
+        if not args.no_report and totals["trials_complete"]:
+            return _report_search(summary.plan.search_id, args.reports_dir, args.against)
+        return EXIT_OK
 
-    return _guarded(sweep)
+    return _guarded(search)
+
+
+def _is_search_id(run_id: str | None) -> bool:
+    if not run_id:
+        return False
+    from pipeline.tracking import Tracker
+
+    return bool(Tracker().search_runs(run_id))
+
+
+def _report_search(search_id: str | None, reports_dir: Path | None, against: str | None) -> int:
+    from pipeline.report import REPORTS_DIR, report_search
+    from pipeline.tracking import Tracker
+
+    def report() -> int:
+        try:
+            outcome, out_dir = report_search(Tracker(), search_id, reports_dir or REPORTS_DIR, against=against)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_INVALID
+        print(f"\nreport of search {outcome.search_id}: {out_dir}/report.md (also report.html, PNG plots, CSV)")
+        return EXIT_OK
+
+    return _guarded(report)
 
 
 def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = False, runtime: str | None = None) -> int:

@@ -34,6 +34,40 @@ class EvalConfig(StrictConfig):
     throughput_runs: int = Field(10, ge=1, le=10_000, description="timed batches for throughput")
 
 
+# Every metric a stage evaluation logs and a search may optimise or bound: its natural direction ("max" or "min";
+# None where neither is better) and its kind in stages.base.METRIC_KINDS (None for accuracy and the rest). Metrics of
+# an exported file carry the runtime's name: `onnxruntime.latency_ms_p50`.
+MODEL_METRICS: dict[str, tuple[str | None, str | None]] = {
+    "top1": ("max", None),  # percent of test images
+    "top5": ("max", None),
+    "params": ("min", "compute"),  # parameter count
+    "nonzero_params": ("min", "bytes"),
+    "macs": ("min", "compute"),  # multiply-accumulates of one image
+    "latency_ms_p50": ("min", "compute"),  # torch eager, batch 1
+    "latency_ms_p90": ("min", "compute"),
+    "throughput_ips": ("max", "compute"),  # images per second at the throughput batch size
+    "artifact_bytes": ("min", "bytes"),  # the saved artifact on disk
+}
+RUNTIME_METRICS: dict[str, tuple[str | None, str | None]] = {
+    "top1": ("max", None),
+    "top5": ("max", None),
+    "latency_ms_p50": ("min", "compute"),
+    "latency_ms_p90": ("min", "compute"),
+    "throughput_ips": ("max", "compute"),
+    "file_bytes": ("min", "bytes"),  # the exported file(s)
+    "file_bytes_zip": ("min", "bytes"),  # the same, deflated: what sparsity saves in storage
+    "top1_delta_vs_torch": (None, None),
+}
+
+
+def metric_catalogue(runtimes: Iterable[str]) -> dict[str, tuple[str | None, str | None]]:
+    """name -> (natural direction, kind) of every metric measured with these deploy runtimes."""
+    out = dict(MODEL_METRICS)
+    for runtime in runtimes:
+        out.update({f"{runtime}.{name}": info for name, info in RUNTIME_METRICS.items()})
+    return out
+
+
 @dataclass(frozen=True)
 class Predictions:
     """Per test image, in the loader's order: the predicted class, whether the label is in the top 5, the label.

@@ -22,8 +22,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pipeline.config import StrictConfig
 from pipeline.data import TORCHVISION_LAYOUT, DataConfig, DataNotFoundError, DataSource, locate
 from pipeline.deploy import DeployConfig
-from pipeline.evaluator import EvalConfig
+from pipeline.evaluator import EvalConfig, metric_catalogue
 from pipeline.models import ModelConfig, ModelSpec
+from pipeline.search_config import SearchConfig
 from pipeline.training import TrainConfig
 from stages import get_stage
 from stages.base import UnknownStageError, chain_conflict
@@ -145,7 +146,12 @@ class Recipe(StrictConfig):
         description="seed of the stages after the baseline when it differs from `seed` (set per chain by "
         "`seeds` with seed_scope: stages)",
     )
-    executor: ExecutorConfig = Field(default_factory=ExecutorConfig, description="how a sweep's orderings run")
+    executor: ExecutorConfig = Field(
+        default_factory=ExecutorConfig, description="how a sweep's orderings (a search's trials) run"
+    )
+    search: SearchConfig | None = Field(
+        None, description="a search over orderings and stage settings (Optuna); run with `make search`"
+    )
 
     @field_validator("orderings")
     @classmethod
@@ -193,6 +199,11 @@ class Recipe(StrictConfig):
         return ">".join(s.name for s in self.stage_specs()) or "train"
 
     @property
+    def is_search(self) -> bool:
+        """Whether the recipe declares a search (`search:`): its trials are chains the search samples."""
+        return self.search is not None
+
+    @property
     def is_sweep(self) -> bool:
         """Whether the recipe declares a sweep (`orderings:`, `include_singles:` or `seeds:`) rather than one chain."""
         return self.orderings is not None or self.include_singles or self.seeds is not None or bool(self.control)
@@ -208,7 +219,7 @@ class Recipe(StrictConfig):
             epochs = self.budget.stage_epochs(len(specs))
             specs = [StageSpec(s.name, s.config.with_total_epochs(e)) for s, e in zip(specs, epochs, strict=True)]
         update: dict[str, Any] = {"stages": specs, "orderings": None, "include_singles": False, "budget": None,
-                                  "seeds": None, "control": None}  # fmt: skip
+                                  "seeds": None, "control": None, "search": None}  # fmt: skip
         if seed is not None and self.seed_scope == "baseline":
             update.update(seed=seed, stage_seed=None)
         elif seed is not None:
@@ -246,12 +257,44 @@ class Recipe(StrictConfig):
                 skipped.append((ordering, conflict[1]))
         return runnable, skipped
 
+    def search_orderings(self) -> list[tuple[str, ...]]:
+        """The orderings a search samples from (`search.orderings`), those a stage cannot follow left out."""
+        assert self.search is not None
+        names = [s.name for s in self.stage_specs()]
+        if isinstance(self.search.orderings, list):
+            chosen = [tuple(o) for o in self.search.orderings]
+        elif self.search.orderings == "permutations":
+            chosen = list(itertools.permutations(names))
+        else:
+            sizes = range(1, len(names) + 1)
+            chosen = [
+                o for k in sizes for subset in itertools.combinations(names, k) for o in itertools.permutations(subset)
+            ]
+        return [o for o in dict.fromkeys(chosen) if chain_conflict(list(o)) is None]
+
+    def search_chain(self, ordering: Sequence[str], settings: dict[str, Any]) -> Recipe:
+        """One trial's chain: the stages of `ordering` with the sampled `settings` ({"prune.pruning_ratio": 0.5,
+        "budget.epochs": 6}) applied over the recipe's configs, then the budget, as `as_chain` does."""
+        by_stage: dict[str, dict[str, Any]] = {}
+        for key, value in settings.items():
+            stage, _, name = key.partition(".")
+            by_stage.setdefault(stage, {})[name] = value
+        specs = []
+        for spec in self.stage_specs():
+            fields = by_stage.get(spec.name)
+            config = type(spec.config).model_validate({**spec.config.model_dump(), **fields}) if fields else spec.config
+            specs.append(StageSpec(spec.name, config))
+        update: dict[str, Any] = {"stages": specs, "search": None}
+        if "budget" in by_stage and self.budget is not None:
+            update["budget"] = self.budget.model_copy(update=by_stage["budget"])
+        return self.model_copy(update=update).as_chain(list(ordering))
+
     def to_dict(self) -> dict[str, Any]:
         sweep_keys = {"orderings", "include_singles", "budget", "executor", "seeds", "seed_scope", "control"}
-        unset = {k for k in ("stage_seed", "control_epochs") if getattr(self, k) is None}
+        unset = {k for k in ("stage_seed", "control_epochs", "search") if getattr(self, k) is None}
         out = self.model_dump(mode="json", exclude={"stages", *sweep_keys} | unset)
         out["stages"] = [s.to_dict() for s in self.stage_specs()]
-        if self.is_sweep or self.budget is not None:
+        if self.is_sweep or self.is_search or self.budget is not None:
             out.update(self.model_dump(mode="json", include=sweep_keys))
         return out
 
@@ -297,7 +340,9 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
         raise _as_recipe_error(err, Recipe) from None
     stages = [_validate_stage(i, entry) for i, entry in enumerate(recipe.stages)]
     recipe = recipe.model_copy(update={"stages": stages})
-    if recipe.is_sweep:
+    if recipe.is_search:
+        _check_search(recipe)
+    elif recipe.is_sweep:
         _check_sweep(recipe)
     else:
         conflict = chain_conflict([s.name for s in stages])
@@ -311,36 +356,109 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
 
 def _check_sweep(recipe: Recipe) -> None:
     """Orderings name the recipe's stages, each once; explicit orderings must be runnable as written."""
+    _check_unique_stage_names(recipe, "a sweep")
+    names = [s.name for s in recipe.stage_specs()]
+    if isinstance(recipe.orderings, list):
+        _check_orderings(recipe.orderings, names, "orderings")
+    elif not names:
+        raise RecipeError("stages", "a sweep needs at least one stage to order")
+
+
+def _check_unique_stage_names(recipe: Recipe, what: str) -> None:
     names = [s.name for s in recipe.stage_specs()]
     for index, name in enumerate(names):
         if name in names[:index]:
             raise RecipeError(
-                f"stages[{index}]", f"a sweep names stages by name, so each may appear once; {name!r} repeats"
+                f"stages[{index}]", f"{what} names stages by name, so each may appear once; {name!r} repeats"
             )
-    if isinstance(recipe.orderings, list):
-        if not recipe.orderings:
-            raise RecipeError("orderings", "needs at least one ordering (or `all`)")
-        for k, ordering in enumerate(recipe.orderings):
-            if not ordering:
-                raise RecipeError(f"orderings[{k}]", "an ordering needs at least one stage")
-            for j, name in enumerate(ordering):
-                if name not in names:
-                    raise RecipeError(
-                        f"orderings[{k}][{j}]", f"{name!r} is not one of the recipe's stages: {', '.join(names)}"
-                    )
-                if name in ordering[:j]:
-                    raise RecipeError(f"orderings[{k}][{j}]", f"{name!r} appears twice in one ordering")
-            conflict = chain_conflict(ordering)
-            if conflict is not None:
-                raise RecipeError(f"orderings[{k}][{conflict[0]}]", conflict[1])
-    elif not names:
-        raise RecipeError("stages", "a sweep needs at least one stage to order")
+
+
+def _check_orderings(orderings: list[list[str]], names: list[str], path: str) -> None:
+    """Each ordering names stages of the recipe, each once, in an order every stage can follow."""
+    if not orderings:
+        raise RecipeError(path, "needs at least one ordering (or `all`)")
+    for k, ordering in enumerate(orderings):
+        if not ordering:
+            raise RecipeError(f"{path}[{k}]", "an ordering needs at least one stage")
+        for j, name in enumerate(ordering):
+            if name not in names:
+                raise RecipeError(
+                    f"{path}[{k}][{j}]", f"{name!r} is not one of the recipe's stages: {', '.join(names)}"
+                )
+            if name in ordering[:j]:
+                raise RecipeError(f"{path}[{k}][{j}]", f"{name!r} appears twice in one ordering")
+        conflict = chain_conflict(ordering)
+        if conflict is not None:
+            raise RecipeError(f"{path}[{k}][{conflict[0]}]", conflict[1])
+
+
+def _check_search(recipe: Recipe) -> None:
+    """The search's orderings, space, objectives and constraints against the recipe's stages and measured metrics."""
+    assert recipe.search is not None
+    search = recipe.search
+    for key in ("orderings", "seeds", "control"):
+        if getattr(recipe, key) not in (None, False) or (key == "orderings" and recipe.include_singles):
+            raise RecipeError(key, "a search chooses its chains itself: use `search.orderings`, or run the sweep apart")
+    _check_unique_stage_names(recipe, "a search")
+    names = [s.name for s in recipe.stage_specs()]
+    if not names:
+        raise RecipeError("stages", "a search needs at least one stage to order")
+    if isinstance(search.orderings, list):
+        _check_orderings(search.orderings, names, "search.orderings")
+    if not recipe.search_orderings():
+        raise RecipeError("search.orderings", "no ordering can run: every one has a stage that cannot follow another")
+    specs = {s.name: s for s in recipe.stage_specs()}
+    for key, values in search.space.items():
+        _check_search_field(recipe, specs, key, values.endpoints())
+    catalogue = metric_catalogue(recipe.deploy.runtimes)
+    known = ", ".join(catalogue)
+    for metric in (*search.objectives, *(c.metric for c in search.parsed_constraints()), search.selection_metric):
+        if metric not in catalogue:
+            where = "deploy.runtimes does not measure it" if "." in metric else "not a metric the evaluator logs"
+            raise RecipeError("search", f"unknown metric {metric!r} ({where}); known: {known}")
+    for metric in search.objectives:
+        if catalogue[metric][0] is None:
+            raise RecipeError(f"search.objectives.{metric}", "has no better direction; choose another metric")
+
+
+def _check_search_field(recipe: Recipe, specs: dict[str, StageSpec], key: str, values: list[Any]) -> None:
+    """`stage.field` names a field of a stage in `stages:` (or `budget.epochs` a set budget); each end is valid."""
+    path = f"search.space.{key}"
+    stage, _, name = key.partition(".")
+    if key == "budget.epochs":
+        if recipe.budget is None:
+            raise RecipeError(path, "the recipe sets no `budget:` to vary")
+        for value in values:
+            try:
+                recipe.budget.model_validate({**recipe.budget.model_dump(), "epochs": value})
+            except ValidationError as err:
+                raise RecipeError(path, f"{value!r}: {err.errors(include_url=False)[0]['msg']}") from None
+        return
+    if stage not in specs or not name:
+        raise RecipeError(
+            path, f"must be `stage.field` with a stage of `stages:` ({', '.join(specs)}) or budget.epochs"
+        )
+    config = specs[stage].config
+    if name not in type(config).model_fields:
+        raise RecipeError(path, f"{stage} has no field {name!r}; fields: {', '.join(type(config).model_fields)}")
+    if recipe.budget is not None and name == "epochs":
+        raise RecipeError(path, "the recipe's `budget:` sets every stage's epochs; vary budget.epochs instead")
+    for value in values:
+        try:
+            type(config).model_validate({**config.model_dump(), name: value})
+        except ValidationError as err:
+            raise RecipeError(path, f"{value!r}: {err.errors(include_url=False)[0]['msg']}") from None
 
 
 def _check_budget(recipe: Recipe) -> None:
     """Every position of every chain gets a share and at least one epoch; every stage trains."""
     assert recipe.budget is not None
-    lengths = {len(o) for o in recipe.sweep_orderings()[0]} if recipe.is_sweep else {len(recipe.stages)}
+    if recipe.is_search:
+        lengths = {len(o) for o in recipe.search_orderings()}
+    elif recipe.is_sweep:
+        lengths = {len(o) for o in recipe.sweep_orderings()[0]}
+    else:
+        lengths = {len(recipe.stages)}
     longest = max(lengths, default=0)
     if len(recipe.budget.split) < longest:
         raise RecipeError(

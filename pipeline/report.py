@@ -88,6 +88,39 @@ def report_sweep(
     return report, out_dir
 
 
+def report_search(
+    tracker, search_id: str | None = None, out_root: Path = REPORTS_DIR, against: str | None = None
+) -> tuple[object, Path]:
+    """Read a search (the latest when `search_id` is None) from its Optuna study and MLflow, write its report (against
+    sweep `against`'s frontier when given) into `out_root/<search id>/`, and log it to the search's run."""
+    import pandas as pd
+
+    from pipeline.reporting.search import compare_with_sweep, outcome_of, write_search_report
+    from pipeline.search import load_search_plan, open_study
+    from pipeline.tracking import MLFLOW_METRIC_NAMES
+
+    plan = load_search_plan(tracker, search_id)
+    outcome = outcome_of(open_study(plan), plan)
+    comparison = None
+    if against:
+        runs = tracker.read_sweep(against)
+        finished = [c for c in runs.chains if c.status == "FINISHED"]
+        if not finished:
+            raise ValueError(f"sweep {against!r} has no finished chain in {tracker.uri}")
+        pipeline_names = {new: old for old, new in MLFLOW_METRIC_NAMES.items()}
+        rows = {f"{c.tags.get(TAGS.ordering, c.name)} (seed {c.tags.get(TAGS.seed, '?')})":
+                {pipeline_names.get(k, k): v for k, v in c.metrics.items()} for c in finished}  # fmt: skip
+        models = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=list(outcome.objectives))
+        comparison = compare_with_sweep(outcome, against, models)
+    out_dir = Path(out_root) / plan.search_id
+    write_search_report(outcome, out_dir, comparison)
+    runs = tracker.search_runs(plan.search_id)
+    if runs:
+        tracker.log_artifacts(runs[0].run_id, out_dir, "report")
+    log.info("report written to %s", out_dir)
+    return outcome, out_dir
+
+
 __all__ = [
     "METRIC_COLUMNS",
     "REPORTS_DIR",
@@ -101,6 +134,7 @@ __all__ = [
     "markdown",
     "remeasure_latency",
     "report_objectives",
+    "report_search",
     "report_sweep",
     "summary_table",
     "sweep_table",

@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +51,7 @@ class RunSummary:
     ordering: str
     run_id: str
     results: list[StageResult] = field(default_factory=list)
+    early_stopped: str | None = None  # why the chain ended before its last stage (`stop_after`), else None
 
     @property
     def reused(self) -> list[str]:
@@ -158,6 +159,10 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+# After each stage but the last: (its result, the stages still to run) -> why to end the chain there, or None.
+StopRule = Callable[[StageResult, list[StageSpec]], "str | None"]
+
+
 class Runner:
     """Runs one recipe's chain with a cache and a tracker."""
 
@@ -171,13 +176,20 @@ class Runner:
         use_cache: bool = True,
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
+        params: dict[str, object] | None = None,
+        stop_after: StopRule | None = None,
+        run_name: str | None = None,
     ) -> None:
-        """`parent_run_id` nests this chain's run under another (a sweep's); `tags` go on all its runs."""
-        if recipe.is_sweep:
-            raise ValueError(f"recipe {recipe.name!r} declares a sweep; run it with pipeline.sweep.run_sweep")
+        """`parent_run_id` nests this chain's run under another (a sweep's or a search's); `tags` go on all its runs,
+        `params` on the chain's run beside its own; `stop_after` may end the chain after a stage (a search's trial
+        that can no longer meet its constraints): the chain finishes there, tagged `early_stopped` with the reason."""
+        if recipe.is_sweep or recipe.is_search:
+            kind = "search" if recipe.is_search else "sweep"
+            raise ValueError(f"recipe {recipe.name!r} declares a {kind}; run it with `python -m pipeline {kind}`")
         recipe = recipe.as_chain()  # applies a fixed budget, if any
         self.recipe, self.progress, self.use_cache = recipe, progress, use_cache
         self.parent_run_id, self.extra_tags = parent_run_id, {**(tags or {}), **machine_tags(recipe)}
+        self.extra_params, self.stop_after, self.run_name = dict(params or {}), stop_after, run_name
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache = StageCache(self.cache_dir / "stages")
         self.tracker = tracker
@@ -230,7 +242,7 @@ class Runner:
             **({TAGS.control_epochs: str(recipe.control_epochs)} if recipe.control_epochs is not None else {}),
             TAGS.pipeline_version: __version__,
         }
-        name = recipe.ordering if self.parent_run_id else recipe.name
+        name = self.run_name or (recipe.ordering if self.parent_run_id else recipe.name)
         with termination_as_interrupt(), tracker.run(name, tags, parent_id=self.parent_run_id) as parent_id:
             summary = RunSummary(recipe.name, recipe.ordering, parent_id)
             tracker.log_text(parent_id, recipe.to_yaml(), "recipe.yaml")
@@ -244,6 +256,7 @@ class Runner:
                     "device": str(self.device),
                     "stages": recipe.ordering,
                     "training_epochs": training_epochs(recipe),
+                    **self.extra_params,
                 },
             )
             state: ModelState | None = None
@@ -255,6 +268,12 @@ class Runner:
                     self._log_stopped_chain(tracker, parent_id, summary, stage, err)
                     raise
                 summary.results.append(result)
+                remaining = [later.spec for later in self.chain[stage.index + 1 :]]
+                if remaining and self.stop_after and (reason := self.stop_after(result, remaining)):
+                    log.info("ending the chain after stage %d (%s): %s", stage.index, stage.name, reason)
+                    summary.early_stopped = reason
+                    tracker.set_tags(parent_id, {TAGS.early_stopped: reason})
+                    break
             self._log_chain_outcome(tracker, parent_id, summary)
         return summary
 
@@ -377,6 +396,10 @@ class Runner:
 
     def _deploy_dir(self, entry: CacheEntry) -> Path:
         return entry.path / f"deploy-opset{self.recipe.deploy.opset}"
+
+    def deploy_dir_of(self, result: StageResult) -> Path:
+        """The folder of a stage's exported files (ONNX, OpenVINO IR), beside its artifact in the cache."""
+        return result.artifact_path.parent / f"deploy-opset{self.recipe.deploy.opset}"
 
     def _measure_deployed(
         self, entry: CacheEntry, model, torch_top1: float, predictions: dict[str, Predictions]

@@ -4,10 +4,11 @@ Default store: SQLite in the project folder (`sqlite:///mlflow.db`), artifacts b
 `mlartifacts/`; `MLFLOW_TRACKING_URI` points elsewhere (a team's tracking server).
 A run ends FINISHED, FAILED (with the error as a tag) or KILLED (Ctrl-C); never left RUNNING.
 
-Runs come in three kinds (tag `run_type`): a sweep, one chain per ordering (or one for `run`), one stage run per
-stage below its chain. Other modules name tags through `TAGS` and read runs back through the Tracker's query
-methods (`sweep_runs`, `chain_runs`, `stage_runs`, `read_sweep`), which return plain `RunRecord`s: no other
-module builds an MLflow filter string or holds an MLflow object.
+Runs come in four kinds (tag `run_type`): a sweep or a search, one chain per ordering (per trial of a search, or one
+for `run`), one stage run per stage below its chain. Other modules name tags through `TAGS` and read runs back through
+the Tracker's query methods (`sweep_runs`, `chain_runs`, `stage_runs`, `read_sweep`, `search_runs`, `trial_runs`),
+which return plain `RunRecord`s: no other module builds an MLflow filter string or holds an MLflow object. The Model
+Registry is written here too (`register_model`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,10 @@ class Tags:
     error: str = "error"  # a FAILED or KILLED run's error
     stopped_at_stage: str = "stopped_at_stage"  # a FAILED or KILLED chain run: the stage it stopped in, '2 (inq)'
     deploy_error: str = "deploy_error"  # a stage whose export failed with deploy.required false
+    search: str = "search"  # the search's id (its Optuna study name), on the search's run and its trials' runs
+    trial: str = "trial"  # a search's chain runs: the Optuna trial number
+    early_stopped: str = "early_stopped"  # a chain a search ended early: why (the constraint out of reach)
+    feasible: str = "feasible"  # a search's chain runs: 'true' when the final model meets every constraint
     parent_run_id: str = "mlflow.parentRunId"  # MLflow's nesting: the sweep above a chain, the chain above a stage
     note: str = "mlflow.note.content"  # the run's Markdown description, shown on its page in the UI
 
@@ -65,6 +70,7 @@ class RunType:
     """Values of the `run_type` tag."""
 
     SWEEP = "sweep"
+    SEARCH = "search"
     CHAIN = "chain"
     STAGE = "stage"
 
@@ -254,6 +260,39 @@ class Tracker:
             self.client.set_tag(run.run_id, TAGS.error, error[:5000])
             self.client.set_terminated(run.run_id, "FAILED")
         return len(open_runs)
+
+    def search_runs(self, search_id: str | None = None) -> list[RunRecord]:
+        """The top-level runs of search `search_id` (of every search when None), newest first."""
+        return self._search({TAGS.search: search_id, TAGS.run_type: RunType.SEARCH})
+
+    def trial_runs(self, search_id: str, *, status: str | None = None) -> list[RunRecord]:
+        """The chain runs of a search's trials, newest first."""
+        return self._search({TAGS.search: search_id, TAGS.run_type: RunType.CHAIN}, status=status)
+
+    def artifact_uri(self, run_id: str) -> str:
+        return self.client.get_run(run_id).info.artifact_uri
+
+    def register_model(
+        self, name: str, run_id: str, artifact_path: str, tags: dict[str, str], description: str
+    ) -> tuple[int, bool]:
+        """Register the folder `artifact_path` of run `run_id` as a version of model `name` in the MLflow Model
+        Registry (created when missing), with `tags`, and point the alias `best` at it. A version of that run and
+        folder registered before is reused. Returns (version, whether it was created now)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException:
+            self.client.create_registered_model(name, description=description)
+        source = f"{self.artifact_uri(run_id)}/{artifact_path}" if artifact_path else self.artifact_uri(run_id)
+        existing = [v for v in self.client.search_model_versions(f"name = '{name}'") if v.source == source]
+        if existing:
+            version, created = int(existing[0].version), False
+        else:
+            found = self.client.create_model_version(name, source, run_id=run_id, tags=tags, description=description)
+            version, created = int(found.version), True
+        self.client.set_registered_model_alias(name, "best", str(version))
+        return version, created
 
     def _search(self, tags: dict[str, str | None], status: str | None = None) -> list[RunRecord]:
         """Runs whose tags have the given values (None: any), newest first."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -17,6 +17,11 @@ from pipeline.config import StrictConfig
 from pipeline.data import DataBundle, DataConfig
 from pipeline.models import ModelConfig, ModelState
 from pipeline.training import LoopHooks, LossFn, TrainConfig, TrainReport, train_
+
+# Kinds of metric a stage may lower (see `register_stage(lowers=)`): `bytes`, what the model takes to store or ship
+# (artifact and exported file bytes, non-zero weights); `compute`, what it takes to run (parameters, MACs, latency,
+# throughput). Accuracy is not among them: any stage that trains may raise or lower it.
+METRIC_KINDS = frozenset({"bytes", "compute"})
 
 
 @dataclass
@@ -91,6 +96,13 @@ class StageEntry:
     # intact after qat; None allows any), so neither side has to know the other when it is written.
     not_after: frozenset[str] = frozenset()
     may_follow: frozenset[str] | None = None
+    # Which kinds of metric the stage can lower (METRIC_KINDS: `bytes`, `compute`), given its config: a search
+    # ends a trial early once a bound on such a metric is out of reach of every stage still to run. None: any.
+    lowers: Callable[[StrictConfig], frozenset[str]] | None = None
+
+    def can_lower(self, config: StrictConfig) -> frozenset[str] | None:
+        """The metric kinds this stage, so configured, may lower; None when it does not say (assume any)."""
+        return None if self.lowers is None else frozenset(self.lowers(config))
 
     @property
     def summary(self) -> str:
@@ -111,17 +123,23 @@ def register_stage(
     config: type[StrictConfig],
     not_after: frozenset[str] | set[str] = frozenset(),
     may_follow: frozenset[str] | set[str] | None = None,
+    lowers: Callable[[Any], frozenset[str] | set[str]] | frozenset[str] | set[str] | None = None,
 ):
     """Register a stage function under `name`, validated by `config`.
 
     It cannot follow the stages in `not_after`; when `may_follow` is given, only those stages may run after it.
+    `lowers` names the metric kinds (METRIC_KINDS) the stage can lower, or maps its config to them; unset, a search
+    assumes it may lower any metric and never ends a trial early on its account.
     """
 
     def wrap(fn: StageFn) -> StageFn:
         if name in _REGISTRY:
             raise ValueError(f"stage {name!r} is registered twice")
         allowed = None if may_follow is None else frozenset(may_follow)
-        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed)
+        kinds = lowers if lowers is None or callable(lowers) else (lambda _config, fixed=frozenset(lowers): fixed)
+        if not callable(lowers) and lowers is not None and not set(lowers) <= METRIC_KINDS:
+            raise ValueError(f"stage {name!r}: lowers must be among {sorted(METRIC_KINDS)}, got {sorted(lowers)}")
+        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds)
         return fn
 
     return wrap

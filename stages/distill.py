@@ -103,7 +103,7 @@ def resolve_teacher(config: DistillConfig, state: ModelState, ctx: StageContext)
     return teacher.to(ctx.device)
 
 
-@register_stage("distill", config=DistillConfig)
+@register_stage("distill", config=DistillConfig, lowers=set())
 def run_distill(state: ModelState | None, config: DistillConfig, ctx: StageContext) -> StageOutput:
     """Train the current model (student) against a teacher's softened outputs, keeping earlier constraints."""
     if state is None:

@@ -314,7 +314,7 @@ def _inq_metrics(state: ModelState, layers: dict[str, _Layer], bits: int, steps:
     }
 
 
-@register_stage("inq", config=INQConfig)
+@register_stage("inq", config=INQConfig, lowers={"bytes"})
 def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> StageOutput:
     """Incremental Network Quantization: conv/linear weights become ±2^k or 0 by portions, retraining the rest."""
     if state is None:

@@ -82,7 +82,12 @@ def step_ratio(final_ratio: float, step: int, steps: int) -> float:
     return final_ratio * step / steps
 
 
-@register_stage("prune", config=PruneConfig)
+def _lowers(config: PruneConfig) -> frozenset[str]:
+    """Removing channels shrinks the model and its compute; masked weights shrink only the stored (sparse) bytes."""
+    return frozenset({"bytes", "compute"} if config.method == "structured" else {"bytes"})
+
+
+@register_stage("prune", config=PruneConfig, lowers=_lowers)
 def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) -> StageOutput:
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:

@@ -7,7 +7,7 @@ from pipeline.training import TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
 
-@register_stage("train", config=TrainConfig)
+@register_stage("train", config=TrainConfig, lowers=set())
 def run_train(state: ModelState | None, config: TrainConfig, ctx: StageContext) -> StageOutput:
     """Train the recipe's model (as the baseline) or fine-tune the input model with cross-entropy."""
     if state is None:

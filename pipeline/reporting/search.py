@@ -1,0 +1,524 @@
+"""A search's outcome and report: its trials, the Pareto set of the feasible ones, the best model under the
+constraints, the hypervolume after each trial, what early stopping and the cache saved, and (given a sweep) how its
+frontier compares with the sweep's, measured by the same hypervolume code.
+
+`outcome_of` reads the Optuna study (pure: no MLflow); `write_search_report` writes report.md, report.html,
+trials.csv, pareto.csv, frontier.png and hypervolume.png.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.pareto import hypervolume, pareto_mask
+from pipeline.reporting.formatting import format_bytes
+from pipeline.search_config import ORDERING_PARAM, Constraint
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as the report needs it."""
+
+    number: int
+    state: str  # COMPLETE, FAIL, RUNNING, WAITING
+    chain: str  # the ordering it ran
+    params: dict[str, Any]
+    metrics: dict[str, float]
+    constraints: dict[str, float]  # constraint -> violation (<= 0 satisfied)
+    early_stopped: str | None
+    run_id: str | None
+    deploy_dir: str | None
+    accounting: dict[str, int]
+    seconds: float | None
+    baseline: dict[str, float]
+    interrupted: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "COMPLETE"
+
+    @property
+    def feasible(self) -> bool:
+        """Finished to its last stage and within every constraint."""
+        return self.complete and self.early_stopped is None and all(v <= 0 for v in self.constraints.values())
+
+
+def trial_records(study) -> list[TrialRecord]:
+    """Every trial of an Optuna study of `pipeline.search`, oldest first."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        seconds = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
+        accounting = {k: int(v) for k, v in attrs.items() if k.startswith(("stages_", "epochs_"))}
+        out.append(
+            TrialRecord(
+                t.number,
+                t.state.name,
+                attrs.get("chain", t.params.get(ORDERING_PARAM, "?")),
+                dict(t.params),
+                dict(attrs.get("metrics", {})),
+                dict(t.constraints),
+                attrs.get("early_stopped"),
+                attrs.get("run_id"),
+                attrs.get("deploy_dir"),
+                accounting,
+                seconds,
+                dict(attrs.get("baseline", {})),
+                bool(attrs.get("interrupted")),
+            )
+        )
+    return out
+
+
+@dataclass
+class Geometry:
+    """How hypervolumes are measured: the objectives, their reference point (a bound of the constraints, else the
+    uncompressed baseline for a metric to lower, else the worst value seen) and each objective's scale (its spread
+    over every point compared), so the same code measures any set of points alike."""
+
+    objectives: dict[str, str]
+    reference: np.ndarray
+    scale: np.ndarray
+
+    @property
+    def maximize(self) -> list[bool]:
+        return [d == "max" for d in self.objectives.values()]
+
+    def volume(self, points: np.ndarray) -> float:
+        return hypervolume(points, self.maximize, self.reference, self.scale) if len(points) else 0.0
+
+
+def geometry(
+    objectives: dict[str, str], constraints: list[Constraint], baseline: dict[str, float], points: list[np.ndarray]
+) -> Geometry:
+    """The reference point and scales for hypervolumes over `points` (arrays of n x objectives, stacked)."""
+    stacked = (
+        np.vstack([p for p in points if len(p)]) if any(len(p) for p in points) else np.zeros((0, len(objectives)))
+    )
+    reference, scale = [], []
+    for i, (metric, direction) in enumerate(objectives.items()):
+        column = stacked[:, i] if len(stacked) else np.array([0.0])
+        bounds = [c.bound for c in constraints if c.metric == metric and (c.op == ">=") == (direction == "max")]
+        if bounds:
+            ref = max(bounds) if direction == "max" else min(bounds)
+        elif direction == "min" and metric in baseline:
+            ref = max(baseline[metric], float(column.max()))
+        else:
+            ref = float(column.min() if direction == "max" else column.max())
+        reference.append(ref)
+        spread = float(max(abs(ref - column.min()), abs(ref - column.max())))
+        scale.append(spread if spread > 0 else 1.0)
+    return Geometry(dict(objectives), np.array(reference), np.array(scale))
+
+
+@dataclass
+class SearchOutcome:
+    search_id: str
+    objectives: dict[str, str]
+    constraints: list[Constraint]
+    selection: tuple[str, str]  # (metric, direction) that picks the best feasible model
+    trials: list[TrialRecord]
+    pareto: list[TrialRecord]
+    best: TrialRecord | None
+    geometry: Geometry
+    hypervolume_history: list[tuple[int, float]] = field(default_factory=list)  # (trial number, after it)
+
+    @property
+    def hypervolume(self) -> float:
+        return self.hypervolume_history[-1][1] if self.hypervolume_history else 0.0
+
+    def totals(self) -> dict[str, float]:
+        """The search's counts, logged as metrics of its MLflow run."""
+        complete = [t for t in self.trials if t.complete]
+        acc = {k: sum(t.accounting.get(k, 0) for t in complete) for k in _ACCOUNTING}
+        epochs = acc["epochs_trained"] + acc["epochs_reused"] + acc["epochs_skipped"]
+        stages = acc["stages_trained"] + acc["stages_reused"]
+        return {
+            "trials_complete": len(complete),
+            "trials_failed": sum(t.state == "FAIL" and not t.interrupted for t in self.trials),
+            "trials_early_stopped": sum(t.early_stopped is not None for t in complete),
+            "trials_feasible": sum(t.feasible for t in self.trials),
+            "pareto_size": len(self.pareto),
+            "hypervolume": self.hypervolume,
+            **{k: float(v) for k, v in acc.items()},
+            "epochs_skipped_share": acc["epochs_skipped"] / epochs if epochs else 0.0,
+            "stage_cache_hit_share": acc["stages_reused"] / stages if stages else 0.0,
+        }
+
+
+_ACCOUNTING = ("stages_trained", "stages_reused", "stages_skipped", "epochs_trained", "epochs_reused", "epochs_skipped")
+
+
+def objective_values(trials: list[TrialRecord], objectives: dict[str, str]) -> np.ndarray:
+    return np.array([[t.metrics[m] for m in objectives] for t in trials], dtype=float).reshape(-1, len(objectives))
+
+
+def outcome_of(study, plan) -> SearchOutcome:
+    """The outcome of a `pipeline.search` study, for `plan` (a SearchPlan)."""
+    cfg = plan.config
+    from pipeline.evaluator import metric_catalogue
+
+    direction = metric_catalogue(plan.recipe.deploy.runtimes)[cfg.selection_metric][0] or "max"
+    return summarize(
+        plan.search_id,
+        trial_records(study),
+        cfg.objectives,
+        cfg.parsed_constraints(),
+        (cfg.selection_metric, direction),
+    )
+
+
+def summarize(
+    search_id: str,
+    trials: list[TrialRecord],
+    objectives: dict[str, str],
+    constraints: list[Constraint],
+    selection: tuple[str, str],
+) -> SearchOutcome:
+    """Pareto set, best feasible model and hypervolume history of a search's trials."""
+    feasible = [t for t in trials if t.feasible and all(m in t.metrics for m in objectives)]
+    values = objective_values(feasible, objectives)
+    front = (
+        [
+            t
+            for t, keep in zip(feasible, pareto_mask(values, [d == "max" for d in objectives.values()]), strict=True)
+            if keep
+        ]
+        if feasible
+        else []
+    )
+    baseline = next((t.baseline for t in trials if t.baseline), {})
+    geo = geometry(objectives, constraints, baseline, [values])
+    history, seen = [], []
+    for trial in sorted(trials, key=lambda t: t.number):
+        if not trial.complete:
+            continue
+        if trial in feasible:
+            seen.append(trial)
+        history.append((trial.number, geo.volume(objective_values(seen, objectives))))
+    metric, direction = selection
+    sign = -1.0 if direction == "max" else 1.0
+    ranked = sorted(
+        (t for t in feasible if metric in t.metrics),
+        key=lambda t: (
+            sign * t.metrics[metric],
+            *[(-1 if d == "max" else 1) * t.metrics[m] for m, d in objectives.items()],
+        ),
+    )
+    return SearchOutcome(
+        search_id, dict(objectives), constraints, selection, trials, front, ranked[0] if ranked else None, geo, history
+    )
+
+
+# --- comparing with a sweep ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """The search's Pareto set against a sweep's models that meet the same constraints, on one geometry."""
+
+    sweep_id: str
+    sweep_points: pd.DataFrame  # one row per finished sweep chain: label + objective columns, feasible ones only
+    search_volume: float
+    sweep_volume: float
+    missed: list[TrialRecord]  # search Pareto points no sweep model dominates or equals
+    sweep_dominated: list[str]  # sweep models some search Pareto point dominates
+
+
+def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.DataFrame) -> Comparison:
+    """`sweep_models`: one row per model (index: its label) with the objective columns. Both sets are measured
+    with one geometry built from the union of their points."""
+    objectives = outcome.objectives
+    ok = sweep_models.dropna(subset=list(objectives))
+    for c in outcome.constraints:
+        if c.metric in ok:
+            ok = ok[[c.violation(v) <= 0 for v in ok[c.metric]]]
+    mine, theirs = objective_values(outcome.pareto, objectives), ok[list(objectives)].to_numpy(dtype=float)
+    baseline = next((t.baseline for t in outcome.trials if t.baseline), {})
+    geo = geometry(objectives, outcome.constraints, baseline, [mine, theirs])
+    signs = np.where(geo.maximize, -1.0, 1.0)
+
+    def dominates_or_equals(a: np.ndarray, b: np.ndarray) -> bool:
+        return bool(((a * signs) <= (b * signs)).all())
+
+    missed = [
+        t for t, p in zip(outcome.pareto, mine, strict=True) if not any(dominates_or_equals(q, p) for q in theirs)
+    ]
+    dominated = [
+        label
+        for label, q in zip(ok.index, theirs, strict=True)
+        if any(dominates_or_equals(p, q) and not np.array_equal(p, q) for p in mine)
+    ]
+    return Comparison(sweep_id, ok, geo.volume(mine), geo.volume(theirs), missed, list(map(str, dominated)))
+
+
+# --- the documents ------------------------------------------------------------------------------------------------
+
+
+def trials_frame(outcome: SearchOutcome) -> pd.DataFrame:
+    rows = []
+    front = {t.number for t in outcome.pareto}
+    for t in outcome.trials:
+        row = {
+            "trial": t.number,
+            "state": t.state,
+            "ordering": t.chain,
+            "feasible": t.feasible,
+            "pareto": t.number in front,
+            "early_stopped": t.early_stopped or "",
+            "seconds": t.seconds,
+            **{k: v for k, v in t.params.items() if k != ORDERING_PARAM},
+            **{m: t.metrics.get(m) for m in _shown_metrics(outcome)},
+            **t.accounting,
+            "run_id": t.run_id,
+        }
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _shown_metrics(outcome: SearchOutcome) -> list[str]:
+    extra = [c.metric for c in outcome.constraints] + ["top1", "artifact_bytes", "params", "macs"]
+    return list(dict.fromkeys([*outcome.objectives, *extra]))
+
+
+def write_search_report(outcome: SearchOutcome, out_dir: Path, comparison: Comparison | None = None) -> list[Path]:
+    """report.md, report.html, trials.csv, pareto.csv, frontier.png and hypervolume.png in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    frame = trials_frame(outcome)
+    paths = [out_dir / "trials.csv", out_dir / "pareto.csv"]
+    frame.to_csv(paths[0], index=False, float_format="%.6g")
+    frame[frame["pareto"]].to_csv(paths[1], index=False, float_format="%.6g") if len(frame) else frame.to_csv(paths[1])
+    paths.append(plot_frontier(outcome, out_dir / "frontier.png", comparison))
+    paths.append(plot_hypervolume(outcome, out_dir / "hypervolume.png"))
+    text = search_markdown(outcome, comparison)
+    paths.append(out_dir / "report.md")
+    paths[-1].write_text(text)
+    paths.append(out_dir / "report.html")
+    paths[-1].write_text(_html(text, out_dir))
+    return paths
+
+
+def _fmt(metric: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if metric.endswith("bytes") or metric.endswith("bytes_zip"):
+        return format_bytes(value)
+    if metric in ("params", "macs", "nonzero_params"):
+        return f"{value / 1e6:.2f} M"
+    return f"{value:.2f}" if "top" in metric else f"{value:.4g}"
+
+
+def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None) -> str:
+    totals = outcome.totals()
+    objectives = ", ".join(f"{m} ({d})" for m, d in outcome.objectives.items())
+    lines = [
+        f"# Search `{outcome.search_id}`",
+        "",
+        f"- Objectives: {objectives}.",
+        f"- Constraints: {'; '.join(map(str, outcome.constraints)) or 'none'}.",
+        f"- Trials: {int(totals['trials_complete'])} finished ({int(totals['trials_early_stopped'])} ended early, "
+        f"{int(totals['trials_feasible'])} feasible), {int(totals['trials_failed'])} failed.",
+        f"- Early stopping skipped {int(totals['epochs_skipped'])} of "
+        f"{int(totals['epochs_trained'] + totals['epochs_reused'] + totals['epochs_skipped'])} chain epochs "
+        f"({totals['epochs_skipped_share']:.0%}) and {int(totals['stages_skipped'])} stage runs.",
+        f"- Stage cache: {int(totals['stages_reused'])} of {int(totals['stages_reused'] + totals['stages_trained'])} "
+        f"stage runs reused ({totals['stage_cache_hit_share']:.0%}); {int(totals['epochs_trained'])} epochs trained.",
+        f"- Hypervolume of the feasible Pareto set: {outcome.hypervolume:.4f} (objectives scaled by their spread; "
+        f"reference point {_reference(outcome)}).",
+        f"- Written {time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        "## Best model under the constraints",
+        "",
+    ]
+    if outcome.best is None:
+        lines += ["No trial met every constraint: nothing is registered. Loosen a bound or search longer.", ""]
+    else:
+        b = outcome.best
+        metric, direction = outcome.selection
+        settings = {k: v for k, v in b.params.items() if k != ORDERING_PARAM}
+        lines += [
+            f"Trial {b.number}, `{b.chain}` {json.dumps(settings)}: the feasible model with the "
+            f"{'highest' if direction == 'max' else 'lowest'} {metric}.",
+            "",
+        ]
+        lines += _table([b], outcome) + [""]
+    lines += ["## Pareto set (feasible trials)", ""]
+    lines += _table(outcome.pareto, outcome) if outcome.pareto else ["No feasible trial yet."]
+    lines += ["", "![frontier](frontier.png)", "", "![hypervolume](hypervolume.png)", ""]
+    if comparison is not None:
+        lines += _comparison_markdown(outcome, comparison)
+    stopped = [t for t in outcome.trials if t.early_stopped]
+    if stopped:
+        lines += ["## Trials ended early", ""]
+        lines += [f"- trial {t.number} (`{t.chain}`): {t.early_stopped}" for t in stopped] + [""]
+    lines += ["All trials: `trials.csv`; the Pareto set: `pareto.csv`.", ""]
+    return "\n".join(lines)
+
+
+def _reference(outcome: SearchOutcome) -> str:
+    return ", ".join(f"{m} {_fmt(m, r)}" for m, r in zip(outcome.objectives, outcome.geometry.reference, strict=True))
+
+
+def _table(trials: list[TrialRecord], outcome: SearchOutcome) -> list[str]:
+    metrics = _shown_metrics(outcome)
+    head = ["trial", "ordering", "settings", *metrics]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in trials:
+        settings = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items() if k != ORDERING_PARAM
+        )
+        cells = [str(t.number), f"`{t.chain}`", settings or "–", *[_fmt(m, t.metrics.get(m)) for m in metrics]]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+def _comparison_markdown(outcome: SearchOutcome, c: Comparison) -> list[str]:
+    better = "larger" if c.search_volume > c.sweep_volume else "not larger"
+    lines = [
+        f"## Against sweep `{c.sweep_id}`",
+        "",
+        f"Both frontiers measured by the same code on one geometry (reference and scales from the union of the points; "
+        f"sweep models outside the constraints left out: {len(c.sweep_points)} remain).",
+        "",
+        f"- Hypervolume: search {c.search_volume:.4f}, sweep {c.sweep_volume:.4f}: the search's is {better}"
+        + (f" ({c.search_volume / c.sweep_volume:.2f}x)." if c.sweep_volume > 0 else "."),
+        f"- Sweep models a search Pareto point dominates: {', '.join(c.sweep_dominated) or 'none'}.",
+        "",
+        "Search Pareto points that no sweep model dominates or equals (what the hand-written sweep missed):",
+        "",
+    ]
+    lines += _table(c.missed, outcome) if c.missed else ["none"]
+    return [*lines, ""]
+
+
+def plot_frontier(outcome: SearchOutcome, path: Path, comparison: Comparison | None = None) -> Path:
+    """Every pair of objectives: trials (infeasible and ended-early ones marked), the Pareto set, the sweep's models."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(combinations(outcome.objectives, 2)) or [(next(iter(outcome.objectives)),) * 2]
+    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.4), squeeze=False)
+    front = {t.number for t in outcome.pareto}
+    groups = {
+        "feasible": [t for t in outcome.trials if t.feasible and t.number not in front],
+        "infeasible": [t for t in outcome.trials if t.complete and not t.feasible and not t.early_stopped],
+        "ended early": [t for t in outcome.trials if t.complete and t.early_stopped],
+        "Pareto set": outcome.pareto,
+    }
+    style = {
+        "feasible": ("tab:blue", "o", 0.5),
+        "infeasible": ("grey", "x", 0.6),
+        "ended early": ("tab:red", "v", 0.6),
+        "Pareto set": ("black", "*", 1.0),
+    }
+    for ax, (x, y) in zip(axes[0], pairs, strict=True):
+        for name, trials in groups.items():
+            ts = [t for t in trials if x in t.metrics and y in t.metrics]
+            if ts:
+                color, marker, alpha = style[name]
+                ax.scatter(
+                    [t.metrics[x] for t in ts],
+                    [t.metrics[y] for t in ts],
+                    c=color,
+                    marker=marker,
+                    alpha=alpha,
+                    s=70 if name == "Pareto set" else 30,
+                    label=name,
+                )
+        if comparison is not None and len(comparison.sweep_points):
+            ax.scatter(
+                comparison.sweep_points[x],
+                comparison.sweep_points[y],
+                facecolors="none",
+                edgecolors="tab:green",
+                s=60,
+                label=f"sweep {comparison.sweep_id}",
+            )
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"search {outcome.search_id}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_hypervolume(outcome: SearchOutcome, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    if outcome.hypervolume_history:
+        numbers, volumes = zip(*outcome.hypervolume_history, strict=True)
+        ax.step(numbers, volumes, where="post")
+        ax.plot(numbers, volumes, "o", ms=3)
+    ax.set_xlabel("trial")
+    ax.set_ylabel("hypervolume of the feasible Pareto set")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _html(markdown_text: str, out_dir: Path) -> str:
+    """A self-contained page: the Markdown's tables and text as HTML, the PNGs inlined."""
+    body = []
+    table: list[str] = []
+
+    def flush() -> None:
+        if table:
+            rows = [r.strip("|").split("|") for r in table if not set(r.replace("|", "")) <= {"-"}]
+            cells = []
+            for i, row in enumerate(rows):
+                tag = "th" if i == 0 else "td"
+                cells.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row) + "</tr>")
+            body.append("<table>" + "".join(cells) + "</table>")
+            table.clear()
+
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("!["):
+            name = line[line.index("(") + 1 : line.index(")")]
+            data = base64.b64encode((out_dir / name).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = (
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"
+    )
+    head = f"<head><meta charset='utf-8'><style>{style}</style></head>"
+    return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"
+
+
+__all__ = ["SearchOutcome", "TrialRecord", "compare_with_sweep", "outcome_of", "summarize", "write_search_report"]

@@ -1,0 +1,249 @@
+"""Searches: the `search:` block is validated when the recipe loads; the early-stop rule, the Pareto set and the
+hypervolume on hand-made trials; and a tiny search through the CLI on real CIFAR-10 images (trials in MLflow with
+their settings, constraints respected by the reported set, an early stop after pruning, the registry entry, resume
+after an interruption)."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+from mlflow.tracking import MlflowClient
+
+from pipeline import cli
+from pipeline.artifacts import load_artifact
+from pipeline.evaluator import count_params, metric_catalogue
+from pipeline.pareto import hypervolume
+from pipeline.recipe import RecipeError, StageSpec, validate_recipe
+from pipeline.reporting.search import TrialRecord, compare_with_sweep, summarize
+from pipeline.search import plan_search, unreachable_constraint
+from pipeline.search_config import Constraint
+from stages.distill import DistillConfig
+from stages.prune import PruneConfig
+from stages.qat import QATConfig
+from tests.conftest import TINY_MODEL, tiny_recipe, write_recipe
+
+TWO = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
+
+
+def search_recipe(**search) -> dict:
+    block = {
+        "orderings": "all",
+        "space": {"prune.pruning_ratio": {"choices": [0.3, 0.5]}},
+        "objectives": {"top1": "max", "artifact_bytes": "min"},
+        "trials": 3,
+        "sampler": "random",
+    }
+    return tiny_recipe(name="tiny-search", stages=TWO, search={**block, **search})
+
+
+# --- validation -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"space": {"prune.no_such": {"low": 0, "high": 1}}}, "search.space.prune.no_such: prune has no field"),
+        ({"space": {"inq.bits": {"choices": [2, 3]}}}, "search.space.inq.bits: must be `stage.field` with a stage"),
+        ({"space": {"prune.pruning_ratio": {"low": 0.8, "high": 0.2}}}, "empty range: `low` (0.8) must be below"),
+        ({"space": {"prune.pruning_ratio": {"choices": []}}}, "`choices` is empty"),
+        ({"space": {"prune.pruning_ratio": {"low": 0.2, "high": 1.5}}}, "search.space.prune.pruning_ratio: 1.5:"),
+        ({"space": {"budget.epochs": {"low": 2, "high": 4}}}, "the recipe sets no `budget:` to vary"),
+        ({"objectives": {"top1": "up"}}, "direction must be max or min, got 'up'"),
+        ({"objectives": {"accuracy": "max"}}, "unknown metric 'accuracy' (not a metric the evaluator logs)"),
+        ({"objectives": {"openvino.latency_ms_p50": "min"}}, "unknown metric 'openvino.latency_ms_p50' (deploy"),
+        ({"objectives": {}}, "name at least one metric to optimise"),
+        ({"constraints": ["top1 > 79"]}, "must read `metric <= number` or `metric >= number`"),
+        ({"constraints": ["size <= 1e6"]}, "unknown metric 'size'"),
+        ({"trials": None}, "a search needs a budget"),
+        ({"orderings": [["prune", "nope"]]}, "search.orderings[0][1]: 'nope' is not one of the recipe's stages"),
+        ({"sampler": "cmaes"}, "search.sampler: Input should be 'tpe', 'nsga2' or 'random'"),
+        ({"unknown": 1}, "search.unknown: unknown key"),
+    ],
+)
+def test_bad_search_blocks_are_refused_when_the_recipe_loads(change, expected, cifar_root):
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(search_recipe(**change))
+    assert expected in str(info.value), str(info.value)
+
+
+def test_a_search_does_not_mix_with_a_sweep_and_is_not_a_plain_run(cifar_root, tmp_path, isolated, capsys):
+    with pytest.raises(RecipeError, match="^orderings: a search chooses its chains itself"):
+        validate_recipe({**search_recipe(), "orderings": "all"})
+    path = write_recipe(tmp_path / "s.yaml", search_recipe())
+    assert cli.main(["run", str(path)]) == 2
+    assert "declares a search; run it with `make search" in capsys.readouterr().err
+
+
+def test_search_orderings_cover_every_runnable_subset(cifar_root):
+    stages = [TWO[1], {"qat": {"epochs": 1}}, {"inq": {"epochs": 1}}]
+    recipe = validate_recipe(tiny_recipe(stages=stages, search={"objectives": {"top1": "max"}}))
+    orderings = recipe.search_orderings()
+    assert ("qat", "inq") not in orderings  # inq cannot follow qat
+    assert ("qat", "distill") in orderings and ("inq", "qat") in orderings and ("inq",) in orderings
+    assert len(orderings) == 3 + 6 + 6 - 1 - 3  # singles, pairs, triples; minus qat>inq and the 3 triples qat…inq
+    chain = recipe.search_chain(["distill", "inq"], {"inq.bits": 3})
+    assert chain.ordering == "distill>inq" and chain.stages[1].config.bits == 3
+    assert chain.search is None and not chain.is_search
+
+
+# --- early stop ---------------------------------------------------------------------------------------------------
+
+
+def test_a_size_bound_ends_a_trial_only_when_no_later_stage_can_lower_size():
+    catalogue = metric_catalogue(["onnxruntime"])
+    size = [Constraint.parse("artifact_bytes <= 1e6")]
+    over = {"artifact_bytes": 2e6}
+    distill, prune = StageSpec("distill", DistillConfig()), StageSpec("prune", PruneConfig())
+    reason = unreachable_constraint(over, [distill], size, catalogue, 0.1)
+    assert reason is not None and "artifact_bytes <= 1e+06 is out of reach" in reason and "(distill)" in reason
+    assert unreachable_constraint(over, [distill, prune], size, catalogue, 0.1) is None  # pruning may still shrink it
+    assert unreachable_constraint({"artifact_bytes": 5e5}, [distill], size, catalogue, 0.1) is None
+    # Unstructured pruning shrinks the stored bytes but not the compute; QAT both.
+    macs = [Constraint.parse("macs <= 1e6")]
+    unstructured = StageSpec("prune", PruneConfig(method="unstructured"))
+    assert unreachable_constraint({"macs": 2e6}, [unstructured], macs, catalogue, 0.1) is not None
+    assert unreachable_constraint({"macs": 2e6}, [StageSpec("qat", QATConfig())], macs, catalogue, 0.1) is None
+    # Latency is noisy: within the margin it does not end a trial; accuracy bounds never do (training may lift it).
+    latency = [Constraint.parse("onnxruntime.latency_ms_p50 <= 1.0")]
+    assert unreachable_constraint({"onnxruntime.latency_ms_p50": 1.05}, [distill], latency, catalogue, 0.1) is None
+    assert unreachable_constraint({"onnxruntime.latency_ms_p50": 1.2}, [distill], latency, catalogue, 0.1) is not None
+    top1 = [Constraint.parse("top1 >= 99")]
+    assert unreachable_constraint({"top1": 10.0}, [distill], top1, catalogue, 0.1) is None
+
+
+# --- Pareto set and hypervolume ----------------------------------------------------------------------------------
+
+
+def test_hypervolume_of_hand_computed_boxes():
+    # Minimise both; reference (4, 4); points (1, 3) and (3, 1): two 3x1 boxes overlapping in a 1x1 square -> 5.
+    assert hypervolume(np.array([[1, 3], [3, 1]]), [False, False], np.array([4, 4]), np.ones(2)) == pytest.approx(5)
+    # Maximise the first: (-1 -> 1 after flipping) the same geometry; scaling divides each axis.
+    assert hypervolume(np.array([[-1, 3]]), [True, False], np.array([-4, 4]), np.array([3, 1])) == pytest.approx(1)
+    assert hypervolume(np.array([[5, 5]]), [False, False], np.array([4, 4]), np.ones(2)) == 0.0
+
+
+def _trial(number, top1, size, *, stopped=None, violation=-1.0, state="COMPLETE") -> TrialRecord:
+    return TrialRecord(number, state, "prune", {"ordering": "prune"}, {"top1": top1, "artifact_bytes": size},
+                       {"artifact_bytes <= 100": violation}, stopped, f"run{number}", None,
+                       {"epochs_trained": 2, "epochs_skipped": 3 if stopped else 0}, 1.0,
+                       {"top1": 90.0, "artifact_bytes": 100.0})  # fmt: skip
+
+
+def test_pareto_set_best_model_and_history_keep_to_feasible_trials():
+    objectives = {"top1": "max", "artifact_bytes": "min"}
+    trials = [
+        _trial(0, 80, 50),
+        _trial(1, 85, 70),
+        _trial(2, 79, 60),  # dominated by trial 0
+        _trial(3, 95, 150, violation=50.0),  # best top1 but infeasible
+        _trial(4, 70, 120, stopped="artifact_bytes out of reach", violation=20.0),
+        _trial(5, 0, 0, state="FAIL"),
+    ]
+    out = summarize("s", trials, objectives, [Constraint.parse("artifact_bytes <= 100")], ("top1", "max"))
+    assert [t.number for t in out.pareto] == [0, 1]
+    assert out.best.number == 1
+    numbers, volumes = zip(*out.hypervolume_history, strict=True)
+    assert numbers == (0, 1, 2, 3, 4)  # FAIL trials are not counted
+    assert volumes[0] > 0 and volumes[1] > volumes[0] and volumes[1:] == (volumes[1],) * 4
+    totals = out.totals()
+    assert totals["trials_early_stopped"] == 1 and totals["trials_feasible"] == 3 and totals["trials_failed"] == 1
+    assert totals["epochs_skipped_share"] == pytest.approx(3 / (5 * 2 + 3))
+
+
+def test_comparison_with_a_sweep_names_the_points_it_missed():
+    objectives = {"top1": "max", "artifact_bytes": "min"}
+    trials = [_trial(0, 80, 40), _trial(1, 85, 70)]
+    out = summarize("s", trials, objectives, [Constraint.parse("artifact_bytes <= 100")], ("top1", "max"))
+    sweep = pd.DataFrame({"top1": [85.0, 78.0, 99.0], "artifact_bytes": [70.0, 60.0, 200.0]}, index=["a", "b", "c"])
+    comparison = compare_with_sweep(out, "sw", sweep)
+    assert list(comparison.sweep_points.index) == ["a", "b"]  # c breaks the size bound
+    assert [t.number for t in comparison.missed] == [0]  # trial 1 equals sweep model a
+    assert comparison.sweep_dominated == ["b"]
+    assert comparison.search_volume > comparison.sweep_volume > 0
+
+
+# --- a tiny search end to end -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch, capsys):
+    # A parameter bound between the pruned models and the unpruned one: `distill` alone can never meet it (ended
+    # after the baseline), chains with pruning can.
+    full = count_params(timm.create_model(TINY_MODEL, num_classes=10))
+    raw = search_recipe(
+        orderings=[["distill"], ["prune", "distill"], ["prune"]],
+        constraints=[f"params <= {int(full * 0.9)}", "top1 >= 0"],
+        trials=4,
+        seed=3,
+    )
+    path = write_recipe(tmp_path / "search.yaml", raw)
+    plan = plan_search(validate_recipe(raw), tracking_uri=isolated["MLFLOW_TRACKING_URI"], cache_dir=tmp_path / "c")
+
+    # Interrupt the second trial: the search stops with exit 130; the first trial stays finished.
+    from pipeline import search as search_module
+
+    real_run, calls = search_module.Runner.run, []
+
+    def interrupted_second(self):
+        calls.append(self.recipe.ordering)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("test")
+        return real_run(self)
+
+    monkeypatch.setattr(search_module.Runner, "run", interrupted_second)
+    assert cli.main(["search", str(path), "--quiet", "--no-report"]) == 130
+    monkeypatch.setattr(search_module.Runner, "run", real_run)
+    trained_before = _trained_keys(isolated)
+
+    assert cli.main(["search", str(path), "--quiet", "--reports-dir", str(tmp_path / "reports")]) == 0
+    out = capsys.readouterr().out
+    assert f"search {plan.search_id}: 4 trials finished" in out
+
+    client = MlflowClient(isolated["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("compression")
+    runs = client.search_runs([exp.experiment_id], f"tags.search = '{plan.search_id}'", max_results=1000)
+    search_runs = [r for r in runs if r.data.tags["run_type"] == "search"]
+    assert [r.info.status for r in search_runs] == ["FINISHED"]  # the interrupted run, reopened
+    trials = [r for r in runs if r.data.tags["run_type"] == "chain"]
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    assert len(finished) == 4 and all(r.data.tags["mlflow.parentRunId"] == search_runs[0].info.run_id for r in trials)
+    for run in finished:  # the trial's sampled settings are params of its run
+        assert ("search.prune.pruning_ratio" in run.data.params) == ("prune" in run.data.tags["ordering"])
+    # The resumed search reran the interrupted trial (same settings) and retrained nothing the first trial cached.
+    trained_after = _trained_keys(isolated)
+    assert set(trained_before) <= set(trained_after) and len(trained_after) == len(set(trained_after))
+
+    report = tmp_path / "reports" / plan.search_id
+    frame = pd.read_csv(report / "trials.csv")
+    assert len(frame[frame.state == "COMPLETE"]) == 4
+    stopped = frame[(frame.ordering == "distill") & (frame.state == "COMPLETE")]
+    assert len(stopped) >= 1, frame
+    assert (stopped.early_stopped.str.contains("params <= .* is out of reach")).all()
+    assert (stopped.stages_skipped == 1).all()
+    pareto = pd.read_csv(report / "pareto.csv")
+    assert len(pareto) >= 1 and pareto.feasible.all() and (pareto.params <= int(full * 0.9)).all()
+    text = (report / "report.md").read_text()
+    assert "## Pareto set (feasible trials)" in text and "## Best model under the constraints" in text
+    assert (report / "frontier.png").stat().st_size > 0 and (report / "hypervolume.png").stat().st_size > 0
+
+    # The best feasible model is in the Model Registry under the recipe's name, alias `best`, with its files.
+    version = client.get_model_version_by_alias("tiny-search", "best")
+    assert version.tags["search"] == plan.search_id and version.tags["ordering"] in {"prune", "prune>distill"}
+    best = pareto.sort_values("top1", ascending=False).iloc[0]
+    assert int(version.tags["trial"]) in set(frame[frame.feasible].trial) and float(version.tags["metric.top1"]) == (
+        pytest.approx(best.top1, abs=1e-3)
+    )
+    mlflow.set_tracking_uri(isolated["MLFLOW_TRACKING_URI"])
+    folder = mlflow.artifacts.download_artifacts("models:/tiny-search@best", dst_path=str(tmp_path / "dl"))
+    model = load_artifact(f"{folder}/model")
+    assert sum(p.numel() for p in model.parameters()) <= int(full * 0.9)
+
+
+def _trained_keys(env) -> list[str]:
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("compression")
+    runs = client.search_runs([exp.experiment_id], "tags.trained = 'true'", max_results=1000)
+    return [r.data.tags["cache_key"] for r in runs]
