@@ -83,7 +83,10 @@ def open_study(plan: SearchPlan, worker: int = 0):
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pipeline logs one line per trial itself
-    engine = {"connect_args": {"timeout": 120}} if plan.storage.startswith("sqlite") else {}
+    engine = {}
+    if plan.storage.startswith("sqlite:///"):
+        Path(plan.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        engine = {"connect_args": {"timeout": 120}}  # workers share the file: wait for the lock, do not fail
     with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = RDBStorage(
@@ -186,6 +189,7 @@ class TrialContext:
     cache_dir: Path
     tracker: Tracker
     progress: bool
+    worker: int = 0
 
     @property
     def constraints(self) -> list[Constraint]:
@@ -212,7 +216,7 @@ def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
         progress=ctx.progress,
         parent_run_id=ctx.search_run_id,
         tags={TAGS.search: ctx.plan.search_id, TAGS.trial: str(trial.number)},
-        params={"trial": trial.number, **{f"search.{k}": v for k, v in settings.items()}},
+        params={"trial": trial.number, "search_worker": ctx.worker, **{f"search.{k}": v for k, v in settings.items()}},
         stop_after=stop if cfg.early_stop.enabled else None,
         run_name=f"trial {trial.number}: {chain.ordering}",
     )
@@ -307,7 +311,7 @@ def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     cfg = job.plan.config
     study = open_study(job.plan, job.worker)
     tracker = Tracker(job.tracking_uri, experiment_id=job.experiment_id)
-    ctx = TrialContext(job.plan, job.search_run_id, job.cache_dir, tracker, job.progress)
+    ctx = TrialContext(job.plan, job.search_run_id, job.cache_dir, tracker, job.progress, job.worker)
     ran = 0
 
     def budget_spent(study, _trial) -> None:

@@ -97,3 +97,29 @@ def test_a_ray_task_logs_the_pipeline_progress_to_its_stderr(monkeypatch, capsys
     assert _logging_to_stderr(job)(1) == 1
     assert _logging_to_stderr(job)(2) == 2  # a reused worker does not add a second handler
     assert capsys.readouterr().err == "[pipeline] train: epoch 1/2\n[pipeline] train: epoch 2/2\n"
+
+
+def test_ray_search_workers_share_one_study(tmp_path, isolated, mlflow_server, cifar_root):
+    """Two search workers as Ray tasks, one Optuna study (SQLite beside the cache), trials logged to the server."""
+    stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
+    search = {"orderings": [["prune"], ["prune", "distill"]], "space": {"prune.pruning_ratio": {"choices": [0.3, 0.5]}},
+              "objectives": {"top1": "max", "artifact_bytes": "min"}, "trials": 3, "workers": 2, "sampler": "random",
+              "registry": False}  # fmt: skip
+    raw = tiny_recipe(name="tiny-ray-search", stages=stages, search=search, executor={"name": "ray", "cpus": 1})
+    raw["data"]["train_subset"] = 160
+    path = write_recipe(tmp_path / "search.yaml", raw)
+    env = dict(isolated, MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(PROJECT_ROOT),
+               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")  # fmt: skip
+    result = run_cli(["search", str(path), "--quiet", "--no-report"], env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    search_id = re.search(r"^search (\S+): (\d+) trials finished", result.stdout, re.M)
+    assert search_id and int(search_id.group(2)) >= 3, result.stdout  # a worker may start one more as the other ends
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("compression")
+    runs = client.search_runs([exp.experiment_id], f"tags.search = '{search_id.group(1)}'", max_results=1000)
+    trials = [r for r in runs if r.data.tags["run_type"] == "chain"]
+    assert {r.info.status for r in trials} == {"FINISHED"}
+    assert {r.data.params["search_worker"] for r in trials} == {"0", "1"}  # both workers ran trials
+    assert len({r.data.tags["trial"] for r in trials}) == len(trials)  # one study numbers them
+    trained = [r.data.tags["cache_key"] for r in runs if r.data.tags.get("trained") == "true"]
+    assert len(trained) == len(set(trained))  # a prefix two trials share was trained once

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from pipeline.artifacts import load_artifact, save_artifact
-from pipeline.evaluator import EvalConfig, evaluate
+from pipeline.evaluator import MODEL_METRICS, EvalConfig, evaluate
 from stages import StageContext, available_stages, get_stage
+from stages.base import METRIC_KINDS
 from tests.conftest import stage_context
 
 FAST = EvalConfig(latency_runs=5, warmup_runs=1, throughput_runs=2, throughput_batch_size=4)
@@ -44,3 +45,20 @@ def test_stage_contract(name, tiny_bundle, baseline, tmp_path):
     assert 0 < metrics["nonzero_params"] <= metrics["params"]
     assert metrics["macs"] > 0 and 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p90"]
     assert metrics["throughput_ips"] > 0
+    _lowers_only_what_it_declares(name, config, baseline, {**metrics, "artifact_bytes": size}, tiny_bundle, tmp_path)
+
+
+def _lowers_only_what_it_declares(name, config, baseline, after, bundle, tmp_path) -> None:
+    """A search ends trials early on `register_stage(lowers=)`, so it must hold: a metric of a kind the stage says it
+    cannot lower is not lower after it than in its input (timed metrics left out: they are noisy)."""
+    kinds = get_stage(name).can_lower(config)
+    assert kinds is None or kinds <= METRIC_KINDS
+    if kinds is None or kinds == METRIC_KINDS:
+        return
+    size = save_artifact(baseline, tmp_path / "input.pt")
+    before = evaluate(load_artifact(tmp_path / "input.pt"), bundle.test_loader(8), bundle.input_size, FAST)
+    before["artifact_bytes"] = size
+    for metric, (_, kind) in MODEL_METRICS.items():
+        if kind is None or kind in kinds or "latency" in metric or "throughput" in metric:
+            continue
+        assert after[metric] >= 0.99 * before[metric], f"{name} lowered {metric} ({kind}) but does not declare it"
