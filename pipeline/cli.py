@@ -157,6 +157,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(recipe) -> str:
+    if recipe.is_search:
+        cfg = recipe.search
+        budget = " and ".join(
+            x
+            for x in (
+                f"{cfg.trials} trials" if cfg.trials else "",
+                f"{cfg.timeout_minutes:g} min" if cfg.timeout_minutes else "",
+            )
+            if x
+        )
+        return (
+            f"search of {len(recipe.search_orderings())} orderings x {len(cfg.space)} sampled field(s) "
+            f"({', '.join(cfg.space) or 'none'}); objectives {', '.join(f'{m} {d}' for m, d in cfg.objectives.items())}"
+            f"; constraints {'; '.join(cfg.constraints) or 'none'}; budget {budget}"
+        )
     if not recipe.is_sweep:
         return recipe.ordering
     orderings, skipped = recipe.sweep_orderings()
