@@ -36,6 +36,8 @@ log = logging.getLogger("pipeline")
 
 # A worker that stops beating for GRACE_S (killed, machine lost) has its trial failed and retried by the next worker.
 HEARTBEAT_S, GRACE_S = 30, 180
+# Search keys that say how long or where a search runs, not what it searches: changing them resumes the same study.
+BUDGET_KEYS = {"trials", "timeout_minutes", "workers", "storage", "registry", "registry_name", "select"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,9 @@ def plan_search(recipe: Recipe, *, tracking_uri: str, cache_dir: Path, new: bool
     if recipe.search is None:
         raise ValueError(f"recipe {recipe.name!r} has no `search:` block")
     orderings = [">".join(o) for o in recipe.search_orderings()]
-    content = digest({"recipe": recipe.to_dict(), "evaluation": evaluation_key(recipe)})[:8]
+    defining = recipe.to_dict()
+    defining["search"] = {k: v for k, v in defining["search"].items() if k not in BUDGET_KEYS}
+    content = digest({"recipe": defining, "evaluation": evaluation_key(recipe)})[:8]
     search_id = f"{recipe.name}-{content}" + (time.strftime("-%Y%m%d-%H%M%S") if new else "")
     storage = recipe.search.storage or default_storage(tracking_uri, cache_dir)
     return SearchPlan(recipe, search_id, orderings, storage)
@@ -248,14 +252,15 @@ def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
 
 
 def trial_accounting(chain: Recipe, results: list[StageResult], early_stopped: str | None) -> dict[str, Any]:
-    """Stages and epochs a trial trained, took from the cache, and skipped by ending early."""
-    epochs = [chain.baseline.epochs] + [getattr(s.config, "total_epochs", lambda: 0)() for s in chain.stage_specs()]
-    done = {r.index: r for r in results}
+    """Stage runs and epochs a trial trained, took from the cache, and skipped by ending early; the baseline, which
+    every trial shares, is left out."""
+    epochs = [getattr(s.config, "total_epochs", lambda: 0)() for s in chain.stage_specs()]
+    done = {r.index - 1: r for r in results if r.index > 0}
     return {
         "early_stopped": early_stopped,
-        "stages_trained": sum(not r.cached for r in results),
-        "stages_reused": sum(r.cached for r in results),
-        "stages_skipped": len(epochs) - len(results),
+        "stages_trained": sum(not r.cached for r in done.values()),
+        "stages_reused": sum(r.cached for r in done.values()),
+        "stages_skipped": len(epochs) - len(done),
         "epochs_trained": sum(epochs[i] for i, r in done.items() if not r.cached),
         "epochs_reused": sum(epochs[i] for i, r in done.items() if r.cached),
         "epochs_skipped": sum(e for i, e in enumerate(epochs) if i not in done),

@@ -145,7 +145,7 @@ class SearchOutcome:
         """The search's counts, logged as metrics of its MLflow run."""
         complete = [t for t in self.trials if t.complete]
         acc = {k: sum(t.accounting.get(k, 0) for t in complete) for k in _ACCOUNTING}
-        epochs = acc["epochs_trained"] + acc["epochs_reused"] + acc["epochs_skipped"]
+        to_train = acc["epochs_trained"] + acc["epochs_skipped"]  # what the trials would have trained, not stopped
         stages = acc["stages_trained"] + acc["stages_reused"]
         return {
             "trials_complete": len(complete),
@@ -155,7 +155,7 @@ class SearchOutcome:
             "pareto_size": len(self.pareto),
             "hypervolume": self.hypervolume,
             **{k: float(v) for k, v in acc.items()},
-            "epochs_skipped_share": acc["epochs_skipped"] / epochs if epochs else 0.0,
+            "epochs_skipped_share": acc["epochs_skipped"] / to_train if to_train else 0.0,
             "stage_cache_hit_share": acc["stages_reused"] / stages if stages else 0.0,
         }
 
@@ -332,11 +332,13 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         f"- Constraints: {'; '.join(map(str, outcome.constraints)) or 'none'}.",
         f"- Trials: {int(totals['trials_complete'])} finished ({int(totals['trials_early_stopped'])} ended early, "
         f"{int(totals['trials_feasible'])} feasible), {int(totals['trials_failed'])} failed.",
-        f"- Early stopping skipped {int(totals['epochs_skipped'])} of "
-        f"{int(totals['epochs_trained'] + totals['epochs_reused'] + totals['epochs_skipped'])} chain epochs "
-        f"({totals['epochs_skipped_share']:.0%}) and {int(totals['stages_skipped'])} stage runs.",
-        f"- Stage cache: {int(totals['stages_reused'])} of {int(totals['stages_reused'] + totals['stages_trained'])} "
-        f"stage runs reused ({totals['stage_cache_hit_share']:.0%}); {int(totals['epochs_trained'])} epochs trained.",
+        f"- Early stopping skipped {int(totals['stages_skipped'])} stage runs and {int(totals['epochs_skipped'])} "
+        f"epochs: {totals['epochs_skipped_share']:.0%} of the "
+        f"{int(totals['epochs_trained'] + totals['epochs_skipped'])} epochs the finished trials would otherwise have "
+        "trained (their stages not in the cache).",
+        f"- Stage cache (stages after the shared baseline): {int(totals['stages_reused'])} of "
+        f"{int(totals['stages_reused'] + totals['stages_trained'])} stage runs reused "
+        f"({totals['stage_cache_hit_share']:.0%}); {int(totals['epochs_trained'])} epochs trained.",
         f"- Hypervolume of the feasible Pareto set: {outcome.hypervolume:.4f} (objectives scaled by their spread; "
         f"reference point {_reference(outcome)}).",
         f"- Written {time.strftime('%Y-%m-%d %H:%M')}.",

@@ -150,7 +150,7 @@ def test_pareto_set_best_model_and_history_keep_to_feasible_trials():
     assert volumes[0] > 0 and volumes[1] > volumes[0] and volumes[1:] == (volumes[1],) * 4
     totals = out.totals()
     assert totals["trials_early_stopped"] == 1 and totals["trials_feasible"] == 3 and totals["trials_failed"] == 1
-    assert totals["epochs_skipped_share"] == pytest.approx(3 / (5 * 2 + 3))
+    assert totals["epochs_skipped_share"] == pytest.approx(3 / (5 * 2 + 3))  # of the epochs to train, not reused
 
 
 def test_comparison_with_a_sweep_names_the_points_it_missed():
