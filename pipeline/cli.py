@@ -281,9 +281,16 @@ def _search(recipe, args) -> int:
                      else ""))  # fmt: skip
         else:
             print("no trial met every constraint; nothing registered")
+        failed_workers = [w for w in summary.workers if w.error]
+        if totals["trials_failed"]:
+            print(f"error: {int(totals['trials_failed'])} trial(s) failed (errors in MLflow)", file=sys.stderr)
+        status = EXIT_OK
+        if failed_workers or (totals["trials_failed"] and not totals["trials_complete"]):
+            status = EXIT_FAILED
         if not args.no_report and totals["trials_complete"]:
-            return _report_search(summary.plan.search_id, args.reports_dir, args.against)
-        return EXIT_OK
+            reported = _report_search(summary.plan.search_id, args.reports_dir, args.against)
+            status = status or reported
+        return status
 
     return _guarded(search)
 

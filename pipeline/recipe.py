@@ -24,7 +24,7 @@ from pipeline.data import TORCHVISION_LAYOUT, DataConfig, DataNotFoundError, Dat
 from pipeline.deploy import DeployConfig
 from pipeline.evaluator import EvalConfig, metric_catalogue
 from pipeline.models import ModelConfig, ModelSpec
-from pipeline.search_config import SearchConfig
+from pipeline.search_config import SearchConfig, is_integer_field
 from pipeline.training import TrainConfig
 from stages import get_stage
 from stages.base import UnknownStageError, chain_conflict
@@ -428,6 +428,7 @@ def _check_search_field(recipe: Recipe, specs: dict[str, StageSpec], key: str, v
     if key == "budget.epochs":
         if recipe.budget is None:
             raise RecipeError(path, "the recipe sets no `budget:` to vary")
+        _check_whole_numbers(path, search_values(recipe, key), True)
         for value in values:
             try:
                 recipe.budget.model_validate({**recipe.budget.model_dump(), "epochs": value})
@@ -443,11 +444,27 @@ def _check_search_field(recipe: Recipe, specs: dict[str, StageSpec], key: str, v
         raise RecipeError(path, f"{stage} has no field {name!r}; fields: {', '.join(type(config).model_fields)}")
     if recipe.budget is not None and name == "epochs":
         raise RecipeError(path, "the recipe's `budget:` sets every stage's epochs; vary budget.epochs instead")
+    _check_whole_numbers(path, search_values(recipe, key), is_integer_field(type(config), name))
     for value in values:
         try:
             type(config).model_validate({**config.model_dump(), name: value})
         except ValidationError as err:
             raise RecipeError(path, f"{value!r}: {err.errors(include_url=False)[0]['msg']}") from None
+
+
+def search_values(recipe: Recipe, key: str):
+    assert recipe.search is not None
+    return recipe.search.space[key]
+
+
+def _check_whole_numbers(path: str, values, integer: bool) -> None:
+    """A range of a whole-number field needs whole-number ends and step (it is sampled as integers)."""
+    if not integer or values.choices is not None:
+        return
+    for what in ("low", "high", "step"):
+        value = getattr(values, what)
+        if value is not None and float(value) != int(value):
+            raise RecipeError(path, f"the field takes whole numbers: `{what}` must be one, got {value:g}")
 
 
 def _check_budget(recipe: Recipe) -> None:

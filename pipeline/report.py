@@ -100,7 +100,7 @@ def report_search(
     from pipeline.tracking import MLFLOW_METRIC_NAMES
 
     plan = load_search_plan(tracker, search_id)
-    outcome = outcome_of(open_study(plan), plan)
+    outcome = outcome_of(open_study(plan, create=False), plan)
     comparison = None
     if against:
         runs = tracker.read_sweep(against)

@@ -28,7 +28,7 @@ from pipeline.evaluator import metric_catalogue
 from pipeline.executors import Executor, get_executor
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.runner import Runner, StageResult, default_cache_dir, evaluation_key, termination_as_interrupt
-from pipeline.search_config import ORDERING_PARAM, Constraint, ParamRange, SearchConfig
+from pipeline.search_config import ORDERING_PARAM, Constraint, ParamRange, SearchConfig, is_integer_field
 from pipeline.tracking import TAGS, RunType, Tracker
 from stages import get_stage
 
@@ -37,7 +37,7 @@ log = logging.getLogger("pipeline")
 # A worker that stops beating for GRACE_S (killed, machine lost) has its trial failed and retried by the next worker.
 HEARTBEAT_S, GRACE_S = 30, 180
 # Search keys that say how long or where a search runs, not what it searches: changing them resumes the same study.
-BUDGET_KEYS = {"trials", "timeout_minutes", "workers", "storage", "registry", "registry_name", "select"}
+BUDGET_KEYS = {"trials", "timeout_minutes", "workers", "registry", "registry_name", "select"}
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,20 @@ def default_storage(tracking_uri: str, cache_dir: Path) -> str:
     return f"sqlite:///{Path(cache_dir).resolve() / 'optuna.db'}"
 
 
-def open_study(plan: SearchPlan, worker: int = 0):
-    """The search's Optuna study (created on first use), with the sampler of `search.sampler`."""
+def open_study(plan: SearchPlan, worker: int = 0, *, create: bool = True):
+    """The search's Optuna study (created on first use unless `create` is false: then a missing study is a
+    ValueError), with the sampler of `search.sampler` seeded by the search's seed, the worker and the trials the
+    study holds already, so a resumed search or a second worker does not propose the same trials again."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pipeline logs one line per trial itself
     engine = {}
     if plan.storage.startswith("sqlite:///"):
-        Path(plan.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        path = Path(plan.storage.removeprefix("sqlite:///"))
+        if not create and not path.is_file():
+            raise ValueError(f"the study of search {plan.search_id} is not where it was stored: {path} is missing")
+        path.parent.mkdir(parents=True, exist_ok=True)
         engine = {"connect_args": {"timeout": 120}}  # workers share the file: wait for the lock, do not fail
     with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -101,20 +106,34 @@ def open_study(plan: SearchPlan, worker: int = 0):
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
     directions = ["maximize" if d == "max" else "minimize" for d in plan.config.objectives.values()]
-    return optuna.create_study(
-        storage=storage,
-        study_name=plan.search_id,
-        directions=directions,
-        sampler=make_sampler(plan.config, worker),
-        load_if_exists=True,
-    )
+    if create:
+        study = optuna.create_study(
+            storage=storage, study_name=plan.search_id, directions=directions, load_if_exists=True
+        )
+    else:
+        try:
+            study = optuna.load_study(study_name=plan.search_id, storage=storage)
+        except KeyError:
+            raise ValueError(f"no study {plan.search_id!r} in {safe_url(plan.storage)}") from None
+    study.sampler = make_sampler(plan.config, worker, offset=len(study.get_trials(deepcopy=False)))
+    return study
 
 
-def make_sampler(cfg: SearchConfig, worker: int = 0):
-    """The configured sampler; each worker seeds its own (else parallel workers would propose the same trials)."""
+def safe_url(url: str) -> str:
+    """A storage URL with its password masked, fit for logs and MLflow params."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a SQLAlchemy URL: nothing to mask that we can find
+        return url
+
+
+def make_sampler(cfg: SearchConfig, worker: int = 0, offset: int = 0):
+    """The configured sampler, seeded by the search's seed, the worker and `offset` (trials already in the study)."""
     import optuna
 
-    seed = cfg.seed + worker
+    seed = (cfg.seed + 1009 * worker + 7919 * offset) % 2**32
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if cfg.sampler == "nsga2":
@@ -142,8 +161,8 @@ def sample_trial(trial, plan: SearchPlan) -> tuple[list[str], dict[str, Any]]:
         stage, _, name = key.partition(".")
         if key != "budget.epochs" and stage not in ordering:
             continue
-        current = plan.recipe.budget.epochs if key == "budget.epochs" else getattr(specs[stage].config, name)
-        settings[key] = _suggest(trial, key, values, integer=isinstance(current, int) and not isinstance(current, bool))
+        integer = key == "budget.epochs" or is_integer_field(type(specs[stage].config), name)
+        settings[key] = _suggest(trial, key, values, integer=integer)
     return ordering, settings
 
 
@@ -307,8 +326,10 @@ def counted_trials(study) -> int:
     """Trials that count against `search.trials`: finished or failed, but not the interrupted ones (rerun)."""
     from optuna.trial import TrialState
 
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
-    return sum(not t.user_attrs.get("interrupted") for t in done)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}  # failed by a stale heartbeat, run again
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    return sum(not t.user_attrs.get("interrupted") and t.number not in retried for t in done)
 
 
 def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
@@ -424,7 +445,17 @@ def run_search(
             if result.error:
                 log.error("search worker %d failed: %s", result.worker, result.error)
         outcome = outcome_of(open_study(plan), plan)
-        registered = register_best(tracker, plan, outcome) if cfg.registry and outcome.best is not None else None
+        registered = None
+        if cfg.registry and outcome.best is not None:
+            try:
+                registered = register_best(tracker, plan, outcome)
+            except Exception as err:  # the search's results stand; say why the registry has no entry
+                log.warning(
+                    "model registry: could not register trial %d: %s: %s",
+                    outcome.best.number,
+                    type(err).__name__,
+                    str(err).splitlines()[0] if str(err) else "",
+                )
         tracker.log_metrics(run_id, outcome.totals())
         tracker.set_tags(run_id, {"best_trial": outcome.best.number} if outcome.best is not None else {})
     return SearchSummary(plan, run_id, outcome, results, registered, time.perf_counter() - start)
@@ -450,7 +481,10 @@ def load_search_plan(tracker: Tracker, search_id: str | None = None) -> SearchPl
     except RecipeError as err:
         raise ValueError(f"the recipe logged with search {run.tags[TAGS.search]} no longer validates: {err}") from None
     orderings = [">".join(o) for o in recipe.search_orderings()]
-    return SearchPlan(recipe, run.tags[TAGS.search], orderings, run.params["storage"])
+    stored = run.params.get("storage", "")
+    storage = stored if stored and "***" not in stored else None  # a masked password: work the URL out again
+    storage = storage or recipe.search.storage or default_storage(tracker.uri, default_cache_dir())
+    return SearchPlan(recipe, run.tags[TAGS.search], orderings, storage)
 
 
 def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int]:
@@ -466,14 +500,21 @@ def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int
         **{f"metric.{m}": f"{best.metrics[m]:.6g}" for m in plan.config.objectives},
         "constraints": "; ".join(plan.config.constraints) or "none",
     }
+    deploy_dir = Path(best.deploy_dir or "")
+    shipped = bool(best.deploy_dir) and deploy_dir.is_dir()
+    if shipped:  # the exported files sit in the final stage's cache entry; ship them with the model
+        tracker.log_artifacts(best.run_id, deploy_dir, "deploy")
+    else:
+        log.warning(
+            "model registry: no exported files at %s (no deploy runtimes, or a cache this machine cannot "
+            "see): registering the artifact alone",
+            deploy_dir,
+        )
     description = (
         f"Best feasible model of search {plan.search_id} (trial {best.number}, {best.chain}), chosen by "
-        f"{plan.config.selection_metric}. Folder: model/ (the pipeline artifact: pipeline.artifacts.load_artifact) "
-        f"and deploy/ (the exported ONNX / OpenVINO files)."
+        f"{plan.config.selection_metric}. Folder: model/ (the pipeline artifact: pipeline.artifacts.load_artifact)"
+        + (" and deploy/ (the exported ONNX / OpenVINO files)." if shipped else ".")
     )
-    deploy_dir = Path(best.deploy_dir or "")
-    if best.deploy_dir and deploy_dir.is_dir():  # the exported files sit on the final stage's run; ship them too
-        tracker.log_artifacts(best.run_id, deploy_dir, "deploy")
     version, created = tracker.register_model(name, best.run_id, "", tags, description)
     log.info("model registry: %s version %d %s (alias `best`)", name, version, "registered" if created else "kept")
     return name, version
@@ -495,7 +536,7 @@ def _log_plan(tracker: Tracker, run_id: str, plan: SearchPlan) -> None:
             "sampler": cfg.sampler,
             "workers": cfg.workers,
             "early_stop": cfg.early_stop.enabled,
-            "storage": plan.storage,
+            "storage": safe_url(plan.storage),
             "model": plan.recipe.model.name,
             "dataset": plan.recipe.data.dataset,
         },

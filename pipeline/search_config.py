@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +31,13 @@ from pipeline.config import StrictConfig
 DIRECTIONS = ("max", "min")
 ORDERING_PARAM = "ordering"  # the Optuna parameter holding a trial's ordering ('prune>qat')
 _CONSTRAINT = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=)\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*$")
+
+
+def is_integer_field(config: type, name: str) -> bool:
+    """Whether a config field holds whole numbers (`int`, `int | None`), so a range of it is sampled as integers."""
+    annotation = config.model_fields[name].annotation
+    args = set(typing.get_args(annotation)) or {annotation}
+    return int in args and float not in args
 
 
 class ParamRange(StrictConfig):
@@ -49,6 +57,8 @@ class ParamRange(StrictConfig):
                 raise ValueError("give either `choices` or a range (`low`, `high`, `step`, `log`), not both")
             if not self.choices:
                 raise ValueError("`choices` is empty: list at least one value")
+            if any(not isinstance(c, str | int | float | bool) and c is not None for c in self.choices):
+                raise ValueError(f"`choices` must be numbers, strings, true/false or null, got {self.choices}")
             if len({repr(c) for c in self.choices}) != len(self.choices):
                 raise ValueError(f"`choices` repeats a value: {self.choices}")
             return self
@@ -183,4 +193,4 @@ class SearchConfig(StrictConfig):
         return self.select or next(iter(self.objectives))
 
 
-__all__ = ["ORDERING_PARAM", "Constraint", "EarlyStopConfig", "ParamRange", "SearchConfig"]
+__all__ = ["ORDERING_PARAM", "Constraint", "is_integer_field", "EarlyStopConfig", "ParamRange", "SearchConfig"]

@@ -41,7 +41,8 @@ class TrialRecord:
     accounting: dict[str, int]
     seconds: float | None
     baseline: dict[str, float]
-    interrupted: bool = False
+    interrupted: bool = False  # stopped by Ctrl-C or a kill: rerun with the same settings when the search resumes
+    retried: bool = False  # failed by a stale heartbeat (its worker died) and retried by Optuna
 
     @property
     def complete(self) -> bool:
@@ -56,7 +57,9 @@ class TrialRecord:
 def trial_records(study) -> list[TrialRecord]:
     """Every trial of an Optuna study of `pipeline.search`, oldest first."""
     out = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    for t in trials:
         attrs = t.user_attrs
         seconds = (
             (t.datetime_complete - t.datetime_start).total_seconds()
@@ -79,6 +82,7 @@ def trial_records(study) -> list[TrialRecord]:
                 seconds,
                 dict(attrs.get("baseline", {})),
                 bool(attrs.get("interrupted")),
+                t.number in retried,
             )
         )
     return out
@@ -105,22 +109,29 @@ class Geometry:
 def geometry(
     objectives: dict[str, str], constraints: list[Constraint], baseline: dict[str, float], points: list[np.ndarray]
 ) -> Geometry:
-    """The reference point and scales for hypervolumes over `points` (arrays of n x objectives, stacked)."""
-    stacked = (
-        np.vstack([p for p in points if len(p)]) if any(len(p) for p in points) else np.zeros((0, len(objectives)))
-    )
+    """The reference point and scales for hypervolumes over `points` (arrays of n x objectives, stacked).
+
+    Per objective, the reference is the constraint's bound when one bounds it in the objective's direction; else the
+    worst value among the points (and, for a metric to lower, the uncompressed baseline's), pushed out by a tenth of
+    the spread so that the worst point still adds volume. The scale is the spread from the reference to the best."""
+    usable = [p for p in points if len(p)]
+    stacked = np.vstack(usable) if usable else np.zeros((0, len(objectives)))
     reference, scale = [], []
     for i, (metric, direction) in enumerate(objectives.items()):
-        column = stacked[:, i] if len(stacked) else np.array([0.0])
+        column = list(stacked[:, i]) if len(stacked) else []
+        if direction == "min" and metric in baseline:
+            column.append(baseline[metric])
+        column = np.array(column or [0.0], dtype=float)
+        worst = column.min() if direction == "max" else column.max()
+        best = column.max() if direction == "max" else column.min()
         bounds = [c.bound for c in constraints if c.metric == metric and (c.op == ">=") == (direction == "max")]
         if bounds:
             ref = max(bounds) if direction == "max" else min(bounds)
-        elif direction == "min" and metric in baseline:
-            ref = max(baseline[metric], float(column.max()))
         else:
-            ref = float(column.min() if direction == "max" else column.max())
-        reference.append(ref)
-        spread = float(max(abs(ref - column.min()), abs(ref - column.max())))
+            margin = 0.1 * (abs(best - worst) or abs(worst) or 1.0)
+            ref = worst - margin if direction == "max" else worst + margin
+        reference.append(float(ref))
+        spread = float(abs(ref - best))
         scale.append(spread if spread > 0 else 1.0)
     return Geometry(dict(objectives), np.array(reference), np.array(scale))
 
@@ -149,7 +160,7 @@ class SearchOutcome:
         stages = acc["stages_trained"] + acc["stages_reused"]
         return {
             "trials_complete": len(complete),
-            "trials_failed": sum(t.state == "FAIL" and not t.interrupted for t in self.trials),
+            "trials_failed": sum(t.state == "FAIL" and not (t.interrupted or t.retried) for t in self.trials),
             "trials_early_stopped": sum(t.early_stopped is not None for t in complete),
             "trials_feasible": sum(t.feasible for t in self.trials),
             "pareto_size": len(self.pareto),
@@ -243,10 +254,15 @@ def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.D
     """`sweep_models`: one row per model (index: its label) with the objective columns. Both sets are measured
     with one geometry built from the union of their points."""
     objectives = outcome.objectives
-    ok = sweep_models.dropna(subset=list(objectives))
+    needed = list(dict.fromkeys([*objectives, *(c.metric for c in outcome.constraints)]))
+    absent = [m for m in needed if m not in sweep_models.columns or sweep_models[m].isna().all()]
+    if absent:
+        raise ValueError(f"sweep {sweep_id!r} did not measure {', '.join(absent)}: its frontier cannot be compared")
+    ok = sweep_models.dropna(subset=needed)
     for c in outcome.constraints:
-        if c.metric in ok:
-            ok = ok[[c.violation(v) <= 0 for v in ok[c.metric]]]
+        ok = ok.loc[np.array([c.violation(v) <= 0 for v in ok[c.metric]], dtype=bool)]
+    if ok.empty:
+        raise ValueError(f"no model of sweep {sweep_id!r} meets the search's constraints: nothing to compare with")
     mine, theirs = objective_values(outcome.pareto, objectives), ok[list(objectives)].to_numpy(dtype=float)
     baseline = next((t.baseline for t in outcome.trials if t.baseline), {})
     geo = geometry(objectives, outcome.constraints, baseline, [mine, theirs])
@@ -335,7 +351,7 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         f"- Early stopping skipped {int(totals['stages_skipped'])} stage runs and {int(totals['epochs_skipped'])} "
         f"epochs: {totals['epochs_skipped_share']:.0%} of the "
         f"{int(totals['epochs_trained'] + totals['epochs_skipped'])} epochs the finished trials would otherwise have "
-        "trained (their stages not in the cache).",
+        "trained (an upper bound: a skipped stage might have been in the cache).",
         f"- Stage cache (stages after the shared baseline): {int(totals['stages_reused'])} of "
         f"{int(totals['stages_reused'] + totals['stages_trained'])} stage runs reused "
         f"({totals['stage_cache_hit_share']:.0%}); {int(totals['epochs_trained'])} epochs trained.",

@@ -61,6 +61,8 @@ def search_recipe(**search) -> dict:
         ({"orderings": [["prune", "nope"]]}, "search.orderings[0][1]: 'nope' is not one of the recipe's stages"),
         ({"sampler": "cmaes"}, "search.sampler: Input should be 'tpe', 'nsga2' or 'random'"),
         ({"unknown": 1}, "search.unknown: unknown key"),
+        ({"space": {"prune.iterative_steps": {"low": 1, "high": 4, "step": 0.5}}}, "takes whole numbers: `step`"),
+        ({"space": {"prune.pruning_ratio": {"choices": [[0.3]]}}}, "`choices` must be numbers, strings"),
     ],
 )
 def test_bad_search_blocks_are_refused_when_the_recipe_loads(change, expected, cifar_root):
@@ -153,6 +155,15 @@ def test_pareto_set_best_model_and_history_keep_to_feasible_trials():
     assert totals["epochs_skipped_share"] == pytest.approx(3 / (5 * 2 + 3))  # of the epochs to train, not reused
 
 
+def test_a_lone_feasible_point_has_volume_and_integer_fields_are_sampled_as_integers():
+    out = summarize("s", [_trial(0, 80, 50)], {"top1": "max", "artifact_bytes": "min"}, [], ("top1", "max"))
+    assert out.hypervolume > 0  # the reference lies beyond the worst point, so no point is lost
+    from pipeline.search_config import is_integer_field
+
+    assert is_integer_field(PruneConfig, "iterative_steps") and is_integer_field(PruneConfig, "round_to")
+    assert not is_integer_field(PruneConfig, "pruning_ratio")
+
+
 def test_comparison_with_a_sweep_names_the_points_it_missed():
     objectives = {"top1": "max", "artifact_bytes": "min"}
     trials = [_trial(0, 80, 40), _trial(1, 85, 70)]
@@ -163,6 +174,10 @@ def test_comparison_with_a_sweep_names_the_points_it_missed():
     assert [t.number for t in comparison.missed] == [0]  # trial 1 equals sweep model a
     assert comparison.sweep_dominated == ["b"]
     assert comparison.search_volume > comparison.sweep_volume > 0
+    with pytest.raises(ValueError, match="did not measure artifact_bytes"):
+        compare_with_sweep(out, "sw", sweep[["top1"]])
+    with pytest.raises(ValueError, match="no model of sweep 'sw' meets the search's constraints"):
+        compare_with_sweep(out, "sw", sweep.loc[["c"]])
 
 
 # --- a tiny search end to end -------------------------------------------------------------------------------------
