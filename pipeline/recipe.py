@@ -410,6 +410,8 @@ def _check_search(recipe: Recipe) -> None:
     specs = {s.name: s for s in recipe.stage_specs()}
     for key, values in search.space.items():
         _check_search_field(recipe, specs, key, values.endpoints())
+    for index, entry in enumerate(search.start_with):
+        _check_start_with(recipe, f"search.start_with[{index}]", entry)
     catalogue = metric_catalogue(recipe.deploy.runtimes)
     known = ", ".join(catalogue)
     for metric in (*search.objectives, *(c.metric for c in search.parsed_constraints()), search.selection_metric):
@@ -450,6 +452,29 @@ def _check_search_field(recipe: Recipe, specs: dict[str, StageSpec], key: str, v
             type(config).model_validate({**config.model_dump(), name: value})
         except ValidationError as err:
             raise RecipeError(path, f"{value!r}: {err.errors(include_url=False)[0]['msg']}") from None
+
+
+def _check_start_with(recipe: Recipe, path: str, entry: dict[str, Any]) -> None:
+    """A trial to start with: a runnable ordering of the search, and values of its space inside their ranges."""
+    assert recipe.search is not None
+    ordering = entry.get("ordering")
+    allowed = [">".join(o) for o in recipe.search_orderings()]
+    if ordering not in allowed:
+        raise RecipeError(f"{path}.ordering", f"must be one of the search's orderings ({', '.join(allowed)}), "
+                          f"got {ordering!r}")  # fmt: skip
+    for key, value in entry.items():
+        if key == "ordering":
+            continue
+        if key not in recipe.search.space:
+            raise RecipeError(f"{path}.{key}", f"not a field of search.space ({', '.join(recipe.search.space)})")
+        if key != "budget.epochs" and key.partition(".")[0] not in ordering.split(">"):
+            raise RecipeError(f"{path}.{key}", f"the ordering {ordering} has no {key.partition('.')[0]} stage")
+        values = recipe.search.space[key]
+        inside = value in values.choices if values.choices is not None else (
+            isinstance(value, int | float) and values.low <= value <= values.high)  # fmt: skip
+        if not inside:
+            allowed_values = values.choices if values.choices is not None else f"{values.low:g}..{values.high:g}"
+            raise RecipeError(f"{path}.{key}", f"{value!r} is outside the space: {allowed_values}")
 
 
 def search_values(recipe: Recipe, key: str):

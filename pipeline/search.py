@@ -413,6 +413,8 @@ def run_search(
         )
     study = open_study(plan)
     requeued = requeue_interrupted(study)
+    for entry in cfg.start_with:  # a trial already run or waiting with these values is not added again
+        study.enqueue_trial(dict(entry), skip_if_exists=True)
     previous = tracker.search_runs(plan.search_id)
     log.info(
         "search %s: %d orderings, %d fields sampled, %d of %s trials already counted%s; storage %s; executor %s",

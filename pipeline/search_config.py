@@ -142,6 +142,11 @@ class SearchConfig(StrictConfig):
     startup_trials: int = Field(8, ge=1, le=10_000, description="tpe: random trials before the model-based ones")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="the sampler's seed")
     workers: int = Field(1, ge=1, le=1024, description="trials at once (with executor ray; local runs one)")
+    start_with: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="trials to run first, before the sampler proposes any: {ordering: 'prune>qat', "
+        "'prune.pruning_ratio': 0.5}; space fields left out are sampled (e.g. a hand-written recipe to beat)",
+    )
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
     storage: str | None = Field(
         None,

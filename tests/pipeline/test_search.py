@@ -63,6 +63,9 @@ def search_recipe(**search) -> dict:
         ({"unknown": 1}, "search.unknown: unknown key"),
         ({"space": {"prune.iterative_steps": {"low": 1, "high": 4, "step": 0.5}}}, "takes whole numbers: `step`"),
         ({"space": {"prune.pruning_ratio": {"choices": [[0.3]]}}}, "`choices` must be numbers, strings"),
+        ({"start_with": [{"ordering": "prune>prune"}]}, "search.start_with[0].ordering: must be one of"),
+        ({"start_with": [{"ordering": "prune", "prune.pruning_ratio": 0.4}]}, "0.4 is outside the space: [0.3, 0.5]"),
+        ({"start_with": [{"ordering": "distill", "prune.pruning_ratio": 0.3}]}, "distill has no prune stage"),
     ],
 )
 def test_bad_search_blocks_are_refused_when_the_recipe_loads(change, expected, cifar_root):
@@ -185,14 +188,20 @@ def test_comparison_with_a_sweep_names_the_points_it_missed():
 
 @pytest.mark.slow
 def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch, capsys):
-    # A parameter bound between the pruned models and the unpruned one: `distill` alone can never meet it (ended
-    # after the baseline), chains with pruning can.
+    # A parameter bound between the lightly and the heavily pruned model: `distill` alone ends after the baseline,
+    # prune(0.1)>distill after pruning (only distillation follows, which cannot shrink it); prune(0.5) meets it.
     full = count_params(timm.create_model(TINY_MODEL, num_classes=10))
+    bound = int(full * 0.6)
     raw = search_recipe(
         orderings=[["distill"], ["prune", "distill"], ["prune"]],
-        constraints=[f"params <= {int(full * 0.9)}", "top1 >= 0"],
+        space={"prune.pruning_ratio": {"choices": [0.1, 0.5]}},
+        constraints=[f"params <= {bound}", "top1 >= 0"],
         trials=4,
-        seed=3,
+        start_with=[
+            {"ordering": "prune>distill", "prune.pruning_ratio": 0.1},
+            {"ordering": "distill"},
+            {"ordering": "prune", "prune.pruning_ratio": 0.5},
+        ],
     )
     path = write_recipe(tmp_path / "search.yaml", raw)
     plan = plan_search(validate_recipe(raw), tracking_uri=isolated["MLFLOW_TRACKING_URI"], cache_dir=tmp_path / "c")
@@ -234,12 +243,16 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
     report = tmp_path / "reports" / plan.search_id
     frame = pd.read_csv(report / "trials.csv")
     assert len(frame[frame.state == "COMPLETE"]) == 4
-    stopped = frame[(frame.ordering == "distill") & (frame.state == "COMPLETE")]
-    assert len(stopped) >= 1, frame
-    assert (stopped.early_stopped.str.contains("params <= .* is out of reach")).all()
-    assert (stopped.stages_skipped == 1).all()
+    complete = frame[frame.state == "COMPLETE"].set_index("trial")
+    assert complete.loc[0, "ordering"] == "prune>distill"  # ended after pruning: params still over the bound
+    assert "params <= " in complete.loc[0, "early_stopped"] and "(distill)" in complete.loc[0, "early_stopped"]
+    assert complete.loc[0, "stages_skipped"] == 1 and complete.loc[0, "epochs_skipped"] == 1
+    assert complete.loc[3, "ordering"] == "distill"  # trial 1, interrupted, ran again with its settings as trial 3
+    distill = complete[complete.ordering == "distill"]
+    assert distill.early_stopped.str.contains("out of reach").all() and (distill.stages_skipped == 1).all()
+    assert (complete[complete.early_stopped.isna()].params <= bound).all()
     pareto = pd.read_csv(report / "pareto.csv")
-    assert len(pareto) >= 1 and pareto.feasible.all() and (pareto.params <= int(full * 0.9)).all()
+    assert len(pareto) >= 1 and pareto.feasible.all() and (pareto.params <= bound).all()
     text = (report / "report.md").read_text()
     assert "## Pareto set (feasible trials)" in text and "## Best model under the constraints" in text
     assert (report / "frontier.png").stat().st_size > 0 and (report / "hypervolume.png").stat().st_size > 0
@@ -254,7 +267,7 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
     mlflow.set_tracking_uri(isolated["MLFLOW_TRACKING_URI"])
     folder = mlflow.artifacts.download_artifacts("models:/tiny-search@best", dst_path=str(tmp_path / "dl"))
     model = load_artifact(f"{folder}/model")
-    assert sum(p.numel() for p in model.parameters()) <= int(full * 0.9)
+    assert sum(p.numel() for p in model.parameters()) <= bound
 
 
 def _trained_keys(env) -> list[str]:
