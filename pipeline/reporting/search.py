@@ -355,6 +355,7 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         f"- Stage cache (stages after the shared baseline): {int(totals['stages_reused'])} of "
         f"{int(totals['stages_reused'] + totals['stages_trained'])} stage runs reused "
         f"({totals['stage_cache_hit_share']:.0%}); {int(totals['epochs_trained'])} epochs trained.",
+        f"- The uncompressed baseline: {_baseline_line(outcome)}.",
         f"- Hypervolume of the feasible Pareto set: {outcome.hypervolume:.4f} (objectives scaled by their spread; "
         f"reference point {_reference(outcome)}).",
         f"- Written {time.strftime('%Y-%m-%d %H:%M')}.",
@@ -385,6 +386,12 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         lines += [f"- trial {t.number} (`{t.chain}`): {t.early_stopped}" for t in stopped] + [""]
     lines += ["All trials: `trials.csv`; the Pareto set: `pareto.csv`.", ""]
     return "\n".join(lines)
+
+
+def _baseline_line(outcome: SearchOutcome) -> str:
+    baseline = next((t.baseline for t in outcome.trials if t.baseline), {})
+    shown = [f"{m} {_fmt(m, baseline[m])}" for m in _shown_metrics(outcome) if m in baseline]
+    return ", ".join(shown) or "not measured yet"
 
 
 def _reference(outcome: SearchOutcome) -> str:

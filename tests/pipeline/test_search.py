@@ -275,3 +275,20 @@ def _trained_keys(env) -> list[str]:
     exp = client.get_experiment_by_name("compression")
     runs = client.search_runs([exp.experiment_id], "tags.trained = 'true'", max_results=1000)
     return [r.data.tags["cache_key"] for r in runs]
+
+
+def test_report_documents_from_hand_made_trials(tmp_path):
+    from pipeline.reporting.search import write_search_report
+
+    objectives = {"top1": "max", "artifact_bytes": "min"}
+    trials = [_trial(0, 80, 40), _trial(1, 85, 70), _trial(2, 70, 120, stopped="bytes out of reach", violation=20.0)]
+    out = summarize("s-1", trials, objectives, [Constraint.parse("artifact_bytes <= 100")], ("top1", "max"))
+    sweep = pd.DataFrame({"top1": [85.0, 78.0], "artifact_bytes": [70.0, 60.0]}, index=["a (seed 0)", "b (seed 0)"])
+    paths = write_search_report(out, tmp_path, compare_with_sweep(out, "sw", sweep))
+    assert {p.name for p in paths} == {"trials.csv", "pareto.csv", "frontier.png", "hypervolume.png", "report.md",
+                                       "report.html"}  # fmt: skip
+    text = (tmp_path / "report.md").read_text()
+    assert "Trial 1, `prune`" in text and "trial 2 (`prune`): bytes out of reach" in text
+    assert "## Against sweep `sw`" in text and "Sweep models a search Pareto point dominates: b (seed 0)" in text
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
