@@ -88,29 +88,46 @@ def report_sweep(
     return report, out_dir
 
 
+def sweep_models(tracker, sweep_id: str, metrics: list[str]):
+    """Every distinct model a sweep measured (each stage's output, intermediate ones and the baseline included: the
+    sweep's own frontier is drawn over them), one row per cache key, labelled by its path ('baseline>prune>qat'),
+    with the given metric columns under the pipeline's names."""
+    import pandas as pd
+
+    from pipeline.tracking import MLFLOW_METRIC_NAMES
+
+    runs = tracker.read_sweep(sweep_id)
+    stages = [r for r in runs.stages if r.status == "FINISHED" and TAGS.cache_key in r.tags]
+    if not stages:
+        raise ValueError(f"sweep {sweep_id!r} has no finished stage run in {tracker.uri}")
+    pipeline_names = {new: old for old, new in MLFLOW_METRIC_NAMES.items()}
+    rows: dict[str, dict[str, float]] = {}
+    seen: set[str] = set()
+    for run in stages:
+        key = run.tags[TAGS.cache_key]
+        if key in seen:
+            continue
+        seen.add(key)
+        names = run.tags.get(TAGS.chain_ordering, "?").split(">")[: int(run.tags.get(TAGS.stage_index, 0))]
+        label = ">".join(["baseline", *names]) + f" [{key[:6]}]"
+        rows[label] = {pipeline_names.get(k, k): v for k, v in run.metrics.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").reindex(columns=list(dict.fromkeys(metrics)))
+
+
 def report_search(
     tracker, search_id: str | None = None, out_root: Path = REPORTS_DIR, against: str | None = None
 ) -> tuple[object, Path]:
     """Read a search (the latest when `search_id` is None) from its Optuna study and MLflow, write its report (against
     sweep `against`'s frontier when given) into `out_root/<search id>/`, and log it to the search's run."""
-    import pandas as pd
 
     from pipeline.reporting.search import compare_with_sweep, outcome_of, write_search_report
     from pipeline.search import load_search_plan, open_study
-    from pipeline.tracking import MLFLOW_METRIC_NAMES
 
     plan = load_search_plan(tracker, search_id)
     outcome = outcome_of(open_study(plan, create=False), plan)
     comparison = None
     if against:
-        runs = tracker.read_sweep(against)
-        finished = [c for c in runs.chains if c.status == "FINISHED"]
-        if not finished:
-            raise ValueError(f"sweep {against!r} has no finished chain in {tracker.uri}")
-        pipeline_names = {new: old for old, new in MLFLOW_METRIC_NAMES.items()}
-        rows = {f"{c.tags.get(TAGS.ordering, c.name)} (seed {c.tags.get(TAGS.seed, '?')})":
-                {pipeline_names.get(k, k): v for k, v in c.metrics.items()} for c in finished}  # fmt: skip
-        models = pd.DataFrame.from_dict(rows, orient="index").reindex(columns=list(outcome.objectives))
+        models = sweep_models(tracker, against, [*outcome.objectives, *(c.metric for c in outcome.constraints)])
         comparison = compare_with_sweep(outcome, against, models)
     out_dir = Path(out_root) / plan.search_id
     write_search_report(outcome, out_dir, comparison)
