@@ -493,7 +493,7 @@ def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int
     """Register the best feasible trial's model (its artifact and exported files) in the MLflow Model Registry."""
     best = outcome.best
     name = plan.config.registry_name or plan.recipe.name
-    settings = {k: v for k, v in best.params.items() if k != ORDERING_PARAM}
+    settings = best.settings
     tags = {
         "ordering": best.chain,
         "settings": json.dumps(settings, sort_keys=True),

@@ -45,6 +45,11 @@ class TrialRecord:
     retried: bool = False  # failed by a stale heartbeat (its worker died) and retried by Optuna
 
     @property
+    def settings(self) -> dict[str, Any]:
+        """The sampled stage settings, the ordering left out."""
+        return {k: v for k, v in self.params.items() if k != ORDERING_PARAM}
+
+    @property
     def complete(self) -> bool:
         return self.state == "COMPLETE"
 
@@ -297,7 +302,7 @@ def trials_frame(outcome: SearchOutcome) -> pd.DataFrame:
             "pareto": t.number in front,
             "early_stopped": t.early_stopped or "",
             "seconds": t.seconds,
-            **{k: v for k, v in t.params.items() if k != ORDERING_PARAM},
+            **t.settings,
             **{m: t.metrics.get(m) for m in _shown_metrics(outcome)},
             **t.accounting,
             "run_id": t.run_id,
@@ -368,7 +373,7 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
     else:
         b = outcome.best
         metric, direction = outcome.selection
-        settings = {k: v for k, v in b.params.items() if k != ORDERING_PARAM}
+        settings = b.settings
         lines += [
             f"Trial {b.number}, `{b.chain}` {json.dumps(settings)}: the feasible model with the "
             f"{'highest' if direction == 'max' else 'lowest'} {metric}.",
@@ -403,9 +408,7 @@ def _table(trials: list[TrialRecord], outcome: SearchOutcome) -> list[str]:
     head = ["trial", "ordering", "settings", *metrics]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
-        settings = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items() if k != ORDERING_PARAM
-        )
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.settings.items())
         cells = [str(t.number), f"`{t.chain}`", settings or "–", *[_fmt(m, t.metrics.get(m)) for m in metrics]]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
