@@ -172,7 +172,9 @@ def _suggest(trial, key: str, values: ParamRange, *, integer: bool) -> Any:
     if integer:
         step = int(values.step or 1)
         return trial.suggest_int(key, int(values.low), int(values.high), step=step, log=values.log)
-    return trial.suggest_float(key, values.low, values.high, step=values.step, log=values.log)
+    value = trial.suggest_float(key, values.low, values.high, step=values.step, log=values.log)
+    # On a step grid Optuna returns low + k * step, e.g. 0.6000000000000001 for 0.3 + 3 * 0.1: run (and log) 0.6.
+    return float(f"{value:.12g}") if values.step is not None else value
 
 
 def unreachable_constraint(
@@ -332,6 +334,16 @@ def counted_trials(study) -> int:
     return sum(not t.user_attrs.get("interrupted") and t.number not in retried for t in done)
 
 
+class _InterruptWithoutTraceback(logging.Filter):
+    """Optuna logs a trial that raised with its traceback; for Ctrl-C or a kill (the trial is rerun when the search
+    resumes) keep its one-line message and drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     """Run trials of the study until `search.trials` have finished (over every worker) or the deadline passes."""
     cfg = job.plan.config
@@ -351,13 +363,18 @@ def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     if cfg.trials is not None and counted_trials(study) >= cfg.trials:
         return WorkerResult(job.worker, 0)
     timeout = None if job.deadline is None else max(1.0, job.deadline - time.time())
-    study.optimize(
-        lambda trial: run_trial(trial, ctx),
-        timeout=timeout,
-        callbacks=[budget_spent],
-        catch=(Exception,),  # a failing trial is recorded FAIL (its error in MLflow); the search goes on
-        gc_after_trial=True,
-    )
+    optimize_log, quiet = logging.getLogger("optuna.study._optimize"), _InterruptWithoutTraceback()
+    optimize_log.addFilter(quiet)
+    try:
+        study.optimize(
+            lambda trial: run_trial(trial, ctx),
+            timeout=timeout,
+            callbacks=[budget_spent],
+            catch=(Exception,),  # a failing trial is recorded FAIL (its error in MLflow); the search goes on
+            gc_after_trial=True,
+        )
+    finally:
+        optimize_log.removeFilter(quiet)
     return WorkerResult(job.worker, ran)
 
 

@@ -2,18 +2,17 @@
 constraints, the hypervolume after each trial, what early stopping and the cache saved, and (given a sweep) how its
 frontier compares with the sweep's, measured by the same hypervolume code.
 
-`outcome_of` reads the Optuna study (pure: no MLflow); `write_search_report` writes report.md, report.html,
-trials.csv, pareto.csv, frontier.png and hypervolume.png.
+`outcome_of` reads the Optuna study (pure: no MLflow); `write_search_report` writes report.md (with PNG plots),
+report.html (the same with interactive plots), trials.csv and pareto.csv. The plots are in `search_plots`.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import json
+import re
 import time
 from dataclasses import dataclass, field
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.pareto import hypervolume, pareto_mask
-from pipeline.reporting.formatting import format_bytes
+from pipeline.reporting.formatting import format_metric
+from pipeline.reporting.search_plots import frontier_figure, hypervolume_figure, plot_frontier, plot_hypervolume
 from pipeline.search_config import ORDERING_PARAM, Constraint
 
 
@@ -52,6 +52,13 @@ class TrialRecord:
     @property
     def complete(self) -> bool:
         return self.state == "COMPLETE"
+
+    @property
+    def configuration(self) -> tuple:
+        """What the trial ran: its ordering and settings, floats to 12 significant digits (`pipeline.search` runs a
+        stepped float so: 0.6000000000000001 and 0.6 are one configuration)."""
+        settings = {k: float(f"{v:.12g}") if isinstance(v, float) else v for k, v in self.settings.items()}
+        return (self.chain, tuple(sorted(settings.items())))
 
     @property
     def feasible(self) -> bool:
@@ -157,14 +164,27 @@ class SearchOutcome:
     def hypervolume(self) -> float:
         return self.hypervolume_history[-1][1] if self.hypervolume_history else 0.0
 
+    def on_front(self) -> set[int]:
+        """Every trial whose model is in the Pareto set, repeats of those models included."""
+        keys = {model_key(t, self.objectives) for t in self.pareto}
+        return {t.number for t in self.trials if t.feasible and model_key(t, self.objectives) in keys}
+
     def totals(self) -> dict[str, float]:
         """The search's counts, logged as metrics of its MLflow run."""
         complete = [t for t in self.trials if t.complete]
         acc = {k: sum(t.accounting.get(k, 0) for t in complete) for k in _ACCOUNTING}
+        # A repeat that ended early skipped what the first trial of its configuration skipped; without early stopping
+        # that first trial would have trained it and the repeat found it in the cache: a skip is counted once.
+        repeats = repeat_of(self.trials)
+        firsts = [t for t in complete if t.number not in repeats]
+        for k in ("stages_skipped", "epochs_skipped"):
+            acc[k] = sum(t.accounting.get(k, 0) for t in firsts)
         to_train = acc["epochs_trained"] + acc["epochs_skipped"]  # what the trials would have trained, not stopped
         stages = acc["stages_trained"] + acc["stages_reused"]
         return {
             "trials_complete": len(complete),
+            # Samplers propose a point again (a small discrete space makes that common); the cache answers it.
+            "trials_repeated": len(repeats),
             "trials_failed": sum(t.state == "FAIL" and not (t.interrupted or t.retried) for t in self.trials),
             "trials_early_stopped": sum(t.early_stopped is not None for t in complete),
             "trials_feasible": sum(t.feasible for t in self.trials),
@@ -177,6 +197,23 @@ class SearchOutcome:
 
 
 _ACCOUNTING = ("stages_trained", "stages_reused", "stages_skipped", "epochs_trained", "epochs_reused", "epochs_skipped")
+
+
+def repeat_of(trials: list[TrialRecord]) -> dict[int, int]:
+    """Finished trial number -> the earlier finished trial that ran the same configuration (repeats only)."""
+    first: dict[tuple, int] = {}
+    out = {}
+    for t in sorted((t for t in trials if t.complete), key=lambda t: t.number):
+        if t.configuration in first:
+            out[t.number] = first[t.configuration]
+        else:
+            first[t.configuration] = t.number
+    return out
+
+
+def model_key(trial: TrialRecord, objectives: dict[str, str]) -> tuple:
+    """A model as the Pareto set sees it: a repeat answered by the cache has its first trial's key."""
+    return (trial.configuration, tuple(trial.metrics.get(m) for m in objectives))
 
 
 def objective_values(trials: list[TrialRecord], objectives: dict[str, str]) -> np.ndarray:
@@ -208,15 +245,13 @@ def summarize(
     """Pareto set, best feasible model and hypervolume history of a search's trials."""
     feasible = [t for t in trials if t.feasible and all(m in t.metrics for m in objectives)]
     values = objective_values(feasible, objectives)
-    front = (
-        [
-            t
-            for t, keep in zip(feasible, pareto_mask(values, [d == "max" for d in objectives.values()]), strict=True)
-            if keep
-        ]
-        if feasible
-        else []
-    )
+    mask = pareto_mask(values, [d == "max" for d in objectives.values()]) if feasible else []
+    front, points = [], set()
+    for t, keep in zip(feasible, mask, strict=True):
+        point = model_key(t, objectives)
+        if keep and point not in points:  # a repeat answered by the cache is the same model: listed once
+            front.append(t)
+            points.add(point)
     baseline = next((t.baseline for t in trials if t.baseline), {})
     geo = geometry(objectives, constraints, baseline, [values])
     history, seen = [], []
@@ -253,6 +288,7 @@ class Comparison:
     sweep_volume: float
     missed: list[TrialRecord]  # search Pareto points no sweep model dominates or equals
     sweep_dominated: list[str]  # sweep models some search Pareto point dominates
+    sweep_equalled: list[str] = field(default_factory=list)  # sweep models a search Pareto point equals everywhere
 
 
 def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.DataFrame) -> Comparison:
@@ -284,7 +320,10 @@ def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.D
         for label, q in zip(ok.index, theirs, strict=True)
         if any(dominates_or_equals(p, q) and not np.array_equal(p, q) for p in mine)
     ]
-    return Comparison(sweep_id, ok, geo.volume(mine), geo.volume(theirs), missed, list(map(str, dominated)))
+    equalled = [label for label, q in zip(ok.index, theirs, strict=True) if any(np.array_equal(p, q) for p in mine)]
+    return Comparison(
+        sweep_id, ok, geo.volume(mine), geo.volume(theirs), missed, list(map(str, dominated)), list(map(str, equalled))
+    )
 
 
 # --- the documents ------------------------------------------------------------------------------------------------
@@ -292,18 +331,19 @@ def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.D
 
 def trials_frame(outcome: SearchOutcome) -> pd.DataFrame:
     rows = []
-    front = {t.number for t in outcome.pareto}
+    front, repeats = outcome.on_front(), repeat_of(outcome.trials)
     for t in outcome.trials:
         row = {
             "trial": t.number,
             "state": t.state,
             "ordering": t.chain,
             "feasible": t.feasible,
-            "pareto": t.number in front,
+            "pareto": t.number in front,  # its model is in the Pareto set (pareto.csv lists each model once)
+            "repeat_of": repeats.get(t.number),
             "early_stopped": t.early_stopped or "",
             "seconds": t.seconds,
             **t.settings,
-            **{m: t.metrics.get(m) for m in _shown_metrics(outcome)},
+            **{m: t.metrics.get(m) for m in shown_metrics(outcome)},
             **t.accounting,
             "run_id": t.run_id,
         }
@@ -311,7 +351,7 @@ def trials_frame(outcome: SearchOutcome) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _shown_metrics(outcome: SearchOutcome) -> list[str]:
+def shown_metrics(outcome: SearchOutcome) -> list[str]:
     extra = [c.metric for c in outcome.constraints] + ["top1", "artifact_bytes", "params", "macs"]
     return list(dict.fromkeys([*outcome.objectives, *extra]))
 
@@ -322,25 +362,20 @@ def write_search_report(outcome: SearchOutcome, out_dir: Path, comparison: Compa
     frame = trials_frame(outcome)
     paths = [out_dir / "trials.csv", out_dir / "pareto.csv"]
     frame.to_csv(paths[0], index=False, float_format="%.6g")
-    frame[frame["pareto"]].to_csv(paths[1], index=False, float_format="%.6g") if len(frame) else frame.to_csv(paths[1])
+    listed = frame["trial"].isin([t.number for t in outcome.pareto]) if len(frame) else []
+    frame[listed].to_csv(paths[1], index=False, float_format="%.6g") if len(frame) else frame.to_csv(paths[1])
     paths.append(plot_frontier(outcome, out_dir / "frontier.png", comparison))
     paths.append(plot_hypervolume(outcome, out_dir / "hypervolume.png"))
     text = search_markdown(outcome, comparison)
     paths.append(out_dir / "report.md")
     paths[-1].write_text(text)
     paths.append(out_dir / "report.html")
-    paths[-1].write_text(_html(text, out_dir))
+    figures = {
+        "frontier.png": frontier_figure(outcome, shown_metrics(outcome), comparison),
+        "hypervolume.png": hypervolume_figure(outcome),
+    }
+    paths[-1].write_text(_html(text, figures))
     return paths
-
-
-def _fmt(metric: str, value: float | None) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return "–"
-    if metric.endswith("bytes") or metric.endswith("bytes_zip"):
-        return format_bytes(value)
-    if metric in ("params", "macs", "nonzero_params"):
-        return f"{value / 1e6:.2f} M"
-    return f"{value:.2f}" if "top" in metric else f"{value:.4g}"
 
 
 def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None) -> str:
@@ -352,11 +387,14 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         f"- Objectives: {objectives}.",
         f"- Constraints: {'; '.join(map(str, outcome.constraints)) or 'none'}.",
         f"- Trials: {int(totals['trials_complete'])} finished ({int(totals['trials_early_stopped'])} ended early, "
-        f"{int(totals['trials_feasible'])} feasible), {int(totals['trials_failed'])} failed.",
+        f"{int(totals['trials_feasible'])} feasible), {int(totals['trials_failed'])} failed; "
+        f"{int(totals['trials_repeated'])} repeated the ordering and settings of an earlier trial "
+        f"({int(totals['trials_complete'] - totals['trials_repeated'])} distinct).",
         f"- Early stopping skipped {int(totals['stages_skipped'])} stage runs and {int(totals['epochs_skipped'])} "
         f"epochs: {totals['epochs_skipped_share']:.0%} of the "
         f"{int(totals['epochs_trained'] + totals['epochs_skipped'])} epochs the finished trials would otherwise have "
-        "trained (an upper bound: a skipped stage might have been in the cache).",
+        "trained (a skip in a repeated configuration counted once; an upper bound: a skipped stage might have been "
+        "in the cache).",
         f"- Stage cache (stages after the shared baseline): {int(totals['stages_reused'])} of "
         f"{int(totals['stages_reused'] + totals['stages_trained'])} stage runs reused "
         f"({totals['stage_cache_hit_share']:.0%}); {int(totals['epochs_trained'])} epochs trained.",
@@ -389,27 +427,28 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
     if stopped:
         lines += ["## Trials ended early", ""]
         lines += [f"- trial {t.number} (`{t.chain}`): {t.early_stopped}" for t in stopped] + [""]
-    lines += ["All trials: `trials.csv`; the Pareto set: `pareto.csv`.", ""]
+    lines += ["All trials: `trials.csv`; the Pareto set: `pareto.csv`; the plots, interactive: `report.html`.", ""]
     return "\n".join(lines)
 
 
 def _baseline_line(outcome: SearchOutcome) -> str:
     baseline = next((t.baseline for t in outcome.trials if t.baseline), {})
-    shown = [f"{m} {_fmt(m, baseline[m])}" for m in _shown_metrics(outcome) if m in baseline]
+    shown = [f"{m} {format_metric(m, baseline[m])}" for m in shown_metrics(outcome) if m in baseline]
     return ", ".join(shown) or "not measured yet"
 
 
 def _reference(outcome: SearchOutcome) -> str:
-    return ", ".join(f"{m} {_fmt(m, r)}" for m, r in zip(outcome.objectives, outcome.geometry.reference, strict=True))
+    pairs = zip(outcome.objectives, outcome.geometry.reference, strict=True)
+    return ", ".join(f"{m} {format_metric(m, r)}" for m, r in pairs)
 
 
 def _table(trials: list[TrialRecord], outcome: SearchOutcome) -> list[str]:
-    metrics = _shown_metrics(outcome)
+    metrics = shown_metrics(outcome)
     head = ["trial", "ordering", "settings", *metrics]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.settings.items())
-        cells = [str(t.number), f"`{t.chain}`", settings or "–", *[_fmt(m, t.metrics.get(m)) for m in metrics]]
+        cells = [str(t.number), f"`{t.chain}`", settings or "–", *[format_metric(m, t.metrics.get(m)) for m in metrics]]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 
@@ -424,7 +463,12 @@ def _comparison_markdown(outcome: SearchOutcome, c: Comparison) -> list[str]:
         "",
         f"- Hypervolume: search {c.search_volume:.4f}, sweep {c.sweep_volume:.4f}: the search's is {better}"
         + (f" ({c.search_volume / c.sweep_volume:.2f}x)." if c.sweep_volume > 0 else "."),
-        f"- Sweep models a search Pareto point dominates: {', '.join(c.sweep_dominated) or 'none'}.",
+        f"- Sweep models a search Pareto point dominates ({len(c.sweep_dominated)}): "
+        f"{', '.join(c.sweep_dominated) or 'none'}.",
+        f"- Sweep models a search Pareto point equals (the same model, from the shared stage cache, or the same "
+        f"metrics) ({len(c.sweep_equalled)}): {', '.join(c.sweep_equalled) or 'none'}.",
+        f"- Sweep models neither dominated nor equalled: "
+        f"{len(c.sweep_points) - len(set(c.sweep_dominated) | set(c.sweep_equalled))}.",
         "",
         "Search Pareto points that no sweep model dominates or equals (what the hand-written sweep missed):",
         "",
@@ -433,86 +477,17 @@ def _comparison_markdown(outcome: SearchOutcome, c: Comparison) -> list[str]:
     return [*lines, ""]
 
 
-def plot_frontier(outcome: SearchOutcome, path: Path, comparison: Comparison | None = None) -> Path:
-    """Every pair of objectives: trials (infeasible and ended-early ones marked), the Pareto set, the sweep's models."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    pairs = list(combinations(outcome.objectives, 2)) or [(next(iter(outcome.objectives)),) * 2]
-    fig, axes = plt.subplots(1, len(pairs), figsize=(5.2 * len(pairs), 4.4), squeeze=False)
-    front = {t.number for t in outcome.pareto}
-    groups = {
-        "feasible": [t for t in outcome.trials if t.feasible and t.number not in front],
-        "infeasible": [t for t in outcome.trials if t.complete and not t.feasible and not t.early_stopped],
-        "ended early": [t for t in outcome.trials if t.complete and t.early_stopped],
-        "Pareto set": outcome.pareto,
-    }
-    style = {
-        "feasible": ("tab:blue", "o", 0.5),
-        "infeasible": ("grey", "x", 0.6),
-        "ended early": ("tab:red", "v", 0.6),
-        "Pareto set": ("black", "*", 1.0),
-    }
-    for ax, (x, y) in zip(axes[0], pairs, strict=True):
-        for name, trials in groups.items():
-            ts = [t for t in trials if x in t.metrics and y in t.metrics]
-            if ts:
-                color, marker, alpha = style[name]
-                ax.scatter(
-                    [t.metrics[x] for t in ts],
-                    [t.metrics[y] for t in ts],
-                    c=color,
-                    marker=marker,
-                    alpha=alpha,
-                    s=70 if name == "Pareto set" else 30,
-                    label=name,
-                )
-        if comparison is not None and len(comparison.sweep_points):
-            ax.scatter(
-                comparison.sweep_points[x],
-                comparison.sweep_points[y],
-                facecolors="none",
-                edgecolors="tab:green",
-                s=60,
-                label=f"sweep {comparison.sweep_id}",
-            )
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"search {outcome.search_id}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def _inline(text: str) -> str:
+    """Markdown text as HTML: escaped, `code` spans as <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
 
 
-def plot_hypervolume(outcome: SearchOutcome, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    if outcome.hypervolume_history:
-        numbers, volumes = zip(*outcome.hypervolume_history, strict=True)
-        ax.step(numbers, volumes, where="post")
-        ax.plot(numbers, volumes, "o", ms=3)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("hypervolume of the feasible Pareto set")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _html(markdown_text: str, out_dir: Path) -> str:
-    """A self-contained page: the Markdown's tables and text as HTML, the PNGs inlined."""
+def _html(markdown_text: str, figures: dict[str, Any]) -> str:
+    """A self-contained page that works offline: the Markdown's text and tables as HTML, each of its images replaced
+    by the interactive plotly figure of the same name (plotly.js inlined once, with the first)."""
     body = []
     table: list[str] = []
+    embedded = 0
 
     def flush() -> None:
         if table:
@@ -520,7 +495,7 @@ def _html(markdown_text: str, out_dir: Path) -> str:
             cells = []
             for i, row in enumerate(rows):
                 tag = "th" if i == 0 else "td"
-                cells.append("<tr>" + "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in row) + "</tr>")
+                cells.append("<tr>" + "".join(f"<{tag}>{_inline(c.strip())}</{tag}>" for c in row) + "</tr>")
             body.append("<table>" + "".join(cells) + "</table>")
             table.clear()
 
@@ -531,19 +506,20 @@ def _html(markdown_text: str, out_dir: Path) -> str:
         flush()
         if line.startswith("!["):
             name = line[line.index("(") + 1 : line.index(")")]
-            data = base64.b64encode((out_dir / name).read_bytes()).decode()
-            body.append(f'<img alt="{html.escape(name)}" src="data:image/png;base64,{data}">')
+            div_id = "search-" + Path(name).stem
+            body.append(figures[name].to_html(full_html=False, include_plotlyjs=embedded == 0, div_id=div_id))
+            embedded += 1
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
         elif line.startswith("- "):
-            body.append(f"<li>{html.escape(line[2:])}</li>")
+            body.append(f"<li>{_inline(line[2:])}</li>")
         elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{_inline(line)}</p>")
     flush()
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}"
+        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
     )
     head = f"<head><meta charset='utf-8'><style>{style}</style></head>"
     return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"

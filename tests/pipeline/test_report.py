@@ -9,15 +9,13 @@ from __future__ import annotations
 import html
 import json
 import re
-import shutil
-import subprocess
 import urllib.request
 
 import pytest
 
 from pipeline.report import build_report, markdown, report_sweep
 from pipeline.tracking import Tracker
-from tests.conftest import mlflow_process
+from tests.conftest import mlflow_process, rendered_dom
 
 SWEEP = "toy-sweep-0000"
 # model -> (top1 %, artifact bytes, p50 ms); 'ab' is the output of stage a then b, and so on.
@@ -147,30 +145,10 @@ def test_report_of_unknown_or_missing_sweep_is_an_error(tmp_path):
         report_sweep(tracker, "nope", tmp_path)
 
 
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--virtual-time-budget=15000",
-]  # fmt: skip
-
-
-def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not found:
-        pytest.fail("Chromium not found: `make test` installs it (Debian packages chromium, chromium-driver)")
-    return found
-
-
 def test_html_report_renders_in_headless_chromium(toy_store, tmp_path):
     tracker, _ = toy_store
     _, out = report_sweep(tracker, SWEEP, tmp_path / "reports")
-    profile = tmp_path / "chromium-profile"
-    dom = subprocess.run(
-        [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", (out / "report.html").as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    dom = rendered_dom(out / "report.html", tmp_path / "chromium-profile")
     # plotly.js ran in the browser: each figure drew one SVG trace and legend entry per ordering plus the frontier
     # (none of these elements is in the HTML file itself; plotly.js creates them).
     assert 'class="trace scatter' not in (out / "report.html").read_text()

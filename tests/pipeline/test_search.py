@@ -5,6 +5,11 @@ after an interruption)."""
 
 from __future__ import annotations
 
+import html
+import logging
+import re
+from dataclasses import replace
+
 import mlflow
 import numpy as np
 import pandas as pd
@@ -17,13 +22,13 @@ from pipeline.artifacts import load_artifact
 from pipeline.evaluator import count_params, metric_catalogue
 from pipeline.pareto import hypervolume
 from pipeline.recipe import RecipeError, StageSpec, validate_recipe
-from pipeline.reporting.search import TrialRecord, compare_with_sweep, summarize
+from pipeline.reporting.search import TrialRecord, compare_with_sweep, search_markdown, summarize
 from pipeline.search import plan_search, unreachable_constraint
 from pipeline.search_config import Constraint
 from stages.distill import DistillConfig
 from stages.prune import PruneConfig
 from stages.qat import QATConfig
-from tests.conftest import TINY_MODEL, tiny_recipe, write_recipe
+from tests.conftest import TINY_MODEL, rendered_dom, tiny_recipe, write_recipe
 
 TWO = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
 
@@ -147,6 +152,7 @@ def test_pareto_set_best_model_and_history_keep_to_feasible_trials():
         _trial(4, 70, 120, stopped="artifact_bytes out of reach", violation=20.0),
         _trial(5, 0, 0, state="FAIL"),
     ]
+    trials[4] = replace(trials[4], params={"ordering": "prune", "prune.pruning_ratio": 0.1})  # not a repeat
     out = summarize("s", trials, objectives, [Constraint.parse("artifact_bytes <= 100")], ("top1", "max"))
     assert [t.number for t in out.pareto] == [0, 1]
     assert out.best.number == 1
@@ -167,6 +173,47 @@ def test_a_lone_feasible_point_has_volume_and_integer_fields_are_sampled_as_inte
     assert not is_integer_field(PruneConfig, "pruning_ratio")
 
 
+def test_stepped_floats_are_sampled_on_their_grid_exactly(tmp_path):
+    import optuna
+
+    from pipeline.search import sample_trial
+
+    raw = search_recipe(orderings=[["prune", "distill"]], space={"prune.pruning_ratio": {"low": 0.3, "high": 0.8,
+                                                                                         "step": 0.1}})  # fmt: skip
+    plan = plan_search(validate_recipe(raw), tracking_uri=f"sqlite:///{tmp_path}/m.db", cache_dir=tmp_path / "c")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(40):
+        _, settings = sample_trial(study.ask(), plan)
+        seen.add(settings["prune.pruning_ratio"])
+    # Optuna gives 0.3 + 3 * 0.1 = 0.6000000000000001; the stage (its MLflow params, its cache key) gets 0.6.
+    assert seen == {0.3, 0.4, 0.5, 0.6, 0.7, 0.8}
+
+
+def test_trials_that_repeat_an_earlier_configuration_are_counted_and_listed_once(tmp_path):
+    from pipeline.reporting.search import write_search_report
+
+    def ratio(number, value, state="COMPLETE", **kw):
+        trial = _trial(number, 80, 50, state=state, **kw)
+        return replace(trial, params={"ordering": "prune", "prune.pruning_ratio": value})
+
+    stopped = {"stopped": "artifact_bytes out of reach", "violation": 20.0}
+    trials = [ratio(0, 0.6000000000000001), ratio(1, 0.6), ratio(2, 0.7), ratio(3, 0.7, state="FAIL"), _trial(4, 1, 1),
+              ratio(5, 0.9, **stopped), ratio(6, 0.9, **stopped)]  # fmt: skip
+    out = summarize("s", trials, {"top1": "max", "artifact_bytes": "min"}, [], ("top1", "max"))
+    totals = out.totals()
+    assert totals["trials_repeated"] == 2  # 1 (0.6 runs as 0.6) and 6; a failed trial is not counted
+    assert totals["epochs_skipped"] == 3  # trial 6's skip is trial 5's again: without early stop, a cache hit
+    assert [t.number for t in out.pareto] == [0, 2, 4]  # trial 1 is trial 0 again; 2 another model, equal metrics
+    assert "2 repeated the ordering and settings of an earlier trial (4 distinct)" in search_markdown(out)
+
+    write_search_report(out, tmp_path)
+    frame = pd.read_csv(tmp_path / "trials.csv").set_index("trial")
+    assert frame.loc[1, "repeat_of"] == 0 and frame.loc[6, "repeat_of"] == 5 and pd.isna(frame.loc[2, "repeat_of"])
+    assert frame.loc[[0, 1, 2, 4], "pareto"].all() and not frame.loc[[5, 6], "pareto"].any()  # 1 is 0's model
+    assert list(pd.read_csv(tmp_path / "pareto.csv").trial) == [0, 2, 4]  # each model once
+
+
 def test_comparison_with_a_sweep_names_the_points_it_missed():
     objectives = {"top1": "max", "artifact_bytes": "min"}
     trials = [_trial(0, 80, 40), _trial(1, 85, 70)]
@@ -175,7 +222,7 @@ def test_comparison_with_a_sweep_names_the_points_it_missed():
     comparison = compare_with_sweep(out, "sw", sweep)
     assert list(comparison.sweep_points.index) == ["a", "b"]  # c breaks the size bound
     assert [t.number for t in comparison.missed] == [0]  # trial 1 equals sweep model a
-    assert comparison.sweep_dominated == ["b"]
+    assert comparison.sweep_dominated == ["b"] and comparison.sweep_equalled == ["a"]
     assert comparison.search_volume > comparison.sweep_volume > 0
     with pytest.raises(ValueError, match="did not measure artifact_bytes"):
         compare_with_sweep(out, "sw", sweep[["top1"]])
@@ -218,8 +265,18 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
         return real_run(self)
 
     monkeypatch.setattr(search_module.Runner, "run", interrupted_second)
-    assert cli.main(["search", str(path), "--quiet", "--no-report"]) == 130
+    optuna_records: list[logging.LogRecord] = []
+    catch = logging.Handler()
+    catch.emit = optuna_records.append
+    logging.getLogger("optuna").addHandler(catch)
+    try:
+        assert cli.main(["search", str(path), "--quiet", "--no-report"]) == 130
+    finally:
+        logging.getLogger("optuna").removeHandler(catch)
     monkeypatch.setattr(search_module.Runner, "run", real_run)
+    # Optuna says the trial failed, in one line: no traceback for an interruption.
+    said = [r for r in optuna_records if "KeyboardInterrupt" in r.getMessage()]
+    assert said and not any(r.exc_info for r in said)
     trained_before = _trained_keys(isolated)
 
     assert cli.main(["search", str(path), "--quiet", "--reports-dir", str(tmp_path / "reports")]) == 0
@@ -289,6 +346,18 @@ def test_report_documents_from_hand_made_trials(tmp_path):
                                        "report.html"}  # fmt: skip
     text = (tmp_path / "report.md").read_text()
     assert "Trial 1, `prune`" in text and "trial 2 (`prune`): bytes out of reach" in text
-    assert "## Against sweep `sw`" in text and "Sweep models a search Pareto point dominates: b (seed 0)" in text
+    assert "## Against sweep `sw`" in text and "Sweep models a search Pareto point dominates (1): b (seed 0)" in text
+    assert "point equals (the same model, from the shared stage cache, or the same metrics) (1): a (seed 0)" in text
+    assert "Sweep models neither dominated nor equalled: 0." in text
     page = (tmp_path / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    assert "<table>" in page and 'id="search-frontier"' in page and 'id="search-hypervolume"' in page
+    assert "Trial 1, <code>prune</code>" in page and "`" not in page.split("<script", 1)[0]  # Markdown code spans
+    assert page.count("<img") == 0 and page.count("plotly.js v") == 1  # interactive plots, plotly.js inlined once
+
+    # Rendered: plotly.js drew, in the one frontier panel, the Pareto set, the trial that ended early and the sweep's
+    # models (no trial is feasible but dominated, or infeasible at its end: no trace); the hypervolume curve.
+    dom = rendered_dom(tmp_path / "report.html", tmp_path / "chromium-profile")
+    assert dom.count('class="plotly-graph-div') == 2, dom[:500]
+    legend = sorted(html.unescape(t) for t in re.findall(r'class="legendtext"[^>]*>([^<]*)<', dom))
+    assert legend == ["Pareto set", "ended early", "sweep sw"]
+    assert dom.count('class="trace scatter') == 3 + 1
