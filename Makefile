@@ -118,5 +118,9 @@ bench-deploy: $(STAMP)
 bench-significance: $(STAMP)
 	$(PY) bench/significance.py
 
+bench-search: $(STAMP)  ## a search's frontier against a sweep's, trial by trial (default: BENCHMARKS.md's worked example; needs its study)
+	$(PY) bench/search_vs_sweep.py $(or $(search),search-prune-qat-distill-db156d67) \
+		$(or $(against),sweep-prune-qat-distill-316d8ea5)
+
 clean-cache:
 	rm -rf .cache
