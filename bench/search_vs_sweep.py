@@ -17,18 +17,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.report import sweep_models  # noqa: E402
-from pipeline.reporting.search import (  # noqa: E402
-    compare_with_sweep,
-    geometry,
-    objective_values,
-    outcome_of,
-    summarize,
-)
+from pipeline.reporting.search import compare_with_sweep, objective_values, outcome_of, summarize  # noqa: E402
 from pipeline.search import load_search_plan, open_study  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
@@ -55,18 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         f"({len(full.sweep_points)} sweep models within the constraints)"
     )
 
-    # The full comparison's geometry, so every prefix is measured on the same scale as the end.
-    mine = objective_values(outcome.pareto, objectives)
-    theirs = full.sweep_points[list(objectives)].to_numpy(dtype=float)
-    baseline = next((t.baseline for t in outcome.trials if t.baseline), {})
-    geo = geometry(objectives, outcome.constraints, baseline, [mine, theirs])
-    signs = np.where(geo.maximize, -1.0, 1.0)
-    standing = [
-        label
-        for label, q in zip(full.sweep_points.index, theirs, strict=True)
-        if not any(((p * signs) <= (q * signs)).all() for p in mine)
-    ]
-    print(f"\n{len(standing)} of {len(theirs)} sweep models no search Pareto point dominates or equals:")
+    standing = full.sweep_standing
+    print(f"\n{len(standing)} of {len(full.sweep_points)} sweep models no search Pareto point dominates or equals:")
     if standing:
         print(full.sweep_points.loc[standing, list(objectives)].to_string())
 
@@ -76,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     for n, trial in enumerate(finished, start=1):
         seconds += trial.seconds or 0.0
         first = summarize(outcome.search_id, finished[:n], objectives, outcome.constraints, outcome.selection)
-        volume = geo.volume(objective_values(first.pareto, objectives))
+        volume = full.geometry.volume(objective_values(first.pareto, objectives))  # the end's geometry: one scale
         crossed = passed is None and volume > full.sweep_volume
         if n in args.at or crossed or n == len(finished):
             mark = "  <- first above" if crossed else ""

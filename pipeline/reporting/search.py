@@ -289,6 +289,13 @@ class Comparison:
     missed: list[TrialRecord]  # search Pareto points no sweep model dominates or equals
     sweep_dominated: list[str]  # sweep models some search Pareto point dominates
     sweep_equalled: list[str] = field(default_factory=list)  # sweep models a search Pareto point equals everywhere
+    geometry: Geometry | None = None  # the one both volumes were measured on
+
+    @property
+    def sweep_standing(self) -> list[str]:
+        """Sweep models no search Pareto point dominates or equals."""
+        beaten = set(self.sweep_dominated) | set(self.sweep_equalled)
+        return [label for label in map(str, self.sweep_points.index) if label not in beaten]
 
 
 def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.DataFrame) -> Comparison:
@@ -322,7 +329,14 @@ def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.D
     ]
     equalled = [label for label, q in zip(ok.index, theirs, strict=True) if any(np.array_equal(p, q) for p in mine)]
     return Comparison(
-        sweep_id, ok, geo.volume(mine), geo.volume(theirs), missed, list(map(str, dominated)), list(map(str, equalled))
+        sweep_id,
+        ok,
+        geo.volume(mine),
+        geo.volume(theirs),
+        missed,
+        list(map(str, dominated)),
+        list(map(str, equalled)),
+        geo,
     )
 
 
@@ -467,8 +481,7 @@ def _comparison_markdown(outcome: SearchOutcome, c: Comparison) -> list[str]:
         f"{', '.join(c.sweep_dominated) or 'none'}.",
         f"- Sweep models a search Pareto point equals (the same model, from the shared stage cache, or the same "
         f"metrics) ({len(c.sweep_equalled)}): {', '.join(c.sweep_equalled) or 'none'}.",
-        f"- Sweep models neither dominated nor equalled: "
-        f"{len(c.sweep_points) - len(set(c.sweep_dominated) | set(c.sweep_equalled))}.",
+        f"- Sweep models neither dominated nor equalled: {len(c.sweep_standing)}.",
         "",
         "Search Pareto points that no sweep model dominates or equals (what the hand-written sweep missed):",
         "",

@@ -223,6 +223,7 @@ def test_comparison_with_a_sweep_names_the_points_it_missed():
     assert list(comparison.sweep_points.index) == ["a", "b"]  # c breaks the size bound
     assert [t.number for t in comparison.missed] == [0]  # trial 1 equals sweep model a
     assert comparison.sweep_dominated == ["b"] and comparison.sweep_equalled == ["a"]
+    assert comparison.sweep_standing == []
     assert comparison.search_volume > comparison.sweep_volume > 0
     with pytest.raises(ValueError, match="did not measure artifact_bytes"):
         compare_with_sweep(out, "sw", sweep[["top1"]])
