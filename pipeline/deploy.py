@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -200,9 +201,10 @@ def export_files(
     given the artifact, so the stage cache reuses them)."""
     out_dir = Path(out_dir)
     files = {r: _runtime_file(out_dir, r) for r in runtimes}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_preprocessing(model, out_dir)
     if reuse and all(f.is_file() for f in files.values()):
         return files
-    out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".export-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -215,6 +217,25 @@ def export_files(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return files
+
+
+PREPROCESSING_FILE = "preprocessing.json"
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")
+
+
+def write_preprocessing(model: nn.Module, out_dir: Path) -> Path | None:
+    """`preprocessing.json` beside the exported files: the input the model expects (its artifact's `pretrained_cfg`:
+    input size, mean and std on a 0..1 scale, resize interpolation, centre-crop share), so that whoever deploys the
+    files feeds them what they were evaluated with. None when the model records none."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    shown = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items() if k in PREPROCESSING_KEYS}
+    if not shown:
+        return None
+    path = Path(out_dir) / PREPROCESSING_FILE
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(shown, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def _runtime_file(out_dir: Path, runtime: str) -> Path:

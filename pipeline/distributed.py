@@ -1,9 +1,9 @@
 """Multi-process training under `torchrun`: every rank trains each stage through the shared loop wrapped in
 DistributedDataParallel; only rank 0 evaluates, writes the cache and logs to MLflow.
 
-Every rank draws the same global batches (same seed) and trains on its slice of each, so a step averages
-the gradients of the whole batch, as one process would. Outside `torchrun` (WORLD_SIZE unset or 1)
-everything here is a no-op.
+Every rank draws the same order of global batches (same seed) and its loader reads and augments only its own
+slice of each (`pipeline.data`), so a step averages the gradients of the whole batch, as one process would.
+Outside `torchrun` (WORLD_SIZE unset or 1) everything here is a no-op.
 """
 
 from __future__ import annotations
@@ -47,12 +47,6 @@ def process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
-
-
-def shard(batch: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of a global batch (every rank iterates the same batches)."""
-    rank, size = world()
-    return batch[rank::size] if size > 1 else batch
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +21,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from pipeline.config import StrictConfig
-from pipeline.data import TensorLoader
+
+Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (normalised images, labels) batches of one split
 
 
 class EvalConfig(StrictConfig):
-    """How the evaluator measures latency and throughput (accuracy always uses the whole test split)."""
+    """How the evaluator measures latency and throughput (accuracy always uses the whole validation and test splits)."""
 
     threads: int = Field(1, ge=1, le=256, description="torch CPU threads for latency and throughput")
     latency_runs: int = Field(200, ge=5, le=100_000, description="timed batch-1 forward passes")
@@ -36,8 +37,11 @@ class EvalConfig(StrictConfig):
 
 # Every metric a stage evaluation logs and a search may optimise or bound: its natural direction ("max" or "min";
 # None where neither is better) and its kind in stages.base.METRIC_KINDS (None for accuracy and the rest). Metrics of
-# an exported file carry the runtime's name: `onnxruntime.latency_ms_p50`.
+# an exported file carry the runtime's name: `onnxruntime.latency_ms_p50`. Accuracy is measured on two splits:
+# `val_top1` on the validation split, which every choice reads, and `top1` on the test split, which is only reported.
 MODEL_METRICS: dict[str, tuple[str | None, str | None]] = {
+    "val_top1": ("max", None),  # percent of validation images
+    "val_top5": ("max", None),
     "top1": ("max", None),  # percent of test images
     "top5": ("max", None),
     "params": ("min", "compute"),  # parameter count
@@ -49,6 +53,8 @@ MODEL_METRICS: dict[str, tuple[str | None, str | None]] = {
     "artifact_bytes": ("min", "bytes"),  # the saved artifact on disk
 }
 RUNTIME_METRICS: dict[str, tuple[str | None, str | None]] = {
+    "val_top1": ("max", None),
+    "val_top5": ("max", None),
     "top1": ("max", None),
     "top5": ("max", None),
     "latency_ms_p50": ("min", "compute"),
@@ -58,6 +64,22 @@ RUNTIME_METRICS: dict[str, tuple[str | None, str | None]] = {
     "file_bytes_zip": ("min", "bytes"),  # the same, deflated: what sparsity saves in storage
     "top1_delta_vs_torch": (None, None),
 }
+TEST_ACCURACY = ("top1", "top5")  # the test split's accuracy metrics (and each runtime's): reported, never chosen on
+
+
+def split_metric(metric: str, split: str) -> str:
+    """The name of an accuracy metric on `split`: ('top1', 'val') -> 'val_top1', ('onnxruntime.top1', 'val') ->
+    'onnxruntime.val_top1'; the test split keeps the plain name."""
+    if split == "test":
+        return metric
+    runtime, dot, name = metric.rpartition(".")
+    return f"{runtime}{dot}{split}_{name}"
+
+
+def validation_name(metric: str) -> str | None:
+    """The validation metric to choose on instead of a test-split accuracy metric (`onnxruntime.top1` ->
+    `onnxruntime.val_top1`); None when `metric` is not a test accuracy."""
+    return split_metric(metric, "val") if metric.rpartition(".")[2] in TEST_ACCURACY else None
 
 
 def metric_catalogue(runtimes: Iterable[str]) -> dict[str, tuple[str | None, str | None]]:
@@ -113,22 +135,29 @@ def classify(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Prediction
     return Predictions(join(predicted, dtype), join(hits, bool), join(labels, dtype))
 
 
-def save_predictions(path: Path, by_runtime: dict[str, Predictions]) -> None:
-    """Write each runtime's predicted classes (and the labels once) to one compressed .npz file."""
-    labels = next(iter(by_runtime.values())).labels
-    arrays = {f"{name}.predicted": p.predicted for name, p in by_runtime.items()}
-    np.savez_compressed(path, labels=labels, **arrays)
+def save_predictions(path: Path, by_split: Mapping[str, Mapping[str, Predictions]]) -> None:
+    """Write each split's (`val`, `test`) predicted classes per runtime, and its labels once, to one .npz file."""
+    arrays = {}
+    for split, by_runtime in by_split.items():
+        arrays[f"{split}.labels"] = next(iter(by_runtime.values())).labels
+        arrays.update({f"{split}.{name}.predicted": p.predicted for name, p in by_runtime.items()})
+    np.savez_compressed(path, **arrays)
 
 
-def load_predictions(path: Path) -> dict[str, np.ndarray]:
-    """`save_predictions` output: {"labels": …, "<runtime>": predicted classes}."""
+def load_predictions(path: Path, split: str = "test") -> dict[str, np.ndarray]:
+    """One split of `save_predictions`' output: {"labels": …, "<runtime>": predicted classes}; empty when the
+    file has no such split (files written before validation splits hold the test split alone, unprefixed)."""
     with np.load(path) as data:
-        return {k.removesuffix(".predicted"): data[k] for k in data.files}
+        files = list(data.files)
+        if "labels" in files:  # the format before validation splits: the test split only
+            return {k.removesuffix(".predicted"): data[k] for k in files} if split == "test" else {}
+        prefix = f"{split}."
+        return {k[len(prefix) :].removesuffix(".predicted"): data[k] for k in files if k.startswith(prefix)}
 
 
 @torch.inference_mode()
 def predictions(
-    model: nn.Module, loader: TensorLoader, *, device: torch.device | str = "cpu", progress: bool = False
+    model: nn.Module, loader: Loader, *, device: torch.device | str = "cpu", progress: bool = False
 ) -> Predictions:
     """The model's predictions on every image of `loader`."""
     model.eval()
@@ -137,7 +166,7 @@ def predictions(
 
 
 def accuracy(
-    model: nn.Module, loader: TensorLoader, *, device: torch.device | str = "cpu", progress: bool = False
+    model: nn.Module, loader: Loader, *, device: torch.device | str = "cpu", progress: bool = False
 ) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent over every batch of `loader`."""
     result = predictions(model, loader, device=device, progress=progress)
@@ -250,35 +279,47 @@ def throughput_ips(model: nn.Module, input_size: tuple[int, ...], *, batch_size:
 
 def evaluate(
     model: nn.Module,
-    test_loader: TensorLoader,
+    test_loader: Loader,
     input_size: tuple[int, ...],
     cfg: EvalConfig,
     *,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> dict[str, float]:
-    """Every evaluator metric except artifact_bytes (which belongs to the file the runner wrote)."""
-    return evaluate_with_predictions(model, test_loader, input_size, cfg, device=device, progress=progress)[0]
+    """Every evaluator metric except artifact_bytes (which belongs to the file the runner wrote), with accuracy
+    (`top1`, `top5`) on `test_loader`."""
+    return evaluate_with_predictions(model, {"test": test_loader}, input_size, cfg, device=device,
+                                     progress=progress)[0]  # fmt: skip
+
+
+def accuracy_metrics(scored: Mapping[str, Predictions], runtime: str | None = None) -> dict[str, float]:
+    """top1 / top5 of each split's predictions under the split's metric name (`val_top1`; `onnxruntime.top1`)."""
+    prefix = f"{runtime}." if runtime else ""
+    out = {}
+    for split, p in scored.items():
+        out[split_metric(f"{prefix}top1", split)], out[split_metric(f"{prefix}top5", split)] = p.top1, p.top5
+    return out
 
 
 def evaluate_with_predictions(
     model: nn.Module,
-    test_loader: TensorLoader,
+    loaders: Mapping[str, Loader],
     input_size: tuple[int, ...],
     cfg: EvalConfig,
     *,
     device: torch.device | str = "cpu",
     progress: bool = False,
-) -> tuple[dict[str, float], Predictions]:
-    """`evaluate`'s metrics and the per-image predictions they were computed from."""
+) -> tuple[dict[str, float], dict[str, Predictions]]:
+    """`evaluate`'s metrics with accuracy on every split of `loaders` ({'val': …, 'test': …}), and the per-image
+    predictions of each split."""
     if is_quantized_model(model):
         device = "cpu"  # int8 kernels are CPU kernels
-    scored = predictions(model.to(device), test_loader, device=device, progress=progress)
+    scored = {split: predictions(model.to(device), loader, device=device, progress=progress)
+              for split, loader in loaders.items()}  # fmt: skip
     model = model.to("cpu")
     p50, p90 = latency_ms(model, input_size, threads=cfg.threads, runs=cfg.latency_runs, warmup=cfg.warmup_runs)
     metrics = {
-        "top1": scored.top1,
-        "top5": scored.top5,
+        **accuracy_metrics(scored),
         "params": float(count_params(model)),
         "nonzero_params": float(count_nonzero_params(model)),
         "macs": float(count_macs(model, input_size)),
@@ -297,7 +338,7 @@ def evaluate_with_predictions(
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def predict_predictions(predict: Predict, loader: TensorLoader, *, progress: bool = False) -> Predictions:
+def predict_predictions(predict: Predict, loader: Loader, *, progress: bool = False) -> Predictions:
     """A runtime's `predict` (one batch -> logits) on every image of `loader`."""
     batches = tqdm(loader, desc="evaluate", unit="batch", leave=False, disable=not progress)
     return classify(
@@ -306,7 +347,7 @@ def predict_predictions(predict: Predict, loader: TensorLoader, *, progress: boo
     )
 
 
-def predict_accuracy(predict: Predict, loader: TensorLoader, *, progress: bool = False) -> tuple[float, float]:
+def predict_accuracy(predict: Predict, loader: Loader, *, progress: bool = False) -> tuple[float, float]:
     """Top-1 and top-5 accuracy in percent of a runtime's `predict` (one batch -> logits) over `loader`."""
     result = predict_predictions(predict, loader, progress=progress)
     return result.top1, result.top5
@@ -333,7 +374,7 @@ def p50_p90(times: Sequence[float]) -> tuple[float, float]:
 def runtime_metrics(
     runtime: str,
     file: Path,
-    test_loader: TensorLoader,
+    test_loader: Loader,
     input_size: tuple[int, ...],
     cfg: EvalConfig,
     *,
@@ -342,26 +383,25 @@ def runtime_metrics(
 ) -> dict[str, float]:
     """Accuracy (whole test split), batch-1 p50/p90 latency and batch throughput of one exported file in one
     runtime; names carry the runtime (`onnxruntime.top1`). Accuracy runs on every core, timing on `threads`."""
-    args = (runtime, file, test_loader, input_size, cfg)
+    args = (runtime, file, {"test": test_loader}, input_size, cfg)
     return runtime_metrics_with_predictions(*args, threads=threads, progress=progress)[0]
 
 
 def runtime_metrics_with_predictions(
     runtime: str,
     file: Path,
-    test_loader: TensorLoader,
+    loaders: Mapping[str, Loader],
     input_size: tuple[int, ...],
     cfg: EvalConfig,
     *,
     threads: int,
     progress: bool = False,
-) -> tuple[dict[str, float], Predictions]:
-    """`runtime_metrics` and the per-image predictions of its accuracy."""
+) -> tuple[dict[str, float], dict[str, Predictions]]:
+    """`runtime_metrics` with accuracy on every split of `loaders`, and each split's per-image predictions."""
     from pipeline.deploy import open_runtime, runtime_file_bytes, zipped_bytes
 
-    scored = predict_predictions(open_runtime(runtime, file, threads=os.cpu_count() or 1), test_loader,
-                                 progress=progress)  # fmt: skip
-    top1, top5 = scored.top1, scored.top5
+    predict = open_runtime(runtime, file, threads=os.cpu_count() or 1)
+    scored = {split: predict_predictions(predict, loader, progress=progress) for split, loader in loaders.items()}
     one = np.random.default_rng(0).standard_normal((1, *input_size), dtype=np.float32)
     p50, p90 = p50_p90(predict_times_ms(open_runtime(runtime, file, threads=threads, batch_size=1), one,
                                         runs=cfg.latency_runs, warmup=cfg.warmup_runs))  # fmt: skip
@@ -369,8 +409,7 @@ def runtime_metrics_with_predictions(
     batch_predict = open_runtime(runtime, file, threads=threads, batch_size=cfg.throughput_batch_size)
     batch_ms = statistics.median(predict_times_ms(batch_predict, batch, runs=cfg.throughput_runs, warmup=2))
     return {
-        f"{runtime}.top1": top1,
-        f"{runtime}.top5": top5,
+        **accuracy_metrics(scored, runtime),
         f"{runtime}.latency_ms_p50": p50,
         f"{runtime}.latency_ms_p90": p90,
         f"{runtime}.throughput_ips": cfg.throughput_batch_size / (batch_ms / 1e3),

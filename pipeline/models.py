@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import socket
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -20,13 +21,25 @@ from pipeline.config import StrictConfig
 from pipeline.constraints import FixedWeights
 from pipeline.structure import StructuralChange
 
+log = logging.getLogger("pipeline")
+
 
 class ModelConfig(StrictConfig):
     """Which timm model to build and where its starting weights come from."""
 
     name: str = Field(description="any timm model name, e.g. resnet10t, resnet18, mobilenetv3_small_100")
     pretrained: bool = Field(False, description="start from timm's pretrained weights (downloads; needs network)")
-    checkpoint: Path | None = Field(None, description="local state_dict to start from (loaded with weights_only)")
+    checkpoint: Path | None = Field(
+        None,
+        description="local checkpoint to start from, read as timm's load_checkpoint reads it: a state_dict, or a "
+        "training checkpoint with EMA weights (preferred), `state_dict` or `model`; `module.` prefixes dropped",
+    )
+    reset_classifier: Literal["auto"] | bool = Field(
+        "auto",
+        description="start the classifier from random weights instead of the checkpoint's: auto when the "
+        "checkpoint's class count differs from the data's (said in the log); true always; false never (a "
+        "mismatch is an error)",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
 
     @field_validator("name")
@@ -108,7 +121,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, ModelSp
     if cfg.pretrained:
         check_hub_reachable(cfg.name)
         try:
-            model = spec.build(pretrained=True)
+            model = spec.build(pretrained=True)  # timm drops a classifier of another class count itself
         except Exception as err:  # hub errors come as many types (OSError, HTTPError, LocalEntryNotFound…)
             raise PretrainedUnavailableError(
                 f"model.pretrained: could not fetch pretrained weights for {cfg.name!r} "
@@ -118,7 +131,7 @@ def create_model(cfg: ModelConfig, num_classes: int) -> tuple[nn.Module, ModelSp
     else:
         model = spec.build()
     if cfg.checkpoint is not None:
-        load_checkpoint_(model, cfg.checkpoint)
+        load_checkpoint_(model, cfg.checkpoint, reset_classifier=cfg.reset_classifier)
     return model, spec
 
 
@@ -144,29 +157,52 @@ def check_hub_reachable(name: str, timeout_s: float = 3.0) -> None:
         ) from None
 
 
-def load_checkpoint_(model: nn.Module, path: Path) -> None:
-    """Load a local checkpoint (a state_dict, or a dict with 'state_dict' / 'model') into `model`."""
-    blob = torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and "state_dict" in blob:
-        blob = blob["state_dict"]
-    elif isinstance(blob, dict) and isinstance(blob.get("model"), dict):
-        blob = blob["model"]
+def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in a local checkpoint, as timm's `load_checkpoint` finds it: EMA weights when present
+    (`state_dict_ema`, `model_ema`), else `state_dict` or `model`, else the file itself; `module.` (DDP) and
+    `_orig_mod.` (torch.compile) prefixes removed. Read with weights_only: a checkpoint holds tensors, never code."""
     try:
-        missing, unexpected = model.load_state_dict(blob, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ModelSourceError(f"model.checkpoint: {path} does not fit the model: {str(err)[:300]}") from None
-    if missing or unexpected:
+        return timm.models.load_state_dict(str(Path(path).expanduser()), use_ema=True, weights_only=True)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise ModelSourceError(f"model.checkpoint: cannot read {path}: {str(err).splitlines()[0][:300]}") from None
+
+
+def classifier_keys(model: nn.Module) -> list[str]:
+    """The state_dict keys of the model's classifier (timm's `pretrained_cfg['classifier']`, e.g. `fc`, `head.fc`)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or []
+    prefixes = [names] if isinstance(names, str) else list(names)
+    return [k for k in model.state_dict() if any(k == p or k.startswith(p + ".") for p in prefixes)]
+
+
+def load_checkpoint_(model: nn.Module, path: Path, *, reset_classifier: str | bool = "auto") -> list[str]:
+    """Load a local checkpoint into `model`; returns the classifier keys left at their random start (see
+    ModelConfig.reset_classifier). Every other key must match by name and shape."""
+    state = read_checkpoint(path)
+    own = model.state_dict()
+    head = classifier_keys(model)
+    mismatched = [k for k in head if k in state and state[k].shape != own[k].shape]
+    if reset_classifier is True or (reset_classifier == "auto" and mismatched):
+        if mismatched:
+            theirs, ours = state[mismatched[0]].shape[0], own[mismatched[0]].shape[0]
+            log.info("model.checkpoint: its classifier has %d classes, the data %d: the classifier starts from "
+                     "random weights (model.reset_classifier)", theirs, ours)  # fmt: skip
+        state = {k: v for k, v in state.items() if k not in head}
+        reset = head
+    elif mismatched:
         raise ModelSourceError(
-            f"model.checkpoint: {path} does not fit the model: missing {list(missing)[:4]}, "
-            f"unexpected {list(unexpected)[:4]}"
+            f"model.checkpoint: {path} has a classifier for {state[mismatched[0]].shape[0]} classes, the data has "
+            f"{own[mismatched[0]].shape[0]}; set model.reset_classifier: true (or auto) to train a new one"
         )
-
-
-def pretrained_normalization(cfg: ModelConfig) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """The mean/std pretrained weights were trained with, or None when training from scratch."""
-    if not cfg.pretrained:
-        return None
-    pcfg = timm.models.get_pretrained_cfg(cfg.name)
-    if pcfg is None:
-        return None
-    return tuple(pcfg.mean), tuple(pcfg.std)
+    else:
+        reset = []
+    shapes = [k for k in state if k in own and state[k].shape != own[k].shape]
+    missing = [k for k in own if k not in state and k not in reset]
+    unexpected = [k for k in state if k not in own]
+    if shapes or missing or unexpected:
+        shown = f"shapes differ {shapes[:3]}, " if shapes else ""
+        raise ModelSourceError(
+            f"model.checkpoint: {path} does not fit the model: {shown}missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    model.load_state_dict(state, strict=False)
+    return reset

@@ -14,16 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
-from PIL import Image
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from pipeline.config import StrictConfig
-from pipeline.data import TORCHVISION_LAYOUT, DataConfig, DataNotFoundError, DataSource, locate
+from pipeline.data import DataConfig
 from pipeline.deploy import DeployConfig
-from pipeline.evaluator import EvalConfig, metric_catalogue
-from pipeline.models import ModelConfig, ModelSpec
+from pipeline.evaluator import EvalConfig, metric_catalogue, validation_name
+from pipeline.models import ModelConfig
+from pipeline.recipe_resources import resource_problem
 from pipeline.search_config import SearchConfig, is_integer_field
 from pipeline.training import TrainConfig
 from stages import get_stage
@@ -414,6 +413,13 @@ def _check_search(recipe: Recipe) -> None:
         _check_start_with(recipe, f"search.start_with[{index}]", entry)
     catalogue = metric_catalogue(recipe.deploy.runtimes)
     known = ", ".join(catalogue)
+    chosen_on = [(f"search.objectives.{m}", m) for m in search.objectives]
+    chosen_on += [(f"search.constraints[{i}]", c.metric) for i, c in enumerate(search.parsed_constraints())]
+    chosen_on += [("search.select", search.select)] if search.select else []
+    for path, metric in chosen_on:
+        if (instead := validation_name(metric)) is not None:
+            raise RecipeError(path, f"{metric} is the test split's accuracy, which is reported and never chosen on "
+                              f"(choosing on it overstates the result); use {instead}")  # fmt: skip
     for metric in (*search.objectives, *(c.metric for c in search.parsed_constraints()), search.selection_metric):
         if metric not in catalogue:
             where = "deploy.runtimes does not measure it" if "." in metric else "not a metric the evaluator logs"
@@ -539,71 +545,10 @@ def _validate_stage(index: int, entry: Any) -> StageSpec:
 
 
 def _check_resources(recipe: Recipe) -> None:
-    try:
-        source = locate(recipe.data)
-    except DataNotFoundError as err:
-        raise RecipeError("data.root", str(err)) from None
-    _check_model_takes_inputs(recipe.model, _input_size(recipe.data, source))
-
-
-# ---------------------------------------------------------------------------------------------
-# The model against the data's input size: built on the meta device (no memory, no weights), one forward.
-
-
-def _input_size(cfg: DataConfig, source: DataSource) -> tuple[int, int, int] | None:
-    """(3, H, W) of the images the model will see: from the config (CIFAR: 32), else one test image's header;
-    None when there is no image to read (loading the data will say why)."""
-    if cfg.img_size is not None:
-        return (3, cfg.img_size, cfg.img_size)
-    if source.dataset in TORCHVISION_LAYOUT:
-        return (3, 32, 32)
-    classes = sorted(d for d in (source.path / "test").iterdir() if d.is_dir())
-    first = next((f for d in classes for f in sorted(d.iterdir()) if f.is_file()), None)
-    if first is None:
-        return None
-    try:
-        with Image.open(first) as image:  # reads the header only
-            width, height = image.size
-    except (OSError, ValueError):
-        return None
-    return (3, height, width)
-
-
-def _check_model_takes_inputs(cfg: ModelConfig, size: tuple[int, int, int] | None) -> None:
-    """Refuse a model that cannot be built from its kwargs or cannot take the data's images (a ViT at 32x32 without
-    model.kwargs img_size), before any run exists instead of at its first forward."""
-    if size is None:
-        return
-    where = "x".join(map(str, size))
-    # The class count does not change which inputs a model takes; pretrained weights or a checkpoint do not either.
-    spec = ModelSpec(cfg.name, 10, dict(cfg.kwargs))
-    failure = _forward_failure(spec, size, "meta")
-    if failure is not None:  # an op without a meta implementation fails there too: only real tensors decide
-        failure = _forward_failure(spec, size, "cpu")
-    if failure is None:
-        return
-    step, error, model = failure
-    if step == "build":
-        raise RecipeError("model.kwargs" if cfg.kwargs else "model", f"timm cannot build {cfg.name}: {error}")
-    if hasattr(model, "patch_embed"):
-        hint = f"for ViTs set model.kwargs: {{img_size: {size[1]}, patch_size: {max(size[1] // 8, 1)}}}"
-    else:
-        hint = "set data.img_size or model.kwargs so that they match"
-    raise RecipeError("model", f"{cfg.name} cannot run on {where} inputs: {error}; {hint}")
-
-
-def _forward_failure(spec: ModelSpec, size: tuple[int, int, int], device: str):
-    """None when `spec` builds on `device` and runs one image of `size`; else (step, first error line, model)."""
-    model = None
-    try:  # fork_rng: building on the CPU draws initial weights, which must not shift the run's random stream
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            model = spec.build()
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *size, device=device))
-    except Exception as err:  # any failure of timm's code: the recipe is refused with its message
-        message = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-        return ("build" if model is None else "forward"), message[:300], model
-    return None
+    """The recipe against what is on disk: the data, the model on the data's input size, the teachers' heads."""
+    problem = resource_problem(recipe)
+    if problem is not None:
+        raise RecipeError(*problem)
 
 
 # ---------------------------------------------------------------------------------------------

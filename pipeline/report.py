@@ -39,17 +39,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPORTS_DIR = PROJECT_ROOT / "reports"
 
 
-def stored_correctness(tracker, tmp: Path) -> Callable[[str, str], np.ndarray | None]:
-    """`(stage_run_id, runtime) -> per-image correctness` from the predictions the stage run logged (None when it
-    logged none, e.g. a run from before predictions were stored, or none for that runtime)."""
+def stored_correctness(tracker, tmp: Path) -> Callable[[str, str, str], np.ndarray | None]:
+    """`(stage_run_id, runtime, split) -> per-image correctness` from the predictions the stage run logged (None when
+    it logged none, e.g. a run from before predictions were stored, or none for that runtime or split)."""
 
-    def correct_of(run_id: str, runtime: str) -> np.ndarray | None:
+    def correct_of(run_id: str, runtime: str, split: str = "val") -> np.ndarray | None:
         try:
             folder = tracker.download_artifact(run_id, "predictions", tmp / run_id)
         except Exception:  # MLflow raises several types for a missing artifact; none is worth more than a note
             return None
         files = sorted(Path(folder).glob("*.npz"))
-        stored = load_predictions(files[0]) if files else {}
+        stored = load_predictions(files[0], split) if files else {}
         return stored[runtime] == stored["labels"] if runtime in stored else None
 
     return correct_of

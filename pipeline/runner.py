@@ -24,10 +24,10 @@ import torch
 from pipeline import __version__, distributed
 from pipeline.artifacts import load_artifact
 from pipeline.cache import CacheEntry, StageCache, digest, file_digest, stage_key
-from pipeline.data import DataBundle, load_data, locate
+from pipeline.data import EVAL_ONLY_FIELDS, NEUTRAL_FIELDS, DataBundle, DataIndex, load_data, locate, scan
 from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.evaluator import Predictions, evaluate_with_predictions, runtime_metrics_with_predictions
-from pipeline.models import ModelState, create_model, pretrained_normalization
+from pipeline.models import ModelState, create_model
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.reporting.summaries import chain_note
 from pipeline.stage_training import PlannedStage, StageResult, StageTrainer, follow_chain
@@ -36,8 +36,6 @@ from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
 log = logging.getLogger("pipeline")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-# Data settings that change only evaluation, not what a stage trains; they key metrics, not models.
-EVAL_ONLY_DATA_FIELDS = {"test_subset", "eval_batch_size"}
 
 
 def default_cache_dir() -> Path:
@@ -58,8 +56,15 @@ class RunSummary:
         return [r.name for r in self.results if r.cached]
 
 
-def plan_chain(recipe: Recipe) -> list[PlannedStage]:
-    """The baseline plus the recipe's stages, each keyed by everything that determines its output."""
+def data_fingerprint(recipe: Recipe) -> str:
+    """The fingerprint of the recipe's data (every file's path, size and modification time): part of every key."""
+    return scan(locate(recipe.data)).fingerprint
+
+
+def plan_chain(recipe: Recipe, fingerprint: str | None = None) -> list[PlannedStage]:
+    """The baseline plus the recipe's stages, each keyed by everything that determines its output: the code's and
+    libraries' versions, the seed, the model, the data settings that change training, and the data's contents
+    (`fingerprint`, computed from the data when not given), so a changed dataset is never served stale."""
     checkpoint = recipe.model.checkpoint
     root = digest(
         {
@@ -70,8 +75,8 @@ def plan_chain(recipe: Recipe) -> list[PlannedStage]:
             "seed": recipe.seed,
             "model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}),
             "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
-            "data": recipe.data.model_dump(mode="json", exclude=EVAL_ONLY_DATA_FIELDS | {"root"}),
-            "data_source": str(locate(recipe.data).path),
+            "data": recipe.data.model_dump(mode="json", exclude=EVAL_ONLY_FIELDS | NEUTRAL_FIELDS),
+            "data_fingerprint": fingerprint or data_fingerprint(recipe),
         }
     )
     specs = [StageSpec("train", recipe.baseline), *recipe.stage_specs()]
@@ -105,13 +110,14 @@ def ordering_detail(recipe: Recipe) -> str:
 
 
 def evaluation_key(recipe: Recipe) -> str:
-    """Identifies how metrics were measured; cached metrics are reused only under the same key."""
+    """Identifies how metrics were measured; cached metrics are reused only under the same key. (Which images are
+    evaluated beyond the subsets is fixed by the stage key: the data's fingerprint and its split settings.)"""
     return digest(
         {
             "evaluation": recipe.evaluation.model_dump(mode="json"),
             "deploy": recipe.deploy.model_dump(mode="json"),
-            "data": recipe.data.model_dump(mode="json", include=EVAL_ONLY_DATA_FIELDS),
-            "data_source": str(locate(recipe.data).path),
+            "data": recipe.data.model_dump(mode="json", include=EVAL_ONLY_FIELDS),
+            "splits": 2,  # metrics and predictions of the validation and the test split
         }
     )[:16]
 
@@ -193,7 +199,8 @@ class Runner:
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache = StageCache(self.cache_dir / "stages")
         self.tracker = tracker
-        self.chain = plan_chain(recipe)
+        self.index: DataIndex = scan(locate(recipe.data))  # the data's files and fingerprint, read once
+        self.chain = plan_chain(recipe, self.index.fingerprint)
         self.eval_key = evaluation_key(recipe)
         self.device = torch.device("cpu")
         self.data: DataBundle | None = None
@@ -219,12 +226,7 @@ class Runner:
         if not self.cached(self.chain[0]):
             check_pretrained(recipe)
         self.device = resolve_device(recipe.device)
-        self.data = load_data(
-            recipe.data,
-            seed=recipe.seed,
-            cache_dir=self.cache_dir / "datasets",
-            normalization=pretrained_normalization(recipe.model),
-        )
+        self.data = load_data(recipe.data, recipe.model, index=self.index, cache_dir=self.cache_dir / "datasets")
         if reusable:
             log.info("reusing cached stages: %s", ", ".join(reusable))
         return StageTrainer(recipe, self.chain, self.cache, self.data, self.device, self.progress)
@@ -254,6 +256,7 @@ class Runner:
                     "model": recipe.model.name,
                     "dataset": recipe.data.dataset,
                     "device": str(self.device),
+                    **data_params(self.data),
                     "stages": recipe.ordering,
                     "training_epochs": training_epochs(recipe),
                     **self.extra_params,
@@ -380,19 +383,19 @@ class Runner:
         if metrics is None or not entry.predictions_path(self.eval_key).is_file():
             model = load_artifact(entry.artifact_path)  # measure exactly what ships
             metrics, scored = evaluate_with_predictions(
-                model,
-                self.data.test_loader(self.recipe.data.eval_batch_size),
-                self.data.input_size,
-                self.recipe.evaluation,
-                device=self.device,
+                model, self._eval_loaders(), self.data.input_size, self.recipe.evaluation, device=self.device,
                 progress=self.progress,
-            )
+            )  # fmt: skip
             metrics["artifact_bytes"] = float(entry.artifact_path.stat().st_size)
-            predictions = {"torch": scored}
+            predictions = {split: {"torch": p} for split, p in scored.items()}
             metrics.update(self._measure_deployed(entry, model, metrics["top1"], predictions))
             entry.put_predictions(self.eval_key, predictions)
             entry.put_metrics(self.eval_key, metrics)
         return {**metrics, **entry.record.get("stage_metrics", {})}
+
+    def _eval_loaders(self) -> dict:
+        """The loaders of the evaluated splits: validation (what choices read) and test (what is reported)."""
+        return {split: self.data.eval_loader(split, self.recipe.data.eval_batch_size) for split in self.data.splits}
 
     def _deploy_dir(self, entry: CacheEntry) -> Path:
         return entry.path / f"deploy-opset{self.recipe.deploy.opset}"
@@ -402,10 +405,10 @@ class Runner:
         return result.artifact_path.parent / f"deploy-opset{self.recipe.deploy.opset}"
 
     def _measure_deployed(
-        self, entry: CacheEntry, model, torch_top1: float, predictions: dict[str, Predictions]
+        self, entry: CacheEntry, model, torch_top1: float, predictions: dict[str, dict[str, Predictions]]
     ) -> dict[str, float | str]:
         """Export the artifact for each configured runtime and measure the files there (see evaluator); each
-        runtime's per-image predictions go into `predictions`."""
+        runtime's per-image predictions go into `predictions[split][runtime]`."""
         cfg = self.recipe.deploy
         if not cfg.runtimes:
             return {}
@@ -417,14 +420,16 @@ class Runner:
             for runtime, file in files.items():
                 log.info("measuring the exported model in %s", runtime)
                 try:
-                    measured, predictions[runtime] = runtime_metrics_with_predictions(
-                        runtime, file, self.data.test_loader(self.recipe.data.eval_batch_size), self.data.input_size,
-                        self.recipe.evaluation, threads=cfg.threads, progress=self.progress)  # fmt: skip
+                    measured, scored = runtime_metrics_with_predictions(
+                        runtime, file, self._eval_loaders(), self.data.input_size, self.recipe.evaluation,
+                        threads=cfg.threads, progress=self.progress)  # fmt: skip
                 except Exception as err:
                     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                     raise ExportError(f"{runtime} could not run the exported model {file.name}: {first[:400]}") from err
                 measured[f"{runtime}.top1_delta_vs_torch"] = measured[f"{runtime}.top1"] - torch_top1
                 out.update(measured)
+                for split, p in scored.items():
+                    predictions[split][runtime] = p
             out["deploy_eval_seconds"] = time.perf_counter() - exported
             return out
         except ExportError as err:
@@ -432,6 +437,26 @@ class Runner:
                 raise
             log.warning("deploy: %s (deploy.required is false: the chain goes on, the error is on the run)", err)
             return {"deploy_error": str(err)}
+
+
+def data_params(data: DataBundle) -> dict[str, object]:
+    """What the chain run records of its data: how it was loaded and split, its fingerprint, and the resolved
+    preprocessing (the numbers the exported model must be fed with)."""
+    pre = data.preprocessing
+    return {
+        "data_loader": data.loader_kind,
+        "data_fingerprint": data.fingerprint,
+        "train_images": len(data.train),
+        "val_images": len(data.val) if data.val is not None else 0,
+        "test_images": len(data.test),
+        "augmentation": data.policy if data.config.augment else "none",
+        "input_size": "x".join(map(str, pre.input_size)),
+        "mean": ",".join(f"{x:.4g}" for x in pre.mean),
+        "std": ",".join(f"{x:.4g}" for x in pre.std),
+        "interpolation": pre.interpolation,
+        "crop_pct": pre.crop_pct,
+        "preprocessing_origin": pre.origin,
+    }
 
 
 __all__ = ["Runner", "RunSummary", "StageResult", "ordering_detail", "plan_chain"]

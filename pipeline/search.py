@@ -508,6 +508,8 @@ def load_search_plan(tracker: Tracker, search_id: str | None = None) -> SearchPl
 
 def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int]:
     """Register the best feasible trial's model (its artifact and exported files) in the MLflow Model Registry."""
+    from pipeline.reporting.search import test_name
+
     best = outcome.best
     name = plan.config.registry_name or plan.recipe.name
     settings = best.settings
@@ -517,6 +519,12 @@ def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int
         "search": plan.search_id,
         "trial": str(best.number),
         **{f"metric.{m}": f"{best.metrics[m]:.6g}" for m in plan.config.objectives},
+        # the test split's figures, reported beside the validation metrics it was chosen on
+        **{
+            f"test.{t}": f"{best.metrics[t]:.6g}"
+            for m in plan.config.objectives
+            if (t := test_name(m)) != m and t in best.metrics
+        },  # fmt: skip
         "constraints": "; ".join(plan.config.constraints) or "none",
     }
     deploy_dir = Path(best.deploy_dir or "")
@@ -531,7 +539,8 @@ def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int
         )
     description = (
         f"Best feasible model of search {plan.search_id} (trial {best.number}, {best.chain}), chosen by "
-        f"{plan.config.selection_metric}. Folder: model/ (the pipeline artifact: pipeline.artifacts.load_artifact)"
+        f"{plan.config.selection_metric} (validation split; the test split's figures are tags `test.*`). "
+        "Folder: model/ (the pipeline artifact: pipeline.artifacts.load_artifact)"
         + (" and deploy/ (the exported ONNX / OpenVINO files)." if shipped else ".")
     )
     version, created = tracker.register_model(name, best.run_id, "", tags, description)

@@ -7,8 +7,8 @@ search:
     prune.pruning_ratio: {low: 0.2, high: 0.8, step: 0.1}
     qat.lr: {low: 0.001, high: 0.02, log: true}
     distill.temperature: {choices: [2.0, 4.0, 8.0]}
-  objectives: {top1: max, artifact_bytes: min, onnxruntime.latency_ms_p50: min}
-  constraints: ["top1 >= 79", "artifact_bytes <= 2e6"]
+  objectives: {val_top1: max, artifact_bytes: min, onnxruntime.latency_ms_p50: min}
+  constraints: ["val_top1 >= 79", "artifact_bytes <= 2e6"]
   trials: 40                     # and/or timeout_minutes
 ```
 
@@ -81,7 +81,7 @@ class ParamRange(StrictConfig):
 
 @dataclass(frozen=True)
 class Constraint:
-    """A bound on a metric, `top1 >= 79` or `artifact_bytes <= 1e6`; feasible when `violation` is <= 0."""
+    """A bound on a metric, `val_top1 >= 79` or `artifact_bytes <= 1e6`; feasible when `violation` is <= 0."""
 
     metric: str
     op: str  # '<=' or '>='
@@ -91,7 +91,7 @@ class Constraint:
     def parse(cls, text: str) -> Constraint:
         match = _CONSTRAINT.match(str(text))
         if match is None:
-            raise ValueError(f"{text!r} must read `metric <= number` or `metric >= number`, e.g. 'top1 >= 79'")
+            raise ValueError(f"{text!r} must read `metric <= number` or `metric >= number`, e.g. 'val_top1 >= 79'")
         metric, op, bound = match.groups()
         return cls(metric, op, float(bound))
 
@@ -130,10 +130,10 @@ class SearchConfig(StrictConfig):
         default_factory=dict, description="`stage.field` (or `budget.epochs`) -> the values to sample"
     )
     objectives: dict[str, str] = Field(
-        description="metric -> max or min, e.g. {top1: max, artifact_bytes: min}; a runtime's metrics carry its "
+        description="metric -> max or min, e.g. {val_top1: max, artifact_bytes: min}; a runtime's metrics carry its "
         "name (onnxruntime.latency_ms_p50)"
     )
-    constraints: list[str] = Field(default_factory=list, description="bounds, e.g. ['top1 >= 79', 'macs <= 2e7']")
+    constraints: list[str] = Field(default_factory=list, description="bounds, e.g. ['val_top1 >= 79', 'macs <= 2e7']")
     trials: int | None = Field(20, ge=1, le=100_000, description="trials to finish (resumed searches count old ones)")
     timeout_minutes: float | None = Field(None, gt=0, description="wall-clock limit of one invocation, in minutes")
     sampler: Literal["tpe", "nsga2", "random"] = Field(
@@ -167,7 +167,7 @@ class SearchConfig(StrictConfig):
     @classmethod
     def _directions(cls, objectives: dict[str, str]) -> dict[str, str]:
         if not objectives:
-            raise ValueError("name at least one metric to optimise, e.g. {top1: max}")
+            raise ValueError("name at least one metric to optimise, e.g. {val_top1: max}")
         if len(objectives) > 4:
             raise ValueError(
                 f"at most 4 objectives (the frontier gets hard to read and to search), got {len(objectives)}"

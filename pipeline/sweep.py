@@ -24,6 +24,7 @@ from pipeline.executors import Executor, get_executor
 from pipeline.recipe import Recipe
 from pipeline.runner import (
     Runner,
+    data_fingerprint,
     default_cache_dir,
     evaluation_key,
     plan_chain,
@@ -34,8 +35,8 @@ from pipeline.tracking import TAGS, RunType, Tracker
 
 log = logging.getLogger("pipeline")
 
-FINAL_METRICS = ("top1", "artifact_bytes", "latency_ms_p50")
-RUNTIME_FINAL_METRICS = ("top1", "latency_ms_p50")  # also kept per runtime: `onnxruntime.top1`, …
+FINAL_METRICS = ("val_top1", "top1", "artifact_bytes", "latency_ms_p50")
+RUNTIME_FINAL_METRICS = ("val_top1", "top1", "latency_ms_p50")  # also kept per runtime: `onnxruntime.top1`, …
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class SweepPlan:
     sweep_id: str
     chains: list[Recipe]
     skipped: list[tuple[tuple[str, ...], str]]
+    fingerprint: str = ""  # of the data every chain trains on (read once for the plan)
 
     @property
     def stage_slots(self) -> int:
@@ -55,7 +57,7 @@ class SweepPlan:
     @property
     def distinct_stages(self) -> int:
         """Distinct stage outputs (cache keys): what a sweep from an empty cache trains, the baseline included."""
-        return len({stage.key for chain in self.chains for stage in plan_chain(chain)})
+        return len({stage.key for chain in self.chains for stage in plan_chain(chain, self.fingerprint or None)})
 
 
 def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
@@ -81,7 +83,7 @@ def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
                 )
     content = digest({"chains": [c.to_dict() for c in chains], "evaluation": evaluation_key(recipe)})[:8]
     sweep_id = f"{recipe.name}-{content}" + (time.strftime("-%Y%m%d-%H%M%S") if new else "")
-    return SweepPlan(recipe, sweep_id, chains, skipped)
+    return SweepPlan(recipe, sweep_id, chains, skipped, data_fingerprint(recipe))
 
 
 def control_chains(recipe: Recipe, chains: list[Recipe], seeds: list[int | None]) -> list[Recipe]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,7 +22,6 @@ from tqdm.auto import tqdm
 from pipeline import distributed
 from pipeline.config import StrictConfig
 from pipeline.constraints import FixedWeights
-from pipeline.data import TensorLoader
 
 log = logging.getLogger("pipeline.training")
 
@@ -57,6 +56,10 @@ class TrainConfig(StrictConfig):
         """A validated copy that trains about `epochs` epochs in all (at least one where it trains at all)."""
         return type(self).model_validate({**self.model_dump(), "epochs": epochs})
 
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+"""A loader: (images, labels) batches, with `len()`; labels are class indices, or soft targets (batch x classes)
+when batches are mixed (mixup / cutmix). Under torchrun each rank's loader yields its own part of every batch."""
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 """(model, images, labels) -> (loss, logits). Distillation supplies its own."""
@@ -149,7 +152,7 @@ class _Loop:
 
 def train_(
     model: nn.Module,
-    loader: TensorLoader,
+    loader: Batches,
     cfg: TrainConfig,
     *,
     fixed: FixedWeights,
@@ -198,18 +201,18 @@ def _build_loop(model, cfg: TrainConfig, *, fixed: FixedWeights, device, loss: L
     return _Loop(optimizer, scheduler, fixed, device, loss_fn, cfg.grad_clip_norm)
 
 
-def _train_epoch_(model: nn.Module, loader: TensorLoader, loop: _Loop, *, desc: str, progress: bool):
+def _train_epoch_(model: nn.Module, loader: Batches, loop: _Loop, *, desc: str, progress: bool):
     """One pass over `loader`; returns the epoch's mean loss, train top-1 (percent) and final learning rate."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True)
     for images, labels in bar:
-        images, labels = distributed.shard(images), distributed.shard(labels)
         images, labels = images.to(loop.device, non_blocking=True), labels.to(loop.device, non_blocking=True)
         loss, logits = loop.step_(model, images, labels, desc)
         batch = labels.shape[0]
         loss_sum += loss.item() * batch
-        correct += int((logits.argmax(1) == labels).sum())
+        hard = labels.argmax(1) if labels.ndim == 2 else labels  # mixed batches: the dominant class
+        correct += int((logits.argmax(1) == hard).sum())
         seen += batch
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
     return {

@@ -56,7 +56,7 @@ class StageContext:
         """
         extra = dict(extra_stats or {})
         loader = self.data.train_loader(self.data_config.batch_size, seed=self.seed + step,
-                                        augment=self.data_config.augment)  # fmt: skip
+                                        augment=self.data_config.augment, device=self.device)  # fmt: skip
         on_epoch_end = None
         if self.on_epoch_end is not None:
             outer = self.on_epoch_end

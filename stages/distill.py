@@ -85,6 +85,24 @@ def kd_loss(teacher: nn.Module, config: DistillConfig) -> LossFn:
     return loss
 
 
+def random_head(config: DistillConfig, num_classes: int) -> str | None:
+    """Why a timm-name teacher would teach from a random classifier, or None: without `teacher_checkpoint` it gets
+    timm's pretrained weights, whose head (ImageNet's 1000 classes, typically) is dropped for another class count."""
+    if config.teacher in {"baseline", "input"} or config.teacher_checkpoint is not None:
+        return None
+    if Path(config.teacher).expanduser().is_file():
+        return None
+    pretrained = timm.models.get_pretrained_cfg(config.teacher)
+    classes = getattr(pretrained, "num_classes", None)
+    if classes == num_classes:
+        return None
+    return (
+        f"teacher {config.teacher!r}: its pretrained classifier has {classes or 'an unknown number of'} classes, the "
+        f"data {num_classes}, so it would teach from a random head; give teacher_checkpoint: (the teacher "
+        "fine-tuned on this data), or teacher: baseline"
+    )
+
+
 def resolve_teacher(config: DistillConfig, state: ModelState, ctx: StageContext) -> nn.Module:
     """The teacher module, frozen and in eval mode."""
     if config.teacher == "baseline":
@@ -93,9 +111,11 @@ def resolve_teacher(config: DistillConfig, state: ModelState, ctx: StageContext)
         teacher = copy.deepcopy(state.model)
     elif Path(config.teacher).expanduser().is_file():
         teacher = load_artifact(Path(config.teacher).expanduser())
-    else:  # a timm model: a local checkpoint, else its pretrained hub weights
+    else:  # a timm model: a local checkpoint, else its pretrained hub weights (whose head must fit the data)
+        if (problem := random_head(config, ctx.data.num_classes)) is not None:
+            raise ValueError(problem)
         source = ModelConfig(name=config.teacher, pretrained=config.teacher_checkpoint is None,
-                             checkpoint=config.teacher_checkpoint)  # fmt: skip
+                             checkpoint=config.teacher_checkpoint, reset_classifier=False)  # fmt: skip
         teacher, _ = create_model(source, ctx.data.num_classes)
     if teacher is state.model:  # in-process callers may hand the student itself as the baseline
         teacher = copy.deepcopy(teacher)
@@ -109,9 +129,12 @@ def run_distill(state: ModelState | None, config: DistillConfig, ctx: StageConte
     if state is None:
         raise ValueError("distill needs an input model (the student): it cannot be the first stage")
     teacher = resolve_teacher(config, state, ctx)
-    test = ctx.data.test_loader(ctx.data_config.eval_batch_size)
-    teacher_top1, _ = accuracy(teacher, test, device=ctx.device)
-    student_before, _ = accuracy(state.model.to(ctx.device), test, device=ctx.device)
+    # Measured on validation (test when the data has none): these figures may inform a choice of teacher.
+    split = ctx.data.splits[0]
+    images = ctx.data.eval_loader(split, ctx.data_config.eval_batch_size)
+    teacher_top1, _ = accuracy(teacher, images, device=ctx.device)
+    student_before, _ = accuracy(state.model.to(ctx.device), images, device=ctx.device)
     report = ctx.fit(state, config, desc="distill", loss=kd_loss(teacher, config))
-    metrics = {"teacher_top1": teacher_top1, "student_top1_before": student_before}
+    prefix = "val_" if split == "val" else ""
+    metrics = {f"teacher_{prefix}top1": teacher_top1, f"student_{prefix}top1_before": student_before}
     return StageOutput(state, metrics=metrics, report=report)

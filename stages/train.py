@@ -12,6 +12,5 @@ def run_train(state: ModelState | None, config: TrainConfig, ctx: StageContext) 
     """Train the recipe's model (as the baseline) or fine-tune the input model with cross-entropy."""
     if state is None:
         model, spec = create_model(ctx.model_config, ctx.data.num_classes)
-        preprocessing = {"mean": ctx.data.mean, "std": ctx.data.std, "input_size": ctx.data.input_size}
-        state = ModelState(model, spec, preprocessing)
+        state = ModelState(model, spec, ctx.data.preprocessing.to_dict())
     return StageOutput(state, report=ctx.fit(state, config, desc="train"))

@@ -18,14 +18,16 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.data import DataBundle, Split, default_data_root
+from pipeline.data import DataBundle, DataConfig, Preprocessing, Split, default_data_root
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "test_resnet"  # timm's own ~0.4M-parameter test ResNet
 
 
-def synthetic_bundle(n_train: int = 64, n_test: int = 32, classes: int = 4, size: int = 16, seed: int = 0):
-    """Random uint8 images whose class is encoded in the mean brightness, so a model can learn it."""
+def synthetic_bundle(
+    n_train: int = 64, n_test: int = 32, classes: int = 4, size: int = 16, seed: int = 0, n_val: int = 16
+):
+    """Random uint8 images whose class is encoded in the mean brightness, so a model can learn it; in memory."""
     gen = torch.Generator().manual_seed(seed)
 
     def split(n):
@@ -34,9 +36,9 @@ def synthetic_bundle(n_train: int = 64, n_test: int = 32, classes: int = 4, size
         noise = torch.randint(-15, 16, (n, 3, size, size), generator=gen).float()
         return Split((base + noise).clamp(0, 255).to(torch.uint8), labels)
 
-    return DataBundle(
-        split(n_train), split(n_test), [f"c{i}" for i in range(classes)], (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-    )
+    pre = Preprocessing((3, size, size), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), origin="synthetic")
+    val = split(n_val) if n_val else None
+    return DataBundle(split(n_train), val, split(n_test), [f"c{i}" for i in range(classes)], pre)
 
 
 def stage_context(
@@ -50,7 +52,6 @@ def stage_context(
     on_epoch_end=None,
 ):
     """A StageContext on in-memory data and the CPU, for calling stages directly."""
-    from pipeline.data import DataConfig
     from pipeline.models import ModelConfig
     from stages import StageContext
 
@@ -86,6 +87,26 @@ def imagefolder(tmp_path: Path) -> Path:
     return root
 
 
+def make_photos(root: Path, splits: dict[str, int], *, classes=("ant", "bee", "cow"), size=(48, 36), seed: int = 0):
+    """An ImageFolder tree of non-square JPEGs (`size` = width x height), `splits` = {folder: images per class};
+    each class has its own colour, plus noise, so a model can learn it."""
+    gen = torch.Generator().manual_seed(seed)
+    for split, count in splits.items():
+        for c, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = torch.randint(0, 60, (size[1], size[0], 3), generator=gen, dtype=torch.uint8).numpy()
+                pixels[..., c % 3] += 150
+                Image.fromarray(pixels).save(root / split / name / f"{i:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    """A small photo-like ImageFolder with train/ and val/ (ImageNet's layout), non-square JPEGs."""
+    return make_photos(tmp_path / "photos", {"train": 10, "val": 4})
+
+
 @pytest.fixture(scope="session")
 def cifar_root() -> Path:
     root = default_data_root() / "cifar10"
@@ -111,7 +132,7 @@ def tiny_recipe(**overrides) -> dict:
     recipe = {
         "name": "tiny",
         "seed": 0,
-        "data": {"dataset": "cifar10", "batch_size": 32, "train_subset": 320, "test_subset": 100},
+        "data": {"dataset": "cifar10", "batch_size": 32, "train_subset": 320, "val_subset": 100, "test_subset": 100},
         "model": {"name": TINY_MODEL},
         "baseline": {"epochs": 2, "lr": 0.05},
         "stages": [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}],

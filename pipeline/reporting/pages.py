@@ -9,7 +9,7 @@ from itertools import combinations
 from pathlib import Path
 
 from pipeline.pareto import pair_column
-from pipeline.reporting.columns import REPORT_RUNTIMES, latency_column, runtime_name, top1_column
+from pipeline.reporting.columns import REPORT_RUNTIMES, latency_column, runtime_name
 from pipeline.reporting.formatting import format_bytes, format_number
 from pipeline.reporting.plots import plot_png, plotly_figure, plots
 from pipeline.reporting.sweep_tables import SweepReport
@@ -25,7 +25,7 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
     if report.pairs is not None:
         paths.append(out_dir / "comparisons.csv")
         report.pairs.to_csv(paths[-1], index=False, float_format="%.6g")
-    for name, (x, y) in plots(report.runtime).items():
+    for name, (x, y) in plots(report.runtime, report.split).items():
         paths.append(plot_png(report, x, y, out_dir / f"{name}.png"))
     paths.append(out_dir / "report.md")
     paths[-1].write_text(markdown(report))
@@ -36,7 +36,7 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
 
 def markdown(report: SweepReport) -> str:
     """The report as Markdown: how the sweep ran, the orderings table, the frontiers, the plots."""
-    s, top1 = report.sweep, top1_column(report.runtime)
+    s, top1 = report.sweep, report.top1
     lines = [f"# Sweep `{report.sweep_id}`", ""]
     lines += [f"- {line}" for line in _facts(report)]
     lines += ["", "## Orderings, best first", "", _orderings_markdown(report), ""]
@@ -55,7 +55,7 @@ def markdown(report: SweepReport) -> str:
             f"- **{title}**: " + ", ".join(f"`{p}` ({t:.2f} %)" for p, t in zip(on.path, on[top1], strict=True))
         )
     lines += ["", "## Plots", ""]
-    lines += [f"![{name}]({name}.png)" for name in plots(report.runtime)]
+    lines += [f"![{name}]({name}.png)" for name in plots(report.runtime, report.split)]
     lines += ["", f"Interactive version: [report.html](report.html). Sweep run in MLflow: `{s.get('run_id')}`.", ""]
     return "\n".join(lines)
 
@@ -63,15 +63,17 @@ def markdown(report: SweepReport) -> str:
 def _facts(report: SweepReport) -> list[str]:
     """How the sweep ran: recipe, outcome, budget, baseline, runtime, stage runs, how latency was measured."""
     s, base = report.sweep, report.points[report.points.stage_index == 0].iloc[0]
-    top1, latency = top1_column(report.runtime), latency_column(report.runtime)
+    top1, latency = report.top1, latency_column(report.runtime)
     facts = [
+        _split_fact(report),
         f"recipe `{s.get('recipe')}`, model `{s.get('model', '?')}`, dataset `{s.get('dataset', '?')}`, "
         f"executor `{s.get('executor', '?')}`; report written {time.strftime('%Y-%m-%d %H:%M')}",
         f"{len(report.orderings)} orderings finished; failed: {', '.join(s.get('failed_orderings') or []) or 'none'}"
         f"; skipped: {s.get('skipped', 'none')}",
         f"budget: {s.get('budget', 'none')}",
-        f"baseline: {base[top1]:.2f} % top-1, {format_bytes(base.artifact_bytes)}, {base[latency]:.2f} ms p50 "
-        f"in {runtime_name(report.runtime)}",
+        f"baseline: {base[top1]:.2f} % {_split_name(report.split)} top-1 "
+        f"({format_number(base[report.test_top1], '.2f')} % test), {format_bytes(base.artifact_bytes)}, "
+        f"{base[latency]:.2f} ms p50 in {runtime_name(report.runtime)}",
         f"accuracy and latency: {runtime_name(report.runtime)} (`make report runtime=…` picks another of "
         f"{', '.join(r for r in REPORT_RUNTIMES if r == 'torch' or report.points[latency_column(r)].notna().any())})",
     ]
@@ -91,31 +93,53 @@ def _facts(report: SweepReport) -> list[str]:
     return facts
 
 
+def _split_name(split: str) -> str:
+    return "validation" if split == "val" else "test"
+
+
+def _split_fact(report: SweepReport) -> str:
+    """Which split the report chooses on, said first: rankings, frontiers and tests read validation top-1."""
+    if report.split == "val":
+        return ("chosen on the validation split: the ranking, the frontiers and the paired tests read validation "
+                "top-1; the test split's top-1 is reported beside it and never chosen on")  # fmt: skip
+    return ("**this sweep measured no validation split** (it ran before validation splits existed): its ranking, "
+            "frontiers and tests read the test split they report, so the winner's figures are optimistic by the "
+            "selection; rerun it to choose on validation")  # fmt: skip
+
+
 def _orderings_markdown(report: SweepReport) -> str:
     runtime, orderings = report.runtime, report.orderings
-    top1, latency = top1_column(runtime), latency_column(runtime)
+    top1, latency, test = report.top1, latency_column(runtime), report.test_top1
     eager = runtime != "torch"
     head = f"p50 ms ({runtime_name(runtime)})"
+    chosen = "val top1 %" if report.split == "val" else "top1 %"
+    reported = " test top1 % |" if report.split == "val" else ""
     lines = [
-        f"| # | ordering | top1 % | Δ top1 (pts) | artifact | size × | {head} | speed-up |"
+        f"| # | ordering | {chosen} |{reported} Δ top1 (pts) | artifact | size × | {head} | speed-up |"
         + (" torch eager p50 ms | torch eager speed-up |" if eager else "")
         + " Pareto | stages trained |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| ---: | --- | ---: |"
+        + (" ---: |" if reported else "")
+        + " ---: | ---: | ---: | ---: | ---: |"
         + (" ---: | ---: |" if eager else "")
         + " :---: | ---: |",
     ]
     num, seeded = format_number, _seeded(report)
     if seeded:
-        lines[0] = lines[0].replace("| top1 % |", f"| top1 % (mean of {len(report.sweep['seeds'])} seeds [95 % CI]) |")
+        lines[0] = lines[0].replace(
+            f"| {chosen} |", f"| {chosen} (mean of {len(report.sweep['seeds'])} seeds [95 % CI]) |"
+        )
     controlled = "delta_control" in orderings and orderings["delta_control"].notna().any()
     if controlled:  # the equal-training control: the baseline trained as long, in fp32
         lines[0] = lines[0].replace("| Δ top1 (pts) |", "| Δ top1 (pts) | Δ vs control (pts) |")
-        lines[1] = lines[1].replace("| ---: | --- | ---: | ---: |", "| ---: | --- | ---: | ---: | ---: |", 1)
+        lines[1] = lines[1].replace("| ---: | --- |", "| ---: | --- | ---: |", 1)
     for rank, r in enumerate(orderings.to_dict("records"), 1):
         extra = f" {num(r['torch_latency_ms_p50'], '.2f')} | {num(r['torch_speedup'], '.2f')}× |" if eager else ""
         delta = f"{num(r['delta_top1'], '+.2f')} |" + (f" {num(r['delta_control'], '+.2f')} |" if controlled else "")
         lines.append(
-            f"| {rank} | `{r['ordering']}` | {_top1_cell(r, top1, seeded)} | {delta} "
+            f"| {rank} | `{r['ordering']}` | {_top1_cell(r, top1, seeded)} |"
+            + (f" {num(r[test], '.2f')} |" if reported else "")
+            + f" {delta} "
             f"{format_bytes(r['artifact_bytes'])} | {num(r['size_ratio'], '.3f')} | {num(r[latency], '.2f')} | "
             f"{num(r['speedup'], '.2f')}× |{extra} {'yes' if r['pareto'] else ''} | "
             f"{r['stages_trained']}/{(r['stages'] + 1) * r['seeds']} |"
@@ -221,10 +245,11 @@ def _comparisons_html(report: SweepReport) -> str:
 
 def html_page(report: SweepReport) -> str:
     """A self-contained page (plotly.js inlined, works offline): interactive plots and the tables."""
-    figures = [plotly_figure(report, x, y) for x, y in plots(report.runtime).values()]
+    shown = plots(report.runtime, report.split)
+    figures = [plotly_figure(report, x, y) for x, y in shown.values()]
     parts = [
         fig.to_html(full_html=False, include_plotlyjs=(i == 0 and report.pairs is None), div_id=f"plot-{name}")
-        for i, (fig, name) in enumerate(zip(figures, plots(report.runtime), strict=True))
+        for i, (fig, name) in enumerate(zip(figures, shown, strict=True))
     ]
     facts = "".join(f"<li>{html.escape(f)}</li>" for f in _facts(report))
     table = report.orderings.to_html(index=False, float_format=lambda v: f"{v:.4g}", table_id="orderings", border=0)

@@ -366,8 +366,18 @@ def trials_frame(outcome: SearchOutcome) -> pd.DataFrame:
 
 
 def shown_metrics(outcome: SearchOutcome) -> list[str]:
-    extra = [c.metric for c in outcome.constraints] + ["top1", "artifact_bytes", "params", "macs"]
-    return list(dict.fromkeys([*outcome.objectives, *extra]))
+    """The objectives, the constrained metrics, each validation accuracy's test counterpart (reported beside it,
+    never chosen on), then top-1 on both splits and the model's size."""
+    chosen = [*outcome.objectives, *(c.metric for c in outcome.constraints)]
+    reported = [test_name(m) for m in chosen if test_name(m) != m]
+    return list(dict.fromkeys([*chosen, *reported, "val_top1", "top1", "artifact_bytes", "params", "macs"]))
+
+
+def test_name(metric: str) -> str:
+    """The test split's counterpart of a validation accuracy metric (`onnxruntime.val_top1` -> `onnxruntime.top1`);
+    any other metric itself."""
+    runtime, dot, name = metric.rpartition(".")
+    return f"{runtime}{dot}{name.removeprefix('val_')}" if name in ("val_top1", "val_top5") else metric
 
 
 def write_search_report(outcome: SearchOutcome, out_dir: Path, comparison: Comparison | None = None) -> list[Path]:
@@ -399,6 +409,9 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         f"# Search `{outcome.search_id}`",
         "",
         f"- Objectives: {objectives}.",
+        "- Every choice (the sampler's objectives, the constraints, the Pareto set, the best model) reads the "
+        "validation split (`val_` metrics); the test split's figures (no `val_`) are reported beside them and were "
+        "never chosen on.",
         f"- Constraints: {'; '.join(map(str, outcome.constraints)) or 'none'}.",
         f"- Trials: {int(totals['trials_complete'])} finished ({int(totals['trials_early_stopped'])} ended early, "
         f"{int(totals['trials_feasible'])} feasible), {int(totals['trials_failed'])} failed; "

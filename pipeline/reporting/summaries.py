@@ -10,9 +10,10 @@ SHORT = {"onnxruntime": "ort", "openvino": "ov"}
 
 
 def summary_table(summary) -> str:
-    """A fixed-width table: one row per stage with top1, size, latency (torch eager and each runtime) and time."""
+    """A fixed-width table: one row per stage with validation and test top1, size, latency (torch eager and each
+    runtime) and time."""
     runtimes = [r for r in RUNTIMES if any(f"{r}.latency_ms_p50" in res.metrics for res in summary.results)]
-    header = f"{'#':>2}  {'stage':<10} {'cached':<6} {'top1 %':>7} {'artifact':>10} {'torch p50':>9}"
+    header = f"{'#':>2}  {'stage':<10} {'cached':<6} {'val %':>6} {'test %':>6} {'artifact':>10} {'torch p50':>9}"
     header += "".join(f" {SHORT[r] + ' top1':>8} {SHORT[r] + ' p50':>7}" for r in runtimes) + f" {'time s':>8}"
     lines = [f"recipe {summary.recipe} ({summary.ordering}), MLflow run {summary.run_id}", header, "-" * len(header)]
     for r in summary.results:
@@ -22,12 +23,14 @@ def summary_table(summary) -> str:
             for rt in runtimes
         )
         lines.append(
-            f"{r.index:>2}  {r.name:<10} {'yes' if r.cached else 'no':<6} {m['top1']:>7.2f} "
+            f"{r.index:>2}  {r.name:<10} {'yes' if r.cached else 'no':<6} {m.get('val_top1', float('nan')):>6.2f} "
+            f"{m['top1']:>6.2f} "
             f"{format_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>9.2f}{deployed} {r.seconds:>8.1f}"
         )
     if runtimes:
         lines.append("p50: batch-1 median latency in ms (torch eager; each runtime on the exported file)")
     reused = summary.reused
+    lines.append("val / test: top-1 % on the validation split (what choices read) and the test split (reported)")
     lines.append(f"reused from cache: {', '.join(reused)}" if reused else "reused from cache: none")
     return "\n".join(lines)
 
@@ -36,16 +39,17 @@ def sweep_table(summary) -> str:
     """What one `sweep` invocation did: each ordering's final metrics and what it trained or reused."""
     plan = summary.plan
     runtimes = [rt for rt in RUNTIMES if any(f"{rt}.latency_ms_p50" in r.final for r in summary.results)]
-    header = f"{'ordering':<28} {'status':<9} {'top1 %':>7} {'artifact':>10} {'torch p50':>9}"
+    header = f"{'ordering':<28} {'status':<9} {'val %':>6} {'test %':>6} {'artifact':>10} {'torch p50':>9}"
     header += "".join(f" {SHORT[rt] + ' p50':>7}" for rt in runtimes) + f" {'trained':>7} {'reused':>6}"
     lines = [f"sweep {plan.sweep_id}, MLflow run {summary.run_id}", header, "-" * len(header)]
     for r in summary.results:
         m = r.final
         metrics = (
-            f"{m['top1']:>7.2f} {format_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>9.2f}"
+            f"{m.get('val_top1', float('nan')):>6.2f} {m['top1']:>6.2f} {format_bytes(m['artifact_bytes']):>10} "
+            f"{m['latency_ms_p50']:>9.2f}"
             + "".join(f" {m.get(f'{rt}.latency_ms_p50', float('nan')):>7.3f}" for rt in runtimes)
             if m
-            else f"{'-':>7} {'-':>10} {'-':>9}" + "".join(f" {'-':>7}" for _ in runtimes)
+            else f"{'-':>6} {'-':>6} {'-':>10} {'-':>9}" + "".join(f" {'-':>7}" for _ in runtimes)
         )
         lines.append(f"{r.ordering:<28} {r.status:<9} {metrics} {len(r.executed):>7} {r.reused:>6}")
         if r.error:
@@ -68,13 +72,14 @@ def chain_note(summary, stopped: str | None = None) -> str:
     lines = [
         f"**{summary.ordering}** (recipe `{summary.recipe}`)",
         "",
-        "| # | stage | cached | top-1 % | artifact | p50 ms | train s |",
-        "| ---: | --- | :---: | ---: | ---: | ---: | ---: |",
+        "| # | stage | cached | val top-1 % | test top-1 % | artifact | p50 ms | train s |",
+        "| ---: | --- | :---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in summary.results:
         m = r.metrics
         lines.append(
-            f"| {r.index} | {r.name} | {'yes' if r.cached else 'no'} | {format_number(m.get('top1', nan), '.2f')} | "
+            f"| {r.index} | {r.name} | {'yes' if r.cached else 'no'} | "
+            f"{format_number(m.get('val_top1', nan), '.2f')} | {format_number(m.get('top1', nan), '.2f')} | "
             f"{format_bytes(m.get('artifact_bytes', nan))} | {format_number(m.get('latency_ms_p50', nan), '.2f')} | "
             f"{format_number(m.get('stage_seconds', nan), '.1f')} |"
         )

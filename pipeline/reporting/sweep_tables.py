@@ -36,10 +36,21 @@ class SweepReport:
     runtime: str = "torch"
     pairs: pd.DataFrame | None = None  # pairwise tests between the orderings' final models (see `comparisons`)
     pairs_how: str = ""  # what the tests compared, or why there are none
+    split: str = "val"  # the split every choice reads: 'val', or 'test' for a sweep that measured no validation split
 
     @property
     def objectives(self) -> dict[str, Direction]:
-        return report_objectives(self.runtime)
+        return report_objectives(self.runtime, self.split)
+
+    @property
+    def top1(self) -> str:
+        """The top-1 column rankings, frontiers and tests use (validation)."""
+        return top1_column(self.runtime, self.split)
+
+    @property
+    def test_top1(self) -> str:
+        """The test split's top-1 column, reported beside."""
+        return top1_column(self.runtime, "test")
 
 
 def default_runtime(runs: SweepRuns) -> str:
@@ -56,13 +67,14 @@ def build_report(
     sweep_id: str,
     latency: dict[str, float] | None = None,
     runtime: str | None = None,
-    correct_of: Callable[[str, str], np.ndarray | None] | None = None,
+    correct_of: Callable[[str, str, str], np.ndarray | None] | None = None,
 ) -> SweepReport:
     """Tables from a sweep's runs as `Tracker.read_sweep` returns them.
 
     `runtime`: whose top-1 and latency the frontiers use (default: `default_runtime`); `latency` (cache key -> ms)
     replaces that runtime's latency logged by each stage, e.g. with a side-by-side re-measurement;
-    `correct_of(stage_run_id, runtime)` gives a stage's per-image correctness for the paired tests."""
+    `correct_of(stage_run_id, runtime, split)` gives a stage's per-image correctness for the paired tests, which
+    run on the validation split (the test split for a sweep that measured none)."""
     runtime = runtime or default_runtime(runs)
     if runtime not in REPORT_RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(REPORT_RUNTIMES)}")
@@ -79,16 +91,24 @@ def build_report(
         raise ValueError(f"sweep {sweep_id!r} logged no {runtime} metrics (its recipe's deploy.runtimes)")
     if latency is not None:
         points[latency_column(runtime)] = points["cache_key"].map(latency)
-    models = _models(points, runtime)
-    orderings = _orderings(points, models, runtime)
+    split = choice_split(points, runtime)
+    models = _models(points, runtime, split)
+    orderings = _orderings(points, models, runtime, split)
     meta = _sweep_facts(runs, chains, stages)
     meta["latency_source"] = "side by side" if latency is not None else "per stage"
     meta["runtime"] = runtime
+    meta["split"] = split
     meta["seeds"] = sorted(set(points.seed) - {""}, key=lambda x: int(x)) if points.seed.nunique() > 1 else []
     pairs, how = (None, "no paired tests: per-image predictions were not read")
     if correct_of is not None:
-        pairs, how = comparisons(points, models, runtime, lambda run_id: correct_of(run_id, runtime))
-    return SweepReport(sweep_id, meta, points, models, orderings, runtime, pairs, how)
+        pairs, how = comparisons(points, models, runtime, lambda run_id: correct_of(run_id, runtime, split), split)
+    return SweepReport(sweep_id, meta, points, models, orderings, runtime, pairs, how, split)
+
+
+def choice_split(points: pd.DataFrame, runtime: str) -> str:
+    """'val' when the sweep measured a validation split (every choice reads it), else 'test' (sweeps from before
+    validation splits: the report says that its choices then overstate the winner)."""
+    return "val" if points[top1_column(runtime, "val")].notna().any() else "test"
 
 
 def _latest_finished_chains(chains: list[RunRecord]) -> dict[str, tuple[str, str]]:
@@ -145,7 +165,7 @@ def _points(stages: list[RunRecord], chains: dict[str, tuple[str, str]]) -> pd.D
     return pd.DataFrame(rows).sort_values(["ordering", "seed", "stage_index"]).reset_index(drop=True)
 
 
-def _models(points: pd.DataFrame, runtime: str) -> pd.DataFrame:
+def _models(points: pd.DataFrame, runtime: str, split: str) -> pd.DataFrame:
     """Distinct models (a shared prefix is one model), labelled by the shortest ordering prefix reaching them,
     with their frontier flags in `runtime` (`pareto`, `pareto_<a>__<b>`) and the 3-D flag in every runtime
     that was measured (`pareto[<runtime>]`)."""
@@ -155,12 +175,12 @@ def _models(points: pd.DataFrame, runtime: str) -> pd.DataFrame:
     points = points.assign(path=paths)
     models = points.sort_values("stage_index").drop_duplicates("cache_key").set_index("cache_key")
     models = models[["path", "stage", "stage_index", *[c for c in METRIC_COLUMNS if c in models]]]
-    objectives = report_objectives(runtime)
+    objectives = report_objectives(runtime, split)
     flags = frontiers(models.dropna(subset=list(objectives)), objectives)
     for other in REPORT_RUNTIMES:
-        measured = models.dropna(subset=list(report_objectives(other)))
+        measured = models.dropna(subset=list(report_objectives(other, split)))
         if not measured.empty:
-            flags[f"pareto[{other}]"] = frontiers(measured, report_objectives(other))["pareto"]
+            flags[f"pareto[{other}]"] = frontiers(measured, report_objectives(other, split))["pareto"]
     return models.join(flags).fillna({c: False for c in flags.columns}).astype({c: bool for c in flags.columns})
 
 
@@ -168,15 +188,16 @@ def _path(ordering: str, index: int) -> list[str]:
     return ["baseline", *ordering.split(">")[:index]] if index else ["baseline"]
 
 
-def _orderings(points: pd.DataFrame, models: pd.DataFrame, runtime: str) -> pd.DataFrame:
-    """Each ordering's final model: top-1 and latency in `runtime` (columns named by it), torch eager's beside.
+def _orderings(points: pd.DataFrame, models: pd.DataFrame, runtime: str, split: str) -> pd.DataFrame:
+    """Each ordering's final model: top-1 on `split` (what the ranking reads) and on the test split (reported) and
+    latency in `runtime` (columns named by it), torch eager's beside.
 
     With several seeds, one row per ordering holds the means over its seeds' final models (deltas and ratios
     against each seed's own baseline), `seeds`, the 95 % t interval of top-1 (`top1_ci_low` / `top1_ci_high`, NaN
     for one seed), the seed-to-seed standard deviations of top-1 and latency, and `pareto` when at least half the
     seeds' final models are on the frontier (`pareto_share`)."""
-    per_seed = _finals_per_seed(points, models, runtime)
-    top1, latency = top1_column(runtime), latency_column(runtime)
+    per_seed = _finals_per_seed(points, models, runtime, split)
+    top1, latency = top1_column(runtime, split), latency_column(runtime)
     grouped = per_seed.groupby("ordering", sort=False)
     out = grouped.mean(numeric_only=True)
     out["stages"] = grouped["stages"].first()
@@ -193,15 +214,17 @@ def _orderings(points: pd.DataFrame, models: pd.DataFrame, runtime: str) -> pd.D
     return out.reset_index()
 
 
-def _finals_per_seed(points: pd.DataFrame, models: pd.DataFrame, runtime: str) -> pd.DataFrame:
-    """One row per (ordering, seed): its final model against that seed's baseline."""
+def _finals_per_seed(points: pd.DataFrame, models: pd.DataFrame, runtime: str, split: str) -> pd.DataFrame:
+    """One row per (ordering, seed): its final model against that seed's baseline (deltas on `split`)."""
     baselines = points[points.stage_index == 0].drop_duplicates("seed").set_index("seed")
     finals = points.sort_values("stage_index").groupby(["ordering", "seed"]).tail(1)
     base = baselines.loc[finals["seed"]].set_index(finals.index)
-    top1, latency = top1_column(runtime), latency_column(runtime)
+    top1, latency = top1_column(runtime, split), latency_column(runtime)
+    test_top1 = top1_column(runtime, "test")
     out = pd.DataFrame({"ordering": finals["ordering"], "seed": finals["seed"], "final_run_id": finals["run_id"]})
     out["stages"] = finals["stage_index"]
     out[top1] = finals[top1]
+    out[test_top1] = finals[test_top1]
     out["delta_top1"] = finals[top1] - base[top1]
     out["artifact_bytes"] = finals["artifact_bytes"]
     out["size_ratio"] = finals["artifact_bytes"] / base["artifact_bytes"]
@@ -230,12 +253,16 @@ BOOTSTRAP_RESAMPLES = 2000
 
 
 def comparisons(
-    points: pd.DataFrame, models: pd.DataFrame, runtime: str, correct_of: Callable[[str], np.ndarray | None]
+    points: pd.DataFrame,
+    models: pd.DataFrame,
+    runtime: str,
+    correct_of: Callable[[str], np.ndarray | None],
+    split: str = "val",
 ) -> tuple[pd.DataFrame | None, str]:
     """Pairwise tests between the orderings' final models (`pipeline.significance.pairwise_comparisons`) on their
-    per-image correctness in `runtime`, `correct_of(stage_run_id)` giving it (None: not stored); returns the
-    pairs table (None when fewer than two orderings have predictions) and a sentence on what was compared."""
-    finals = _finals_per_seed(points, models, runtime)
+    per-image correctness on `split` in `runtime`, `correct_of(stage_run_id)` giving it (None: not stored); returns
+    the pairs table (None when fewer than two orderings have predictions) and a sentence on what was compared."""
+    finals = _finals_per_seed(points, models, runtime, split)
     seeds = sorted(set.intersection(*(set(g.seed) for _, g in finals.groupby("ordering"))))
     arrays, missing = {}, []
     for ordering, group in finals.groupby("ordering", sort=False):
@@ -250,7 +277,8 @@ def comparisons(
     pairs = pairwise_comparisons(arrays, alpha=ALPHA, n_resamples=BOOTSTRAP_RESAMPLES, rng=0)
     images = next(iter(arrays.values())).shape[1]
     how = (
-        f"paired tests on the same {images:,} test images x {len(seeds)} seed(s) ({runtime}): exact McNemar "
+        f"paired tests on the same {images:,} {'validation' if split == 'val' else 'test'} images x {len(seeds)} "
+        f"seed(s) ({runtime}): exact McNemar "
         f"(discordant images pooled over seeds) and a paired bootstrap {100 * (1 - ALPHA):.0f} % interval of the "
         f"top-1 difference ({BOOTSTRAP_RESAMPLES} resamples of images{' and seeds' if len(seeds) > 1 else ''}), "
         f"Holm-corrected over {len(pairs)} pairs; 'better' needs p(Holm) < {ALPHA} and the interval above 0"

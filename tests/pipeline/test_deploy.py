@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 
 import numpy as np
 import onnx
@@ -186,6 +187,10 @@ def test_cli_export_writes_both_formats_from_an_artifact(states, tmp_path, isola
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "model.onnx").is_file() and (tmp_path / "out" / "openvino" / "model.xml").is_file()
     assert "onnxruntime:" in result.stdout and "openvino:" in result.stdout
+    # The numbers to feed the files with travel beside them: the artifact's preprocessing.
+    shipped = json.loads((tmp_path / "out" / "preprocessing.json").read_text())
+    assert shipped["input_size"] == list(states["int8"].preprocessing["input_size"])
+    assert shipped["mean"] == list(states["int8"].preprocessing["mean"])
     missing = run_cli(["export", "no-such-recipe", "--out", str(tmp_path / "x")], isolated)
     assert missing.returncode == 2 and "no artifact file, MLflow run id or valid recipe" in missing.stderr
 
@@ -208,7 +213,15 @@ def test_run_measures_every_stage_in_both_runtimes(tmp_path, isolated, cifar_roo
     for run in stages:
         metrics, tags = run.data.metrics, run.data.tags
         for runtime in RUNTIMES:
-            for name in ("top1", "top5", "latency_ms_p50", "latency_ms_p90", "throughput_ips", "file_bytes"):
+            for name in (
+                "val_top1",
+                "top1",
+                "top5",
+                "latency_ms_p50",
+                "latency_ms_p90",
+                "throughput_ips",
+                "file_bytes",
+            ):
                 assert metrics[f"{runtime}.{name}"] > 0, f"{runtime}.{name}"
             # fp32: the exported model predicts what torch predicts (100 test images: 1 image = 1 point)
             assert abs(metrics[f"{runtime}.top1_delta_vs_torch"]) <= 1.0

@@ -56,10 +56,16 @@ def test_per_image_predictions_give_the_same_accuracy_and_round_trip_compactly(t
     assert scored.correct.tolist() == [True, True, False, False, False, False]
     assert (scored.top1, scored.top5) == accuracy(model, _loader([0, 0, 1, 4, 5, 6]))
     assert scored.predicted.dtype == np.uint8  # 1 byte per image below 257 classes
-    save_predictions(tmp_path / "p.npz", {"torch": scored, "onnxruntime": scored})
-    loaded = load_predictions(tmp_path / "p.npz")
+    val = predictions(model, _loader([1, 0]))
+    save_predictions(tmp_path / "p.npz", {"val": {"torch": val}, "test": {"torch": scored, "onnxruntime": scored}})
+    loaded = load_predictions(tmp_path / "p.npz")  # the test split
     assert set(loaded) == {"labels", "torch", "onnxruntime"}
     assert np.array_equal(loaded["torch"], scored.predicted) and np.array_equal(loaded["labels"], scored.labels)
+    assert load_predictions(tmp_path / "p.npz", "val")["labels"].tolist() == [1, 0]
+    # A file from before validation splits holds the test split alone, unprefixed.
+    np.savez_compressed(tmp_path / "old.npz", labels=scored.labels, **{"torch.predicted": scored.predicted})
+    assert set(load_predictions(tmp_path / "old.npz")) == {"labels", "torch"}
+    assert load_predictions(tmp_path / "old.npz", "val") == {}
 
 
 def test_param_counts():

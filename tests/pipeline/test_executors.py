@@ -103,8 +103,8 @@ def test_ray_search_workers_share_one_study(tmp_path, isolated, mlflow_server, c
     """Two search workers as Ray tasks, one Optuna study (SQLite beside the cache), trials logged to the server."""
     stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
     search = {"orderings": [["prune"], ["prune", "distill"]], "space": {"prune.pruning_ratio": {"choices": [0.3, 0.5]}},
-              "objectives": {"top1": "max", "artifact_bytes": "min"}, "trials": 3, "workers": 2, "sampler": "random",
-              "registry": False}  # fmt: skip
+              "objectives": {"val_top1": "max", "artifact_bytes": "min"}, "trials": 3, "workers": 2,
+              "sampler": "random", "registry": False}  # fmt: skip
     raw = tiny_recipe(name="tiny-ray-search", stages=stages, search=search, executor={"name": "ray", "cpus": 1})
     raw["data"]["train_subset"] = 160
     path = write_recipe(tmp_path / "search.yaml", raw)

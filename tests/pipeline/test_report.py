@@ -185,8 +185,8 @@ def test_sweep_table_shows_each_runtime_latency():
 
     from pipeline.report import sweep_table
 
-    final = {"top1": 80.1, "artifact_bytes": 1.3e6, "latency_ms_p50": 1.2, "onnxruntime.latency_ms_p50": 0.15,
-             "openvino.latency_ms_p50": 0.23, "onnxruntime.top1": 80.0}  # fmt: skip
+    final = {"val_top1": 81.3, "top1": 80.1, "artifact_bytes": 1.3e6, "latency_ms_p50": 1.2,
+             "onnxruntime.latency_ms_p50": 0.15, "openvino.latency_ms_p50": 0.23, "onnxruntime.top1": 80.0}  # fmt: skip
     done = SimpleNamespace(ordering="prune>qat", status="FINISHED", final=final, executed=["qat"], reused=2, error="")
     failed = SimpleNamespace(ordering="qat>prune", status="FAILED", final={}, executed=[], reused=0, error="boom")
     plan = SimpleNamespace(sweep_id="s-1", skipped=[], distinct_stages=4, stage_slots=6)
@@ -194,5 +194,5 @@ def test_sweep_table_shows_each_runtime_latency():
                               seconds=3.0)  # fmt: skip
     lines = sweep_table(summary).splitlines()
     assert re.search(r"torch p50 +ort p50 +ov p50 +trained", lines[1])
-    assert lines[3].split()[2:7] == ["80.10", "1.30", "MB", "1.20", "0.150"] and "0.230" in lines[3]
+    assert lines[3].split()[2:8] == ["81.30", "80.10", "1.30", "MB", "1.20", "0.150"] and "0.230" in lines[3]
     assert "qat>prune" in lines[4] and lines[4].count("-") >= 5 and "error: boom" in lines[5]

@@ -14,12 +14,15 @@ from mlflow.tracking import MlflowClient
 from pipeline import load_artifact
 from pipeline.data import DataConfig, load_data
 from pipeline.evaluator import accuracy, load_predictions
+from pipeline.models import ModelConfig
 from pipeline.recipe import validate_recipe
-from pipeline.runner import ordering_detail
-from tests.conftest import PROJECT_ROOT, run_cli, tiny_recipe, write_recipe
+from pipeline.runner import ordering_detail, plan_chain
+from tests.conftest import PROJECT_ROOT, TINY_MODEL, make_photos, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 METRICS = {
+    "val_top1",
+    "val_top5",
     "top1",
     "top5",
     "param_count",
@@ -81,8 +84,9 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     assert "stage_seconds" not in parent.data.metrics
     # The run's description (its page in the UI) is the chain's stage table.
     note = parent.data.tags["mlflow.note.content"]
-    assert "| # | stage | cached | top-1 % | artifact | p50 ms | train s |" in note
-    assert f"| 1 | prune | no | {children[1].data.metrics['top1']:.2f} |" in note
+    assert "| # | stage | cached | val top-1 % | test top-1 % | artifact | p50 ms | train s |" in note
+    pruned = children[1].data.metrics
+    assert f"| 1 | prune | no | {pruned['val_top1']:.2f} | {pruned['top1']:.2f} |" in note
     # Per-epoch training curves live in the stage's run.
     assert len(client.get_metric_history(children[0].info.run_id, "train_loss")) == 2
     # No metric shares a name with MLflow's Parameters column or with a param of the run.
@@ -94,15 +98,20 @@ def test_run_tracks_parent_and_nested_stage_runs(recipe_path, isolated, tmp_path
     assert {"recipe.yaml", "metrics.json", "model"} <= artifacts
     local = Path(client.download_artifacts(parent.info.run_id, "model", str(tmp_path / "dl")))
     model = load_artifact(next(local.glob("*.pt")))
-    data = load_data(DataConfig(train_subset=320, test_subset=100, batch_size=32), seed=0)
+    data = load_data(DataConfig(train_subset=320, val_subset=100, test_subset=100), ModelConfig(name=TINY_MODEL))
     top1, _ = accuracy(model, data.test_loader(100))
     assert top1 == pytest.approx(children[-1].data.metrics["top1"])
+    val_top1, _ = accuracy(model, data.val_loader(100))
+    assert val_top1 == pytest.approx(children[-1].data.metrics["val_top1"])
+    assert parent.data.params["data_loader"] == "memory" and parent.data.params["val_images"] == "100"
+    assert parent.data.params["mean"] == "0.4914,0.4822,0.4465" and parent.data.params["input_size"] == "3x32x32"
     # Every stage run holds its per-image predictions, which give the logged top-1 without running the model.
     for child in children:
         folder = Path(client.download_artifacts(child.info.run_id, "predictions", str(tmp_path / child.info.run_id)))
-        stored = load_predictions(next(folder.glob("*.npz")))
-        assert stored["labels"].shape == stored["torch"].shape == (100,)
-        assert 100.0 * (stored["torch"] == stored["labels"]).mean() == pytest.approx(child.data.metrics["top1"])
+        for split, metric in (("test", "top1"), ("val", "val_top1")):
+            stored = load_predictions(next(folder.glob("*.npz")), split)
+            assert stored["labels"].shape == stored["torch"].shape == (100,)
+            assert 100.0 * (stored["torch"] == stored["labels"]).mean() == pytest.approx(child.data.metrics[metric])
 
 
 def test_rerun_reuses_cache_and_new_eval_settings_remeasure(recipe_path, isolated):
@@ -185,3 +194,44 @@ def test_ordering_detail_tells_variants_of_a_stage_apart(cifar_root):
     assert recipe.ordering == "prune>inq>distill"
     assert ordering_detail(recipe) == "prune[unstructured]>inq[2-bit]>distill"
     assert ordering_detail(validate_recipe(tiny_recipe(stages=[]))) == "train"
+
+
+def test_a_photo_folder_runs_a_chain_end_to_end_streamed(tmp_path, isolated):
+    """A user's job in small: an ImageFolder with train/ and val/ (ImageNet's layout) of non-square JPEGs, a timm model
+    from a local checkpoint, at the model's own input size: streamed, validated on a held-out share of train/ and
+    tested on val/."""
+    import timm
+    import torch
+
+    photos = make_photos(tmp_path / "photos", {"train": 12, "val": 4}, size=(56, 44))
+    torch.save({"state_dict_ema": timm.create_model(TINY_MODEL, num_classes=1000).state_dict()}, tmp_path / "ft.pt")
+    recipe = tiny_recipe(
+        data={"dataset": "imagefolder", "root": str(photos), "batch_size": 8, "img_size": 72, "workers": 1},
+        model={"name": TINY_MODEL, "checkpoint": str(tmp_path / "ft.pt")},
+        baseline={"epochs": 1, "lr": 0.01},
+        stages=[{"distill": {"epochs": 1}}],
+    )
+    result = run_cli(["run", str(write_recipe(tmp_path / "photos.yaml", recipe))], isolated)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr
+    assert "data: loader stream (random_resized_crop augments each image as it is read)" in err
+    assert "33 train, 3 val (10% of train/, held out), 12 test (val/)" in err
+    assert "its classifier has 1000 classes, the data 3" in err
+    assert "3x72x72, bilinear, crop 0.95, mean (0.5, 0.5, 0.5)" in err  # test_resnet's own config; the recipe's side
+    _, runs = _runs(isolated)
+    (parent,), children = _split(runs)
+    assert parent.data.params["data_loader"] == "stream" and parent.data.params["crop_pct"] == "0.95"
+    assert all({"val_top1", "top1"} <= set(c.data.metrics) for c in children)
+
+
+def test_a_changed_dataset_is_never_served_stale(tmp_path, monkeypatch):
+    root = make_photos(tmp_path / "data", {"train": 3, "test": 2}, size=(32, 32))
+    recipe = validate_recipe(tiny_recipe(data={"dataset": "imagefolder", "root": str(root)}))
+    before = [s.key for s in plan_chain(recipe)]
+    moved = tmp_path / "moved"
+    root.rename(moved)  # the same files elsewhere: the same keys (keys hash contents, not paths)
+    recipe = validate_recipe(tiny_recipe(data={"dataset": "imagefolder", "root": str(moved)}))
+    assert [s.key for s in plan_chain(recipe)] == before
+    (moved / "train" / "bee" / "001.jpg").write_bytes((moved / "train" / "ant" / "000.jpg").read_bytes())
+    after = [s.key for s in plan_chain(recipe)]
+    assert all(a != b for a, b in zip(after, before, strict=True))  # every stage retrains from the changed data

@@ -37,7 +37,7 @@ def search_recipe(**search) -> dict:
     block = {
         "orderings": "all",
         "space": {"prune.pruning_ratio": {"choices": [0.3, 0.5]}},
-        "objectives": {"top1": "max", "artifact_bytes": "min"},
+        "objectives": {"val_top1": "max", "artifact_bytes": "min"},
         "trials": 3,
         "sampler": "random",
     }
@@ -56,7 +56,7 @@ def search_recipe(**search) -> dict:
         ({"space": {"prune.pruning_ratio": {"choices": []}}}, "`choices` is empty"),
         ({"space": {"prune.pruning_ratio": {"low": 0.2, "high": 1.5}}}, "search.space.prune.pruning_ratio: 1.5:"),
         ({"space": {"budget.epochs": {"low": 2, "high": 4}}}, "the recipe sets no `budget:` to vary"),
-        ({"objectives": {"top1": "up"}}, "direction must be max or min, got 'up'"),
+        ({"objectives": {"val_top1": "up"}}, "direction must be max or min, got 'up'"),
         ({"objectives": {"accuracy": "max"}}, "unknown metric 'accuracy' (not a metric the evaluator logs)"),
         ({"objectives": {"openvino.latency_ms_p50": "min"}}, "unknown metric 'openvino.latency_ms_p50' (deploy"),
         ({"objectives": {}}, "name at least one metric to optimise"),
@@ -79,6 +79,48 @@ def test_bad_search_blocks_are_refused_when_the_recipe_loads(change, expected, c
     assert expected in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("change", "path", "instead"),
+    [
+        ({"objectives": {"top1": "max"}}, "search.objectives.top1", "val_top1"),
+        ({"constraints": ["top5 >= 90"]}, "search.constraints[0]", "val_top5"),
+        ({"select": "top1"}, "search.select", "val_top1"),
+    ],
+)
+def test_a_test_metric_is_refused_with_the_validation_name(change, path, instead, cifar_root, tmp_path, isolated,
+                                                            capsys):  # fmt: skip
+    with pytest.raises(RecipeError) as info:
+        validate_recipe(search_recipe(**change))
+    assert info.value.path == path and f"use {instead}" in info.value.message
+    runtime = search_recipe(objectives={"onnxruntime.top1": "max"})
+    runtime["deploy"] = {"runtimes": ["onnxruntime"]}
+    with pytest.raises(RecipeError, match=r"search.objectives.onnxruntime.top1: .* use onnxruntime.val_top1"):
+        validate_recipe(runtime)
+    file = write_recipe(tmp_path / "test-metric.yaml", search_recipe(**change))
+    assert cli.main(["validate", str(file)]) == 2  # exit 2, one line naming the field, before any run
+    assert capsys.readouterr().err.startswith(f"error: {path}: ")
+
+
+def test_a_search_or_sweep_needs_a_validation_split(cifar_root):
+    with pytest.raises(RecipeError, match="^data.val_split: a search chooses on validation metrics"):
+        validate_recipe({**search_recipe(), "data": {"dataset": "cifar10", "val_split": 0}})
+
+
+def test_the_best_model_is_chosen_on_validation_not_on_test():
+    objectives = {"val_top1": "max", "artifact_bytes": "min"}
+    tests_best = {"val_top1": 70.0, "top1": 90.0, "artifact_bytes": 50}
+    validates_best = {"val_top1": 80.0, "top1": 75.0, "artifact_bytes": 50}
+    trials = [  # the search registers trial 1
+        TrialRecord(0, "COMPLETE", "prune", {"ordering": "prune"}, tests_best, {}, None, "r0", None, {}, 1.0, {}),
+        TrialRecord(1, "COMPLETE", "qat", {"ordering": "qat"}, validates_best, {}, None, "r1", None, {}, 1.0, {}),
+    ]
+    out = summarize("s", trials, objectives, [], ("val_top1", "max"))
+    assert out.best.number == 1 and [t.number for t in out.pareto] == [1]
+    text = search_markdown(out)
+    assert "Every choice" in text and "reads the validation split" in text
+    assert "| trial | ordering | settings | val_top1 | artifact_bytes | top1 |" in text  # test reported beside
+
+
 def test_a_search_does_not_mix_with_a_sweep_and_is_not_a_plain_run(cifar_root, tmp_path, isolated, capsys):
     with pytest.raises(RecipeError, match="^orderings: a search chooses its chains itself"):
         validate_recipe({**search_recipe(), "orderings": "all"})
@@ -89,7 +131,7 @@ def test_a_search_does_not_mix_with_a_sweep_and_is_not_a_plain_run(cifar_root, t
 
 def test_search_orderings_cover_every_runnable_subset(cifar_root):
     stages = [TWO[1], {"qat": {"epochs": 1}}, {"inq": {"epochs": 1}}]
-    recipe = validate_recipe(tiny_recipe(stages=stages, search={"objectives": {"top1": "max"}}))
+    recipe = validate_recipe(tiny_recipe(stages=stages, search={"objectives": {"val_top1": "max"}}))
     orderings = recipe.search_orderings()
     assert ("qat", "inq") not in orderings  # inq cannot follow qat
     assert ("qat", "distill") in orderings and ("inq", "qat") in orderings and ("inq",) in orderings
@@ -243,7 +285,7 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
     raw = search_recipe(
         orderings=[["distill"], ["prune", "distill"], ["prune"]],
         space={"prune.pruning_ratio": {"choices": [0.1, 0.5]}},
-        constraints=[f"params <= {bound}", "top1 >= 0"],
+        constraints=[f"params <= {bound}", "val_top1 >= 0"],
         trials=4,
         start_with=[
             {"ordering": "prune>distill", "prune.pruning_ratio": 0.1},
@@ -318,10 +360,12 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
     # The best feasible model is in the Model Registry under the recipe's name, alias `best`, with its files.
     version = client.get_model_version_by_alias("tiny-search", "best")
     assert version.tags["search"] == plan.search_id and version.tags["ordering"] in {"prune", "prune>distill"}
-    best = pareto.sort_values("top1", ascending=False).iloc[0]
-    assert int(version.tags["trial"]) in set(frame[frame.feasible].trial) and float(version.tags["metric.top1"]) == (
-        pytest.approx(best.top1, abs=1e-3)
-    )
+    # Chosen on validation: the registered trial is the feasible one with the best validation top-1 (the first
+    # objective), its test top-1 only reported beside it.
+    best = pareto.sort_values("val_top1", ascending=False).iloc[0]
+    assert int(version.tags["trial"]) == int(best.trial)
+    assert float(version.tags["metric.val_top1"]) == pytest.approx(best.val_top1, abs=1e-3)
+    assert float(version.tags["test.top1"]) == pytest.approx(best.top1, abs=1e-3)
     mlflow.set_tracking_uri(isolated["MLFLOW_TRACKING_URI"])
     folder = mlflow.artifacts.download_artifacts("models:/tiny-search@best", dst_path=str(tmp_path / "dl"))
     model = load_artifact(f"{folder}/model")

@@ -210,7 +210,9 @@ def test_seeds_repeat_each_chain_the_report_tests_differences_and_a_new_seed_tra
 
     # The report: mean and 95 % interval over the seeds, the paired tests and the verdict matrix.
     report = (reports / sweep_id / "report.md").read_text()
-    assert "top1 % (mean of 2 seeds [95 % CI])" in report
+    assert "val top1 % (mean of 2 seeds [95 % CI]) | test top1 % |" in report
+    assert "chosen on the validation split" in report and "x 2 seed(s)" in report
+    assert "paired tests on the same 100 validation images" in report
     assert "## Which differences the data supports" in report and "Verdicts, row vs column:" in report
     assert "x 2 seed(s)" in report and "Holm-corrected over 3 pairs" in report
     assert "| Δ top1 (pts) | Δ vs control (pts) |" in report
@@ -219,13 +221,15 @@ def test_seeds_repeat_each_chain_the_report_tests_differences_and_a_new_seed_tra
     assert (orderings.seeds == 2).all()
     by_ordering = orderings.set_index("ordering")
     for ordering in ("prune>distill", "distill>prune"):  # against the control of the same seeds and epochs
-        expected = by_ordering.top1[ordering] - by_ordering.top1["control(2 ep)"]
+        expected = by_ordering.val_top1[ordering] - by_ordering.val_top1["control(2 ep)"]
         assert by_ordering.delta_control[ordering] == pytest.approx(expected)
-    assert (orderings.top1_ci_low <= orderings.top1).all() and (orderings.top1 <= orderings.top1_ci_high).all()
+    ci_low, ci_high = orderings.top1_ci_low, orderings.top1_ci_high  # of the validation top-1, chosen on
+    assert (ci_low <= orderings.val_top1).all() and (orderings.val_top1 <= ci_high).all()
+    assert orderings.top1.notna().all()  # the test split's top-1, reported beside
     pairs = pd.read_csv(reports / sweep_id / "comparisons.csv")
     assert len(pairs) == 3 and set(pairs.verdict) <= {"better", "worse", "tied"}
-    by_name = orderings.set_index("ordering").top1
-    assert pairs.top1_a[0] == pytest.approx(by_name[pairs.a[0]])  # the tests read the same predictions
+    by_name = orderings.set_index("ordering").val_top1
+    assert pairs.top1_a[0] == pytest.approx(by_name[pairs.a[0]])  # the tests read the same (validation) predictions
     assert pairs.top1_b[0] == pytest.approx(by_name[pairs.b[0]])
     assert "verdicts" in (reports / sweep_id / "report.html").read_text()  # the heatmap
 

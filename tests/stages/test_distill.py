@@ -45,7 +45,7 @@ def test_teacher_stays_frozen_and_student_learns():
     out = run_distill(student, DistillConfig(epochs=2, lr=0.05), _ctx(baseline=teacher_state))
     assert all(torch.equal(v, before_teacher[k]) for k, v in teacher_state.model.state_dict().items())
     assert any(not torch.equal(v, before_student[k]) for k, v in out.state.model.state_dict().items())
-    assert {"teacher_top1", "student_top1_before"} <= set(out.metrics) and out.report.epochs == 2
+    assert {"teacher_val_top1", "student_val_top1_before"} <= set(out.metrics) and out.report.epochs == 2
 
 
 def test_distillation_keeps_inq_frozen_weights(tmp_path):
@@ -76,3 +76,14 @@ def test_teacher_choices(tmp_path):
         DistillConfig(teacher="baseline", teacher_checkpoint=tmp_path / "bigger.pt")
     with pytest.raises(ValueError, match="neither 'baseline', 'input'"):
         DistillConfig(teacher="/no/such/file.pt")
+
+
+def test_a_timm_teacher_without_a_checkpoint_is_refused_when_its_head_would_be_random(tmp_path, isolated, cifar_root):
+    with pytest.raises(ValueError, match="pretrained classifier has 1000 classes, the data 4.*teacher_checkpoint"):
+        resolve_teacher(DistillConfig(teacher="resnet18"), _state(), _ctx())
+    from pipeline.recipe import RecipeError, validate_recipe
+    from tests.conftest import tiny_recipe
+
+    recipe = tiny_recipe(stages=[{"distill": {"teacher": "resnet18", "epochs": 1}}])
+    with pytest.raises(RecipeError, match=r"stages\[0\].distill.teacher: .*1000 classes, the data 10.*teacher_check"):
+        validate_recipe(recipe)  # refused when the recipe loads, before any training

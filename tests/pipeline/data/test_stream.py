@@ -1,0 +1,72 @@
+"""The streaming path: a DataLoader over files, reproducible whatever the workers and ranks, the same pixels as the
+in-memory path, timm's training transform for photos."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.data import DataConfig, load_data
+from pipeline.models import ModelConfig
+from tests.conftest import TINY_MODEL
+
+MODEL = ModelConfig(name=TINY_MODEL)
+
+
+def _batches(loader):
+    return [(x.clone(), y.clone()) for x, y in loader]
+
+
+def test_stream_and_memory_give_the_same_evaluation_pixels(imagefolder):
+    base = dict(dataset="imagefolder", root=imagefolder, val_split=0.34)
+    memory = load_data(DataConfig(**base, loader="memory"), MODEL)
+    stream = load_data(DataConfig(**base, loader="stream", workers=0), MODEL)
+    assert stream.loader_kind == "stream" and memory.preprocessing == stream.preprocessing
+    for split in ("val", "test"):
+        a, b = _batches(memory.eval_loader(split, 4)), _batches(stream.eval_loader(split, 4))
+        assert len(a) == len(b)
+        for (xa, ya), (xb, yb) in zip(a, b, strict=True):
+            assert torch.equal(ya, yb) and torch.allclose(xa, xb)
+
+
+def test_augmented_batches_depend_on_the_seed_not_on_the_workers(photos):
+    cfg = DataConfig(dataset="imagefolder", root=photos, loader="stream", img_size=32, workers=0)
+    bundle = load_data(cfg, MODEL)
+    assert bundle.policy == "pad_crop_flip"  # 32 px: small images are cropped and flipped as CIFAR is
+    serial = _batches(bundle.train_loader(8, seed=3, augment=True))
+    parallel = _batches(load_data(cfg.model_copy(update={"workers": 2}), MODEL).train_loader(8, seed=3, augment=True))
+    assert len(serial) == len(parallel) == 3  # 27 training images, drop_last
+    for (xa, ya), (xb, yb) in zip(serial, parallel, strict=True):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    other = _batches(bundle.train_loader(8, seed=4, augment=True))
+    assert not torch.equal(other[0][0], serial[0][0])
+    # Reading data never moves the training's own random stream (workers: 0 reads in this process).
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _batches(bundle.train_loader(8, seed=3, augment=True))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_photos_get_timms_training_transform_and_each_rank_its_shard(photos, monkeypatch):
+    cfg = DataConfig(dataset="imagefolder", root=photos, img_size=96, workers=0)
+    bundle = load_data(cfg, MODEL)
+    assert bundle.loader_kind == "stream" and bundle.policy == "random_resized_crop"
+    (x, y), *_ = _batches(bundle.train_loader(8, seed=0, augment=True))
+    assert x.shape == (8, 3, 96, 96) and x.dtype == torch.float32
+    whole = _batches(bundle.train_loader(8, seed=0, augment=True))
+    shards = []
+    for rank in (0, 1):
+        monkeypatch.setattr("pipeline.distributed.world", lambda rank=rank: (rank, 2))
+        shards.append(_batches(bundle.train_loader(8, seed=0, augment=True)))
+    for b, (images, labels) in enumerate(whole):
+        assert torch.equal(shards[0][b][1], labels[0::2]) and torch.equal(shards[1][b][1], labels[1::2])
+        assert torch.equal(shards[0][b][0], images[0::2])  # the same image seeds: the same pixels as one process
+
+
+def test_mixup_gives_soft_targets(photos):
+    cfg = DataConfig(dataset="imagefolder", root=photos, img_size=32, workers=0,
+                     augmentation={"mixup": 0.4, "re_prob": 0.5})  # fmt: skip
+    loader = load_data(cfg, MODEL).train_loader(8, seed=0, augment=True)
+    images, targets = next(iter(loader))
+    assert targets.shape == (8, 3) and torch.allclose(targets.sum(1), torch.ones(8))
+    assert (targets.max(1).values < 1).any()  # mixed
