@@ -256,7 +256,7 @@ class Runner:
                     "model": recipe.model.name,
                     "dataset": recipe.data.dataset,
                     "device": str(self.device),
-                    **data_params(self.data),
+                    **self.data.params(),
                     "stages": recipe.ordering,
                     "training_epochs": training_epochs(recipe),
                     **self.extra_params,
@@ -395,7 +395,7 @@ class Runner:
 
     def _eval_loaders(self) -> dict:
         """The loaders of the evaluated splits: validation (what choices read) and test (what is reported)."""
-        return {split: self.data.eval_loader(split, self.recipe.data.eval_batch_size) for split in self.data.splits}
+        return {split: self.data.eval_loader(split) for split in self.data.splits}
 
     def _deploy_dir(self, entry: CacheEntry) -> Path:
         return entry.path / f"deploy-opset{self.recipe.deploy.opset}"
@@ -437,26 +437,6 @@ class Runner:
                 raise
             log.warning("deploy: %s (deploy.required is false: the chain goes on, the error is on the run)", err)
             return {"deploy_error": str(err)}
-
-
-def data_params(data: DataBundle) -> dict[str, object]:
-    """What the chain run records of its data: how it was loaded and split, its fingerprint, and the resolved
-    preprocessing (the numbers the exported model must be fed with)."""
-    pre = data.preprocessing
-    return {
-        "data_loader": data.loader_kind,
-        "data_fingerprint": data.fingerprint,
-        "train_images": len(data.train),
-        "val_images": len(data.val) if data.val is not None else 0,
-        "test_images": len(data.test),
-        "augmentation": data.policy if data.config.augment else "none",
-        "input_size": "x".join(map(str, pre.input_size)),
-        "mean": ",".join(f"{x:.4g}" for x in pre.mean),
-        "std": ",".join(f"{x:.4g}" for x in pre.std),
-        "interpolation": pre.interpolation,
-        "crop_pct": pre.crop_pct,
-        "preprocessing_origin": pre.origin,
-    }
 
 
 __all__ = ["Runner", "RunSummary", "StageResult", "ordering_detail", "plan_chain"]

@@ -131,7 +131,7 @@ def run_distill(state: ModelState | None, config: DistillConfig, ctx: StageConte
     teacher = resolve_teacher(config, state, ctx)
     # Measured on validation (test when the data has none): these figures may inform a choice of teacher.
     split = ctx.data.splits[0]
-    images = ctx.data.eval_loader(split, ctx.data_config.eval_batch_size)
+    images = ctx.data.eval_loader(split)
     teacher_top1, _ = accuracy(teacher, images, device=ctx.device)
     student_before, _ = accuracy(state.model.to(ctx.device), images, device=ctx.device)
     report = ctx.fit(state, config, desc="distill", loss=kd_loss(teacher, config))

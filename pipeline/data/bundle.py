@@ -75,13 +75,15 @@ class DataBundle:
             transform = train_transform(self.preprocessing, aug, self.policy) if augment else eval_transform(
                 self.preprocessing)  # fmt: skip
             loader = StreamLoader(self.train, transform, batch_size, mean=self.mean, std=self.std,
-                                  workers=self.workers, device=device, **common)  # fmt: skip
+                                  workers=self.workers, device=device, persistent=True, **common)  # fmt: skip
         if augment and BatchAugment.needed(aug):
             return MixedLoader(loader, BatchAugment(aug, self.num_classes, seed))
         return loader
 
-    def eval_loader(self, split: str, batch_size: int):
-        """Every image of the `val` or `test` split, in a fixed order, on the CPU (the runtimes read numpy)."""
+    def eval_loader(self, split: str, batch_size: int | None = None):
+        """Every image of the `val` or `test` split, in a fixed order, on the CPU (the runtimes read numpy); batches of
+        `batch_size`, default the config's evaluation batch at this input side."""
+        batch_size = batch_size or self.config.eval_batch(self.preprocessing.side)
         images = self.val if split == "val" else self.test
         if images is None:
             raise ValueError("this data has no validation split (data.val_split is 0 and there is no val/ folder)")
@@ -100,6 +102,25 @@ class DataBundle:
     def splits(self) -> tuple[str, ...]:
         """The evaluated splits this data has: ('val', 'test'), or ('test',) without a validation split."""
         return SPLITS if self.val is not None and len(self.val) else ("test",)
+
+    def params(self) -> dict[str, object]:
+        """What a run records of its data (MLflow params): how it was loaded and split, its fingerprint, and the
+        resolved preprocessing (the numbers the exported model must be fed with)."""
+        pre = self.preprocessing
+        return {
+            "data_loader": self.loader_kind,
+            "data_fingerprint": self.fingerprint,
+            "train_images": len(self.train),
+            "val_images": len(self.val) if self.val is not None else 0,
+            "test_images": len(self.test),
+            "augmentation": self.policy if self.config.augment else "none",
+            "input_size": "x".join(map(str, pre.input_size)),
+            "mean": ",".join(f"{x:.4g}" for x in pre.mean),
+            "std": ",".join(f"{x:.4g}" for x in pre.std),
+            "interpolation": pre.interpolation,
+            "crop_pct": pre.crop_pct,
+            "preprocessing_origin": pre.origin,
+        }
 
     @property
     def workers(self) -> int:

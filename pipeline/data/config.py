@@ -71,7 +71,13 @@ class DataConfig(StrictConfig):
     root: Path | None = Field(None, description="data folder; default $DATA_DIR, else ../shared/data, else ./data")
     download: bool = Field(False, description="download CIFAR with torchvision when it is not found (online)")
     batch_size: int = Field(128, ge=1, le=65536, description="training batch size (global, over all ranks)")
-    eval_batch_size: int = Field(512, ge=1, le=65536, description="batch size for accuracy evaluation")
+    eval_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="batch size for accuracy evaluation; default 512 images at 32 px and as many pixels per batch at "
+        "larger sides (so memory is set by the batch, not the input size), at least `batch_size`",
+    )
     val_split: float = Field(
         0.1,
         ge=0,
@@ -109,6 +115,12 @@ class DataConfig(StrictConfig):
         if std is not None and min(std) <= 0:
             raise ValueError(f"must be positive, got {list(std)}")
         return std
+
+    def eval_batch(self, side: int) -> int:
+        """The evaluation batch size at an input of `side` px (see `eval_batch_size`)."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        return max(self.batch_size, 512 * 32 * 32 // (side * side))
 
     @model_validator(mode="after")
     def _tensor_augmentation_in_memory(self) -> DataConfig:

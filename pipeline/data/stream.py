@@ -96,7 +96,7 @@ class StreamLoader:
     """Normalised float batches (on `device`) from files read by DataLoader workers; `len()` is batches per epoch.
 
     Images are collated as uint8 (timm's `fast_collate`) and normalised by timm's `PrefetchLoader` on the device,
-    which also overlaps the next batch's copy to a GPU with the current step. Workers stay up across epochs.
+    which also overlaps the next batch's copy to a GPU with the current step.
     """
 
     def __init__(
@@ -113,7 +113,10 @@ class StreamLoader:
         drop_last: bool = False,
         shard: bool = False,
         device: torch.device | str = "cpu",
+        persistent: bool = False,
     ) -> None:
+        """`persistent`: keep the workers up between passes (a training loader's epochs); an evaluation pass reads
+        each image once and lets its workers go when it ends, so no idle workers hold memory beside the next."""
         device = torch.device(device)
         self.batches = EpochBatches(len(files), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
                                     shard=shard)  # fmt: skip
@@ -123,7 +126,7 @@ class StreamLoader:
             num_workers=workers,
             collate_fn=fast_collate,
             pin_memory=device.type == "cuda",
-            persistent_workers=workers > 0,
+            persistent_workers=persistent and workers > 0,
             prefetch_factor=4 if workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),  # its base seed is drawn from this, not the global stream
         )

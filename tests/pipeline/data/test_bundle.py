@@ -43,3 +43,10 @@ def test_real_cifar10_subset(cifar_root, tmp_path):
     assert bundle.splits == ("val", "test")
     none = load_data(cfg.model_copy(update={"val_split": 0.0}), MODEL, cache_dir=tmp_path)
     assert none.val is None and none.splits == ("test",)
+
+
+def test_the_evaluation_batch_holds_as_many_pixels_at_any_side():
+    assert DataConfig().eval_batch(32) == 512  # CIFAR: as before
+    assert DataConfig(batch_size=64).eval_batch(224) == 64  # 224 px: ~10 would hold 512 x 32 x 32; the train batch
+    assert DataConfig(batch_size=8).eval_batch(64) == 128
+    assert DataConfig(eval_batch_size=100).eval_batch(224) == 100  # set: as set
