@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock sweep search report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance
+.PHONY: run validate stages ui server test lint format lock sweep search report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -95,7 +95,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench
 	$(VENV)/bin/ruff check --fix pipeline stages tests bench
 
-bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
 
 bench-prune: $(STAMP)
 	$(PY) bench/prune.py
@@ -117,6 +117,23 @@ bench-deploy: $(STAMP)
 
 bench-significance: $(STAMP)
 	$(PY) bench/significance.py
+
+# Issue #22: the data pipeline on a 224-px photo folder written from CIFAR-10 (.cache/bench/, never committed).
+bench-data: bench-data-memory bench-data-stream bench-cifar-epoch  ## the data benchmarks (see BENCHMARKS.md)
+
+bench-data-memory: $(STAMP)  ## peak memory of a one-epoch streamed run at 2,000 and 20,000 training images
+	$(PY) bench/make_photos.py --train 22223 --test 500
+	$(PY) bench/data_memory.py --sizes 2000 20000 $(if $(against),--legacy-tree $(against))
+
+bench-data-stream: $(STAMP)  ## does the streaming loader keep the training step fed at 224 px (step vs synthetic)
+	$(PY) bench/make_photos.py --train 22223 --test 500
+	$(PY) bench/data_stream.py --workers 1 2
+
+bench-cifar-epoch: $(STAMP)  ## the CIFAR-10 epoch with the default loader [against=another checkout]
+	$(PY) bench/cifar_epoch.py $(if $(against),--against $(against))
+
+bench-search-selection: $(STAMP)  ## a search re-selected on the test split: how its frontier and best would change
+	$(PY) bench/search_selection.py $(search)
 
 bench-search: $(STAMP)  ## a search's frontier against a sweep's, trial by trial (default: BENCHMARKS.md's worked example; needs its study)
 	$(PY) bench/search_vs_sweep.py $(or $(search),search-prune-qat-distill-db156d67) \
