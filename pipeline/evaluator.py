@@ -82,6 +82,13 @@ def validation_name(metric: str) -> str | None:
     return split_metric(metric, "val") if metric.rpartition(".")[2] in TEST_ACCURACY else None
 
 
+def test_name(metric: str) -> str:
+    """The test split's counterpart of a validation accuracy metric (`onnxruntime.val_top1` -> `onnxruntime.top1`);
+    any other metric itself."""
+    runtime, dot, name = metric.rpartition(".")
+    return f"{runtime}{dot}{name.removeprefix('val_')}" if name in ("val_top1", "val_top5") else metric
+
+
 def metric_catalogue(runtimes: Iterable[str]) -> dict[str, tuple[str | None, str | None]]:
     """name -> (natural direction, kind) of every metric measured with these deploy runtimes."""
     out = dict(MODEL_METRICS)

@@ -24,7 +24,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.cache import digest
-from pipeline.evaluator import metric_catalogue
+from pipeline.evaluator import metric_catalogue, test_name
 from pipeline.executors import Executor, get_executor
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.runner import Runner, StageResult, default_cache_dir, evaluation_key, termination_as_interrupt
@@ -508,8 +508,6 @@ def load_search_plan(tracker: Tracker, search_id: str | None = None) -> SearchPl
 
 def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int]:
     """Register the best feasible trial's model (its artifact and exported files) in the MLflow Model Registry."""
-    from pipeline.reporting.search import test_name
-
     best = outcome.best
     name = plan.config.registry_name or plan.recipe.name
     settings = best.settings

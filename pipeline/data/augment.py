@@ -38,15 +38,18 @@ def random_crop_flip(images: torch.Tensor, pad: int, generator: torch.Generator,
 
 
 @contextmanager
-def _seeded_globals(generator: torch.Generator) -> Iterator[None]:
-    """timm's Mixup and RandomErasing draw from numpy's and Python's global generators: seed both from `generator`
-    for the call, then put back what they held, so a run is reproducible and nothing else's stream moves."""
+def _seeded_globals(generator: torch.Generator, device: torch.device) -> Iterator[None]:
+    """timm's Mixup and RandomErasing draw from numpy's, Python's and torch's global generators (random erasing's
+    noise on the batch's device): seed them all from `generator` for the call, then put back what they held, so a run
+    is reproducible and the training's own random stream does not move."""
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     np_state, py_state = np.random.get_state(), random.getstate()
     np.random.seed(seed)
     random.seed(seed)
     try:
-        yield
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            yield
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
@@ -75,7 +78,7 @@ class BatchAugment:
         return aug.mixes or aug.re_prob > 0
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with _seeded_globals(self.generator):
+        with _seeded_globals(self.generator, images.device):
             if self.re_prob > 0:
                 images = RandomErasing(self.re_prob, mode="pixel", device=images.device)(images)
             if self.mixup is not None:

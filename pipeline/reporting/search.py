@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.evaluator import test_name
 from pipeline.pareto import hypervolume, pareto_mask
 from pipeline.reporting.formatting import format_metric
 from pipeline.reporting.search_plots import frontier_figure, hypervolume_figure, plot_frontier, plot_hypervolume
@@ -371,13 +372,6 @@ def shown_metrics(outcome: SearchOutcome) -> list[str]:
     chosen = [*outcome.objectives, *(c.metric for c in outcome.constraints)]
     reported = [test_name(m) for m in chosen if test_name(m) != m]
     return list(dict.fromkeys([*chosen, *reported, "val_top1", "top1", "artifact_bytes", "params", "macs"]))
-
-
-def test_name(metric: str) -> str:
-    """The test split's counterpart of a validation accuracy metric (`onnxruntime.val_top1` -> `onnxruntime.top1`);
-    any other metric itself."""
-    runtime, dot, name = metric.rpartition(".")
-    return f"{runtime}{dot}{name.removeprefix('val_')}" if name in ("val_top1", "val_top5") else metric
 
 
 def write_search_report(outcome: SearchOutcome, out_dir: Path, comparison: Comparison | None = None) -> list[Path]:

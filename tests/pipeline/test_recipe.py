@@ -370,3 +370,10 @@ def test_every_sweep_gets_an_equal_training_control_per_epoch_count_unless_it_op
     assert [c.ordering for c in plan_sweep(off).chains] == ["prune>distill", "distill>prune"]
     chain = validate_recipe(tiny_recipe(stages=stages, control=True))  # a chain asking for its control
     assert chain.is_sweep and [c.ordering for c in plan_sweep(chain).chains] == ["prune>distill", "control(3 ep)"]
+
+
+def test_a_loader_that_cannot_apply_the_augmentation_is_refused_when_the_recipe_loads(photos):
+    data = {"dataset": "imagefolder", "root": str(photos), "img_size": 96, "loader": "memory"}
+    with pytest.raises(RecipeError, match="^data.loader: memory augments tensors .* at 96 px .*random_resized_crop"):
+        validate_recipe(tiny_recipe(data=data))
+    validate_recipe(tiny_recipe(data={**data, "augmentation": {"policy": "pad_crop_flip"}}))  # says how to fix it

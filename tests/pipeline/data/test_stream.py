@@ -70,3 +70,16 @@ def test_mixup_gives_soft_targets(photos):
     images, targets = next(iter(loader))
     assert targets.shape == (8, 3) and torch.allclose(targets.sum(1), torch.ones(8))
     assert (targets.max(1).values < 1).any()  # mixed
+
+
+def test_batch_mixing_is_seeded_and_leaves_the_training_stream_alone(photos):
+    cfg = DataConfig(dataset="imagefolder", root=photos, img_size=32, workers=0,
+                     augmentation={"mixup": 0.4, "cutmix": 1.0, "re_prob": 0.5})  # fmt: skip
+    bundle = load_data(cfg, MODEL)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    first = _batches(bundle.train_loader(8, seed=1, augment=True))
+    assert torch.equal(torch.rand(3), expected)
+    again = _batches(bundle.train_loader(8, seed=1, augment=True))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
