@@ -138,6 +138,11 @@ class StageCache:
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / key
 
+    def work_dir(self, key: str) -> Path:
+        """Where the stage `key` keeps its checkpoints while it trains (`pipeline.checkpoints`); removed once the
+        entry is written."""
+        return self.root / "work" / key
+
     def get(self, key: str) -> CacheEntry | None:
         path = self._path(key)
         return CacheEntry(key, path) if (path / RECORD_FILE).is_file() else None

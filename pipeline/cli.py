@@ -374,7 +374,8 @@ def _run(recipe, args) -> int:
 
     def run() -> int:
         progress = not args.quiet and sys.stderr.isatty()
-        with distributed.process_group():  # under torchrun: one process per rank, rank 0 reports
+        # under torchrun: one process per rank, rank 0 reports
+        with distributed.process_group(recipe.distributed.timeout_minutes):
             runner = Runner(recipe, cache_dir=args.cache_dir, progress=progress, use_cache=not args.no_cache)
             summary = runner.run()
             if distributed.is_main():

@@ -8,8 +8,9 @@ Outside `torchrun` (WORLD_SIZE unset or 1) everything here is a no-op.
 
 from __future__ import annotations
 
+import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -34,15 +35,19 @@ def barrier() -> None:
 
 
 @contextmanager
-def process_group() -> Iterator[None]:
-    """Join the process group `torchrun` describes (WORLD_SIZE > 1): NCCL on GPUs, else gloo; left on exit."""
+def process_group(timeout_minutes: float = 60.0) -> Iterator[None]:
+    """Join the process group `torchrun` describes (WORLD_SIZE > 1): NCCL on GPUs, else gloo; left on exit.
+
+    `timeout_minutes` bounds every collective, the barrier the other ranks wait at while rank 0 evaluates, exports
+    and measures a stage included: it must outlast that (torch's default, 10 minutes with NCCL, does not for a
+    224-px model evaluated on a large validation split)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         yield
         return
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes))
     try:
         yield
     finally:
@@ -55,3 +60,27 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         return model
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def sync_batchnorm_(model: torch.nn.Module) -> Callable[[], None] | None:
+    """Under several ranks, swap `model`'s BatchNorm layers for synchronised ones (timm's converter, which keeps
+    timm's BatchNormAct); returns a function that puts the original layers back, or None with one rank.
+
+    The synchronised layers share the originals' parameters and statistics tensors, so what they learn is in the
+    originals when they are put back; the cached model never holds SyncBatchNorm, which only runs under a process
+    group (and, in torch, only on GPUs)."""
+    if world()[1] <= 1:
+        return None
+    from timm.layers import convert_sync_batchnorm
+
+    originals = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    if not originals:
+        return None
+    swap_norms_(model, {name: convert_sync_batchnorm(norm) for name, norm in originals.items()})
+    return lambda: swap_norms_(model, originals)
+
+
+def swap_norms_(model: torch.nn.Module, norms: dict[str, torch.nn.Module]) -> None:
+    """Put `norms` (by qualified name) into `model` in place of the modules there."""
+    for name, norm in norms.items():
+        model.set_submodule(name, norm)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from pipeline.checkpoints import CheckpointConfig
 from pipeline.config import StrictConfig
 from pipeline.data import DataConfig
 from pipeline.deploy import DeployConfig
@@ -26,7 +27,7 @@ from pipeline.recipe_resources import resource_problem
 from pipeline.search_config import SearchConfig, is_integer_field
 from pipeline.training import TrainConfig
 from stages import get_stage
-from stages.base import UnknownStageError, chain_conflict
+from stages.base import UnknownStageError, chain_conflict, fp32_only_from
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -95,6 +96,21 @@ class ExecutorConfig(StrictConfig):
         return {"name": value} if isinstance(value, str) else value
 
 
+class DistributedConfig(StrictConfig):
+    """Settings of multi-process training under torchrun (ignored in a single process)."""
+
+    timeout_minutes: float = Field(
+        60.0,
+        gt=0,
+        le=24 * 60,
+        description="how long a rank waits at a collective (the barrier while rank 0 evaluates a stage included) "
+        "before the job fails",
+    )
+    sync_batchnorm: bool = Field(
+        False, description="BatchNorm statistics over every rank's part of a batch (SyncBatchNorm; GPUs only)"
+    )
+
+
 class Recipe(StrictConfig):
     """A whole recipe: data, model, baseline training, and the chain of compression stages (or a sweep of
     orderings of them)."""
@@ -150,6 +166,13 @@ class Recipe(StrictConfig):
     )
     search: SearchConfig | None = Field(
         None, description="a search over orderings and stage settings (Optuna); run with `make search`"
+    )
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig,
+        description="checkpoints inside a training stage, which a killed run resumes from (part of no cache key)",
+    )
+    distributed: DistributedConfig = Field(
+        default_factory=DistributedConfig, description="multi-process training under torchrun"
     )
 
     @field_validator("orderings")
@@ -349,8 +372,39 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
             raise RecipeError(f"stages[{conflict[0]}]", conflict[1])
     if recipe.budget is not None:
         _check_budget(recipe)
+    _check_precision(recipe)
     _check_resources(recipe)
     return recipe
+
+
+def _chains_run(recipe: Recipe) -> list[tuple[str, ...]]:
+    """Every ordering of stage names the recipe may run: its chain, its sweep's orderings, or its search's."""
+    if recipe.is_search:
+        return [tuple(o) for o in recipe.search_orderings()]
+    if recipe.is_sweep:
+        runnable, _ = recipe.sweep_orderings()
+        return [tuple(o) for o in runnable]
+    return [tuple(s.name for s in recipe.stage_specs())]
+
+
+def _check_precision(recipe: Recipe) -> None:
+    """An explicit bf16 / fp16 on a stage that would train a fake-quantized model (qat, and any stage after it in
+    some ordering the recipe runs) is refused: fake quantization trains in fp32."""
+    explicit = {s.name: i for i, s in enumerate(recipe.stage_specs())
+                if getattr(s.config, "precision", "auto") in ("bf16", "fp16")}  # fmt: skip
+    if not explicit:
+        return
+    for ordering in _chains_run(recipe):
+        start = fp32_only_from(list(ordering))
+        for name in ordering[start:]:
+            if name in explicit:
+                index = explicit[name]
+                raise RecipeError(
+                    f"stages[{index}].{name}.precision",
+                    f"{recipe.stages[index].config.precision} cannot train a fake-quantized model ({name} runs at or "
+                    f"after {ordering[start]} in {'>'.join(ordering)}); fake quantization trains in fp32: use auto or "
+                    "fp32",
+                )
 
 
 def _check_sweep(recipe: Recipe) -> None:

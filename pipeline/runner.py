@@ -28,6 +28,7 @@ from pipeline.data import EVAL_ONLY_FIELDS, NEUTRAL_FIELDS, DataBundle, DataInde
 from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.evaluator import Predictions, evaluate_with_predictions, runtime_metrics_with_predictions
 from pipeline.models import ModelState, create_model
+from pipeline.precision import auto_context
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.reporting.summaries import chain_note
 from pipeline.stage_training import PlannedStage, StageResult, StageTrainer, follow_chain
@@ -61,10 +62,13 @@ def data_fingerprint(recipe: Recipe) -> str:
     return scan(locate(recipe.data)).fingerprint
 
 
-def plan_chain(recipe: Recipe, fingerprint: str | None = None) -> list[PlannedStage]:
+def plan_chain(
+    recipe: Recipe, fingerprint: str | None = None, device: torch.device | None = None
+) -> list[PlannedStage]:
     """The baseline plus the recipe's stages, each keyed by everything that determines its output: the code's and
-    libraries' versions, the seed, the model, the data settings that change training, and the data's contents
-    (`fingerprint`, computed from the data when not given), so a changed dataset is never served stale."""
+    libraries' versions, the seed, the model, the data settings that change training, the data's contents
+    (`fingerprint`, computed from the data when not given), so a changed dataset is never served stale, and what
+    `precision: auto` depends on where it trains (`device`, default: the recipe's)."""
     checkpoint = recipe.model.checkpoint
     root = digest(
         {
@@ -77,6 +81,8 @@ def plan_chain(recipe: Recipe, fingerprint: str | None = None) -> list[PlannedSt
             "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
             "data": recipe.data.model_dump(mode="json", exclude=EVAL_ONLY_FIELDS | NEUTRAL_FIELDS),
             "data_fingerprint": fingerprint or data_fingerprint(recipe),
+            # `precision: auto` trains in bf16 on one machine and fp32 on another (pipeline.precision).
+            "numerics": auto_context(device or pick_device(recipe.device)),
         }
     )
     specs = [StageSpec("train", recipe.baseline), *recipe.stage_specs()]
@@ -122,13 +128,22 @@ def evaluation_key(recipe: Recipe) -> str:
     )[:16]
 
 
-def resolve_device(name: str) -> torch.device:
-    """'auto': CUDA when present, else the CPU with all cores (or OMP_NUM_THREADS of them)."""
+def pick_device(name: str) -> torch.device:
+    """'auto': CUDA when present, else the CPU; 'cuda' without a GPU is an error that says so."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    # OMP_NUM_THREADS, when set (e.g. by Ray for a task's CPUs), sizes the thread pool; else every core.
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+        return torch.device("cuda")  # under torchrun, the rank's own GPU (`distributed.process_group` selects it)
     return torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """`pick_device`, ready to train on: the CPU with all cores (or OMP_NUM_THREADS of them)."""
+    device = pick_device(name)
+    if device.type == "cpu":
+        # OMP_NUM_THREADS, when set (e.g. by Ray for a task's CPUs), sizes the thread pool; else every core.
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count() or 1)
+    return device
 
 
 def machine_tags(recipe: Recipe) -> dict[str, str]:
@@ -200,9 +215,9 @@ class Runner:
         self.cache = StageCache(self.cache_dir / "stages")
         self.tracker = tracker
         self.index: DataIndex = scan(locate(recipe.data))  # the data's files and fingerprint, read once
-        self.chain = plan_chain(recipe, self.index.fingerprint)
+        self.device = pick_device(recipe.device)
+        self.chain = plan_chain(recipe, self.index.fingerprint, self.device)
         self.eval_key = evaluation_key(recipe)
-        self.device = torch.device("cpu")
         self.data: DataBundle | None = None
 
     def cached(self, stage: PlannedStage) -> CacheEntry | None:
@@ -229,7 +244,8 @@ class Runner:
         self.data = load_data(recipe.data, recipe.model, index=self.index, cache_dir=self.cache_dir / "datasets")
         if reusable:
             log.info("reusing cached stages: %s", ", ".join(reusable))
-        return StageTrainer(recipe, self.chain, self.cache, self.data, self.device, self.progress)
+        return StageTrainer(recipe, self.chain, self.cache, self.data, self.device, self.progress,
+                            resume=self.use_cache)  # fmt: skip
 
     def _run_tracked_chain(self, trainer: StageTrainer, tracker: Tracker) -> RunSummary:
         """The chain under its MLflow parent run, one nested run per stage (rank 0, or the only process)."""
@@ -348,6 +364,7 @@ class Runner:
             else:
                 log.info("stage %d (%s): reused from cache %s", stage.index, stage.name, stage.key[:12])
                 state = None  # loaded only if a later stage needs to run from it
+            tracker.set_tags(run_id, _training_tags(entry.record))
             measured = self._measure(entry)
             metrics = {k: float(v) for k, v in measured.items() if not isinstance(v, str)}
             metrics["stage_seconds"] = float(entry.record.get("seconds", 0.0))
@@ -437,6 +454,16 @@ class Runner:
                 raise
             log.warning("deploy: %s (deploy.required is false: the chain goes on, the error is on the run)", err)
             return {"deploy_error": str(err)}
+
+
+def _training_tags(record: dict) -> dict[str, str]:
+    """What a stage's training recorded about how it ran: its numerics, and what it resumed from."""
+    tags = {}
+    if record.get("numerics"):
+        tags[TAGS.numerics] = "; ".join(record["numerics"])
+    if record.get("resumed"):
+        tags[TAGS.resumed] = "; ".join(record["resumed"])
+    return tags
 
 
 __all__ = ["Runner", "RunSummary", "StageResult", "ordering_detail", "plan_chain"]

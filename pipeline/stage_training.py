@@ -19,6 +19,7 @@ import torch
 from pipeline import __version__, distributed
 from pipeline.artifacts import save_artifact
 from pipeline.cache import CacheEntry, StageCache
+from pipeline.checkpoints import StageCheckpoints
 from pipeline.data import DataBundle
 from pipeline.models import ModelState
 from pipeline.recipe import Recipe, StageSpec
@@ -62,6 +63,14 @@ class StageTrainer:
     data: DataBundle
     device: torch.device
     progress: bool
+    resume: bool = True  # go on from a stage's checkpoints (False: --no-cache, every stage starts again)
+
+    def checkpoints(self, stage: PlannedStage) -> StageCheckpoints:
+        """The stage's checkpoints in its work folder; only rank 0 writes them."""
+        ckpt = StageCheckpoints(self.cache.work_dir(stage.key), self.recipe.checkpoint, write=distributed.is_main())
+        if not self.resume:
+            ckpt.clear()
+        return ckpt
 
     def input_state(self, stage: PlannedStage, state: ModelState | None) -> ModelState | None:
         """The model the stage starts from: `state` when the previous stage ran here, else the cached output of
@@ -71,9 +80,14 @@ class StageTrainer:
         return state
 
     def train(
-        self, stage: PlannedStage, state: ModelState | None, on_epoch_end: EpochCallback | None = None
+        self,
+        stage: PlannedStage,
+        state: ModelState | None,
+        on_epoch_end: EpochCallback | None = None,
+        checkpoints: StageCheckpoints | None = None,
     ) -> tuple[StageOutput, float]:
-        """Run the stage function with its seed and context; returns its output and the seconds it took."""
+        """Run the stage function with its seed and context, writing (and resuming from) `checkpoints` (default:
+        the stage's own); returns its output and the seconds it took."""
         base = self.recipe.seed if stage.index == 0 else self.recipe.chain_seed
         seed = (base * 1_000_003 + int(stage.key[:8], 16)) % 2**31
         torch.manual_seed(seed)
@@ -86,6 +100,8 @@ class StageTrainer:
             baseline=lambda: self.cache.get(self.chain[0].key).load_state(),
             progress=self.progress,
             on_epoch_end=on_epoch_end,
+            checkpoints=checkpoints or self.checkpoints(stage),
+            sync_batchnorm=self.recipe.distributed.sync_batchnorm,
         )
         start = time.perf_counter()
         out = get_stage(stage.name).run(state, stage.spec.config, ctx)
@@ -96,7 +112,8 @@ class StageTrainer:
         self, stage: PlannedStage, state: ModelState | None, on_epoch_end: EpochCallback | None = None
     ) -> tuple[CacheEntry, ModelState]:
         """Train the stage and write its artifact, state and record into the cache (atomically)."""
-        out, seconds = self.train(stage, self.input_state(stage, state), on_epoch_end)
+        checkpoints = self.checkpoints(stage)
+        out, seconds = self.train(stage, self.input_state(stage, state), on_epoch_end, checkpoints)
         record = {
             "stage": stage.name,
             "index": stage.index,
@@ -105,12 +122,16 @@ class StageTrainer:
             "seconds": seconds,
             "stage_metrics": out.metrics,
             "train_history": out.report.history if out.report else [],
+            "numerics": out.report.numerics if out.report else [],  # precision and memory format it trained in
             "version": __version__,
             # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
             "torch": torch.__version__,
             "timm": timm.__version__,
+            # What a killed run left that this one went on from (empty: trained from the start in one go).
+            "resumed": list(checkpoints.resumed),
         }
         entry = self.cache.put(stage.key, out.state, record, save_artifact)
+        checkpoints.clear()
         return entry, out.state
 
 

@@ -48,6 +48,8 @@ class Tags:
     cached: str = "cached"  # stage runs: 'true' when the stage's output was reused from the cache
     trained: str = "trained"  # stage runs: 'true' once this run trained the stage and cached its output
     cache_key: str = "cache_key"  # stage runs: the stage cache's key of the output (same key, same model)
+    numerics: str = "numerics"  # stage runs: what it trained in (precision, memory format, why), `;`-separated
+    resumed: str = "resumed"  # stage runs: where it went on from a killed run's checkpoints, `;`-separated
     input_size: str = "input_size"  # stage runs: the model's input, CxHxW
     pipeline_version: str = "pipeline_version"
     cpu_capability: str = "cpu_capability"  # the CPU's instruction set as torch sees it (AVX2, AVX512, ...)

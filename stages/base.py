@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 
+from pipeline.checkpoints import StageCheckpoints
 from pipeline.config import StrictConfig
 from pipeline.data import DataBundle, DataConfig
 from pipeline.models import ModelConfig, ModelState
@@ -36,6 +37,10 @@ class StageContext:
     baseline: Callable[[], ModelState]
     progress: bool = True
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    # Where the stage's fit calls write checkpoints and resume from (None: no checkpoints); shared by copies of the
+    # context (`dataclasses.replace`), so the calls are counted once per stage run.
+    checkpoints: StageCheckpoints | None = None
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over every rank's part of the batch
 
     def fit(
         self,
@@ -52,7 +57,8 @@ class StageContext:
 
         `step` varies the data order between repeated calls of one stage; `epoch_offset` continues the
         epoch count so the tracked curves of repeated calls do not overwrite each other; `extra_stats`
-        are added to every epoch's tracked stats and report entry.
+        are added to every epoch's tracked stats and report entry. Each call has its own checkpoint (see
+        `pipeline.checkpoints`): a stage must make its fit calls in the same order whenever it runs.
         """
         extra = dict(extra_stats or {})
         loader = self.data.train_loader(self.data_config.batch_size, seed=self.seed + step,
@@ -65,8 +71,10 @@ class StageContext:
                 outer(epoch_offset + epoch, {**stats, **extra})
 
         hooks = LoopHooks(loss=loss, on_epoch_end=on_epoch_end)
+        checkpoint = self.checkpoints.next_fit() if self.checkpoints is not None else None
         report = train_(state.model, loader, config, fixed=state.fixed, device=self.device, hooks=hooks, desc=desc,
-                        progress=self.progress)  # fmt: skip
+                        progress=self.progress, checkpoint=checkpoint, sync_batchnorm=self.sync_batchnorm,
+                        input_size=self.data.input_size)  # fmt: skip
         for entry in report.history:
             entry.update(extra)
         return report
@@ -99,6 +107,9 @@ class StageEntry:
     # Which kinds of metric the stage can lower (METRIC_KINDS: `bytes`, `compute`), given its config: a search
     # ends a trial early once a bound on such a metric is out of reach of every stage still to run. None: any.
     lowers: Callable[[StrictConfig], frozenset[str]] | None = None
+    # Its output model carries fake quantization, which it and every later stage of the chain train in fp32
+    # (`pipeline.precision`): `precision: auto` resolves to fp32 there, and an explicit bf16 / fp16 is refused.
+    fake_quant: bool = False
 
     def can_lower(self, config: StrictConfig) -> frozenset[str] | None:
         """The metric kinds this stage, so configured, may lower; None when it does not say (assume any)."""
@@ -124,12 +135,14 @@ def register_stage(
     not_after: frozenset[str] | set[str] = frozenset(),
     may_follow: frozenset[str] | set[str] | None = None,
     lowers: Callable[[Any], frozenset[str] | set[str]] | frozenset[str] | set[str] | None = None,
+    fake_quant: bool = False,
 ):
     """Register a stage function under `name`, validated by `config`.
 
     It cannot follow the stages in `not_after`; when `may_follow` is given, only those stages may run after it.
     `lowers` names the metric kinds (METRIC_KINDS) the stage can lower, or maps its config to them; unset, a search
-    assumes it may lower any metric and never ends a trial early on its account.
+    assumes it may lower any metric and never ends a trial early on its account. `fake_quant`: the stage's output
+    carries fake quantization, so it and every later stage train in fp32.
     """
 
     def wrap(fn: StageFn) -> StageFn:
@@ -139,7 +152,7 @@ def register_stage(
         kinds = lowers if lowers is None or callable(lowers) else (lambda _config, fixed=frozenset(lowers): fixed)
         if not callable(lowers) and lowers is not None and not set(lowers) <= METRIC_KINDS:
             raise ValueError(f"stage {name!r}: lowers must be among {sorted(METRIC_KINDS)}, got {sorted(lowers)}")
-        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds)
+        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds, fake_quant)
         return fn
 
     return wrap
@@ -165,3 +178,9 @@ def chain_conflict(names: list[str]) -> tuple[int, str] | None:
             if earlier in blocked or (allowed is not None and name not in allowed):
                 return index, f"{name} cannot run after {earlier}; put {name} before {earlier}"
     return None
+
+
+def fp32_only_from(names: list[str]) -> int:
+    """The index of the first stage in `names` whose output is fake-quantized (it and every later stage train in
+    fp32); len(names) when there is none."""
+    return next((i for i, name in enumerate(names) if get_stage(name).fake_quant), len(names))

@@ -156,7 +156,9 @@ def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: tor
 # After qat the model is a fake-quant graph: INQ's levels and low-rank factors need float weights, and a second qat
 # would quantize twice. Stages that train it may follow, and prune, which works on the float weights under the
 # fake quantization and quantizes again (`float_state_`, `requantize_`).
-@register_stage("qat", config=QATConfig, may_follow={"distill", "train", "prune"}, lowers={"bytes", "compute"})
+@register_stage(
+    "qat", config=QATConfig, may_follow={"distill", "train", "prune"}, lowers={"bytes", "compute"}, fake_quant=True
+)
 def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> StageOutput:
     """INT8 quantization-aware training: fake-quant fine-tuning, shipped as a real int8 model (x86 kernels)."""
     if state is None:

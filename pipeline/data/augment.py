@@ -42,7 +42,7 @@ def _seeded_globals(generator: torch.Generator, device: torch.device) -> Iterato
     """timm's Mixup and RandomErasing draw from numpy's, Python's and torch's global generators (random erasing's
     noise on the batch's device): seed them all from `generator` for the call, then put back what they held, so a run
     is reproducible and the training's own random stream does not move."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    seed = _batch_seed(generator)
     np_state, py_state = np.random.get_state(), random.getstate()
     np.random.seed(seed)
     random.seed(seed)
@@ -53,6 +53,11 @@ def _seeded_globals(generator: torch.Generator, device: torch.device) -> Iterato
     finally:
         np.random.set_state(np_state)
         random.setstate(py_state)
+
+
+def _batch_seed(generator: torch.Generator) -> int:
+    """One batch's seed: the only draw a batch makes from the augmentation's own generator."""
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
 class BatchAugment:
@@ -72,6 +77,11 @@ class BatchAugment:
             else None
         )  # label smoothing stays the loss's (TrainConfig.label_smoothing), which applies to soft targets too
         self.re_prob = aug.re_prob
+
+    def skip_(self, batches: int) -> None:
+        """Advance the generator past `batches` batches without augmenting them (a resumed epoch)."""
+        for _ in range(batches):
+            _batch_seed(self.generator)
 
     @staticmethod
     def needed(aug: AugmentConfig) -> bool:

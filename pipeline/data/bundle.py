@@ -139,6 +139,18 @@ class MixedLoader:
     def __iter__(self):
         return augmented(self.loader, self.augment)
 
+    def iter_from(self, start: int):
+        """An epoch from batch `start` on (a resumed epoch), each batch mixed as in an uninterrupted epoch."""
+        self.augment.skip_(start)
+        return augmented(self.loader.iter_from(start), self.augment)
+
+    def state_dict(self) -> dict:
+        return {"loader": self.loader.state_dict(), "augment": self.augment.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state["loader"])
+        self.augment.generator.set_state(state["augment"])
+
 
 # --- building it -----------------------------------------------------------------------------------------------
 

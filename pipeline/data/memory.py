@@ -77,16 +77,30 @@ class TensorLoader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.iter_from(0)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """An epoch's batches from batch `start` on (a resumed epoch): the skipped batches' random draws are made, so
+        the rest are the batches an uninterrupted epoch gives, but their images are not cut."""
         n = len(self.split.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
             keep = slice(self.rank, None, self.world)
+            draws = crop_flip_draws(len(idx), self.pad, self.generator, self.hflip) if self.augment else None
+            if b < start:
+                continue
             images = self.split.images[idx[keep]]
-            if self.augment:  # drawn for the whole global batch, applied to this rank's part
-                draws = crop_flip_draws(len(idx), self.pad, self.generator, self.hflip)
+            if draws is not None:  # drawn for the whole global batch, applied to this rank's part
                 images = apply_crop_flip(images, self.pad, *(d[keep] for d in draws))
             yield (images.float() - self.mean) / self.std, self.split.labels[idx[keep]]
+
+    def state_dict(self) -> dict:
+        """Where the loader's random stream stands (between epochs): what a resumed run puts back."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def decode_files(files: FileList, pre: Preprocessing, *, workers: int, desc: str) -> Split:

@@ -70,6 +70,7 @@ class EpochBatches(torch.utils.data.Sampler):
         self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = n, batch_size, shuffle, seed, drop_last
         self.rank, self.world = distributed.world() if shard else (0, 1)
         self.epoch = 0
+        self.start = 0  # the batch the next epoch starts at (a resumed epoch); back to 0 after it
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
@@ -79,7 +80,8 @@ class EpochBatches(torch.utils.data.Sampler):
         order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=gen)
         self.epoch += 1
-        for b in range(len(self)):
+        start, self.start = self.start, 0
+        for b in range(start, len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size][self.rank :: self.world]
             yield list(zip(idx.tolist(), seeds[idx].tolist(), strict=True))
 
@@ -137,3 +139,15 @@ class StreamLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return iter(self.loader)
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """An epoch's batches from batch `start` on (a resumed epoch); the skipped ones are not read."""
+        self.batches.start = start
+        return iter(self.loader)
+
+    def state_dict(self) -> dict:
+        """Which epoch comes next: every image's order and augmentation follow from it and the seed."""
+        return {"epoch": self.batches.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches.epoch = state["epoch"]

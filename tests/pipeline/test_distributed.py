@@ -73,3 +73,26 @@ def test_null_tracker_logs_nothing():
     assert run_id == ""
     with pytest.raises(AttributeError):
         tracker.client  # noqa: B018
+
+
+def test_sync_batchnorm_shares_the_tensors_and_goes_back_to_plain_norms(monkeypatch):
+    """Under several ranks `sync_batchnorm: true` swaps timm's norms for synchronised ones sharing their parameters and
+    statistics (so training updates the originals), then puts the originals back: the cached model never holds
+    SyncBatchNorm, which cannot run in a single process."""
+    import timm
+    import torch
+
+    from pipeline import distributed
+
+    model = timm.create_model("resnet10t", num_classes=4)
+    assert distributed.sync_batchnorm_(model) is None  # one process: nothing to synchronise
+    monkeypatch.setattr(distributed, "world", lambda: (0, 2))
+    before = {n: type(m) for n, m in model.named_modules()}
+    tensors = {n: t for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    restore = distributed.sync_batchnorm_(model)
+    synced = [n for n, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+    assert synced and len(synced) == sum(issubclass(t, torch.nn.BatchNorm2d) for t in before.values())
+    assert all(t is tensors[n] for n, t in [*model.named_parameters(), *model.named_buffers()])
+    restore()
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert all(t is tensors[n] for n, t in [*model.named_parameters(), *model.named_buffers()])

@@ -377,3 +377,34 @@ def test_a_loader_that_cannot_apply_the_augmentation_is_refused_when_the_recipe_
     with pytest.raises(RecipeError, match="^data.loader: memory augments tensors .* at 96 px .*random_resized_crop"):
         validate_recipe(tiny_recipe(data=data))
     validate_recipe(tiny_recipe(data={**data, "augmentation": {"policy": "pad_crop_flip"}}))  # says how to fix it
+
+
+def test_bf16_is_refused_where_a_stage_would_train_a_fake_quantized_model():
+    """qat, and any stage a chain, sweep or search would run after it, trains in fp32: an explicit bf16 there is
+    refused at load with its field path; the same stage before qat may ask for bf16."""
+    qat_bf16 = [{"prune": {"epochs": 1}}, {"qat": {"epochs": 1, "precision": "bf16"}}]
+    with pytest.raises(RecipeError, match=r"^stages\[1\].qat.precision: bf16 cannot train a fake-quantized model"):
+        validate_recipe(tiny_recipe(stages=qat_bf16))
+    after = [{"qat": {"epochs": 1}}, {"distill": {"epochs": 1, "precision": "fp16"}}]
+    with pytest.raises(RecipeError, match=r"^stages\[1\].distill.precision: fp16 .* after qat in qat>distill"):
+        validate_recipe(tiny_recipe(stages=after))
+    before = [{"distill": {"epochs": 1, "precision": "bf16"}}, {"qat": {"epochs": 1}}]
+    assert validate_recipe(tiny_recipe(stages=before)).stages[0].config.precision == "bf16"
+    with pytest.raises(RecipeError, match=r"^stages\[0\].distill.precision: .* in qat>distill"):
+        validate_recipe(tiny_recipe(stages=before, orderings="all"))  # a sweep also runs qat>distill
+
+
+def test_numerics_and_run_settings_validate_and_checkpoints_are_part_of_no_cache_key():
+    from pipeline.runner import plan_chain
+
+    recipe = validate_recipe(tiny_recipe(baseline={"epochs": 2, "channels_last": True, "compile": False}))
+    assert recipe.baseline.precision == "auto" and recipe.checkpoint.every_epochs == 1
+    with pytest.raises(RecipeError, match=r"^baseline.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"):
+        validate_recipe(tiny_recipe(baseline={"epochs": 2, "precision": "fp64"}))
+    with pytest.raises(RecipeError, match=r"^checkpoint.every_minutes: Input should be greater than 0"):
+        validate_recipe(tiny_recipe(checkpoint={"every_minutes": 0}))
+    often = validate_recipe(tiny_recipe(checkpoint={"every_epochs": 0, "every_minutes": 5},
+                                        distributed={"timeout_minutes": 120, "sync_batchnorm": True}))  # fmt: skip
+    assert [s.key for s in plan_chain(often)] == [s.key for s in plan_chain(validate_recipe(tiny_recipe()))]
+    explicit = validate_recipe(tiny_recipe(baseline={"epochs": 2, "lr": 0.05, "precision": "fp32"}))
+    assert plan_chain(explicit)[0].key != plan_chain(validate_recipe(tiny_recipe()))[0].key

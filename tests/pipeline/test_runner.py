@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from pipeline import load_artifact
@@ -182,6 +183,50 @@ def test_interrupted_run_is_marked_killed_and_resumes(tmp_path, isolated, cifar_
     assert resumed.returncode == 0, resumed.stderr
     assert "stage 0 (train): reused from cache" in resumed.stderr
     assert "stage 1 (train): running" in resumed.stderr
+
+
+def _cache_outputs(cache: Path) -> tuple[dict, dict]:
+    """The baseline's record and its metrics, from a run's cache folder."""
+    import json
+
+    (record,) = cache.glob("stages/*/*/record.json")
+    (metrics,) = record.parent.glob("metrics/*.json")
+    return json.loads(record.read_text()), json.loads(metrics.read_text())
+
+
+def test_a_run_killed_inside_a_stage_resumes_it_at_its_last_checkpoint(tmp_path, isolated, cifar_root):
+    """SIGTERM during the baseline's training; the same command again goes on from the last epoch checkpoint (the log
+    says where), clears the checkpoints, and ends with the model and metrics of a run that was never stopped."""
+    recipe = tiny_recipe(stages=[], baseline={"epochs": 20, "lr": 0.05, "precision": "fp32"})
+    path = write_recipe(tmp_path / "long.yaml", recipe)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], env=isolated, cwd=PROJECT_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "cache" / "stages" / "work").glob("*/fit-0.progress.pt")):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint was written"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 130 and not list((tmp_path / "cache").glob("stages/*/*/record.json"))
+
+    resumed = run_cli(["run", str(path)], isolated)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming train at epoch " in resumed.stderr
+    assert not list((tmp_path / "cache" / "stages" / "work").iterdir())  # removed once the stage is cached
+    record, metrics = _cache_outputs(tmp_path / "cache")
+    assert record["resumed"] and record["resumed"][0].startswith("train at epoch ")
+
+    uninterrupted = {**isolated, "PIPELINE_CACHE_DIR": str(tmp_path / "cache2"),
+                     "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow2.db'}"}  # fmt: skip
+    assert run_cli(["run", str(path)], uninterrupted).returncode == 0
+    record2, metrics2 = _cache_outputs(tmp_path / "cache2")
+    assert record2["resumed"] == [] and record2["key"] == record["key"]
+    assert [e["train_loss"] for e in record["train_history"]] == [e["train_loss"] for e in record2["train_history"]]
+    for key in ("val_top1", "top1", "top5"):
+        assert metrics[key] == metrics2[key], key
+    a, b = (load_artifact(next(c.glob("stages/*/*/artifact.pt"))) for c in (tmp_path / "cache", tmp_path / "cache2"))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
 def test_ordering_detail_tells_variants_of_a_stage_apart(cifar_root):

@@ -47,8 +47,10 @@ def test_loop_learns_a_learnable_task():
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_fixed_weights_never_move(optimizer):
-    """Momentum and weight decay included: fixed entries stay bit-identical across many steps."""
+@pytest.mark.parametrize("numerics", [("fp32", False), ("bf16", True)], ids=["fp32", "bf16-channels_last"])
+def test_fixed_weights_never_move(optimizer, numerics):
+    """Momentum and weight decay included, in bf16 autocast too: fixed entries stay bit-identical across many steps
+    (the weights stay fp32; only the forward and backward compute in bf16)."""
     bundle = synthetic_bundle(n_train=64)
     model = _tiny_cnn()
     conv = model[0].weight
@@ -60,13 +62,54 @@ def test_fixed_weights_never_move(optimizer):
     train_(
         model,
         bundle.train_loader(16, seed=0, augment=True),
-        TrainConfig(epochs=3, optimizer=optimizer, lr=0.05, weight_decay=0.1, momentum=0.9),
+        TrainConfig(
+            epochs=3,
+            optimizer=optimizer,
+            lr=0.05,
+            weight_decay=0.1,
+            momentum=0.9,
+            precision=numerics[0],
+            channels_last=numerics[1],
+        ),  # fmt: skip
         fixed=fixed,
         device=torch.device("cpu"),
         progress=False,
     )
     assert torch.equal(conv.detach()[mask], values[mask])
     assert not torch.equal(conv.detach()[~mask], before_free[~mask])  # the rest did train
+
+
+@pytest.mark.parametrize("precision,channels_last", [("bf16", True), ("bf16", False), ("fp16", False),
+                                                    ("fp32", True)])  # fmt: skip
+def test_every_precision_learns_and_gives_back_an_fp32_model_in_the_usual_layout(precision, channels_last):
+    """fp16 goes through a gradient scaler; whatever trained, the model comes back fp32 and contiguous (exports
+    and the cache see the usual layout), and the report says what it trained in."""
+    bundle = synthetic_bundle(n_train=128)
+    model = _tiny_cnn()
+    cfg = TrainConfig(epochs=6, lr=0.1, precision=precision, channels_last=channels_last)
+    report = train_(model, bundle.train_loader(32, seed=0, augment=False), cfg, fixed=FixedWeights(),
+                    device=torch.device("cpu"), progress=False)  # fmt: skip
+    assert report.history[-1]["train_top1"] > 60
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in model.parameters())
+    assert report.numerics[0].startswith(precision + (", channels_last" if channels_last else ""))
+
+
+def test_non_finite_weights_fail_the_epoch_even_when_the_loss_is_finite(monkeypatch):
+    """A NaN gradient in an epoch's last step leaves every loss of the epoch finite; the epoch still fails."""
+    model = _tiny_cnn()
+    real_step, steps = torch.optim.SGD.step, [0]
+
+    def poisoning_step(self, closure=None):
+        out = real_step(self, closure)
+        steps[0] += 1
+        if steps[0] == 4:  # the epoch's last of 4 steps
+            with torch.no_grad():
+                model[5].bias[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", poisoning_step)
+    with pytest.raises(FloatingPointError, match="weights of 5.bias are no longer finite"):
+        _train_plain(model, TrainConfig(epochs=1, precision="fp32"))
 
 
 class _Terminal(io.StringIO):
@@ -150,3 +193,20 @@ def test_nesterov_without_momentum_is_rejected_at_load_time():
     with pytest.raises(ValueError, match="nesterov: true needs momentum > 0"):
         TrainConfig(momentum=0.0)
     assert TrainConfig(momentum=0.0, nesterov=False).momentum == 0.0
+
+
+def test_compile_wraps_the_training_forward_only(monkeypatch):
+    """`compile: true` trains through torch.compile's module (a spy here: compiling costs tens of seconds, and
+    bench/compile.py times it for real); constraints and the returned model stay the plain module."""
+    compiled = []
+
+    def spy(module, **kwargs):
+        compiled.append(module)
+        return module
+
+    monkeypatch.setattr(torch, "compile", spy)
+    model = _tiny_cnn()
+    _train_plain(model, TrainConfig(epochs=1, compile=True))
+    assert compiled == [model]
+    _train_plain(model, TrainConfig(epochs=1))
+    assert compiled == [model]

@@ -78,3 +78,24 @@ def test_a_changed_image_is_never_served_from_the_decode_cache(imagefolder, tmp_
     changed = [i for i in range(len(after.test)) if not torch.equal(after.test.images[i], before.test.images[i])]
     assert len(changed) == 1 and bool((after.test.images[changed[0]] == 255).all())
     assert len(list((tmp_path / "decoded").glob("decoded-*.pt"))) == 4  # the old entries stay; the new key is new
+
+
+def test_a_resumed_epoch_of_the_tensor_loader_is_the_uninterrupted_one():
+    """From the state between epochs and a batch position (what a checkpoint keeps), the in-memory loader gives the
+    batches, crops and flips included, that the uninterrupted epoch gives."""
+    split = Split(torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8), torch.arange(40))
+
+    def loader():
+        return TensorLoader(split, 8, mean=(0.5,) * 3, std=(0.5,) * 3, shuffle=True, augment=True, seed=2, pad=2)
+
+    uninterrupted = loader()
+    list(uninterrupted)
+    state = uninterrupted.state_dict()
+    second = list(uninterrupted)
+    for start in (0, 2, 4):
+        resumed = loader()
+        resumed.load_state_dict(state)
+        batches = list(resumed.iter_from(start))
+        assert len(batches) == len(second) - start
+        for (xa, ya), (xb, yb) in zip(batches, second[start:], strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)

@@ -83,3 +83,30 @@ def test_batch_mixing_is_seeded_and_leaves_the_training_stream_alone(photos):
     assert torch.equal(torch.rand(3), expected)
     again = _batches(bundle.train_loader(8, seed=1, augment=True))
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+
+
+def _resumed_epoch(bundle, start: int):
+    """The second epoch of a training loader, from batch `start`, read by a fresh loader put in the first loader's
+    state after one epoch: what a resumed run reads."""
+    first = bundle.train_loader(8, seed=5, augment=True)
+    _batches(first)
+    state = first.state_dict()
+    fresh = bundle.train_loader(8, seed=5, augment=True)
+    fresh.load_state_dict(state)
+    return [(x.clone(), y.clone()) for x, y in fresh.iter_from(start)]
+
+
+def test_a_resumed_epoch_reads_the_batches_an_uninterrupted_one_reads(photos):
+    """Checkpoints keep a loader's state between epochs and where the epoch stood (pipeline.checkpoints): the streaming
+    loader, with batch mixing on top, gives the same batches from there as if it had never stopped."""
+    cfg = DataConfig(dataset="imagefolder", root=photos, img_size=32, workers=0, loader="stream",
+                     augmentation={"mixup": 0.4, "re_prob": 0.5})  # fmt: skip
+    bundle = load_data(cfg, MODEL)
+    loader = bundle.train_loader(8, seed=5, augment=True)
+    _batches(loader)
+    uninterrupted = _batches(loader)  # the second epoch
+    for start in (0, 1, 2):
+        resumed = _resumed_epoch(bundle, start)
+        assert len(resumed) == len(uninterrupted) - start
+        for (xa, ya), (xb, yb) in zip(resumed, uninterrupted[start:], strict=True):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
