@@ -129,6 +129,10 @@ def run_distill(state: ModelState | None, config: DistillConfig, ctx: StageConte
     if state is None:
         raise ValueError("distill needs an input model (the student): it cannot be the first stage")
     teacher = resolve_teacher(config, state, ctx)
+    # The teacher runs inside the student's autocast; in the student's memory format too, so the batches need no
+    # conversion on their way through it.
+    numerics = config.numerics(ctx.device, state.model, ctx.data.input_size)
+    teacher.to(memory_format=numerics.memory_format)
     # Measured on validation (test when the data has none): these figures may inform a choice of teacher.
     split = ctx.data.splits[0]
     images = ctx.data.eval_loader(split)
