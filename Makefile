@@ -87,9 +87,10 @@ $(CHROMIUM):
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff, and the import layers (pyproject.toml: [tool.importlinter]; one-way, no cycles)
 	$(VENV)/bin/ruff check pipeline stages tests bench
 	$(VENV)/bin/ruff format --check pipeline stages tests bench
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench

@@ -1,4 +1,4 @@
-"""Issue #23: the CPU bf16 convolution bug that `precision: auto` steers around (pipeline/precision.py).
+"""Issue #23: the CPU bf16 convolution bug that `precision: auto` steers around (pipeline/core/precision.py).
 
 torch 2.14's CPU kernels leave part of the bf16 weight gradient of a padded convolution unwritten when the
 convolution's input is smaller than its stride in a spatial dimension; the unwritten entries hold whatever the memory
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.precision import cpu_autocast_hazards  # noqa: E402
+from pipeline.core.precision import cpu_autocast_hazards  # noqa: E402
 
 
 def poisoned_backward(side: int, kernel: int, stride: int, padding: int, bf16: bool, trials: int) -> bool:

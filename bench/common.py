@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import load_artifact  # noqa: E402
-from pipeline.evaluator import latency_side_by_side  # noqa: E402
+from pipeline.core.metrics import latency_side_by_side  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
-from pipeline.runner import Runner  # noqa: E402
+from pipeline.run.runner import Runner  # noqa: E402
 
 
 @dataclass

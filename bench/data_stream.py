@@ -24,9 +24,9 @@ import torch
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))
 
-from pipeline.data import DataConfig, load_data  # noqa: E402
-from pipeline.models import ModelConfig, create_model  # noqa: E402
-from pipeline.training import (  # noqa: E402
+from pipeline.core.data import DataConfig, load_data  # noqa: E402
+from pipeline.core.models import ModelConfig, create_model  # noqa: E402
+from pipeline.core.training import (  # noqa: E402
     TrainConfig,  # noqa: E402
     build_optimizer,
     cross_entropy_loss,

@@ -24,9 +24,9 @@ from common import Row, load_artifact, machine, parse_args
 from torch.utils import benchmark
 
 from pipeline.deploy import open_runtime
-from pipeline.evaluator import predict_times_ms
+from pipeline.deploy.measure import predict_times_ms
 from pipeline.recipe import load_recipe
-from pipeline.runner import Runner
+from pipeline.run.runner import Runner
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 BATCHES = (1, 64)

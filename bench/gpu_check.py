@@ -29,8 +29,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import DataBundle, DataConfig, Preprocessing, Split  # noqa: E402
-from pipeline.models import ModelConfig  # noqa: E402
+from pipeline.core.data import DataBundle, DataConfig, Preprocessing, Split  # noqa: E402
+from pipeline.core.models import ModelConfig  # noqa: E402
 from stages import StageContext, available_stages, get_stage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import statistics
 import torch
 from common import Runner, load_artifact, load_recipe, machine, parse_args
 
-from pipeline.evaluator import accuracy
+from pipeline.core.metrics import accuracy
 from stages.inq import fit_exponents, inq_parameters, quantize_pow2
 
 

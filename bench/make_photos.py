@@ -14,8 +14,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.data import balanced_subset, default_data_root  # noqa: E402
-from pipeline.data.sources import DataSource, scan  # noqa: E402
+from pipeline.core.data import balanced_subset, default_data_root  # noqa: E402
+from pipeline.core.data.sources import DataSource, scan  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.evaluator import test_name  # noqa: E402
-from pipeline.reporting.search import summarize, trial_records  # noqa: E402
-from pipeline.search import load_search_plan, open_study  # noqa: E402
-from pipeline.search_config import Constraint  # noqa: E402
+from pipeline.core.metrics import test_name  # noqa: E402
+from pipeline.search.config import Constraint  # noqa: E402
+from pipeline.search.outcome import summarize, trial_records  # noqa: E402
+from pipeline.search.study import load_search_plan, open_study  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.significance import mcnemar_exact, paired_bootstrap_diff  # noqa: E402
+from pipeline.analysis.significance import mcnemar_exact, paired_bootstrap_diff  # noqa: E402
 
 
 def pair(images: int, seeds: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.precision import resolve_numerics  # noqa: E402
+from pipeline.core.precision import resolve_numerics  # noqa: E402
 
 VARIANTS = {"fp32": ("fp32", False), "fp32 + channels_last": ("fp32", True), "bf16": ("bf16", False),
             "bf16 + channels_last": ("bf16", True)}  # fmt: skip

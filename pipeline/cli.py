@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # torch.utils.benchmark imports cpp_extension, which warns about CUDA_HOME on CPU-only machines.
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     # Off a terminal the training loop logs a line per epoch instead of drawing a bar; --quiet drops those too.
-    logging.getLogger("pipeline.training").setLevel(
+    logging.getLogger("pipeline.core.training").setLevel(
         logging.WARNING if getattr(args, "quiet", False) else logging.NOTSET
     )
     if args.command == "stages":
@@ -185,8 +185,8 @@ def _describe(recipe) -> str:
 
 def _guarded(action):
     """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages."""
-    from pipeline.data import DataNotFoundError
-    from pipeline.models import ModelSourceError
+    from pipeline.core.data import DataNotFoundError
+    from pipeline.core.models import ModelSourceError
 
     try:
         return action()
@@ -203,8 +203,8 @@ def _guarded(action):
 
 
 def _sweep(recipe, args) -> int:
-    from pipeline.report import sweep_table
-    from pipeline.sweep import run_sweep
+    from pipeline.reporting.report import sweep_table
+    from pipeline.sweep.sweep import run_sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(
@@ -235,7 +235,7 @@ def _sweep(recipe, args) -> int:
 
 def _executor(recipe, args):
     """The recipe's executor with the command line's overrides; None (after saying why) when it cannot start."""
-    from pipeline.executors import get_executor
+    from pipeline.run.executors import get_executor
 
     chosen = recipe.executor.model_copy(
         update={
@@ -259,7 +259,7 @@ def _executor(recipe, args):
 
 
 def _search(recipe, args) -> int:
-    from pipeline.search import run_search
+    from pipeline.search.study import run_search
 
     if not recipe.is_search:
         print(f"error: recipe {recipe.name!r} has no `search:` block; see README (Search)", file=sys.stderr)
@@ -304,7 +304,7 @@ def _is_search_id(run_id: str | None) -> bool:
 
 
 def _report_search(search_id: str | None, reports_dir: Path | None, against: str | None) -> int:
-    from pipeline.report import REPORTS_DIR, report_search
+    from pipeline.reporting.report import REPORTS_DIR, report_search
     from pipeline.tracking import Tracker
 
     def report() -> int:
@@ -320,7 +320,7 @@ def _report_search(search_id: str | None, reports_dir: Path | None, against: str
 
 
 def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = False, runtime: str | None = None) -> int:
-    from pipeline.report import REPORTS_DIR, report_sweep
+    from pipeline.reporting.report import REPORTS_DIR, report_sweep
     from pipeline.tracking import Tracker
 
     def report() -> int:
@@ -338,9 +338,9 @@ def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = Fa
 
 
 def _export(args) -> int:
-    from pipeline.artifacts import load_artifact
+    from pipeline import load_artifact
     from pipeline.deploy import ExportError, export_files, runtime_file_bytes
-    from pipeline.export_source import SourceError, resolve_artifact
+    from pipeline.run.find_artifact import SourceError, resolve_artifact
 
     if not 17 <= args.opset <= 23:
         print(f"error: --opset: must be 17..23, got {args.opset}", file=sys.stderr)
@@ -368,9 +368,9 @@ def _export(args) -> int:
 
 
 def _run(recipe, args) -> int:
-    from pipeline import distributed
-    from pipeline.report import summary_table
-    from pipeline.runner import Runner
+    from pipeline.core import distributed
+    from pipeline.reporting.report import summary_table
+    from pipeline.run.runner import Runner
 
     def run() -> int:
         progress = not args.quiet and sys.stderr.isatty()

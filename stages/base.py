@@ -13,11 +13,11 @@ from typing import Any, Protocol
 
 import torch
 
-from pipeline.checkpoints import StageCheckpoints
-from pipeline.config import StrictConfig
-from pipeline.data import DataBundle, DataConfig
-from pipeline.models import ModelConfig, ModelState
-from pipeline.training import LoopHooks, LossFn, TrainConfig, TrainReport, train_
+from pipeline.core.checkpoints import StageCheckpoints
+from pipeline.core.config import StrictConfig
+from pipeline.core.data import DataBundle, DataConfig
+from pipeline.core.models import ModelConfig, ModelState
+from pipeline.core.training import LoopHooks, LossFn, TrainConfig, TrainReport, train_
 
 # Kinds of metric a stage may lower (see `register_stage(lowers=)`): `bytes`, what the model takes to store or ship
 # (artifact and exported file bytes, non-zero weights); `compute`, what it takes to run (parameters, MACs, latency,
@@ -58,7 +58,7 @@ class StageContext:
         `step` varies the data order between repeated calls of one stage; `epoch_offset` continues the
         epoch count so the tracked curves of repeated calls do not overwrite each other; `extra_stats`
         are added to every epoch's tracked stats and report entry. Each call has its own checkpoint (see
-        `pipeline.checkpoints`): a stage must make its fit calls in the same order whenever it runs.
+        `pipeline.core.checkpoints`): a stage must make its fit calls in the same order whenever it runs.
         """
         extra = dict(extra_stats or {})
         loader = self.data.train_loader(self.data_config.batch_size, seed=self.seed + step,
@@ -108,7 +108,7 @@ class StageEntry:
     # ends a trial early once a bound on such a metric is out of reach of every stage still to run. None: any.
     lowers: Callable[[StrictConfig], frozenset[str]] | None = None
     # Its output model carries fake quantization, which it and every later stage of the chain train in fp32
-    # (`pipeline.precision`): `precision: auto` resolves to fp32 there, and an explicit bf16 / fp16 is refused.
+    # (`pipeline.core.precision`): `precision: auto` resolves to fp32 there, and an explicit bf16 / fp16 is refused.
     fake_quant: bool = False
 
     def can_lower(self, config: StrictConfig) -> frozenset[str] | None:

@@ -17,10 +17,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.artifacts import load_artifact
-from pipeline.evaluator import accuracy
-from pipeline.models import ModelConfig, ModelState, create_model
-from pipeline.training import LossFn, TrainConfig
+from pipeline.core.artifacts import load_artifact
+from pipeline.core.metrics import accuracy
+from pipeline.core.models import ModelConfig, ModelState, create_model
+from pipeline.core.training import LossFn, TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
 

@@ -35,9 +35,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from pipeline.artifacts import register_artifact_format
-from pipeline.models import ModelState
-from pipeline.training import TrainConfig, TrainReport
+from pipeline.core.artifacts import register_artifact_format
+from pipeline.core.models import ModelState
+from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
 
 QUANTIZED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

@@ -28,10 +28,10 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from pipeline.evaluator import count_macs, count_params
-from pipeline.models import ModelState
-from pipeline.structure import StructuralChange, register_structural_change
-from pipeline.training import TrainConfig
+from pipeline.core.metrics import count_macs, count_params
+from pipeline.core.models import ModelState
+from pipeline.core.structure import StructuralChange, register_structural_change
+from pipeline.core.training import TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
 log = logging.getLogger("pipeline")

@@ -18,12 +18,12 @@ import torch_pruning as tp
 from pydantic import Field, model_validator
 from torch import nn
 
-from pipeline.artifacts import DenseFP32, register_artifact_format
-from pipeline.constraints import FixedWeights
-from pipeline.evaluator import count_macs, count_params
-from pipeline.models import ModelState
-from pipeline.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
-from pipeline.training import TrainConfig, TrainReport
+from pipeline.core.artifacts import DenseFP32, register_artifact_format
+from pipeline.core.fixed_weights import FixedWeights
+from pipeline.core.metrics import count_macs, count_params
+from pipeline.core.models import ModelState
+from pipeline.core.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
+from pipeline.core.training import TrainConfig, TrainReport
 from stages import qat
 from stages.base import StageContext, StageOutput, register_stage
 

@@ -1,7 +1,7 @@
 """The `qat` stage: INT8 quantization-aware training, shipped as a model that runs real int8 CPU kernels.
 
 Fake quantization is inserted (per-channel symmetric int8 weights, uint8 activations with one
-scale and zero point per tensor; `pipeline.int8_fx`), the model trains through the shared loop
+scale and zero point per tensor; `pipeline.core.int8_fx`), the model trains through the shared loop
 (`StageContext.fit`, so pruned zeros and INQ-frozen weights stay as they are), observers and
 BatchNorm statistics are frozen after configurable epochs, and the deployable form is the converted
 model, whose convolutions and linear layers run on fbgemm's int8 kernels (PyTorch's `x86` engine).
@@ -43,11 +43,10 @@ from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 from torch.ao.quantization import FakeQuantizeBase
 from torch.fx import GraphModule
 
-from pipeline.artifacts import register_artifact_format
-from pipeline.constraints import FixedWeights
-from pipeline.data import TensorLoader
-from pipeline.evaluator import int8_modules
-from pipeline.int8_fx import (
+from pipeline.core.artifacts import register_artifact_format
+from pipeline.core.data import TensorLoader
+from pipeline.core.fixed_weights import FixedWeights
+from pipeline.core.int8_fx import (
     BACKEND,
     POW2_OCTAVES,
     PowerOfTwoWeightObserver,
@@ -59,9 +58,10 @@ from pipeline.int8_fx import (
     portable_state_dict,
     prepare_qat,
 )
-from pipeline.models import ModelState
-from pipeline.structure import StructuralChange, register_structural_change
-from pipeline.training import TrainConfig
+from pipeline.core.metrics import int8_modules
+from pipeline.core.models import ModelState
+from pipeline.core.structure import StructuralChange, register_structural_change
+from pipeline.core.training import TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
 log = logging.getLogger("pipeline")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pipeline.models import ModelState, create_model
-from pipeline.training import TrainConfig
+from pipeline.core.models import ModelState, create_model
+from pipeline.core.training import TrainConfig
 from stages.base import StageContext, StageOutput, register_stage
 
 

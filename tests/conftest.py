@@ -18,7 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline.data import DataBundle, DataConfig, Preprocessing, Split, default_data_root
+from pipeline.core.data import DataBundle, DataConfig, Preprocessing, Split, default_data_root
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = "test_resnet"  # timm's own ~0.4M-parameter test ResNet
@@ -52,7 +52,7 @@ def stage_context(
     on_epoch_end=None,
 ):
     """A StageContext on in-memory data and the CPU, for calling stages directly."""
-    from pipeline.models import ModelConfig
+    from pipeline.core.models import ModelConfig
     from stages import StageContext
 
     return StageContext(

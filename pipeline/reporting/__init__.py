@@ -1,4 +1,4 @@
-"""The reports behind `pipeline.report`, one module per job.
+"""The reports behind `pipeline.reporting.report`, one module per job.
 
 columns        which metric columns a report reads, per runtime (torch eager, ONNX Runtime, OpenVINO)
 formatting     how numbers are written: bytes with units, a missing value as "–"

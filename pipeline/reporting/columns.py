@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.pareto import Direction
+    from pipeline.analysis.pareto import Direction
 
 RUNTIMES = ("onnxruntime", "openvino")
 REPORT_RUNTIMES = ("torch", *RUNTIMES)  # torch = the artifact in PyTorch eager
@@ -20,7 +20,7 @@ METRIC_COLUMNS = (
 def top1_column(runtime: str, split: str) -> str:
     """The metric holding top-1 on `split` ('val': what a report chooses on; 'test': what it reports) as measured
     in `runtime` ('torch': the artifact in PyTorch)."""
-    from pipeline.evaluator import split_metric
+    from pipeline.core.metrics import split_metric
 
     return split_metric("top1" if runtime == "torch" else f"{runtime}.top1", split)
 

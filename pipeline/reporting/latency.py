@@ -30,9 +30,10 @@ def remeasure_latency(
     returns cache key -> ms."""
     import tempfile
 
-    from pipeline.artifacts import load_artifact
+    from pipeline import load_artifact
+    from pipeline.core.metrics import latency_side_by_side
     from pipeline.deploy import ONNX_FILE, OPENVINO_DIR, OPENVINO_XML, open_runtime
-    from pipeline.evaluator import latency_side_by_side, predict_side_by_side
+    from pipeline.deploy.measure import predict_side_by_side
 
     if isinstance(stages, pd.DataFrame):
         stages = records_from_frame(stages)

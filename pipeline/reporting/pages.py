@@ -8,12 +8,12 @@ import time
 from itertools import combinations
 from pathlib import Path
 
-from pipeline.pareto import pair_column
+from pipeline.analysis.pareto import pair_column
+from pipeline.analysis.significance import best_or_tied, dominated_with_confidence, verdict_matrix
+from pipeline.core.formatting import format_bytes, format_number
 from pipeline.reporting.columns import REPORT_RUNTIMES, latency_column, runtime_name
-from pipeline.reporting.formatting import format_bytes, format_number
 from pipeline.reporting.plots import plot_png, plotly_figure, plots
 from pipeline.reporting.sweep_tables import SweepReport
-from pipeline.significance import best_or_tied, dominated_with_confidence, verdict_matrix
 
 
 def write_report(report: SweepReport, out_dir: Path) -> list[Path]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.pareto import pair_column
+from pipeline.analysis.pareto import pair_column
+from pipeline.core.formatting import format_bytes
 from pipeline.reporting.columns import latency_column, top1_column
-from pipeline.reporting.formatting import format_bytes
 from pipeline.reporting.sweep_tables import SweepReport
 
 LABELS = {

@@ -8,10 +8,10 @@ from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pipeline.reporting.formatting import format_metric
+from pipeline.core.formatting import format_metric
 
 if TYPE_CHECKING:
-    from pipeline.reporting.search import Comparison, SearchOutcome, TrialRecord
+    from pipeline.search.outcome import Comparison, SearchOutcome, TrialRecord
 
 # group -> (matplotlib colour, matplotlib marker, plotly colour, plotly symbol, opacity, marker size)
 _STYLE = {

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pipeline.pareto import Direction, frontiers
+from pipeline.analysis.pareto import Direction, frontiers
+from pipeline.analysis.significance import mean_ci, pairwise_comparisons
 from pipeline.reporting.columns import (
     METRIC_COLUMNS,
     REPORT_RUNTIMES,
@@ -19,7 +20,6 @@ from pipeline.reporting.columns import (
     report_objectives,
     top1_column,
 )
-from pipeline.significance import mean_ci, pairwise_comparisons
 from pipeline.tracking import TAGS, RunRecord, SweepRuns
 
 
@@ -259,9 +259,10 @@ def comparisons(
     correct_of: Callable[[str], np.ndarray | None],
     split: str = "val",
 ) -> tuple[pd.DataFrame | None, str]:
-    """Pairwise tests between the orderings' final models (`pipeline.significance.pairwise_comparisons`) on their
-    per-image correctness on `split` in `runtime`, `correct_of(stage_run_id)` giving it (None: not stored); returns
-    the pairs table (None when fewer than two orderings have predictions) and a sentence on what was compared."""
+    """Pairwise tests between the orderings' final models (`pipeline.analysis.significance.pairwise_comparisons`)
+    on their per-image correctness on `split` in `runtime`, `correct_of(stage_run_id)` giving it (None: not
+    stored); returns the pairs table (None when fewer than two orderings have predictions) and a sentence on what
+    was compared."""
     finals = _finals_per_seed(points, models, runtime, split)
     seeds = sorted(set.intersection(*(set(g.seed) for _, g in finals.groupby("ordering"))))
     arrays, missing = {}, []

@@ -10,7 +10,7 @@ import os
 
 from pydantic import Field
 
-from pipeline.config import StrictConfig
+from pipeline.core.config import StrictConfig
 from stages import register_stage
 
 

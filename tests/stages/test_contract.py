@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.artifacts import load_artifact, save_artifact
-from pipeline.evaluator import MODEL_METRICS, EvalConfig, evaluate
+from pipeline.core.artifacts import load_artifact, save_artifact
+from pipeline.core.metrics import MODEL_METRICS, EvalConfig, evaluate
 from stages import StageContext, available_stages, get_stage
 from stages.base import METRIC_KINDS
 from tests.conftest import stage_context, synthetic_bundle

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.artifacts import save_artifact
-from pipeline.models import ModelSpec, ModelState
+from pipeline.core.artifacts import save_artifact
+from pipeline.core.models import ModelSpec, ModelState
 from stages import StageContext
 from stages.distill import DistillConfig, distillation_loss, resolve_teacher, run_distill
 from stages.inq import INQConfig, run_inq

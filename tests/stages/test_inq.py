@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from torch import nn
 
 import stages.inq  # noqa: F401  (registers the stage and the artifact format)
-from pipeline.artifacts import load_artifact, save_artifact
-from pipeline.models import ModelState
+from pipeline.core.artifacts import load_artifact, save_artifact
+from pipeline.core.models import ModelState
 from pipeline.recipe import RecipeError, validate_recipe
 from stages.base import StageContext, get_stage
 from stages.inq import (

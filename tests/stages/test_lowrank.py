@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.artifacts import load_artifact, save_artifact
-from pipeline.models import ModelSpec, ModelState
+from pipeline.core.artifacts import load_artifact, save_artifact
+from pipeline.core.models import ModelSpec, ModelState
 from pipeline.recipe import validate_recipe
-from pipeline.sweep import plan_sweep
+from pipeline.sweep.sweep import plan_sweep
 from stages.base import chain_conflict
 from stages.distill import DistillConfig, run_distill
 from stages.inq import INQConfig, run_inq

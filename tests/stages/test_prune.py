@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.artifacts import load_artifact, save_artifact
-from pipeline.constraints import FixedWeights
-from pipeline.models import ModelSpec, ModelState
+from pipeline.core.artifacts import load_artifact, save_artifact
+from pipeline.core.fixed_weights import FixedWeights
+from pipeline.core.models import ModelSpec, ModelState
 from stages import StageContext, get_stage
 from stages.inq import INQConfig, run_inq
 from stages.prune import PruneConfig, magnitude_masks, run_prune, step_ratio, weight_sparsity

@@ -16,11 +16,11 @@ from pydantic import ValidationError
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 
-from pipeline.artifacts import load_artifact, save_artifact
-from pipeline.evaluator import count_macs, count_nonzero_params, count_params, int8_modules
-from pipeline.models import ModelSpec, ModelState
+from pipeline.core.artifacts import load_artifact, save_artifact
+from pipeline.core.metrics import count_macs, count_nonzero_params, count_params, int8_modules
+from pipeline.core.models import ModelSpec, ModelState
+from pipeline.core.training import TrainConfig
 from pipeline.recipe import load_recipe
-from pipeline.training import TrainConfig
 from stages import StageContext
 from stages.distill import DistillConfig, run_distill
 from stages.inq import INQConfig, run_inq

@@ -1,0 +1,1 @@
+"""Statistics of measured results: Pareto sets and hypervolume, paired significance tests."""

@@ -1,0 +1,246 @@
+"""Where a dataset is, which files it holds, and how they are split into training, validation and test images.
+
+Layouts: an ImageFolder tree (`train/` plus `test/` and/or `val/`, one folder per class), or torchvision's CIFAR
+arrays (`cifar-10-batches-py`). Which split is which:
+
+| folders               | validation split                 | test split (reported) |
+| --------------------- | -------------------------------- | --------------------- |
+| train/, test/         | `val_split` of train/            | test/                 |
+| train/, val/          | `val_split` of train/            | val/ (ImageNet's)     |
+| train/, val/, test/   | val/                             | test/                 |
+
+`scan` walks the tree once: the file index (paths and labels, compact) and a fingerprint of its contents (every
+file's relative path, size and modification time), which keys every cache built from the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torchvision
+
+from pipeline.core.data.config import DataConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
+TORCHVISION_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", torchvision.datasets.CIFAR10),
+    "cifar100": ("cifar-100-python", torchvision.datasets.CIFAR100),
+}
+CIFAR_SIDE = 32
+
+
+class DataNotFoundError(ValueError):
+    """The dataset folder is missing or has the wrong layout."""
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset found on disk: `kind` is 'imagefolder' or 'torchvision'; `folders` the ImageFolder splits present."""
+
+    kind: Literal["imagefolder", "torchvision"]
+    path: Path
+    dataset: str
+    folders: tuple[str, ...] = ()
+
+    @property
+    def test_folder(self) -> str:
+        """The folder that is reported as the test split: test/, else val/ (ImageNet's layout)."""
+        return "test" if "test" in self.folders else "val"
+
+    @property
+    def val_folder(self) -> str | None:
+        """The folder used as the validation split, when the tree has both val/ and test/; else None."""
+        return "val" if {"val", "test"} <= set(self.folders) else None
+
+
+def default_data_root() -> Path:
+    """$DATA_DIR, else ../shared/data (beside the project or the working folder) when it exists, else ./data."""
+    if os.environ.get("DATA_DIR"):
+        return Path(os.environ["DATA_DIR"])
+    for candidate in (Path.cwd() / ".." / "shared" / "data", PROJECT_ROOT / ".." / "shared" / "data"):
+        if candidate.is_dir():
+            return candidate.resolve()
+    return Path("data")
+
+
+def _splits_present(path: Path) -> tuple[str, ...] | None:
+    """The ImageFolder split folders under `path` (train/ and at least one of test/, val/), else None."""
+    present = tuple(name for name in ("train", "val", "test") if (path / name).is_dir())
+    return present if "train" in present and len(present) > 1 else None
+
+
+def locate(cfg: DataConfig) -> DataSource:
+    """Find the dataset on disk, or say exactly what is missing."""
+    root = (cfg.root or default_data_root()).expanduser()
+    candidates = (
+        [root] if cfg.dataset == "imagefolder" else [root / cfg.dataset] + ([root] * (root.name == cfg.dataset))
+    )
+    for path in candidates:
+        if folders := _splits_present(path):
+            return DataSource("imagefolder", path.resolve(), cfg.dataset, folders)
+    if cfg.dataset == "imagefolder":
+        raise DataNotFoundError(f"no ImageFolder tree at {root}: it needs train/ and test/ or val/ (or all three)")
+    folder, _ = TORCHVISION_LAYOUT[cfg.dataset]
+    if (root / folder).is_dir() or cfg.download:
+        return DataSource("torchvision", root.resolve(), cfg.dataset)
+    raise DataNotFoundError(
+        f"{cfg.dataset} not found under {root} (looked for {root / cfg.dataset}/train|test and {root / folder}); "
+        "set data.root or DATA_DIR, or data.download=true to fetch it with torchvision"
+    )
+
+
+@dataclass(frozen=True)
+class FileList:
+    """The image files of one folder split: paths relative to `root` (compact bytes, cheap to share with
+    DataLoader workers) and their class indices."""
+
+    root: Path
+    paths: np.ndarray  # dtype S: relative paths, utf-8
+    labels: torch.Tensor  # int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> Path:
+        return self.root / self.paths[i].decode()
+
+    def take(self, indices: torch.Tensor) -> FileList:
+        idx = indices.numpy()
+        return FileList(self.root, self.paths[idx], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class DataIndex:
+    """What `scan` found: the source, its classes, each folder split's files (empty for torchvision's layout) and
+    the fingerprint of the contents."""
+
+    source: DataSource
+    classes: list[str]
+    files: dict[str, FileList]
+    fingerprint: str
+
+    def count(self, folder: str) -> int:
+        return len(self.files[folder]) if folder in self.files else 0
+
+
+def _walk_folder(folder: Path, h) -> tuple[list[str], list[bytes], list[int]]:
+    """(classes, relative paths, labels) of one split folder, as torchvision's ImageFolder finds them; feeds each
+    file's relative path, size and modification time into the hash `h`."""
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in sorted(os.walk(folder / name, followlinks=True)):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                if not filename.lower().endswith(IMAGE_EXTENSIONS):
+                    continue
+                full = os.path.join(dirpath, filename)
+                st = os.stat(full)
+                rel = os.path.relpath(full, folder)
+                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+                paths.append(rel.encode())
+                labels.append(label)
+    return classes, paths, labels
+
+
+def scan(source: DataSource) -> DataIndex:
+    """Walk the dataset once: every split folder's files and the fingerprint of the whole dataset."""
+    h = hashlib.sha256(f"{source.kind}|{source.dataset}".encode())
+    files, classes = {}, None
+    if source.kind == "torchvision":
+        folder, _ = TORCHVISION_LAYOUT[source.dataset]
+        base = source.path / folder
+        for entry in sorted(base.rglob("*")) if base.is_dir() else []:
+            if entry.is_file():
+                st = entry.stat()
+                h.update(f"{entry.relative_to(base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return DataIndex(source, [], {}, h.hexdigest()[:24])
+    for name in source.folders:
+        h.update(f"[{name}]".encode())
+        found, paths, labels = _walk_folder(source.path / name, h)
+        if classes is None:
+            classes = found
+        elif found != classes:  # labels are class indices: every split must list the same classes
+            raise DataNotFoundError(
+                f"{source.path}: train/ and {name}/ hold different classes ({sorted(set(classes) ^ set(found))[:6]})"
+            )
+        if not paths:
+            raise DataNotFoundError(f"{source.path / name}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        files[name] = FileList(source.path / name, np.array(paths, dtype=bytes), torch.tensor(labels))
+    return DataIndex(source, classes or [], files, h.hexdigest()[:24])
+
+
+def class_names(source: DataSource) -> list[str]:
+    """The class folders of train/ (sorted), or CIFAR's classes; cheap (no file walk)."""
+    if source.kind == "imagefolder":
+        return sorted(e.name for e in os.scandir(source.path / "train") if e.is_dir())
+    return [str(i) for i in range(100 if source.dataset == "cifar100" else 10)]
+
+
+# --- splits and subsets: pure functions of labels and a seed -----------------------------------------------
+
+
+def balanced_subset(labels: torch.Tensor, size: int | None, seed: int) -> torch.Tensor:
+    """Indices of a seeded, class-balanced subset (classes differ by at most one), sorted."""
+    if size is None or size >= len(labels):
+        return torch.arange(len(labels))
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.unique(labels)
+    per_class = [size // len(classes) + (1 if i < size % len(classes) else 0) for i in range(len(classes))]
+    chosen = []
+    for cls, count in zip(classes.tolist(), per_class, strict=True):
+        members = torch.nonzero(labels == cls).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=gen)[:count]])
+    return torch.sort(torch.cat(chosen)).values
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) sorted indices: `fraction` of every class held out (rounded, at least one image of a class
+    with two or more), chosen with `seed`. The same labels, fraction and seed give the same split."""
+    if fraction <= 0:
+        return torch.arange(len(labels)), torch.zeros(0, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(seed)
+    held = []
+    for cls in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        count = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) > 1 else 0
+        held.append(members[torch.randperm(len(members), generator=gen)[:count]])
+    out = torch.sort(torch.cat(held)).values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[out] = False
+    return torch.nonzero(keep).flatten(), out
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Indices into the source splits: which images train, validate and test."""
+
+    train: torch.Tensor  # into the training source (train/ or CIFAR's training arrays)
+    val: torch.Tensor  # into the training source, or into val/ when `val_from_folder`
+    test: torch.Tensor  # into the test source
+    val_from_folder: bool
+
+
+def plan_splits(cfg: DataConfig, train_labels: torch.Tensor, test_labels: torch.Tensor,
+                val_labels: torch.Tensor | None = None) -> SplitPlan:  # fmt: skip
+    """The validation split (a folder, or `val_split` of the training images, held out before any subset), then the
+    class-balanced subsets of each split, all seeded by `split_seed` alone, so that every seed of a sweep and every
+    recipe on the same data validates and tests on the same images (paired comparisons need it)."""
+    seed = cfg.split_seed
+    if val_labels is not None:
+        train_idx, val_idx = torch.arange(len(train_labels)), torch.arange(len(val_labels))
+        val_pool = val_labels
+    else:
+        train_idx, val_idx = stratified_split(train_labels, cfg.val_split, seed)
+        val_pool = train_labels[val_idx]
+    train_idx = train_idx[balanced_subset(train_labels[train_idx], cfg.train_subset, seed)]
+    val_idx = val_idx[balanced_subset(val_pool, cfg.val_subset, seed + 1)] if len(val_idx) else val_idx
+    test_idx = balanced_subset(test_labels, cfg.test_subset, seed + 2)
+    return SplitPlan(train_idx, val_idx, test_idx, val_labels is not None)

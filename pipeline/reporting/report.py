@@ -1,0 +1,161 @@
+"""Reports: the run summary printed after `run`, and a sweep's Pareto-frontier report.
+
+A sweep report reads the sweep's runs back from MLflow (`Tracker.read_sweep`) into pandas and writes
+`reports/<sweep>/`: report.md and orderings.csv / models.csv (every ordering's final metrics, best first, with
+deltas vs the baseline; every distinct model with its frontier flags), one PNG per plot, and report.html (the
+same plots, interactive, with the tables). The same folder is logged as artifacts of the sweep's MLflow run.
+
+This module runs that report (`report_sweep`) and is where the CLI and tests import the report functions from;
+each job lives in `pipeline.reporting` (console tables, sweep tables, plots, pages, the latency re-measure).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.metrics import load_predictions
+from pipeline.reporting.columns import (
+    METRIC_COLUMNS,
+    REPORT_RUNTIMES,
+    RUNTIMES,
+    latency_column,
+    report_objectives,
+    top1_column,
+)
+from pipeline.reporting.latency import REMEASURE_CALLS, REMEASURE_ROUNDS, remeasure_latency
+from pipeline.reporting.pages import html_page, markdown, write_report
+from pipeline.reporting.summaries import summary_table, sweep_table
+from pipeline.reporting.sweep_tables import SweepReport, build_report, default_runtime
+from pipeline.tracking import TAGS
+
+log = logging.getLogger("pipeline")
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REPORTS_DIR = PROJECT_ROOT / "reports"
+
+
+def stored_correctness(tracker, tmp: Path) -> Callable[[str, str, str], np.ndarray | None]:
+    """`(stage_run_id, runtime, split) -> per-image correctness` from the predictions the stage run logged (None when
+    it logged none, e.g. a run from before predictions were stored, or none for that runtime or split)."""
+
+    def correct_of(run_id: str, runtime: str, split: str = "val") -> np.ndarray | None:
+        try:
+            folder = tracker.download_artifact(run_id, "predictions", tmp / run_id)
+        except Exception:  # MLflow raises several types for a missing artifact; none is worth more than a note
+            return None
+        files = sorted(Path(folder).glob("*.npz"))
+        stored = load_predictions(files[0], split) if files else {}
+        return stored[runtime] == stored["labels"] if runtime in stored else None
+
+    return correct_of
+
+
+def report_sweep(
+    tracker,
+    sweep_id: str | None = None,
+    out_root: Path = REPORTS_DIR,
+    remeasure: bool = False,
+    runtime: str | None = None,
+) -> tuple[SweepReport, Path]:
+    """Read a sweep (the latest when `sweep_id` is None) from MLflow, write its report, log it to the sweep run.
+
+    `runtime`: whose accuracy and latency the frontiers use (default: the sweep's first deploy runtime);
+    `remeasure` times every distinct model again side by side in it instead of using each stage's figure."""
+    if sweep_id is None:
+        latest = tracker.sweep_runs()
+        if not latest:
+            raise ValueError("no sweep in the MLflow store yet; run `make sweep recipe=NAME` first")
+        sweep_id = latest[0].tags[TAGS.sweep]
+    runs = tracker.read_sweep(sweep_id)
+    if runs.empty:
+        raise ValueError(f"no runs with tags.sweep = {sweep_id!r} in {tracker.uri}")
+    runtime = runtime or default_runtime(runs)
+    latency = remeasure_latency(tracker, runs.stages, runtime) if remeasure else None
+    with tempfile.TemporaryDirectory() as tmp:
+        report = build_report(runs, sweep_id, latency, runtime, stored_correctness(tracker, Path(tmp)))
+    if remeasure:
+        report.sweep["latency_how"] = f"median of {REMEASURE_ROUNDS} interleaved rounds x {REMEASURE_CALLS} calls"
+    out_dir = Path(out_root) / sweep_id
+    write_report(report, out_dir)
+    if report.sweep.get("run_id"):
+        tracker.log_artifacts(str(report.sweep["run_id"]), out_dir, "report")
+    log.info("report written to %s", out_dir)
+    return report, out_dir
+
+
+def sweep_models(tracker, sweep_id: str, metrics: list[str]):
+    """Every distinct model a sweep measured (each stage's output, intermediate ones and the baseline included: the
+    sweep's own frontier is drawn over them), one row per cache key, labelled by its path ('baseline>prune>qat'),
+    with the given metric columns under the pipeline's names."""
+    import pandas as pd
+
+    from pipeline.tracking import MLFLOW_METRIC_NAMES
+
+    runs = tracker.read_sweep(sweep_id)
+    stages = [r for r in runs.stages if r.status == "FINISHED" and TAGS.cache_key in r.tags]
+    if not stages:
+        raise ValueError(f"sweep {sweep_id!r} has no finished stage run in {tracker.uri}")
+    pipeline_names = {new: old for old, new in MLFLOW_METRIC_NAMES.items()}
+    rows: dict[str, dict[str, float]] = {}
+    seen: set[str] = set()
+    for run in stages:
+        key = run.tags[TAGS.cache_key]
+        if key in seen:
+            continue
+        seen.add(key)
+        names = run.tags.get(TAGS.chain_ordering, "?").split(">")[: int(run.tags.get(TAGS.stage_index, 0))]
+        label = ">".join(["baseline", *names]) + f" [{key[:6]}]"
+        rows[label] = {pipeline_names.get(k, k): v for k, v in run.metrics.items()}
+    return pd.DataFrame.from_dict(rows, orient="index").reindex(columns=list(dict.fromkeys(metrics)))
+
+
+def report_search(
+    tracker, search_id: str | None = None, out_root: Path = REPORTS_DIR, against: str | None = None
+) -> tuple[object, Path]:
+    """Read a search (the latest when `search_id` is None) from its Optuna study and MLflow, write its report (against
+    sweep `against`'s frontier when given) into `out_root/<search id>/`, and log it to the search's run."""
+
+    from pipeline.reporting.search import write_search_report
+    from pipeline.search.outcome import compare_with_sweep, outcome_of
+    from pipeline.search.study import load_search_plan, open_study
+
+    plan = load_search_plan(tracker, search_id)
+    outcome = outcome_of(open_study(plan, create=False), plan)
+    comparison = None
+    if against:
+        models = sweep_models(tracker, against, [*outcome.objectives, *(c.metric for c in outcome.constraints)])
+        comparison = compare_with_sweep(outcome, against, models)
+    out_dir = Path(out_root) / plan.search_id
+    write_search_report(outcome, out_dir, comparison)
+    runs = tracker.search_runs(plan.search_id)
+    if runs:
+        tracker.log_artifacts(runs[0].run_id, out_dir, "report")
+    log.info("report written to %s", out_dir)
+    return outcome, out_dir
+
+
+__all__ = [
+    "METRIC_COLUMNS",
+    "REPORTS_DIR",
+    "REPORT_RUNTIMES",
+    "RUNTIMES",
+    "SweepReport",
+    "build_report",
+    "default_runtime",
+    "html_page",
+    "latency_column",
+    "markdown",
+    "remeasure_latency",
+    "report_objectives",
+    "report_search",
+    "report_sweep",
+    "summary_table",
+    "sweep_table",
+    "top1_column",
+    "write_report",
+]

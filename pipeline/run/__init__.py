@@ -1,0 +1,1 @@
+"""Running a recipe's chain: the runner, stage training, the stage cache and every cache key, executors."""

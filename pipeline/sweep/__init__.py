@@ -1,0 +1,1 @@
+"""Sweeps: every ordering of a recipe's stages (and seeds, controls), run and compared."""
