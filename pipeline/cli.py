@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _describe(recipe) -> str:
+    from pipeline.search.space import search_orderings
+    from pipeline.sweep.orderings import sweep_orderings
+
     if recipe.is_search:
         cfg = recipe.search
         budget = " and ".join(
@@ -168,13 +171,13 @@ def _describe(recipe) -> str:
             if x
         )
         return (
-            f"search of {len(recipe.search_orderings())} orderings x {len(cfg.space)} sampled field(s) "
+            f"search of {len(search_orderings(recipe))} orderings x {len(cfg.space)} sampled field(s) "
             f"({', '.join(cfg.space) or 'none'}); objectives {', '.join(f'{m} {d}' for m, d in cfg.objectives.items())}"
             f"; constraints {'; '.join(cfg.constraints) or 'none'}; budget {budget}"
         )
     if not recipe.is_sweep:
         return recipe.ordering
-    orderings, skipped = recipe.sweep_orderings()
+    orderings, skipped = sweep_orderings(recipe)
     text = f"sweep of {len(orderings)} orderings: " + ", ".join(">".join(o) for o in orderings)
     if recipe.seeds is not None:
         text += f"; each with seeds {', '.join(map(str, recipe.seed_list()))} (seed_scope {recipe.seed_scope})"

@@ -18,6 +18,7 @@ import json
 import logging
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from pipeline.run.executors import Executor, get_executor
 from pipeline.run.runner import Runner, StageResult, default_cache_dir, evaluation_key, termination_as_interrupt
 from pipeline.search.config import ORDERING_PARAM, Constraint, ParamRange, SearchConfig, is_integer_field
 from pipeline.search.outcome import outcome_of
+from pipeline.search.space import search_orderings
 from pipeline.tracking import TAGS, RunType, Tracker
 from stages import get_stage
 
@@ -56,12 +58,30 @@ class SearchPlan:
         return self.recipe.search
 
 
+def search_chain(recipe: Recipe, ordering: Sequence[str], settings: dict[str, Any]) -> Recipe:
+    """One trial's chain: the stages of `ordering` with the sampled `settings` ({"prune.pruning_ratio": 0.5,
+    "budget.epochs": 6}) applied over the recipe's configs, then the budget, as `as_chain` does."""
+    by_stage: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        stage, _, name = key.partition(".")
+        by_stage.setdefault(stage, {})[name] = value
+    specs = []
+    for spec in recipe.stage_specs():
+        fields = by_stage.get(spec.name)
+        config = type(spec.config).model_validate({**spec.config.model_dump(), **fields}) if fields else spec.config
+        specs.append(StageSpec(spec.name, config))
+    update: dict[str, Any] = {"stages": specs, "search": None}
+    if "budget" in by_stage and recipe.budget is not None:
+        update["budget"] = recipe.budget.model_copy(update=by_stage["budget"])
+    return recipe.model_copy(update=update).as_chain(list(ordering))
+
+
 def plan_search(recipe: Recipe, *, tracking_uri: str, cache_dir: Path, new: bool = False) -> SearchPlan:
     """The search of `recipe`. Its id is the recipe's name and a hash of everything that defines its trials, so the
     same search started again resumes; `new` gives it a fresh id (a time stamp suffix)."""
     if recipe.search is None:
         raise ValueError(f"recipe {recipe.name!r} has no `search:` block")
-    orderings = [">".join(o) for o in recipe.search_orderings()]
+    orderings = [">".join(o) for o in search_orderings(recipe)]
     defining = recipe.to_dict()
     defining["search"] = {k: v for k, v in defining["search"].items() if k not in BUDGET_KEYS}
     content = digest({"recipe": defining, "evaluation": evaluation_key(recipe)})[:8]
@@ -227,7 +247,7 @@ def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
     constraint violations, and keep what the report needs in the trial's user attributes."""
     cfg, recipe = ctx.plan.config, ctx.plan.recipe
     ordering, settings = sample_trial(trial, ctx.plan)
-    chain = recipe.search_chain(ordering, settings)
+    chain = search_chain(recipe, ordering, settings)
     catalogue = metric_catalogue(recipe.deploy.runtimes)
 
     def stop(result: StageResult, remaining: list[StageSpec]) -> str | None:
@@ -498,7 +518,7 @@ def load_search_plan(tracker: Tracker, search_id: str | None = None) -> SearchPl
         recipe = validate_recipe(yaml.safe_load(text))
     except RecipeError as err:
         raise ValueError(f"the recipe logged with search {run.tags[TAGS.search]} no longer validates: {err}") from None
-    orderings = [">".join(o) for o in recipe.search_orderings()]
+    orderings = [">".join(o) for o in search_orderings(recipe)]
     stored = run.params.get("storage", "")
     storage = stored if stored and "***" not in stored else None  # a masked password: work the URL out again
     storage = storage or recipe.search.storage or default_storage(tracker.uri, default_cache_dir())

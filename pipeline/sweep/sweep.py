@@ -20,7 +20,8 @@ from pathlib import Path
 
 from pipeline import __version__
 from pipeline.core.hashing import digest
-from pipeline.recipe import Recipe
+from pipeline.core.training import TrainConfig
+from pipeline.recipe import Recipe, StageSpec
 from pipeline.run.executors import Executor, get_executor
 from pipeline.run.runner import (
     Runner,
@@ -31,6 +32,7 @@ from pipeline.run.runner import (
     termination_as_interrupt,
     training_epochs,
 )
+from pipeline.sweep.orderings import sweep_orderings
 from pipeline.tracking import TAGS, RunType, Tracker
 
 log = logging.getLogger("pipeline")
@@ -64,7 +66,7 @@ def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
     """Expand a recipe's orderings into chains. Without `orderings:` every permutation of its stages is swept.
 
     `new` gives the sweep a fresh id (a time stamp suffix), so it is tracked apart from an earlier identical one."""
-    orderings, skipped = recipe.sweep_orderings()
+    orderings, skipped = sweep_orderings(recipe)
     if not orderings:
         reasons = "; ".join(reason for _, reason in skipped) or "no stages"
         raise ValueError(f"recipe {recipe.name!r}: no ordering can run ({reasons})")
@@ -86,6 +88,16 @@ def plan_sweep(recipe: Recipe, *, new: bool = False) -> SweepPlan:
     return SweepPlan(recipe, sweep_id, chains, skipped, data_fingerprint(recipe))
 
 
+def control_chain(recipe: Recipe, epochs: int, first_stage: StageSpec | None, seed: int | None = None) -> Recipe:
+    """The equal-training control of chains that train `epochs` epochs: the baseline continued by a `train`
+    stage with `first_stage`'s optimizer, LR and schedule (the baseline's when it has none)."""
+    source = first_stage.config if first_stage and isinstance(first_stage.config, TrainConfig) else recipe.baseline
+    fields = {k: v for k, v in source.model_dump().items() if k in TrainConfig.model_fields}
+    control = StageSpec("train", TrainConfig.model_validate({**fields, "epochs": epochs}))
+    chain = recipe.as_chain([], seed=seed)
+    return chain.model_copy(update={"stages": [control], "control_epochs": epochs})
+
+
 def control_chains(recipe: Recipe, chains: list[Recipe], seeds: list[int | None]) -> list[Recipe]:
     """One equal-training control per distinct number of epochs the chains train (and per seed): the baseline
     continued in fp32 for as long, with the first training stage's optimizer and schedule of a chain that long."""
@@ -95,7 +107,7 @@ def control_chains(recipe: Recipe, chains: list[Recipe], seeds: list[int | None]
         if epochs > 0 and epochs not in first_by_epochs:
             trains = [s for s in chain.stage_specs() if getattr(s.config, "total_epochs", lambda: 0)() > 0]
             first_by_epochs[epochs] = trains[0] if trains else None
-    return [recipe.control_chain(e, first, seed) for e, first in sorted(first_by_epochs.items()) for seed in seeds]
+    return [control_chain(recipe, e, first, seed) for e, first in sorted(first_by_epochs.items()) for seed in seeds]
 
 
 # --- running one ordering (what an executor runs) --------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipeline.recipe import RECIPES_DIR, ExecutorConfig, RecipeError, apply_override_, load_recipe, validate_recipe
+from pipeline.sweep.orderings import sweep_orderings
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 SHIPPED = sorted(RECIPES_DIR.rglob("*.yaml"))
@@ -272,7 +273,7 @@ def _names(orderings):
 
 def test_sweep_all_is_every_permutation_then_singles():
     recipe = validate_recipe(tiny_recipe(stages=THREE, orderings="all", include_singles=True))
-    orderings, skipped = recipe.sweep_orderings()
+    orderings, skipped = sweep_orderings(recipe)
     assert _names(orderings) == [
         "prune>inq>distill", "prune>distill>inq", "inq>prune>distill", "inq>distill>prune",
         "distill>prune>inq", "distill>inq>prune", "prune", "inq", "distill",
@@ -285,17 +286,17 @@ def test_sweep_all_is_every_permutation_then_singles():
 
 def test_sweep_all_skips_orderings_a_stage_cannot_follow():
     recipe = validate_recipe(tiny_recipe(stages=[{"inq": {}}, {"qat": {}}], orderings="all"))
-    orderings, skipped = recipe.sweep_orderings()
+    orderings, skipped = sweep_orderings(recipe)
     assert _names(orderings) == ["inq>qat"]
     assert skipped == [(("qat", "inq"), "inq cannot run after qat; put inq before qat")]
     # Pruning after qat prunes the float weights under the fake quantization: both orders run.
     both = validate_recipe(tiny_recipe(stages=[{"prune": {}}, {"qat": {}}], orderings="all"))
-    assert both.sweep_orderings() == ([("prune", "qat"), ("qat", "prune")], [])
+    assert sweep_orderings(both) == ([("prune", "qat"), ("qat", "prune")], [])
 
 
 def test_explicit_orderings_keep_their_order_and_drop_duplicate_singles():
     recipe = validate_recipe(tiny_recipe(stages=THREE, orderings=[["inq", "prune"], ["prune"]], include_singles=True))
-    assert _names(recipe.sweep_orderings()[0]) == ["inq>prune", "prune", "inq", "distill"]
+    assert _names(sweep_orderings(recipe)[0]) == ["inq>prune", "prune", "inq", "distill"]
 
 
 @pytest.mark.parametrize(
@@ -313,7 +314,7 @@ def test_budget_splits_whole_epochs_by_position(epochs, split, expected):
 def test_budget_sets_each_stage_epochs_in_its_own_units():
     stages = [{"prune": {"iterative_steps": 2}}, {"inq": {"accumulated_portions": [0.5, 0.75, 1.0]}}, {"distill": {}}]
     recipe = validate_recipe(tiny_recipe(stages=stages, orderings="all", budget={"epochs": 12, "split": [1, 1, 1]}))
-    for ordering in recipe.sweep_orderings()[0]:
+    for ordering in sweep_orderings(recipe)[0]:
         chain = recipe.as_chain(ordering)
         configs = {s.name: s.config for s in chain.stage_specs()}
         assert configs["prune"].epochs == 2 and configs["prune"].total_epochs() == 4  # per pruning step
@@ -331,7 +332,7 @@ def test_seeds_repeat_the_recipes_own_chain_and_scope_decides_what_is_shared():
     two = [{"prune": {"epochs": 1}}, {"inq": {"epochs": 1}}]
     recipe = validate_recipe(tiny_recipe(stages=two, seed=5, seeds=3))
     assert recipe.is_sweep and recipe.seed_list() == [5, 6, 7]
-    assert recipe.sweep_orderings() == ([("prune", "inq")], [])  # seeds alone: the recipe's chain, not permutations
+    assert sweep_orderings(recipe) == ([("prune", "inq")], [])  # seeds alone: the recipe's chain, not permutations
     plan = plan_sweep(recipe)
     assert [chain_label(c, recipe) for c in plan.chains] == [f"prune>inq (seed {s})" for s in (5, 6, 7)]
     keys = [[s.key for s in plan_chain(c)] for c in plan.chains]

@@ -25,7 +25,8 @@ from pipeline.recipe import RecipeError, StageSpec, validate_recipe
 from pipeline.reporting.search import search_markdown
 from pipeline.search.config import Constraint
 from pipeline.search.outcome import TrialRecord, compare_with_sweep, summarize
-from pipeline.search.study import plan_search, unreachable_constraint
+from pipeline.search.space import search_orderings
+from pipeline.search.study import plan_search, search_chain, unreachable_constraint
 from stages.distill import DistillConfig
 from stages.prune import PruneConfig
 from stages.qat import QATConfig
@@ -133,11 +134,11 @@ def test_a_search_does_not_mix_with_a_sweep_and_is_not_a_plain_run(cifar_root, t
 def test_search_orderings_cover_every_runnable_subset(cifar_root):
     stages = [TWO[1], {"qat": {"epochs": 1}}, {"inq": {"epochs": 1}}]
     recipe = validate_recipe(tiny_recipe(stages=stages, search={"objectives": {"val_top1": "max"}}))
-    orderings = recipe.search_orderings()
+    orderings = search_orderings(recipe)
     assert ("qat", "inq") not in orderings  # inq cannot follow qat
     assert ("qat", "distill") in orderings and ("inq", "qat") in orderings and ("inq",) in orderings
     assert len(orderings) == 3 + 6 + 6 - 1 - 3  # singles, pairs, triples; minus qat>inq and the 3 triples qat…inq
-    chain = recipe.search_chain(["distill", "inq"], {"inq.bits": 3})
+    chain = search_chain(recipe, ["distill", "inq"], {"inq.bits": 3})
     assert chain.ordering == "distill>inq" and chain.stages[1].config.bits == 3
     assert chain.search is None and not chain.is_search
 
