@@ -36,7 +36,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from pipeline.core.artifacts import register_artifact_format
-from pipeline.core.models import ModelState
+from pipeline.core.models import ModelState, PowerOfTwoGrid
 from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
 
@@ -334,7 +334,7 @@ def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> S
         report.extend(ctx.fit(state, final, desc="inq final (norms, biases)", step=len(schedule),
                               epoch_offset=report.epochs, extra_stats={"inq_portion": 1.0}))  # fmt: skip
     state.artifact_format = "inq"
-    state.extras["inq"] = {name: {"n1": layer.n1, "bits": config.bits} for name, layer in layers.items()}
+    state.pow2_grids = {name: PowerOfTwoGrid(layer.n1, config.bits) for name, layer in layers.items()}
     return StageOutput(state, metrics=_inq_metrics(state, layers, config.bits, len(schedule)), report=report)
 
 
@@ -384,13 +384,13 @@ class INQPacked:
 
     @staticmethod
     def encode(state: ModelState) -> dict[str, Any]:
-        layers = state.extras.get("inq", {})
+        layers = state.pow2_grids
         quantized, dense = {}, {}
         for key, value in state.model.state_dict().items():
             if key not in layers:
                 dense[key] = value.detach().cpu().contiguous()
                 continue
-            n1, bits = int(layers[key]["n1"]), int(layers[key]["bits"])
+            n1, bits = layers[key].n1, layers[key].bits
             try:
                 codes = pow2_codes(value.detach().cpu(), n1, bits)
             except ValueError as err:

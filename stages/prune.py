@@ -24,7 +24,6 @@ from pipeline.core.metrics import count_macs, count_params
 from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
 from pipeline.core.training import TrainConfig, TrainReport
-from stages import qat
 from stages.base import StageContext, StageOutput, register_stage
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -92,9 +91,9 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:
         raise ValueError("prune needs a trained input model; it cannot be the first stage")
-    quantized = qat.is_fake_quantized(state)
-    if quantized:  # after qat: prune the float weights under the fake quantization, then quantize again
-        qat.float_state_(state)
+    wrapper = state.wrapper
+    if wrapper is not None:  # e.g. after qat: prune the float weights under the fake quantization, then wrap again
+        wrapper.unwrap_(state)
     before = _size_metrics(state.model, ctx.data.input_size)
     widths, layout_before = _layer_widths(state.model), layout(state.model)
     prune_step = _structured_step if config.method == "structured" else _unstructured_step
@@ -104,11 +103,11 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
         prune_step(state, config, ctx, step, pruner)
         if step == config.iterative_steps:
             _record_result(state, config, widths, layout_before)
-            if quantized:  # the last fine-tuning is quantization-aware, as qat's was
-                qat.requantize_(state, ctx, training=config.epochs > 0)
+            if wrapper is not None:  # the last fine-tuning is on the wrapped model (quantization-aware after qat)
+                wrapper.rewrap_(state, ctx, training=config.epochs > 0)
         if config.finetune == "each_step" or step == config.iterative_steps:
             report.extend(ctx.fit(state, config, desc=f"prune finetune {step}", step=step, epoch_offset=report.epochs))
-    float_model = state.extras["qat"]["float_model"] if quantized else state.model  # the flop counter needs float
+    float_model = state.wrapper.float_model(state) if state.wrapper else state.model  # the flop counter needs float
     after = _size_metrics(float_model, ctx.data.input_size)
     metrics = {
         "params_before": before["params"],

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -45,7 +45,6 @@ from torch.fx import GraphModule
 
 from pipeline.core.artifacts import register_artifact_format
 from pipeline.core.data import TensorLoader
-from pipeline.core.fixed_weights import FixedWeights
 from pipeline.core.int8_fx import (
     BACKEND,
     POW2_OCTAVES,
@@ -155,7 +154,7 @@ def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: tor
 
 # After qat the model is a fake-quant graph: INQ's levels and low-rank factors need float weights, and a second qat
 # would quantize twice. Stages that train it may follow, and prune, which works on the float weights under the
-# fake quantization and quantizes again (`float_state_`, `requantize_`).
+# fake quantization and quantizes again through the state's wrapper (`FakeQuantized`).
 @register_stage(
     "qat", config=QATConfig, may_follow={"distill", "train", "prune"}, lowers={"bytes", "compute"}, fake_quant=True
 )
@@ -184,18 +183,47 @@ def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> S
 # --- leaving and re-entering fake quantization (qat -> prune) --------------------------------------------
 
 
+@dataclass
+class FakeQuantized:
+    """qat's `ModelWrapper`: the float model under the fake-quant graph (their parameters are the same tensors) and
+    the artifact format it had, so a later stage can work on the float weights and quantize them again."""
+
+    float_module: nn.Module
+    float_format: str
+
+    def float_model(self, state: ModelState) -> nn.Module:
+        return self.float_module
+
+    def unwrap_(self, state: ModelState) -> None:
+        """The latent weights fake quantization trained, BatchNorm statistics included, as the float model."""
+        names_prepared = {id(p): n for n, p in state.model.named_parameters()}
+        device = next(state.model.parameters()).device
+        state.rename_parameters_(_new_names(names_prepared, self.float_module, state.fixed.names()))
+        state.model, state.wrapper = self.float_module.to(device), None
+        state.structure.pop()  # qat_prepare; fx_plain_layers stays: the float model keeps its plain torch layers
+        state.artifact_format = self.float_format
+
+    def rewrap_(self, state: ModelState, ctx: StageContext, *, training: bool) -> None:
+        """Fake-quantize the (changed) float model with the same quantizers, and calibrate its ranges on training
+        batches in the mode its fine-tuning runs in (`training`)."""
+        prepared = fake_quantize_(state, ctx)
+        state.structure.pop(-2)  # fx_plain_layers is already in the record from the first quantization
+        freeze_(prepared, observers=False, bn_stats=False)
+        calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
+        calibrate_(prepared, calibration, 8, ctx.device, training=training)
+
+
 def fake_quantize_(state: ModelState, ctx: StageContext) -> GraphModule:
     """Replace `state.model` by its fake-quant form (weights shared, not copied) and record how: the structure gets
-    `fx_plain_layers` and `qat_prepare`, fixed weights and INQ records follow the new parameter names, and the
-    float model is kept (`extras["qat"]`) so a later stage can work on the float weights (`float_state_`)."""
-    pow2_modules = [name.rpartition(".")[0] for name in state.extras.get("inq", {})]
+    `fx_plain_layers` and `qat_prepare`, fixed weights and power-of-two grids follow the new parameter names, and
+    the state is wrapped (`FakeQuantized`) so a later stage can work on the float weights."""
+    pow2_modules = [name.rpartition(".")[0] for name in state.pow2_grids]
     float_model, float_format = plain_torch_layers_(state.model), state.artifact_format
     names_before = {id(p): n for n, p in float_model.named_parameters()}
     prepared = prepare_qat(float_model, ctx.data.input_size, pow2_modules)
     picklable_qconfigs_(float_model)  # FX set qconfigs on it too; the stage cache pickles it with the state
-    state.fixed = _renamed_fixed(state.fixed, names_before, prepared)
-    state.extras = _renamed_extras(state.extras, names_before, prepared)
-    state.extras["qat"] = {"float_model": float_model, "float_format": float_format}
+    state.rename_parameters_(_new_names(names_before, prepared, state.fixed.names()))
+    state.wrapper = FakeQuantized(float_model, float_format)
     state.model = prepared.to(ctx.device)
     state.fixed.project_(prepared)
     state.structure.append(StructuralChange("fx_plain_layers"))
@@ -203,35 +231,6 @@ def fake_quantize_(state: ModelState, ctx: StageContext) -> GraphModule:
                                                             "input_size": list(ctx.data.input_size)}))  # fmt: skip
     state.artifact_format = "int8"
     return prepared
-
-
-def is_fake_quantized(state: ModelState) -> bool:
-    """Whether `state` is qat's output: a fake-quant graph over float weights kept in `extras["qat"]`."""
-    return bool(state.structure) and state.structure[-1].kind == "qat_prepare" and "qat" in state.extras
-
-
-def float_state_(state: ModelState) -> None:
-    """Turn qat's output back into its float model in place (the latent weights fake quantization trained, BatchNorm
-    statistics included), so a stage that needs float weights (pruning) can run; `fake_quantize_` and calibration
-    then quantize the result again with the same quantizers."""
-    record = state.extras.pop("qat")
-    names_prepared = {id(p): n for n, p in state.model.named_parameters()}
-    device = next(state.model.parameters()).device
-    state.fixed = _renamed_fixed(state.fixed, names_prepared, record["float_model"])
-    state.extras = _renamed_extras(state.extras, names_prepared, record["float_model"])
-    state.model = record["float_model"].to(device)
-    state.structure.pop()  # qat_prepare; fx_plain_layers stays: the float model keeps its plain torch layers
-    state.artifact_format = record["float_format"]
-
-
-def requantize_(state: ModelState, ctx: StageContext, *, calibration_batches: int = 8, training: bool = True) -> int:
-    """Fake-quantize a float model that was qat's output before (after `float_state_` and a stage's surgery) and
-    calibrate its ranges on training batches (`training`: in the mode fine-tuning runs in); returns the batches."""
-    prepared = fake_quantize_(state, ctx)
-    state.structure.pop(-2)  # fx_plain_layers is already in the record from the first quantization
-    freeze_(prepared, observers=False, bn_stats=False)
-    calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
-    return calibrate_(prepared, calibration, calibration_batches, ctx.device, training=training)
 
 
 @register_structural_change("fx_plain_layers")
@@ -259,27 +258,14 @@ def _freezing_hook(model: nn.Module, config: QATConfig, outer: Callable[[int, di
     return on_epoch_end
 
 
-def _new_names(names_before: dict[int, str], prepared: nn.Module) -> dict[str, str]:
-    """Old parameter name -> name in the prepared model (fusion moves BatchNorms, the tensors are the same)."""
-    return {names_before[id(p)]: n for n, p in prepared.named_parameters() if id(p) in names_before}
-
-
-def _renamed_fixed(fixed: FixedWeights, names_before: dict[int, str], prepared: nn.Module) -> FixedWeights:
-    """The same fixed weights, keyed by the prepared model's parameter names."""
-    rename = _new_names(names_before, prepared)
-    lost = [n for n in fixed.names() if n not in rename]
+def _new_names(names_before: dict[int, str], renamed: nn.Module, fixed: list[str]) -> dict[str, str]:
+    """Old parameter name -> its name in `renamed` (fusion moves BatchNorms, the tensors are the same); raises when a
+    parameter an earlier stage fixed would be lost."""
+    names = {names_before[id(p)]: n for n, p in renamed.named_parameters() if id(p) in names_before}
+    lost = [n for n in fixed if n not in names]
     if lost:
         raise RuntimeError(f"qat: fake quantization lost parameters fixed by an earlier stage: {lost[:5]}")
-    state = fixed.state_dict()
-    return FixedWeights.from_state_dict({k: {rename[n]: t for n, t in v.items()} for k, v in state.items()})
-
-
-def _renamed_extras(extras: dict[str, Any], names_before: dict[int, str], prepared: nn.Module) -> dict[str, Any]:
-    rename = _new_names(names_before, prepared)
-    out = dict(extras)
-    if "inq" in out:
-        out["inq"] = {rename.get(n, n): v for n, v in out["inq"].items()}
-    return out
+    return names
 
 
 def _int8_metrics(prepared: nn.Module, pow2_modules: list[str]) -> dict[str, float]:

@@ -10,7 +10,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import timm
 import torch
@@ -87,6 +87,33 @@ class ModelSpec:
         return cls(d["name"], int(d["num_classes"]), dict(d.get("kwargs", {})))
 
 
+@dataclass(frozen=True)
+class PowerOfTwoGrid:
+    """A parameter whose every weight is ±2^k (n2 <= k <= n1) or 0, with n2 = n1 + 1 - 2^(bits-1)/2: INQ's levels.
+    Later stages read it: qat gives such layers power-of-two int8 scales, the `inq` artifact packs them in `bits`."""
+
+    n1: int
+    bits: int
+
+
+class ModelWrapper(Protocol):
+    """A form of the model that wraps its float weights in another graph (qat's fake quantization). A stage that
+    must work on the float weights (pruning) unwraps the state, changes the float model, and wraps it again, through
+    this interface alone: it never needs to know which stage wrapped it."""
+
+    def float_model(self, state: ModelState) -> nn.Module:
+        """The float model under the wrapper (its parameters are the wrapped graph's)."""
+        ...
+
+    def unwrap_(self, state: ModelState) -> None:
+        """Make `state` the float model again (model, fixed weights, grids, structure, artifact format)."""
+        ...
+
+    def rewrap_(self, state: ModelState, ctx: Any, *, training: bool) -> None:
+        """Wrap the (changed) float model again as it was wrapped before, ready for `training` (or evaluation)."""
+        ...
+
+
 @dataclass
 class ModelState:
     """What one stage hands to the next.
@@ -94,8 +121,9 @@ class ModelState:
     `fixed` holds the weights later training must keep; `structure` records, in order, how the model's
     structure differs from `spec.build()` (see pipeline.core.structure); `artifact_format` names how the
     weights are encoded when shipped (see pipeline.core.artifacts); `preprocessing` is the input the model
-    expects (timm's pretrained_cfg keys: mean, std, input_size); `extras` is stage-specific state later stages or
-    the artifact writer need (e.g. INQ bit-widths), kept picklable.
+    expects (timm's pretrained_cfg keys: mean, std, input_size). Two typed records hand stages' results on:
+    `pow2_grids` (parameter name -> its power-of-two level set, INQ's) and `wrapper` (set while the model is
+    wrapped, e.g. fake-quantized, with how to get at the float weights: `ModelWrapper`).
     """
 
     model: nn.Module
@@ -104,7 +132,15 @@ class ModelState:
     fixed: FixedWeights = field(default_factory=FixedWeights)
     structure: list[StructuralChange] = field(default_factory=list)
     artifact_format: str = "dense"
-    extras: dict[str, Any] = field(default_factory=dict)
+    pow2_grids: dict[str, PowerOfTwoGrid] = field(default_factory=dict)
+    wrapper: ModelWrapper | None = None
+
+    def rename_parameters_(self, names: dict[str, str]) -> None:
+        """Parameters renamed (`old -> new`, e.g. by a graph transform): fixed weights and grids follow them."""
+        state = self.fixed.state_dict()
+        self.fixed = FixedWeights.from_state_dict({k: {names.get(n, n): t for n, t in v.items()} for k, v in
+                                                   state.items()})  # fmt: skip
+        self.pow2_grids = {names.get(n, n): grid for n, grid in self.pow2_grids.items()}
 
 
 class ModelSourceError(RuntimeError):

@@ -14,7 +14,7 @@ from torch import nn
 
 import stages.inq  # noqa: F401  (registers the stage and the artifact format)
 from pipeline.core.artifacts import load_artifact, save_artifact
-from pipeline.core.models import ModelState
+from pipeline.core.models import ModelState, PowerOfTwoGrid
 from pipeline.recipe import RecipeError, validate_recipe
 from stages.base import StageContext, get_stage
 from stages.inq import (
@@ -215,13 +215,13 @@ def test_after_the_last_portion_every_weight_is_a_power_of_two_or_zero(trained, 
     others = {n: p.detach().clone() for n, p in trained.model.named_parameters() if n not in max_abs}
     out = run_inq(trained, INQConfig(bits=bits), _context(bundle))
 
-    layers = out.state.extras["inq"]
+    layers = out.state.pow2_grids
     convs = {f"{m}.weight" for m, mod in out.state.model.named_modules() if isinstance(mod, nn.Conv2d | nn.Linear)}
     assert set(layers) == set(max_abs) == convs
     params = dict(out.state.model.named_parameters())
     for name, info in layers.items():
         n1 = inq_exponents(max_abs[name], bits)[0]
-        assert info == {"n1": n1, "bits": bits}
+        assert info == PowerOfTwoGrid(n1, bits)
         assert _is_pow2_or_zero(params[name].detach(), n1, inq_exponents(max_abs[name], bits)[1]), name
         assert out.state.fixed.mask(name).all()
     for name in others:  # norms and biases: floating point, free, retrained
@@ -238,15 +238,15 @@ def test_mse_rule_stage_stores_its_n1_and_quantizes_onto_that_grid(trained, bund
     paper = run_inq(copy.deepcopy(trained), INQConfig(bits=2), _context(bundle))
     out = run_inq(trained, INQConfig(bits=2, n1_rule="mse"), _context(bundle))
     params = dict(out.state.model.named_parameters())
-    for name, info in out.state.extras["inq"].items():
+    for name, info in out.state.pow2_grids.items():
         n1, n2 = fit_exponents(before[name][before[name] != 0], 2, "mse")
-        assert info == {"n1": n1, "bits": 2}
+        assert info == PowerOfTwoGrid(n1, 2)
         assert _is_pow2_or_zero(params[name].detach(), n1, n2), name
     save_artifact(out.state, tmp_path / "inq.pt")
     reloaded = load_artifact(tmp_path / "inq.pt")
     for name, p in inq_parameters(reloaded).items():
         assert torch.equal(p, params[name]), name
-    moved = [n for n, info in out.state.extras["inq"].items() if info["n1"] < paper.state.extras["inq"][n]["n1"]]
+    moved = [n for n, info in out.state.pow2_grids.items() if info.n1 < paper.state.pow2_grids[n].n1]
     assert moved, "the fit should lower n1 somewhere at 2 bits"
     assert out.metrics["inq_zero_fraction"] < paper.metrics["inq_zero_fraction"]
 
@@ -257,9 +257,9 @@ def test_final_epochs_train_only_norms_and_biases(trained, bundle):
     assert tuned.report.epochs == quantized.report.epochs + 2
     assert INQConfig(bits=3, final_epochs=2).total_epochs() == 3 + 2
     before, after = dict(quantized.state.model.named_parameters()), dict(tuned.state.model.named_parameters())
-    for name in tuned.state.extras["inq"]:  # the same partition and rounding: identical power-of-two weights
+    for name in tuned.state.pow2_grids:  # the same partition and rounding: identical power-of-two weights
         assert torch.equal(after[name], before[name]), name
-    assert any(not torch.equal(after[n], before[n]) for n in after if n not in tuned.state.extras["inq"])
+    assert any(not torch.equal(after[n], before[n]) for n in after if n not in tuned.state.pow2_grids)
 
 
 def test_frozen_weights_never_move_and_the_frozen_set_only_grows(trained, bundle):
@@ -288,7 +288,7 @@ def test_frozen_weights_never_move_and_the_frozen_set_only_grows(trained, bundle
             assert torch.equal(new_values[mask], values[mask]), f"{name}: a frozen weight moved"
             free_moved |= not torch.equal(new_values[~new_mask], values[~new_mask])
     assert free_moved  # the retraining did change the free weights
-    layer = next(iter(out.state.extras["inq"]))
+    layer = next(iter(out.state.pow2_grids))
     fractions = [float(s[layer][0].float().mean()) for s in snapshots[::2]]
     assert fractions == pytest.approx([0.5, 0.75, 0.875, 1.0], abs=0.01)
 
@@ -315,9 +315,9 @@ def test_pruned_zeros_stay_zero_and_are_not_counted(trained, bundle):
         eligible = int((~pruned[name]).sum())
         assert counts[0][name] == math.floor(0.5 * eligible + 0.5)  # half of the non-pruned weights
         assert (p.detach()[pruned[name]] == 0).all() and (out.state.fixed.values(name)[pruned[name]] == 0).all()
-        assert out.state.extras["inq"][name]["n1"] == inq_exponents(survivors_max[name], 5)[0]
+        assert out.state.pow2_grids[name].n1 == inq_exponents(survivors_max[name], 5)[0]
     first = next(iter(params))
-    assert out.state.extras["inq"][first]["n1"] < inq_exponents(100.0, 5)[0]
+    assert out.state.pow2_grids[first].n1 < inq_exponents(100.0, 5)[0]
     assert out.metrics["inq_quantized_fraction"] == 1.0
     total = sum(m.numel() for m in pruned.values())
     assert out.metrics["inq_zero_fraction"] >= sum(int(m.sum()) for m in pruned.values()) / total
@@ -327,7 +327,7 @@ def test_random_partition_also_ends_fully_quantized(trained, bundle):
     out = run_inq(trained, INQConfig(partition="random", epochs=0), _context(bundle))
     assert out.metrics["inq_quantized_fraction"] == 1.0 and out.report.epochs == 0
     for name, p in inq_parameters(out.state.model).items():
-        n1 = out.state.extras["inq"][name]["n1"]
+        n1 = out.state.pow2_grids[name].n1
         assert _is_pow2_or_zero(p.detach(), n1, n1 - 7)
 
 
@@ -365,8 +365,8 @@ def test_artifact_loads_back_bit_identical_at_about_the_bit_count(trained, bundl
     with torch.inference_mode():
         assert torch.equal(loaded(x), out.state.model.eval()(x))
 
-    quantized = sum(expected[k].numel() for k in out.state.extras["inq"])
-    other_bytes = sum(v.numel() * v.element_size() for k, v in expected.items() if k not in out.state.extras["inq"])
+    quantized = sum(expected[k].numel() for k in out.state.pow2_grids)
+    other_bytes = sum(v.numel() * v.element_size() for k, v in expected.items() if k not in out.state.pow2_grids)
     dense_bytes = sum(v.numel() * v.element_size() for v in expected.values())
     overhead = 32 * 1024  # torch.save's zip records and pickled metadata for ~100 tensors
     assert size <= quantized * bits / 8 + other_bytes + overhead
@@ -376,7 +376,7 @@ def test_artifact_loads_back_bit_identical_at_about_the_bit_count(trained, bundl
 
 def test_artifact_refuses_weights_moved_off_the_grid(trained, bundle, tmp_path):
     out = run_inq(trained, INQConfig(epochs=0), _context(bundle))
-    name = next(iter(out.state.extras["inq"]))
+    name = next(iter(out.state.pow2_grids))
     with torch.no_grad():
         dict(out.state.model.named_parameters())[name].view(-1)[0] = 0.3
     with pytest.raises(ValueError, match=f"{name}: weights are not all in"):

@@ -129,24 +129,24 @@ def test_qat_of_a_structurally_pruned_model_keeps_it_small(tmp_path):
 
 @pytest.mark.parametrize("name", ["resnet10t", "mobilenetv3_small_100"])  # the second has BatchNormAct2d
 def test_pruning_after_qat_prunes_the_float_weights_and_quantizes_again(name, tmp_path):
-    from stages.qat import is_fake_quantized
+    from stages.qat import FakeQuantized
 
     buffer = io.BytesIO()  # through the stage cache (pickle), as a sweep's qat>prune reads it
     torch.save(run_qat(_state(name), QUICK, _ctx(name)).state, buffer)
     qat = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
     out = run_prune(qat, PruneConfig(pruning_ratio=0.5, epochs=1, lr=0.01), _ctx(name)).state
-    assert is_fake_quantized(out) and out.artifact_format == "int8"
+    assert isinstance(out.wrapper, FakeQuantized) and out.artifact_format == "int8"
     assert [c.kind for c in out.structure] == ["fx_plain_layers", "prune_channels", "qat_prepare"]
     loaded = _same_outputs_in_process(out, tmp_path / "qat-pruned.pt")  # a real int8 model, fewer channels
     assert count_params(loaded) < 0.6 * count_params(out.spec.build())
     assert _int8_convs(loaded)[1] == 0
     # The float weights a later stage would prune again are the fake-quant model's own, not a stale copy.
     shared = {p.data_ptr() for p in out.model.parameters()}
-    assert all(p.data_ptr() in shared for p in out.extras["qat"]["float_model"].parameters())
+    assert all(p.data_ptr() in shared for p in out.wrapper.float_model(out).parameters())
 
     unstructured = PruneConfig(method="unstructured", pruning_ratio=0.6, epochs=1, lr=0.01)
     sparse = run_prune(run_qat(_state(name), QUICK, _ctx(name)).state, unstructured, _ctx(name)).state
-    float_weights = sparse.extras["qat"]["float_model"]
+    float_weights = sparse.wrapper.float_model(sparse)
     zeros = [(m.weight == 0).float().mean().item() for m in float_weights.modules() if isinstance(m, nn.Conv2d)]
     assert min(zeros) >= 0.59  # the zeros survived the quantization-aware fine-tuning
     _same_outputs_in_process(sparse, tmp_path / "qat-sparse.pt")
@@ -154,7 +154,7 @@ def test_pruning_after_qat_prunes_the_float_weights_and_quantizes_again(name, tm
 
 def _inq_then_qat(bits: int):
     inq = run_inq(_state(), INQConfig(bits=bits, epochs=0), _ctx()).state
-    layers = {name.rpartition(".")[0]: meta["n1"] for name, meta in inq.extras["inq"].items()}
+    layers = {name.rpartition(".")[0]: grid.n1 for name, grid in inq.pow2_grids.items()}
     weights = {name: inq.model.get_submodule(name).weight.detach().clone() for name in layers}
     return run_qat(inq, QATConfig(epochs=1, calibration_batches=2, lr=0.05), _ctx()), weights, layers
 

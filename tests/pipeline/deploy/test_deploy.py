@@ -128,7 +128,7 @@ def _is_pow2_or_zero(values: np.ndarray) -> bool:
 
 def test_inq_powers_of_two_survive_export_exactly(states, exported):
     _, files = exported["inq"]
-    inq_layers = list(states["inq"].extras["inq"])  # parameter names of the INQ weights
+    inq_layers = list(states["inq"].pow2_grids)  # parameter names of the INQ weights
     inits = _initializers(files["onnxruntime"])
     for name in inq_layers:
         assert name in inits, f"{name} is not an initializer of the ONNX file"
