@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.reporting.report import sweep_models  # noqa: E402
+from pipeline.reporting.sweep_report import sweep_models  # noqa: E402
 from pipeline.search.outcome import compare_with_sweep, objective_values, outcome_of, summarize  # noqa: E402
 from pipeline.search.study import load_search_plan, open_study  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402

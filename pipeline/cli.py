@@ -18,6 +18,10 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def _parser() -> argparse.ArgumentParser:
+    import stages  # noqa: F401  (stages, and plug-in runtimes listed in PIPELINE_PLUGINS, register themselves)
+    from pipeline.deploy import get_runtime, runtime_names
+    from pipeline.reporting.columns import report_runtimes
+
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     commands = (
@@ -81,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--runtime",
         default=None,
-        choices=("torch", "onnxruntime", "openvino"),
+        choices=report_runtimes(),
         help="whose latency and top-1 the frontiers use (default: the sweep's first deploy runtime, else torch)",
     )
     export = sub.add_parser("export", help="export a model to ONNX / OpenVINO IR outside a run")
@@ -92,7 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides (a recipe source only)")
     export.add_argument(
-        "--format", default="all", choices=("onnx", "openvino", "all"), help="file format(s) to write (default: all)"
+        "--format",
+        default="all",
+        choices=(*(get_runtime(r).format for r in runtime_names()), "all"),
+        help="file format(s) to write (default: all)",
     )
     export.add_argument("--out", type=Path, required=True, help="folder to write model.onnx / openvino/model.xml into")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (17-23, default 18)")
@@ -206,7 +213,7 @@ def _guarded(action):
 
 
 def _sweep(recipe, args) -> int:
-    from pipeline.reporting.report import sweep_table
+    from pipeline.reporting.summaries import sweep_table
     from pipeline.sweep.sweep import run_sweep
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -307,7 +314,8 @@ def _is_search_id(run_id: str | None) -> bool:
 
 
 def _report_search(search_id: str | None, reports_dir: Path | None, against: str | None) -> int:
-    from pipeline.reporting.report import REPORTS_DIR, report_search
+    from pipeline.reporting.search import report_search
+    from pipeline.reporting.sweep_report import REPORTS_DIR
     from pipeline.tracking import Tracker
 
     def report() -> int:
@@ -323,7 +331,7 @@ def _report_search(search_id: str | None, reports_dir: Path | None, against: str
 
 
 def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = False, runtime: str | None = None) -> int:
-    from pipeline.reporting.report import REPORTS_DIR, report_sweep
+    from pipeline.reporting.sweep_report import REPORTS_DIR, report_sweep
     from pipeline.tracking import Tracker
 
     def report() -> int:
@@ -342,13 +350,13 @@ def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = Fa
 
 def _export(args) -> int:
     from pipeline import load_artifact
-    from pipeline.deploy import ExportError, export_files, runtime_file_bytes
+    from pipeline.deploy import ExportError, export_files, get_runtime, runtime_file_bytes, runtime_names
     from pipeline.run.find_artifact import SourceError, resolve_artifact
 
     if not 17 <= args.opset <= 23:
         print(f"error: --opset: must be 17..23, got {args.opset}", file=sys.stderr)
         return EXIT_INVALID
-    runtimes = {"onnx": ["onnxruntime"], "openvino": ["openvino"], "all": ["onnxruntime", "openvino"]}[args.format]
+    runtimes = [r for r in runtime_names() if args.format in ("all", get_runtime(r).format)]
 
     def export() -> int:
         try:
@@ -372,7 +380,7 @@ def _export(args) -> int:
 
 def _run(recipe, args) -> int:
     from pipeline.core import distributed
-    from pipeline.reporting.report import summary_table
+    from pipeline.reporting.summaries import summary_table
     from pipeline.run.runner import Runner
 
     def run() -> int:

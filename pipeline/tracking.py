@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from pipeline.core.paths import PROJECT_ROOT
+
 DEFAULT_EXPERIMENT = "compression"
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 # The experiment tag MLflow 3 reads to choose an experiment's UI, and its value for classic model training (the UI

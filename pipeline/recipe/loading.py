@@ -8,11 +8,12 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.paths import PROJECT_ROOT
 from pipeline.recipe.checks import validate_recipe
 from pipeline.recipe.errors import RecipeError
 from pipeline.recipe.schema import Recipe
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = PROJECT_ROOT / "recipes"
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

@@ -5,16 +5,24 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from pipeline.deploy import runtime_names
+
 if TYPE_CHECKING:
     from pipeline.analysis.pareto import Direction
 
-RUNTIMES = ("onnxruntime", "openvino")
-REPORT_RUNTIMES = ("torch", *RUNTIMES)  # torch = the artifact in PyTorch eager
 RUNTIME_METRICS = ("val_top1", "top1", "latency_ms_p50", "file_bytes")
-METRIC_COLUMNS = (
-    "val_top1", "top1", "artifact_bytes", "latency_ms_p50", "param_count", "macs", "stage_seconds",
-    *(f"{r}.{m}" for r in RUNTIMES for m in RUNTIME_METRICS),
-)  # fmt: skip
+MODEL_COLUMNS = ("val_top1", "top1", "artifact_bytes", "latency_ms_p50", "param_count", "macs", "stage_seconds")
+
+
+def report_runtimes() -> tuple[str, ...]:
+    """Where a report can read accuracy and latency: 'torch' (the artifact in PyTorch eager), then every registered
+    deployment runtime."""
+    return ("torch", *runtime_names())
+
+
+def metric_columns() -> tuple[str, ...]:
+    """The metric columns a report reads: the model's, then each registered runtime's."""
+    return (*MODEL_COLUMNS, *(f"{r}.{m}" for r in runtime_names() for m in RUNTIME_METRICS))
 
 
 def top1_column(runtime: str, split: str) -> str:

@@ -32,7 +32,7 @@ def remeasure_latency(
 
     from pipeline import load_artifact
     from pipeline.core.metrics import latency_side_by_side
-    from pipeline.deploy import ONNX_FILE, OPENVINO_DIR, OPENVINO_XML, open_runtime
+    from pipeline.deploy import get_runtime, open_runtime
     from pipeline.deploy.measure import predict_side_by_side
 
     if isinstance(stages, pd.DataFrame):
@@ -47,11 +47,11 @@ def remeasure_latency(
             sizes = [tuple(m.pretrained_cfg["input_size"]) for m in loaded]
             medians = latency_side_by_side(loaded, sizes, threads=1, rounds=rounds, runs=calls)
         else:
-            remote = f"deploy/{ONNX_FILE}" if runtime == "onnxruntime" else f"deploy/{OPENVINO_DIR}"
+            top, *rest = Path(get_runtime(runtime).file).parts  # its file, or the folder holding its files
             predicts = []
             for i, run in enumerate(models.values()):
-                local = tracker.download_artifact(run.run_id, remote, Path(tmp) / str(i))
-                file = local / OPENVINO_XML if runtime == "openvino" else local
+                local = tracker.download_artifact(run.run_id, f"deploy/{top}", Path(tmp) / str(i))
+                file = Path(local).joinpath(*rest)
                 predicts.append(open_runtime(runtime, file, threads=1, batch_size=1))
             medians = predict_side_by_side(predicts, _input_size(models.values()), rounds=rounds, runs=calls)
     return dict(zip(models, medians, strict=True))

@@ -11,7 +11,7 @@ from pathlib import Path
 from pipeline.analysis.pareto import pair_column
 from pipeline.analysis.significance import best_or_tied, dominated_with_confidence, verdict_matrix
 from pipeline.core.formatting import format_bytes, format_number
-from pipeline.reporting.columns import REPORT_RUNTIMES, latency_column, runtime_name
+from pipeline.reporting.columns import latency_column, report_runtimes, runtime_name
 from pipeline.reporting.plots import plot_png, plotly_figure, plots
 from pipeline.reporting.sweep_tables import SweepReport
 
@@ -75,7 +75,7 @@ def _facts(report: SweepReport) -> list[str]:
         f"({format_number(base[report.test_top1], '.2f')} % test), {format_bytes(base.artifact_bytes)}, "
         f"{base[latency]:.2f} ms p50 in {runtime_name(report.runtime)}",
         f"accuracy and latency: {runtime_name(report.runtime)} (`make report runtime=…` picks another of "
-        f"{', '.join(r for r in REPORT_RUNTIMES if r == 'torch' or report.points[latency_column(r)].notna().any())})",
+        f"{', '.join(r for r in report_runtimes() if r == 'torch' or report.points[latency_column(r)].notna().any())})",
     ]
     if "stage_runs_executed" in s:
         facts.append(

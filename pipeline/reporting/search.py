@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -17,7 +18,10 @@ import pandas as pd
 from pipeline.core.formatting import format_metric
 from pipeline.core.metrics import test_name
 from pipeline.reporting.search_plots import frontier_figure, hypervolume_figure, plot_frontier, plot_hypervolume
+from pipeline.reporting.sweep_report import REPORTS_DIR, sweep_models
 from pipeline.search.outcome import Comparison, SearchOutcome, TrialRecord, repeat_of
+
+log = logging.getLogger("pipeline")
 
 # --- the documents ------------------------------------------------------------------------------------------------
 
@@ -223,4 +227,28 @@ def _html(markdown_text: str, figures: dict[str, Any]) -> str:
     return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"
 
 
-__all__ = ["search_markdown", "write_search_report"]
+def report_search(
+    tracker, search_id: str | None = None, out_root: Path = REPORTS_DIR, against: str | None = None
+) -> tuple[object, Path]:
+    """Read a search (the latest when `search_id` is None) from its Optuna study and MLflow, write its report (against
+    sweep `against`'s frontier when given) into `out_root/<search id>/`, and log it to the search's run."""
+
+    from pipeline.search.outcome import compare_with_sweep, outcome_of
+    from pipeline.search.study import load_search_plan, open_study
+
+    plan = load_search_plan(tracker, search_id)
+    outcome = outcome_of(open_study(plan, create=False), plan)
+    comparison = None
+    if against:
+        models = sweep_models(tracker, against, [*outcome.objectives, *(c.metric for c in outcome.constraints)])
+        comparison = compare_with_sweep(outcome, against, models)
+    out_dir = Path(out_root) / plan.search_id
+    write_search_report(outcome, out_dir, comparison)
+    runs = tracker.search_runs(plan.search_id)
+    if runs:
+        tracker.log_artifacts(runs[0].run_id, out_dir, "report")
+    log.info("report written to %s", out_dir)
+    return outcome, out_dir
+
+
+__all__ = ["report_search", "search_markdown", "write_search_report"]

@@ -4,17 +4,18 @@ chain's stage table in Markdown that describes its MLflow run."""
 from __future__ import annotations
 
 from pipeline.core.formatting import format_bytes
-from pipeline.reporting.columns import RUNTIMES
-
-SHORT = {"onnxruntime": "ort", "openvino": "ov"}
+from pipeline.deploy import get_runtime, runtime_names
 
 
 def summary_table(summary) -> str:
     """A fixed-width table: one row per stage with validation and test top1, size, latency (torch eager and each
     runtime) and time."""
-    runtimes = [r for r in RUNTIMES if any(f"{r}.latency_ms_p50" in res.metrics for res in summary.results)]
+    runtimes = [r for r in runtime_names() if any(f"{r}.latency_ms_p50" in res.metrics for res in summary.results)]
     header = f"{'#':>2}  {'stage':<10} {'cached':<6} {'val %':>6} {'test %':>6} {'artifact':>10} {'torch p50':>9}"
-    header += "".join(f" {SHORT[r] + ' top1':>8} {SHORT[r] + ' p50':>7}" for r in runtimes) + f" {'time s':>8}"
+    header += (
+        "".join(f" {get_runtime(r).short + ' top1':>8} {get_runtime(r).short + ' p50':>7}" for r in runtimes)
+        + f" {'time s':>8}"
+    )
     lines = [f"recipe {summary.recipe} ({summary.ordering}), MLflow run {summary.run_id}", header, "-" * len(header)]
     for r in summary.results:
         m = r.metrics
@@ -38,9 +39,9 @@ def summary_table(summary) -> str:
 def sweep_table(summary) -> str:
     """What one `sweep` invocation did: each ordering's final metrics and what it trained or reused."""
     plan = summary.plan
-    runtimes = [rt for rt in RUNTIMES if any(f"{rt}.latency_ms_p50" in r.final for r in summary.results)]
+    runtimes = [rt for rt in runtime_names() if any(f"{rt}.latency_ms_p50" in r.final for r in summary.results)]
     header = f"{'ordering':<28} {'status':<9} {'val %':>6} {'test %':>6} {'artifact':>10} {'torch p50':>9}"
-    header += "".join(f" {SHORT[rt] + ' p50':>7}" for rt in runtimes) + f" {'trained':>7} {'reused':>6}"
+    header += "".join(f" {get_runtime(rt).short + ' p50':>7}" for rt in runtimes) + f" {'trained':>7} {'reused':>6}"
     lines = [f"sweep {plan.sweep_id}, MLflow run {summary.run_id}", header, "-" * len(header)]
     for r in summary.results:
         m = r.final

@@ -13,11 +13,10 @@ import pandas as pd
 from pipeline.analysis.pareto import Direction, frontiers
 from pipeline.analysis.significance import mean_ci, pairwise_comparisons
 from pipeline.reporting.columns import (
-    METRIC_COLUMNS,
-    REPORT_RUNTIMES,
-    RUNTIMES,
     latency_column,
+    metric_columns,
     report_objectives,
+    report_runtimes,
     top1_column,
 )
 from pipeline.tracking import TAGS, RunRecord, SweepRuns
@@ -57,7 +56,7 @@ def default_runtime(runs: SweepRuns) -> str:
     """The sweep's first deploy runtime whose metrics were logged, else 'torch'."""
     tagged = [run.tags[TAGS.deploy_runtimes] for run in runs.stages if run.tags.get(TAGS.deploy_runtimes)]
     for runtime in tagged[0].split(",") if tagged else []:
-        if runtime in RUNTIMES and any(latency_column(runtime) in run.metrics for run in runs.stages):
+        if runtime in report_runtimes()[1:] and any(latency_column(runtime) in run.metrics for run in runs.stages):
             return runtime
     return "torch"
 
@@ -76,8 +75,8 @@ def build_report(
     `correct_of(stage_run_id, runtime, split)` gives a stage's per-image correctness for the paired tests, which
     run on the validation split (the test split for a sweep that measured none)."""
     runtime = runtime or default_runtime(runs)
-    if runtime not in REPORT_RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(REPORT_RUNTIMES)}")
+    if runtime not in report_runtimes():
+        raise ValueError(f"unknown runtime {runtime!r}; known: {', '.join(report_runtimes())}")
     chains = _latest_finished_chains(runs.chains)
     if not chains:
         raise ValueError(f"sweep {sweep_id!r} has no finished ordering yet; run `make sweep` first")
@@ -158,7 +157,7 @@ def _points(stages: list[RunRecord], chains: dict[str, tuple[str, str]]) -> pd.D
             "stage_index": int(run.tags[TAGS.stage_index]),
             "cache_key": run.tags[TAGS.cache_key],
             "cached": run.flag(TAGS.cached),
-            **{metric: run.metrics.get(metric, float("nan")) for metric in METRIC_COLUMNS},
+            **{metric: run.metrics.get(metric, float("nan")) for metric in metric_columns()},
         }
         for run in stages
     ]
@@ -174,10 +173,10 @@ def _models(points: pd.DataFrame, runtime: str, split: str) -> pd.DataFrame:
              for o, i, s in zip(points.ordering, points.stage_index, points.seed, strict=True)]  # fmt: skip
     points = points.assign(path=paths)
     models = points.sort_values("stage_index").drop_duplicates("cache_key").set_index("cache_key")
-    models = models[["path", "stage", "stage_index", *[c for c in METRIC_COLUMNS if c in models]]]
+    models = models[["path", "stage", "stage_index", *[c for c in metric_columns() if c in models]]]
     objectives = report_objectives(runtime, split)
     flags = frontiers(models.dropna(subset=list(objectives)), objectives)
-    for other in REPORT_RUNTIMES:
+    for other in report_runtimes():
         measured = models.dropna(subset=list(report_objectives(other, split)))
         if not measured.empty:
             flags[f"pareto[{other}]"] = frontiers(measured, report_objectives(other, split))["pareto"]

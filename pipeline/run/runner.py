@@ -27,6 +27,7 @@ from pipeline.core.data import EVAL_ONLY_FIELDS, NEUTRAL_FIELDS, DataBundle, Dat
 from pipeline.core.hashing import digest, file_digest
 from pipeline.core.metrics import Predictions, evaluate_with_predictions
 from pipeline.core.models import ModelState, create_model
+from pipeline.core.paths import PROJECT_ROOT
 from pipeline.core.precision import auto_context
 from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.deploy.measure import runtime_metrics_with_predictions
@@ -37,8 +38,6 @@ from pipeline.run.stage_training import PlannedStage, StageResult, StageTrainer,
 from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
 
 log = logging.getLogger("pipeline")
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_cache_dir() -> Path:

@@ -26,8 +26,8 @@ import torch
 import torchvision
 
 from pipeline.core.data.config import DataConfig
+from pipeline.core.paths import PROJECT_ROOT
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 TORCHVISION_LAYOUT = {
     "cifar10": ("cifar-10-batches-py", torchvision.datasets.CIFAR10),

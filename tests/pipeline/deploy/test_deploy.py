@@ -235,7 +235,7 @@ def test_run_measures_every_stage_in_both_runtimes(tmp_path, isolated, cifar_roo
         logged = {a.path for a in client.list_artifacts(run.info.run_id, "deploy")}
         assert {"deploy/model.onnx", "deploy/openvino"} <= logged
     # The report's side-by-side re-measure fetches each stage's exported files from MLflow and times them.
-    from pipeline.reporting.report import remeasure_latency
+    from pipeline.reporting.latency import remeasure_latency
     from pipeline.tracking import Tracker
 
     tracker = Tracker(isolated["MLFLOW_TRACKING_URI"])

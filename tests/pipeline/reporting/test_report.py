@@ -13,7 +13,9 @@ import urllib.request
 
 import pytest
 
-from pipeline.reporting.report import build_report, markdown, report_sweep
+from pipeline.reporting.pages import markdown
+from pipeline.reporting.sweep_report import report_sweep
+from pipeline.reporting.sweep_tables import build_report
 from pipeline.tracking import Tracker
 from tests.conftest import mlflow_process, rendered_dom
 
@@ -183,7 +185,7 @@ def test_mlflow_ui_lists_the_sweep_runs_with_metrics(toy_store):
 def test_sweep_table_shows_each_runtime_latency():
     from types import SimpleNamespace
 
-    from pipeline.reporting.report import sweep_table
+    from pipeline.reporting.summaries import sweep_table
 
     final = {"val_top1": 81.3, "top1": 80.1, "artifact_bytes": 1.3e6, "latency_ms_p50": 1.2,
              "onnxruntime.latency_ms_p50": 0.15, "openvino.latency_ms_p50": 0.23, "onnxruntime.top1": 80.0}  # fmt: skip

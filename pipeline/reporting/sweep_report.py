@@ -1,12 +1,10 @@
-"""Reports: the run summary printed after `run`, and a sweep's Pareto-frontier report.
+"""A sweep's Pareto-frontier report (`report_sweep`), the one entry point to it.
 
-A sweep report reads the sweep's runs back from MLflow (`Tracker.read_sweep`) into pandas and writes
-`reports/<sweep>/`: report.md and orderings.csv / models.csv (every ordering's final metrics, best first, with
-deltas vs the baseline; every distinct model with its frontier flags), one PNG per plot, and report.html (the
-same plots, interactive, with the tables). The same folder is logged as artifacts of the sweep's MLflow run.
-
-This module runs that report (`report_sweep`) and is where the CLI and tests import the report functions from;
-each job lives in `pipeline.reporting` (console tables, sweep tables, plots, pages, the latency re-measure).
+It reads the sweep's runs back from MLflow (`Tracker.read_sweep`) into pandas and writes `reports/<sweep>/`:
+report.md and orderings.csv / models.csv (every ordering's final metrics, best first, with deltas vs the baseline;
+every distinct model with its frontier flags), one PNG per plot, and report.html (the same plots, interactive, with
+the tables). The same folder is logged as artifacts of the sweep's MLflow run. The jobs it is made of are the other
+modules of `pipeline.reporting` (sweep tables, plots, pages, the latency re-measure).
 """
 
 from __future__ import annotations
@@ -19,23 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.metrics import load_predictions
-from pipeline.reporting.columns import (
-    METRIC_COLUMNS,
-    REPORT_RUNTIMES,
-    RUNTIMES,
-    latency_column,
-    report_objectives,
-    top1_column,
-)
+from pipeline.core.paths import PROJECT_ROOT
 from pipeline.reporting.latency import REMEASURE_CALLS, REMEASURE_ROUNDS, remeasure_latency
-from pipeline.reporting.pages import html_page, markdown, write_report
-from pipeline.reporting.summaries import summary_table, sweep_table
+from pipeline.reporting.pages import write_report
 from pipeline.reporting.sweep_tables import SweepReport, build_report, default_runtime
 from pipeline.tracking import TAGS
 
 log = logging.getLogger("pipeline")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REPORTS_DIR = PROJECT_ROOT / "reports"
 
 
@@ -112,50 +101,3 @@ def sweep_models(tracker, sweep_id: str, metrics: list[str]):
         label = ">".join(["baseline", *names]) + f" [{key[:6]}]"
         rows[label] = {pipeline_names.get(k, k): v for k, v in run.metrics.items()}
     return pd.DataFrame.from_dict(rows, orient="index").reindex(columns=list(dict.fromkeys(metrics)))
-
-
-def report_search(
-    tracker, search_id: str | None = None, out_root: Path = REPORTS_DIR, against: str | None = None
-) -> tuple[object, Path]:
-    """Read a search (the latest when `search_id` is None) from its Optuna study and MLflow, write its report (against
-    sweep `against`'s frontier when given) into `out_root/<search id>/`, and log it to the search's run."""
-
-    from pipeline.reporting.search import write_search_report
-    from pipeline.search.outcome import compare_with_sweep, outcome_of
-    from pipeline.search.study import load_search_plan, open_study
-
-    plan = load_search_plan(tracker, search_id)
-    outcome = outcome_of(open_study(plan, create=False), plan)
-    comparison = None
-    if against:
-        models = sweep_models(tracker, against, [*outcome.objectives, *(c.metric for c in outcome.constraints)])
-        comparison = compare_with_sweep(outcome, against, models)
-    out_dir = Path(out_root) / plan.search_id
-    write_search_report(outcome, out_dir, comparison)
-    runs = tracker.search_runs(plan.search_id)
-    if runs:
-        tracker.log_artifacts(runs[0].run_id, out_dir, "report")
-    log.info("report written to %s", out_dir)
-    return outcome, out_dir
-
-
-__all__ = [
-    "METRIC_COLUMNS",
-    "REPORTS_DIR",
-    "REPORT_RUNTIMES",
-    "RUNTIMES",
-    "SweepReport",
-    "build_report",
-    "default_runtime",
-    "html_page",
-    "latency_column",
-    "markdown",
-    "remeasure_latency",
-    "report_objectives",
-    "report_search",
-    "report_sweep",
-    "summary_table",
-    "sweep_table",
-    "top1_column",
-    "write_report",
-]
