@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock sweep search report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection
+.PHONY: run validate stages ui server test lint format lock versions sweep search report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,9 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
+
+versions: $(STAMP)  ## record the code versions and source hashes tests/test_code_versions.py checks (see pipeline/run/keys.py)
+	$(PY) -m tests.code_versions --write
 
 lint: $(STAMP)  ## ruff, and the import layers (pyproject.toml: [tool.importlinter]; one-way, no cycles)
 	$(VENV)/bin/ruff check pipeline stages tests bench

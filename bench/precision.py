@@ -33,7 +33,7 @@ from pipeline.analysis.significance import is_correct, mcnemar_exact, mean_ci, p
 from pipeline.core.metrics import load_predictions  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.run.cache import StageCache  # noqa: E402
-from pipeline.run.runner import evaluation_key, plan_chain  # noqa: E402
+from pipeline.run.keys import evaluation_key, plan_chain  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"fp32": ["baseline.precision=fp32", "baseline.channels_last=false"], "auto": []}

@@ -110,6 +110,10 @@ class StageEntry:
     # Its output model carries fake quantization, which it and every later stage of the chain train in fp32
     # (`pipeline.core.precision`): `precision: auto` resolves to fp32 there, and an explicit bf16 / fp16 is refused.
     fake_quant: bool = False
+    # The version of what the stage computes, part of its cache key: bumped whenever its code changes what it
+    # computes, so results of the old code are never served (tests/test_code_versions.py notices a change of the
+    # stage's source that was not recorded).
+    version: int = 1
 
     def can_lower(self, config: StrictConfig) -> frozenset[str] | None:
         """The metric kinds this stage, so configured, may lower; None when it does not say (assume any)."""
@@ -136,13 +140,15 @@ def register_stage(
     may_follow: frozenset[str] | set[str] | None = None,
     lowers: Callable[[Any], frozenset[str] | set[str]] | frozenset[str] | set[str] | None = None,
     fake_quant: bool = False,
+    version: int = 1,
 ):
     """Register a stage function under `name`, validated by `config`.
 
     It cannot follow the stages in `not_after`; when `may_follow` is given, only those stages may run after it.
     `lowers` names the metric kinds (METRIC_KINDS) the stage can lower, or maps its config to them; unset, a search
     assumes it may lower any metric and never ends a trial early on its account. `fake_quant`: the stage's output
-    carries fake quantization, so it and every later stage train in fp32.
+    carries fake quantization, so it and every later stage train in fp32. `version`: of what the stage computes,
+    in its cache key; bump it when a change of its code changes its output.
     """
 
     def wrap(fn: StageFn) -> StageFn:
@@ -152,7 +158,7 @@ def register_stage(
         kinds = lowers if lowers is None or callable(lowers) else (lambda _config, fixed=frozenset(lowers): fixed)
         if not callable(lowers) and lowers is not None and not set(lowers) <= METRIC_KINDS:
             raise ValueError(f"stage {name!r}: lowers must be among {sorted(METRIC_KINDS)}, got {sorted(lowers)}")
-        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds, fake_quant)
+        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds, fake_quant, version)
         return fn
 
     return wrap

@@ -34,19 +34,26 @@ class ArtifactFormat:
     name: str
     encode: Callable[[ModelState], dict[str, Any]]
     decode: Callable[[dict[str, Any], nn.Module], nn.Module]
+    version: int = 1  # of the encoding, in every stage cache key: bumped when `encode` writes something else
 
 
 _FORMATS: dict[str, ArtifactFormat] = {}
 
 
-def register_artifact_format(name: str):
-    """Register a format from a class with static `encode` and `decode` methods."""
+def register_artifact_format(name: str, *, version: int = 1):
+    """Register a format from a class with static `encode` and `decode` methods; `version` of its encoding (bump it
+    when a change of `encode` changes the file it writes: the cached artifacts are then written again)."""
 
     def wrap(cls):
-        _FORMATS[name] = ArtifactFormat(name, cls.encode, cls.decode)
+        _FORMATS[name] = ArtifactFormat(name, cls.encode, cls.decode, version)
         return cls
 
     return wrap
+
+
+def artifact_format_versions() -> dict[str, int]:
+    """Every registered format's version."""
+    return {name: fmt.version for name, fmt in sorted(_FORMATS.items())}
 
 
 def artifact_format(name: str) -> ArtifactFormat:

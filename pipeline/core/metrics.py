@@ -23,6 +23,11 @@ from pipeline.core.config import StrictConfig
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (normalised images, labels) batches of one split
 
 
+EVALUATION_VERSION = 1
+"""Version of how a model is measured (these metrics, export and runtime measurement in pipeline.deploy): in every
+evaluation key, so changed measuring code measures cached models again (it never retrains them)."""
+
+
 class EvalConfig(StrictConfig):
     """How the evaluator measures latency and throughput (accuracy always uses the whole validation and test splits)."""
 

@@ -42,6 +42,9 @@ log = logging.getLogger("pipeline.core.training")  # one line per epoch off a te
 run_log = logging.getLogger("pipeline")
 SYNC_STEPS = 50
 """Steps between reads of the loss and accuracy sums from the device (and the finite-loss check)."""
+TRAINING_VERSION = 2
+"""Version of what the shared training code computes (this loop, fixed weights, numerics, model building): in every
+stage cache key. 2: precision and channels_last (issue #23)."""
 
 
 class TrainConfig(StrictConfig):

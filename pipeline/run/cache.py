@@ -25,17 +25,9 @@ from typing import Any
 import torch
 
 from pipeline.core.artifacts import ARTIFACT_FILE
-from pipeline.core.hashing import digest
 from pipeline.core.models import ModelState
 
-CACHE_FORMAT = 2
-"""Part of every key; bumped when what a cached state holds changes (2: `ModelState.structure`)."""
 STATE_FILE, RECORD_FILE, METRICS_DIR = "state.pt", "record.json", "metrics"
-
-
-def stage_key(parent_key: str, stage_name: str, config: dict[str, Any]) -> str:
-    """Key of a stage output: its input's key, the stage name and its resolved config."""
-    return digest({"format": CACHE_FORMAT, "parent": parent_key, "stage": stage_name, "config": config})
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

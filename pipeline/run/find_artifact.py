@@ -40,7 +40,8 @@ def _from_run(run_id: str) -> Path:
 def _from_recipe(source: str, overrides: list[str], cache_dir: Path | None) -> Path:
     from pipeline.recipe import RecipeError, load_recipe
     from pipeline.run.cache import StageCache
-    from pipeline.run.runner import default_cache_dir, plan_chain
+    from pipeline.run.keys import plan_chain
+    from pipeline.run.runner import default_cache_dir
 
     try:
         recipe = load_recipe(source, overrides)

@@ -18,23 +18,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import timm
 import torch
 
 from pipeline import __version__, load_artifact
 from pipeline.core import distributed
-from pipeline.core.data import EVAL_ONLY_FIELDS, NEUTRAL_FIELDS, DataBundle, DataIndex, load_data, locate, scan
-from pipeline.core.hashing import digest, file_digest
+from pipeline.core.data import DataBundle, DataIndex, load_data, locate, scan
 from pipeline.core.metrics import Predictions, evaluate_with_predictions
 from pipeline.core.models import ModelState, create_model
 from pipeline.core.paths import PROJECT_ROOT
-from pipeline.core.precision import auto_context
 from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.deploy.measure import runtime_metrics_with_predictions
 from pipeline.recipe import Recipe, StageSpec
-from pipeline.run.cache import CacheEntry, StageCache, stage_key
+from pipeline.run.cache import CacheEntry, StageCache
+from pipeline.run.keys import PlannedStage, evaluation_key, pick_device, plan_chain
 from pipeline.run.notes import chain_note
-from pipeline.run.stage_training import PlannedStage, StageResult, StageTrainer, follow_chain
+from pipeline.run.stage_training import StageResult, StageTrainer, follow_chain
 from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
 
 log = logging.getLogger("pipeline")
@@ -58,44 +56,6 @@ class RunSummary:
         return [r.name for r in self.results if r.cached]
 
 
-def data_fingerprint(recipe: Recipe) -> str:
-    """The fingerprint of the recipe's data (every file's path, size and modification time): part of every key."""
-    return scan(locate(recipe.data)).fingerprint
-
-
-def plan_chain(
-    recipe: Recipe, fingerprint: str | None = None, device: torch.device | None = None
-) -> list[PlannedStage]:
-    """The baseline plus the recipe's stages, each keyed by everything that determines its output: the code's and
-    libraries' versions, the seed, the model, the data settings that change training, the data's contents
-    (`fingerprint`, computed from the data when not given), so a changed dataset is never served stale, and what
-    `precision: auto` depends on where it trains (`device`, default: the recipe's)."""
-    checkpoint = recipe.model.checkpoint
-    root = digest(
-        {
-            "version": __version__,
-            # The cache pickles whole modules: another torch or timm may not read them, or build them differently.
-            "torch": torch.__version__,
-            "timm": timm.__version__,
-            "seed": recipe.seed,
-            "model": recipe.model.model_dump(mode="json", exclude={"checkpoint"}),
-            "checkpoint": file_digest(checkpoint.expanduser()) if checkpoint else None,
-            "data": recipe.data.model_dump(mode="json", exclude=EVAL_ONLY_FIELDS | NEUTRAL_FIELDS),
-            "data_fingerprint": fingerprint or data_fingerprint(recipe),
-            # `precision: auto` trains in bf16 on one machine and fp32 on another (pipeline.core.precision).
-            "numerics": auto_context(device or pick_device(recipe.device)),
-        }
-    )
-    specs = [StageSpec("train", recipe.baseline), *recipe.stage_specs()]
-    chain, parent = [], root
-    for index, spec in enumerate(specs):
-        if index == 1 and recipe.stage_seed is not None and recipe.stage_seed != recipe.seed:
-            parent = digest({"parent": parent, "stage_seed": recipe.stage_seed})  # one baseline, seeded stages
-        parent = stage_key(parent, spec.name, spec.config.model_dump(mode="json"))
-        chain.append(PlannedStage(index, spec, parent))
-    return chain
-
-
 def training_epochs(recipe: Recipe) -> int:
     """Epochs over the training split the chain's stages train in all (the baseline excluded)."""
     return sum(getattr(s.config, "total_epochs", lambda: 0)() for s in recipe.stage_specs())
@@ -114,28 +74,6 @@ def ordering_detail(recipe: Recipe) -> str:
         variant = ",".join(shown.format(config[f]) for f, shown in VARIANT_FIELDS.items() if f in config)
         names.append(f"{spec.name}[{variant}]" if variant else spec.name)
     return ">".join(names) or "train"
-
-
-def evaluation_key(recipe: Recipe) -> str:
-    """Identifies how metrics were measured; cached metrics are reused only under the same key. (Which images are
-    evaluated beyond the subsets is fixed by the stage key: the data's fingerprint and its split settings.)"""
-    return digest(
-        {
-            "evaluation": recipe.evaluation.model_dump(mode="json"),
-            "deploy": recipe.deploy.model_dump(mode="json"),
-            "data": recipe.data.model_dump(mode="json", include=EVAL_ONLY_FIELDS),
-            "splits": 2,  # metrics and predictions of the validation and the test split
-        }
-    )[:16]
-
-
-def pick_device(name: str) -> torch.device:
-    """'auto': CUDA when present, else the CPU; 'cuda' without a GPU is an error that says so."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda, but torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")  # under torchrun, the rank's own GPU (`distributed.process_group` selects it)
-    return torch.device("cpu")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -467,4 +405,4 @@ def _training_tags(record: dict) -> dict[str, str]:
     return tags
 
 
-__all__ = ["Runner", "RunSummary", "StageResult", "ordering_detail", "plan_chain"]
+__all__ = ["Runner", "RunSummary", "StageResult", "ordering_detail"]

@@ -22,24 +22,12 @@ from pipeline.core.artifacts import save_artifact
 from pipeline.core.checkpoints import StageCheckpoints
 from pipeline.core.data import DataBundle
 from pipeline.core.models import ModelState
-from pipeline.recipe import Recipe, StageSpec
+from pipeline.recipe import Recipe
 from pipeline.run.cache import CacheEntry, StageCache
+from pipeline.run.keys import PlannedStage, code_versions
 from stages import StageContext, StageOutput, get_stage
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-
-@dataclass(frozen=True)
-class PlannedStage:
-    """One step of the chain: index 0 is the baseline (`train`)."""
-
-    index: int
-    spec: StageSpec
-    key: str
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
 
 
 @dataclass
@@ -130,6 +118,7 @@ class StageTrainer:
             "timm": timm.__version__,
             # What a killed run left that this one went on from (empty: trained from the start in one go).
             "resumed": list(checkpoints.resumed),
+            "code": code_versions(stage.name),  # the versions of the code that made it (pipeline.run.keys)
         }
         entry = self.cache.put(stage.key, out.state, record, save_artifact)
         checkpoints.clear()

@@ -28,7 +28,8 @@ from pipeline.core.hashing import digest
 from pipeline.core.metrics import metric_catalogue, test_name
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.run.executors import Executor, get_executor
-from pipeline.run.runner import Runner, StageResult, default_cache_dir, evaluation_key, termination_as_interrupt
+from pipeline.run.keys import evaluation_key
+from pipeline.run.runner import Runner, StageResult, default_cache_dir, termination_as_interrupt
 from pipeline.search.config import ORDERING_PARAM, Constraint, ParamRange, SearchConfig, is_integer_field
 from pipeline.search.outcome import outcome_of
 from pipeline.search.space import search_orderings

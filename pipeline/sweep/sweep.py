@@ -23,15 +23,8 @@ from pipeline.core.hashing import digest
 from pipeline.core.training import TrainConfig
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.run.executors import Executor, get_executor
-from pipeline.run.runner import (
-    Runner,
-    data_fingerprint,
-    default_cache_dir,
-    evaluation_key,
-    plan_chain,
-    termination_as_interrupt,
-    training_epochs,
-)
+from pipeline.run.keys import data_fingerprint, evaluation_key, plan_chain
+from pipeline.run.runner import Runner, default_cache_dir, termination_as_interrupt, training_epochs
 from pipeline.sweep.orderings import sweep_orderings
 from pipeline.tracking import TAGS, RunType, Tracker
 

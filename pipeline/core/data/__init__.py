@@ -4,7 +4,7 @@ DataLoader workers (`stream`, any size). `load_data` builds a run's `DataBundle`
 
 from pipeline.core.data.augment import random_crop_flip
 from pipeline.core.data.bundle import DataBundle, choose_loader, load_data
-from pipeline.core.data.config import EVAL_ONLY_FIELDS, NEUTRAL_FIELDS, AugmentConfig, DataConfig
+from pipeline.core.data.config import DATA_VERSION, EVAL_ONLY_FIELDS, NEUTRAL_FIELDS, AugmentConfig, DataConfig
 from pipeline.core.data.memory import Split, TensorLoader
 from pipeline.core.data.preprocessing import DATASET_STATS, has_weights, resolve_preprocessing
 from pipeline.core.data.sources import (
@@ -24,6 +24,7 @@ from pipeline.core.data.stream import StreamLoader
 from pipeline.core.data.transforms import Preprocessing
 
 __all__ = [
+    "DATA_VERSION",
     "DATASET_STATS",
     "EVAL_ONLY_FIELDS",
     "NEUTRAL_FIELDS",

@@ -135,6 +135,9 @@ class DataConfig(StrictConfig):
 
 
 # Data settings that change only evaluation, not what a stage trains; they key metrics, not models.
+DATA_VERSION = 1
+"""Version of what the data code gives training (splits, decoding, augmentation, normalisation): in every stage cache
+key; bump it when a change of pipeline/core/data changes the pixels or the order a stage trains on."""
 EVAL_ONLY_FIELDS = frozenset({"val_subset", "test_subset", "eval_batch_size"})
 # Settings that change neither what is trained nor what is measured (where the data is; how many workers read it).
 NEUTRAL_FIELDS = frozenset({"root", "download", "workers"})

@@ -25,7 +25,7 @@ def test_shipped_recipes_validate(path: Path):
 
 def test_top_level_recipes_share_one_baseline():
     """Every shipped CPU recipe starts from the same cached baseline, so it trains once for all."""
-    from pipeline.run.runner import plan_chain
+    from pipeline.run.keys import plan_chain
 
     keys = {plan_chain(load_recipe(p))[0].key for p in SHIPPED if p.parent == RECIPES_DIR}
     assert len(keys) == 1
@@ -326,7 +326,7 @@ def test_budget_sets_each_stage_epochs_in_its_own_units():
 
 
 def test_seeds_repeat_the_recipes_own_chain_and_scope_decides_what_is_shared():
-    from pipeline.run.runner import plan_chain
+    from pipeline.run.keys import plan_chain
     from pipeline.sweep.sweep import chain_label, plan_sweep
 
     two = [{"prune": {"epochs": 1}}, {"inq": {"epochs": 1}}]
@@ -354,7 +354,8 @@ def test_seeds_repeat_the_recipes_own_chain_and_scope_decides_what_is_shared():
 
 
 def test_every_sweep_gets_an_equal_training_control_per_epoch_count_unless_it_opts_out():
-    from pipeline.run.runner import plan_chain, training_epochs
+    from pipeline.run.keys import plan_chain
+    from pipeline.run.runner import training_epochs
     from pipeline.sweep.sweep import plan_sweep
 
     stages = [{"prune": {"epochs": 1, "lr": 0.03, "schedule": "constant"}}, {"distill": {"epochs": 2, "lr": 0.01}}]
@@ -396,7 +397,7 @@ def test_bf16_is_refused_where_a_stage_would_train_a_fake_quantized_model():
 
 
 def test_numerics_and_run_settings_validate_and_checkpoints_are_part_of_no_cache_key():
-    from pipeline.run.runner import plan_chain
+    from pipeline.run.keys import plan_chain
 
     recipe = validate_recipe(tiny_recipe(baseline={"epochs": 2, "channels_last": True, "compile": False}))
     assert recipe.baseline.precision == "auto" and recipe.checkpoint.every_epochs == 1

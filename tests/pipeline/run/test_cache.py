@@ -7,7 +7,8 @@ import torch
 
 from pipeline.core.artifacts import save_artifact
 from pipeline.core.models import ModelSpec, ModelState
-from pipeline.run.cache import StageCache, stage_key
+from pipeline.run.cache import StageCache
+from pipeline.run.keys import stage_key
 from tests.conftest import TINY_MODEL
 
 

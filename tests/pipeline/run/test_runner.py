@@ -17,7 +17,8 @@ from pipeline.core.data import DataConfig, load_data
 from pipeline.core.metrics import accuracy, load_predictions
 from pipeline.core.models import ModelConfig
 from pipeline.recipe import validate_recipe
-from pipeline.run.runner import ordering_detail, plan_chain
+from pipeline.run.keys import plan_chain
+from pipeline.run.runner import ordering_detail
 from tests.conftest import PROJECT_ROOT, TINY_MODEL, make_photos, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
