@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INVALID
     if args.command == "validate":
         print(f"{args.recipe}: valid ({_describe(recipe)})")
+        print(f"# the recipe as it runs (`extends` merged, overrides applied):\n{recipe.to_yaml()}", end="")
         return EXIT_OK
     if args.command == "sweep":
         return _sweep(recipe, args)

@@ -1,4 +1,5 @@
-"""Reading a recipe: by name (recipes/) or path, YAML, overrides (`data.train_subset=2000`), then validation."""
+"""Reading a recipe: by name (recipes/) or path, YAML, the recipes it `extends` (deep-merged, the child's keys
+winning), overrides (`data.train_subset=2000`), then validation."""
 
 from __future__ import annotations
 
@@ -31,8 +32,50 @@ def resolve_recipe_path(name_or_path: str) -> Path:
 
 
 def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read, override and validate a recipe; raises RecipeError (one line) on any problem."""
-    path = resolve_recipe_path(str(name_or_path))
+    """Read (with the recipes it `extends`), override and validate a recipe; raises RecipeError (one line) on any
+    problem."""
+    raw = read_raw(resolve_recipe_path(str(name_or_path)))
+    for item in overrides:
+        apply_override_(raw, item)
+    return validate_recipe(raw)
+
+
+def read_raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe mapping at `path` merged over the recipe it `extends` (recursively): mappings are merged key by
+    key, the child's values win, anything else (a list of stages, say) is replaced whole."""
+    raw = _read_yaml(path)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str) or not parent.strip():
+        raise RecipeError("extends", f"must name a recipe (a shipped recipe's name or a path), got {parent!r}")
+    where = f"{path.name} extends {parent!r}"
+    parent_path = _parent_path(parent, path)
+    if parent_path is None:
+        raise RecipeError("extends", f"{where}, which is neither a file beside it nor a shipped recipe")
+    if parent_path.resolve() in {p.resolve() for p in (*chain, path)}:
+        cycle = " -> ".join(p.name for p in (*chain, path, parent_path))
+        raise RecipeError("extends", f"recipes extend each other in a cycle: {cycle}")
+    return merge(read_raw(parent_path, (*chain, path)), raw)
+
+
+def merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """`child` deep-merged over `base` (a new mapping; neither is changed)."""
+    out = dict(base)
+    for key, value in child.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _parent_path(parent: str, child: Path) -> Path | None:
+    """`extends:` resolves relative to the child's folder, then as a shipped recipe's name."""
+    for candidate in (child.parent / parent, child.parent / f"{parent}.yaml", RECIPES_DIR / f"{parent}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
@@ -41,9 +84,7 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | tuple[str, ...]
         raise RecipeError("", f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
     if not isinstance(raw, dict):
         raise RecipeError("", f"{path} must hold a mapping of recipe keys, got {type(raw).__name__}")
-    for item in overrides:
-        apply_override_(raw, item)
-    return validate_recipe(raw)
+    return raw
 
 
 # Overrides: `data.train_subset=2000`, `stages[1].train.lr=0.01` or `stages.1.train.lr=0.01`.
