@@ -19,8 +19,6 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def _parser() -> argparse.ArgumentParser:
     import stages  # noqa: F401  (stages, and plug-in runtimes listed in PIPELINE_PLUGINS, register themselves)
-    from pipeline.deploy import get_runtime, runtime_names
-    from pipeline.reporting.columns import report_runtimes
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,45 +29,61 @@ def _parser() -> argparse.ArgumentParser:
         ("validate", "validate a recipe, run nothing"),
     )
     for name, help_text in commands:
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("recipe", help="a name in recipes/ (e.g. baseline) or a path to a YAML file")
-        cmd.add_argument(
-            "overrides",
-            nargs="*",
-            metavar="key=value",
-            help="dotted overrides, e.g. data.train_subset=2000 baseline.epochs=1",
-        )
-        if name in {"run", "sweep", "search"}:
-            cmd.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default .cache/)")
-            cmd.add_argument(
-                "--quiet", action="store_true", help="no progress bars (nor per-epoch lines off a terminal)"
-            )
-        if name == "run":
-            cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
-        if name in {"sweep", "search"}:
-            cmd.add_argument(
-                "--executor",
-                default=None,
-                choices=("local", "ray"),
-                help="local: one ordering (trial) after another; ray: orderings (search workers) as Ray tasks "
-                "(default: the recipe's `executor:`, else local)",
-            )
-            cmd.add_argument(
-                "--address",
-                default=None,
-                help="ray: the cluster to join (e.g. 10.0.0.5:6379 or auto); default: start a local Ray",
-            )
-            cmd.add_argument(
-                "--cpus-per-ordering", type=float, default=None, help="ray: CPUs each ordering's task asks for (1)"
-            )
-            cmd.add_argument(
-                "--gpus-per-ordering", type=float, default=None, help="ray: GPUs each ordering's task asks for (0)"
-            )
-            cmd.add_argument("--new", action="store_true", help=f"a new {name} id instead of resuming an identical one")
-            cmd.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
-            cmd.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
-        if name == "search":
-            cmd.add_argument("--against", default=None, help="a sweep id whose frontier the report compares with")
+        _add_recipe_command(sub, name, help_text)
+    _add_report_command(sub)
+    _add_export_command(sub)
+    sub.add_parser("stages", help="list the registered stages and their config fields")
+    return parser
+
+
+def _add_recipe_command(sub, name: str, help_text: str) -> None:
+    """`run`, `sweep`, `search` or `validate`: a recipe, its overrides, and the command's options."""
+    cmd = sub.add_parser(name, help=help_text)
+    cmd.add_argument("recipe", help="a name in recipes/ (e.g. baseline) or a path to a YAML file")
+    cmd.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides, e.g. data.train_subset=2000 baseline.epochs=1",
+    )
+    if name in {"run", "sweep", "search"}:
+        cmd.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default .cache/)")
+        cmd.add_argument("--quiet", action="store_true", help="no progress bars (nor per-epoch lines off a terminal)")
+    if name == "run":
+        cmd.add_argument("--no-cache", action="store_true", help="recompute every stage, ignore the cache")
+    if name in {"sweep", "search"}:
+        _add_executor_options(cmd, name)
+    if name == "search":
+        cmd.add_argument("--against", default=None, help="a sweep id whose frontier the report compares with")
+
+
+def _add_executor_options(cmd, name: str) -> None:
+    cmd.add_argument(
+        "--executor",
+        default=None,
+        choices=("local", "ray"),
+        help="local: one ordering (trial) after another; ray: orderings (search workers) as Ray tasks "
+        "(default: the recipe's `executor:`, else local)",
+    )
+    cmd.add_argument(
+        "--address",
+        default=None,
+        help="ray: the cluster to join (e.g. 10.0.0.5:6379 or auto); default: start a local Ray",
+    )
+    cmd.add_argument(
+        "--cpus-per-ordering", type=float, default=None, help="ray: CPUs each ordering's task asks for (1)"
+    )
+    cmd.add_argument(
+        "--gpus-per-ordering", type=float, default=None, help="ray: GPUs each ordering's task asks for (0)"
+    )
+    cmd.add_argument("--new", action="store_true", help=f"a new {name} id instead of resuming an identical one")
+    cmd.add_argument("--no-report", action="store_true", help="do not write the report afterwards")
+    cmd.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
+
+
+def _add_report_command(sub) -> None:
+    from pipeline.reporting.columns import report_runtimes
+
     report = sub.add_parser("report", help="write a sweep's (or search's) report from MLflow into reports/<id>/")
     report.add_argument(
         "sweep", nargs="?", default=None, help="sweep or search id (tag `sweep` / `search`); default: the latest sweep"
@@ -88,6 +102,11 @@ def _parser() -> argparse.ArgumentParser:
         choices=report_runtimes(),
         help="whose latency and top-1 the frontiers use (default: the sweep's first deploy runtime, else torch)",
     )
+
+
+def _add_export_command(sub) -> None:
+    from pipeline.deploy import get_runtime, runtime_names
+
     export = sub.add_parser("export", help="export a model to ONNX / OpenVINO IR outside a run")
     export.add_argument(
         "source",
@@ -104,8 +123,6 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", type=Path, required=True, help="folder to write model.onnx / openvino/model.xml into")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (17-23, default 18)")
     export.add_argument("--cache-dir", type=Path, default=None, help="stage cache of a recipe source (default .cache/)")
-    sub.add_parser("stages", help="list the registered stages and their config fields")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +287,7 @@ def _executor(recipe, args):
 
 
 def _search(recipe, args) -> int:
-    from pipeline.search.study import run_search
+    from pipeline.search.search import run_search
 
     if not recipe.is_search:
         print(f"error: recipe {recipe.name!r} has no `search:` block; see README (Search)", file=sys.stderr)

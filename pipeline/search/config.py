@@ -13,7 +13,7 @@ search:
 ```
 
 Only the config lives here (validated when the recipe loads, with the checks against the recipe's stages and metrics
-in `pipeline.recipe`); `pipeline.search.study` runs it.
+in `pipeline.recipe`); `pipeline.search.search` runs it.
 """
 
 from __future__ import annotations

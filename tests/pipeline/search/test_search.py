@@ -26,7 +26,8 @@ from pipeline.reporting.search import search_markdown
 from pipeline.search.config import Constraint
 from pipeline.search.outcome import TrialRecord, compare_with_sweep, summarize
 from pipeline.search.space import search_orderings
-from pipeline.search.study import plan_search, search_chain, unreachable_constraint
+from pipeline.search.study import plan_search
+from pipeline.search.trial import search_chain, unreachable_constraint
 from stages.distill import DistillConfig
 from stages.prune import PruneConfig
 from stages.qat import QATConfig
@@ -220,7 +221,7 @@ def test_a_lone_feasible_point_has_volume_and_integer_fields_are_sampled_as_inte
 def test_stepped_floats_are_sampled_on_their_grid_exactly(tmp_path):
     import optuna
 
-    from pipeline.search.study import sample_trial
+    from pipeline.search.trial import sample_trial
 
     raw = search_recipe(orderings=[["prune", "distill"]], space={"prune.pruning_ratio": {"low": 0.3, "high": 0.8,
                                                                                          "step": 0.1}})  # fmt: skip
@@ -299,9 +300,9 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
     plan = plan_search(validate_recipe(raw), tracking_uri=isolated["MLFLOW_TRACKING_URI"], cache_dir=tmp_path / "c")
 
     # Interrupt the second trial: the search stops with exit 130; the first trial stays finished.
-    from pipeline import search as search_module
+    from pipeline.run.runner import Runner
 
-    real_run, calls = search_module.Runner.run, []
+    real_run, calls = Runner.run, []
 
     def interrupted_second(self):
         calls.append(self.recipe.ordering)
@@ -309,7 +310,7 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
             raise KeyboardInterrupt("test")
         return real_run(self)
 
-    monkeypatch.setattr(search_module.Runner, "run", interrupted_second)
+    monkeypatch.setattr(Runner, "run", interrupted_second)
     optuna_records: list[logging.LogRecord] = []
     catch = logging.Handler()
     catch.emit = optuna_records.append
@@ -318,7 +319,7 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
         assert cli.main(["search", str(path), "--quiet", "--no-report"]) == 130
     finally:
         logging.getLogger("optuna").removeHandler(catch)
-    monkeypatch.setattr(search_module.Runner, "run", real_run)
+    monkeypatch.setattr(Runner, "run", real_run)
     # Optuna says the trial failed, in one line: no traceback for an interruption.
     said = [r for r in optuna_records if "KeyboardInterrupt" in r.getMessage()]
     assert said and not any(r.exc_info for r in said)

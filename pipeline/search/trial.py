@@ -1,0 +1,187 @@
+"""One trial of a search: the chain it samples (ordering and settings), run through the ordinary `Runner` nested under
+the search's MLflow run, ended early when a constraint is out of reach of every later stage, and told to Optuna."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.metrics import metric_catalogue
+from pipeline.recipe import Recipe, StageSpec
+from pipeline.run.runner import Runner, StageResult
+from pipeline.search.config import ORDERING_PARAM, Constraint, ParamRange, SearchConfig, is_integer_field
+from pipeline.search.study import SearchPlan
+from pipeline.tracking import TAGS, Tracker
+from stages import get_stage
+
+log = logging.getLogger("pipeline")
+
+
+def search_chain(recipe: Recipe, ordering: Sequence[str], settings: dict[str, Any]) -> Recipe:
+    """One trial's chain: the stages of `ordering` with the sampled `settings` ({"prune.pruning_ratio": 0.5,
+    "budget.epochs": 6}) applied over the recipe's configs, then the budget, as `as_chain` does."""
+    by_stage: dict[str, dict[str, Any]] = {}
+    for key, value in settings.items():
+        stage, _, name = key.partition(".")
+        by_stage.setdefault(stage, {})[name] = value
+    specs = []
+    for spec in recipe.stage_specs():
+        fields = by_stage.get(spec.name)
+        config = type(spec.config).model_validate({**spec.config.model_dump(), **fields}) if fields else spec.config
+        specs.append(StageSpec(spec.name, config))
+    update: dict[str, Any] = {"stages": specs, "search": None}
+    if "budget" in by_stage and recipe.budget is not None:
+        update["budget"] = recipe.budget.model_copy(update=by_stage["budget"])
+    return recipe.model_copy(update=update).as_chain(list(ordering))
+
+
+def sample_trial(trial, plan: SearchPlan) -> tuple[list[str], dict[str, Any]]:
+    """(ordering, settings) for an Optuna trial: the ordering, then each space field of a stage in it."""
+    ordering = trial.suggest_categorical(ORDERING_PARAM, plan.orderings).split(">")
+    specs = {s.name: s for s in plan.recipe.stage_specs()}
+    settings = {}
+    for key, values in plan.config.space.items():
+        stage, _, name = key.partition(".")
+        if key != "budget.epochs" and stage not in ordering:
+            continue
+        integer = key == "budget.epochs" or is_integer_field(type(specs[stage].config), name)
+        settings[key] = _suggest(trial, key, values, integer=integer)
+    return ordering, settings
+
+
+def _suggest(trial, key: str, values: ParamRange, *, integer: bool) -> Any:
+    if values.choices is not None:
+        return trial.suggest_categorical(key, values.choices)
+    if integer:
+        step = int(values.step or 1)
+        return trial.suggest_int(key, int(values.low), int(values.high), step=step, log=values.log)
+    value = trial.suggest_float(key, values.low, values.high, step=values.step, log=values.log)
+    # On a step grid Optuna returns low + k * step, e.g. 0.6000000000000001 for 0.3 + 3 * 0.1: run (and log) 0.6.
+    return float(f"{value:.12g}") if values.step is not None else value
+
+
+def unreachable_constraint(
+    metrics: dict[str, float],
+    remaining: list[StageSpec],
+    constraints: list[Constraint],
+    catalogue: dict[str, tuple[str | None, str | None]],
+    timing_margin: float,
+) -> str | None:
+    """Why a chain cannot meet its constraints any more, or None: a bound on a `bytes` or `compute` metric that the
+    model after this stage misses (timed metrics by more than `timing_margin` of the bound), when no stage in
+    `remaining` declares it can lower that kind of metric. Accuracy bounds never end a chain: training may lift it."""
+    for constraint in constraints:
+        kind = catalogue.get(constraint.metric, (None, None))[1]
+        value = metrics.get(constraint.metric)
+        if kind is None or value is None:
+            continue
+        timed = "latency" in constraint.metric or "throughput" in constraint.metric
+        slack = timing_margin * abs(constraint.bound) if timed else 0.0
+        if constraint.violation(value) <= slack:
+            continue
+        able = [s.name for s in remaining if (kinds := get_stage(s.name).can_lower(s.config)) is None or kind in kinds]
+        if not able:
+            later = ", ".join(s.name for s in remaining)
+            return (
+                f"{constraint} is out of reach: {constraint.metric} = {value:g}, and no later stage ({later}) lowers it"
+            )
+    return None
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of one worker shares."""
+
+    plan: SearchPlan
+    search_run_id: str
+    cache_dir: Path
+    tracker: Tracker
+    progress: bool
+    worker: int = 0
+
+    @property
+    def constraints(self) -> list[Constraint]:
+        return self.plan.config.parsed_constraints()
+
+
+def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
+    """Sample, run the chain (ending it early when a constraint is out of reach), tell Optuna its objectives and
+    constraint violations, and keep what the report needs in the trial's user attributes."""
+    cfg, recipe = ctx.plan.config, ctx.plan.recipe
+    ordering, settings = sample_trial(trial, ctx.plan)
+    chain = search_chain(recipe, ordering, settings)
+    catalogue = metric_catalogue(recipe.deploy.runtimes)
+
+    def stop(result: StageResult, remaining: list[StageSpec]) -> str | None:
+        return unreachable_constraint(
+            result.metrics, remaining, ctx.constraints, catalogue, cfg.early_stop.timing_margin
+        )
+
+    runner = Runner(
+        chain,
+        cache_dir=ctx.cache_dir,
+        tracker=ctx.tracker,
+        progress=ctx.progress,
+        parent_run_id=ctx.search_run_id,
+        tags={TAGS.search: ctx.plan.search_id, TAGS.trial: str(trial.number)},
+        params={"trial": trial.number, "search_worker": ctx.worker, **{f"search.{k}": v for k, v in settings.items()}},
+        stop_after=stop if cfg.early_stop.enabled else None,
+        run_name=f"trial {trial.number}: {chain.ordering}",
+    )
+    log.info("trial %d: %s %s", trial.number, chain.ordering, json.dumps(settings) if settings else "")
+    try:
+        summary = runner.run()
+    except KeyboardInterrupt:
+        trial.set_user_attr("interrupted", True)  # resumed with the same settings next time
+        raise
+    final = summary.results[-1].metrics
+    missing = [m for m in (*cfg.objectives, *(c.metric for c in ctx.constraints)) if m not in final]
+    if missing:
+        raise ValueError(f"the chain did not measure {', '.join(missing)} (a deploy runtime failed?)")
+    violations = {str(c): c.violation(final[c.metric]) for c in ctx.constraints}
+    for name, violation in violations.items():
+        trial.set_constraint(name, violation)
+    feasible = all(v <= 0 for v in violations.values()) and summary.early_stopped is None
+    for key, value in trial_accounting(chain, summary.results, summary.early_stopped).items():
+        trial.set_user_attr(key, value)
+    trial.set_user_attr("run_id", summary.run_id)
+    trial.set_user_attr("deploy_dir", str(runner.deploy_dir_of(summary.results[-1])))
+    trial.set_user_attr("chain", chain.ordering)
+    trial.set_user_attr("metrics", {k: v for k, v in final.items() if k in catalogue})
+    trial.set_user_attr("baseline", {k: v for k, v in summary.results[0].metrics.items() if k in catalogue})
+    ctx.tracker.set_tags(summary.run_id, {TAGS.feasible: str(feasible).lower()})
+    values = tuple(float(final[m]) for m in cfg.objectives)
+    log.info("trial %d: %s%s", trial.number, _describe(cfg, final, feasible), _stopped(summary.early_stopped))
+    return values
+
+
+def trial_accounting(chain: Recipe, results: list[StageResult], early_stopped: str | None) -> dict[str, Any]:
+    """Stage runs and epochs a trial trained, took from the cache, and skipped by ending early; the baseline, which
+    every trial shares, is left out."""
+    epochs = [getattr(s.config, "total_epochs", lambda: 0)() for s in chain.stage_specs()]
+    done = {r.index - 1: r for r in results if r.index > 0}
+    return {
+        "early_stopped": early_stopped,
+        "stages_trained": sum(not r.cached for r in done.values()),
+        "stages_reused": sum(r.cached for r in done.values()),
+        "stages_skipped": len(epochs) - len(done),
+        "epochs_trained": sum(epochs[i] for i, r in done.items() if not r.cached),
+        "epochs_reused": sum(epochs[i] for i, r in done.items() if r.cached),
+        "epochs_skipped": sum(e for i, e in enumerate(epochs) if i not in done),
+    }
+
+
+def _describe(cfg: SearchConfig, final: dict[str, float], feasible: bool) -> str:
+    shown = ", ".join(f"{m} {final[m]:.4g}" for m in cfg.objectives)
+    return f"{shown} ({'feasible' if feasible else 'infeasible'})"
+
+
+def _stopped(reason: str | None) -> str:
+    return f"; ended early: {reason}" if reason else ""
+
+
+# --- workers --------------------------------------------------------------------------------------------------
