@@ -19,8 +19,9 @@ LOCK = Path(__file__).with_name("code_versions.json")
 
 # The code each shared version stands for (paths relative to the project root; a folder means every .py in it).
 SHARED = {
-    "training": ("TRAINING_VERSION", ["pipeline/core/training.py", "pipeline/core/loop.py", "pipeline/core/fixed_weights.py",
-                                      "pipeline/core/precision.py", "pipeline/core/models.py",
+    "training": ("TRAINING_VERSION", ["pipeline/core/training.py", "pipeline/core/loop.py",
+                                      "pipeline/core/fixed_weights.py", "pipeline/core/precision.py",
+                                      "pipeline/core/models.py",
                                       "pipeline/core/structure.py", "pipeline/core/distributed.py",
                                       "pipeline/core/int8_fx.py"]),
     "data": ("DATA_VERSION", ["pipeline/core/data"]),
