@@ -10,7 +10,7 @@ What / how / when are kept apart, as pure functions the stage stitches together:
         `quantize_pow2`     and the rounding rule (paper Eq. 4)
   when  `inq_schedule`      the accumulated portions, and after which of them to retrain
 
-Freezing is the project's shared constraint (`ModelState.fixed`): the shared loop masks the
+Freezing is the project's shared fixed-weights mechanism (`ModelState.fixed`): the shared loop masks the
 gradients of frozen weights and projects them back after every optimizer step.
 
 The paper anchors a layer's top level at its largest weight (`n1_rule: max`, the default). At 2-3

@@ -176,7 +176,7 @@ def _plan_ranks(model: nn.Module, config: LowRankConfig) -> dict[str, tuple[int,
 
 
 def _install_(state: ModelState, plan: dict[str, tuple[int, torch.Tensor, torch.Tensor]]) -> None:
-    """Replace each planned layer by its factors (SVD values), dropping constraints on the replaced weights."""
+    """Replace each planned layer by its factors (SVD values), releasing the fixed weights of the replaced layers."""
     model = state.model
     for name, (rank, a, b) in plan.items():
         layer = model.get_submodule(name)

@@ -1,7 +1,7 @@
 """Weights that training must not change, imposed by earlier stages and kept by the shared loop.
 
 Pruning fixes weights at zero; INQ fixes weights at their power-of-two values. Both are the same
-constraint: a boolean mask per parameter and the values the masked entries must hold. Keeping it
+mechanism: a boolean mask per parameter and the values the masked entries must hold. Keeping it
 in one place means every later stage's training (fine-tuning, INQ retraining, QAT, distillation)
 keeps it without knowing which stage imposed it.
 

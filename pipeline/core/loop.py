@@ -67,7 +67,7 @@ class TrainReport:
 
 @dataclass
 class Step:
-    """What every step of one `train_` call uses, built once: optimizer, LR schedule, gradient scaler, constraints,
+    """What every step of one `train_` call uses, built once: optimizer, LR schedule, gradient scaler, fixed weights,
     loss and numerics."""
 
     optimizer: torch.optim.Optimizer
@@ -86,7 +86,7 @@ class Step:
             loss, logits = self.loss_fn(forward, images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        self.fixed.mask_grads_(model)  # constraints address the parameters by the model's own names
+        self.fixed.mask_grads_(model)  # fixed weights address the parameters by the model's own names
         if self.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip_norm)

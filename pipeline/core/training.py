@@ -1,6 +1,6 @@
 """The one training loop every stage trains through: baseline, fine-tuning, INQ retraining, QAT, distillation.
 
-Constraints from earlier stages are enforced here, once: gradients of fixed weights are masked
+Weights earlier stages fixed are kept here, once: gradients of fixed weights are masked
 before each optimizer step and fixed weights are projected back to their values after it.
 
 The loop trains in the config's numerics (`pipeline.core.precision`: bf16 / fp16 autocast, channels_last), keeps the
@@ -195,8 +195,8 @@ def _reuse_finished_(model: nn.Module, finished: dict[str, Any], hooks: LoopHook
 
 def _build_loop(model, cfg: TrainConfig, numerics: Numerics, *, fixed: FixedWeights, device, loss: LossFn | None,
                 total_steps: int) -> Step:  # fmt: skip
-    """Move `model` to `device` in its memory format, build its optimizer and schedule, and start it inside its
-    constraints."""
+    """Move `model` to `device` in its memory format, build its optimizer and schedule, and start it with its fixed
+    weights at their values."""
     model.to(device)
     model.to(memory_format=numerics.memory_format)
     optimizer = build_optimizer(model, cfg)
