@@ -125,7 +125,7 @@ def resolve_teacher(config: DistillConfig, state: ModelState, ctx: StageContext)
 
 @register_stage("distill", config=DistillConfig, lowers=set())
 def run_distill(state: ModelState | None, config: DistillConfig, ctx: StageContext) -> StageOutput:
-    """Train the current model (student) against a teacher's softened outputs, keeping the weights earlier stages fixed."""
+    """Train the current model (student) against a teacher's softened outputs, keeping its fixed weights."""
     if state is None:
         raise ValueError("distill needs an input model (the student): it cannot be the first stage")
     teacher = resolve_teacher(config, state, ctx)
