@@ -14,6 +14,7 @@ from pipeline.sweep.orderings import sweep_orderings
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 SHIPPED = sorted(RECIPES_DIR.rglob("*.yaml"))
+DATA = "one data fingerprint"  # keys of the same data: scanning CIFAR-10's 60,000 files per call is not the point
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
@@ -27,7 +28,7 @@ def test_top_level_recipes_share_one_baseline():
     """Every shipped CPU recipe starts from the same cached baseline, so it trains once for all."""
     from pipeline.run.keys import plan_chain
 
-    keys = {plan_chain(load_recipe(p))[0].key for p in SHIPPED if p.parent == RECIPES_DIR}
+    keys = {plan_chain(load_recipe(p), DATA)[0].key for p in SHIPPED if p.parent == RECIPES_DIR}
     assert len(keys) == 1
 
 
@@ -335,15 +336,15 @@ def test_seeds_repeat_the_recipes_own_chain_and_scope_decides_what_is_shared():
     assert sweep_orderings(recipe) == ([("prune", "inq")], [])  # seeds alone: the recipe's chain, not permutations
     plan = plan_sweep(recipe)
     assert [chain_label(c, recipe) for c in plan.chains] == [f"prune>inq (seed {s})" for s in (5, 6, 7)]
-    keys = [[s.key for s in plan_chain(c)] for c in plan.chains]
+    keys = [[s.key for s in plan_chain(c, DATA)] for c in plan.chains]
     assert len({k[0] for k in keys}) == 3  # seed_scope baseline: every seed retrains the baseline
-    unseeded = plan_chain(validate_recipe(tiny_recipe(stages=two, seed=5)))
+    unseeded = plan_chain(validate_recipe(tiny_recipe(stages=two, seed=5)), DATA)
     assert keys[0] == [s.key for s in unseeded]  # the first seed is the plain recipe: its cache is reused
 
     shared = validate_recipe(tiny_recipe(stages=two, seed=5, seeds=[5, 9], seed_scope="stages"))
     chains = plan_sweep(shared).chains
     assert [(c.seed, c.chain_seed) for c in chains] == [(5, 5), (5, 9)]
-    first, second = ([s.key for s in plan_chain(c)] for c in chains)
+    first, second = ([s.key for s in plan_chain(c, DATA)] for c in chains)
     assert first[0] == second[0] and first[1] != second[1]  # one baseline, stages seeded apart
     assert first == [s.key for s in unseeded]
 
@@ -366,7 +367,7 @@ def test_every_sweep_gets_an_equal_training_control_per_epoch_count_unless_it_op
     assert [s.name for s in control.stage_specs()] == ["train"] and training_epochs(control) == 3
     train = control.stage_specs()[0].config
     assert (train.lr, train.schedule) == (0.03, "constant")  # the first training stage's, of the first chain
-    assert plan_chain(control)[0].key == plan_chain(chains[0])[0].key  # it continues the same baseline
+    assert plan_chain(control, DATA)[0].key == plan_chain(chains[0], DATA)[0].key  # it continues the same baseline
 
     off = validate_recipe(tiny_recipe(stages=stages, orderings="all", control=False))
     assert [c.ordering for c in plan_sweep(off).chains] == ["prune>distill", "distill>prune"]
@@ -407,6 +408,6 @@ def test_numerics_and_run_settings_validate_and_checkpoints_are_part_of_no_cache
         validate_recipe(tiny_recipe(checkpoint={"every_minutes": 0}))
     often = validate_recipe(tiny_recipe(checkpoint={"every_epochs": 0, "every_minutes": 5},
                                         distributed={"timeout_minutes": 120, "sync_batchnorm": True}))  # fmt: skip
-    assert [s.key for s in plan_chain(often)] == [s.key for s in plan_chain(validate_recipe(tiny_recipe()))]
+    assert [s.key for s in plan_chain(often, DATA)] == [s.key for s in plan_chain(validate_recipe(tiny_recipe()), DATA)]
     explicit = validate_recipe(tiny_recipe(baseline={"epochs": 2, "lr": 0.05, "precision": "fp32"}))
-    assert plan_chain(explicit)[0].key != plan_chain(validate_recipe(tiny_recipe()))[0].key
+    assert plan_chain(explicit, DATA)[0].key != plan_chain(validate_recipe(tiny_recipe()), DATA)[0].key

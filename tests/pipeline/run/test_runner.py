@@ -198,7 +198,7 @@ def _cache_outputs(cache: Path) -> tuple[dict, dict]:
 def test_a_run_killed_inside_a_stage_resumes_it_at_its_last_checkpoint(tmp_path, isolated, cifar_root):
     """SIGTERM during the baseline's training; the same command again goes on from the last epoch checkpoint (the log
     says where), clears the checkpoints, and ends with the model and metrics of a run that was never stopped."""
-    recipe = tiny_recipe(stages=[], baseline={"epochs": 20, "lr": 0.05, "precision": "fp32"})
+    recipe = tiny_recipe(stages=[], baseline={"epochs": 8, "lr": 0.05, "precision": "fp32"})
     path = write_recipe(tmp_path / "long.yaml", recipe)
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "run", str(path)], env=isolated, cwd=PROJECT_ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
