@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock versions sweep search report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection
+.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,9 @@ ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store
 
 sweep: $(STAMP)  ## every ordering of recipes/$(recipe).yaml (its `orderings:`, else all), then its report
 	$(PY) -m pipeline sweep $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address))
+
+sensitivity: $(STAMP)  ## per-layer sensitivity of recipes/$(recipe).yaml's baseline (stage=NAME: the model entering it; args="...": options)
+	$(PY) -m pipeline sensitivity $(recipe) $(set) $(if $(stage),--stage $(stage)) $(args)
 
 search: $(STAMP)  ## search orderings and stage settings of recipes/$(recipe).yaml (its `search:`), register the best, report
 	$(PY) -m pipeline search $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address)) \

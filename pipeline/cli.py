@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline run|sweep|search RECIPE [key=value ...]`, `report [SWEEP|SEARCH]`,
+"""Command line: `python -m pipeline run|sweep|search|sensitivity RECIPE [key=value ...]`, `report [SWEEP|SEARCH]`,
 `export SOURCE`, `validate`, `stages`.
 
 Exit codes: 0 success, 1 a stage (or a sweep's ordering) failed, 2 the recipe (or the command line) is
@@ -19,6 +19,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def _parser() -> argparse.ArgumentParser:
     import stages  # noqa: F401  (stages, and plug-in runtimes listed in PIPELINE_PLUGINS, register themselves)
+    from pipeline import cli_sensitivity
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
         _add_recipe_command(sub, name, help_text)
     _add_report_command(sub)
     _add_export_command(sub)
+    cli_sensitivity.add_command(sub)
     sub.add_parser("stages", help="list the registered stages and their config fields")
     return parser
 
@@ -160,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.recipe}: valid ({_describe(recipe)})")
         print(f"# the recipe as it runs (`extends` merged, overrides applied):\n{recipe.to_yaml()}", end="")
         return EXIT_OK
+    if args.command == "sensitivity":
+        return _sensitivity(recipe, args)
     if args.command == "sweep":
         return _sweep(recipe, args)
     if args.command == "search":
@@ -211,13 +215,16 @@ def _describe(recipe) -> str:
     return text + (f"; skipped {len(skipped)}: " + "; ".join(r for _, r in skipped) if skipped else "")
 
 
-def _guarded(action):
-    """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages."""
+def _guarded(action, reraise: tuple[type[Exception], ...] = ()):
+    """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages (`reraise`: left to the
+    caller)."""
     from pipeline.core.data import DataNotFoundError
     from pipeline.core.models import ModelSourceError
 
     try:
         return action()
+    except reraise:
+        raise
     except (ModelSourceError, DataNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
@@ -228,6 +235,17 @@ def _guarded(action):
         traceback.print_exc()
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _sensitivity(recipe, args) -> int:
+    from pipeline import cli_sensitivity
+    from pipeline.sensitivity.config import SensitivityError
+
+    try:
+        return _guarded(lambda: cli_sensitivity.run(recipe, args), reraise=(SensitivityError,))
+    except SensitivityError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 def _sweep(recipe, args) -> int:

@@ -76,6 +76,7 @@ class RunType:
     SEARCH = "search"
     CHAIN = "chain"
     STAGE = "stage"
+    SENSITIVITY = "sensitivity"  # a per-layer sensitivity analysis (pipeline.sensitivity)
 
 
 # Metrics whose name in MLflow differs from the pipeline's: `params` (the parameter count) would sit beside MLflow's

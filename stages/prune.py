@@ -139,7 +139,7 @@ def _check_shrunk(model: nn.Module, widths: dict[str, int], config: PruneConfig)
     if config.pruning_ratio == 0:
         return
     now = _layer_widths(model)
-    kept = [n for n, w in widths.items() if now.get(n) == w and model.get_submodule(n) is not _classifier(model)]
+    kept = [n for n, w in widths.items() if now.get(n) == w and model.get_submodule(n) is not classifier(model)]
     if len(kept) == len(widths) - 1:
         raise RuntimeError(
             f"structured pruning ({config.importance}) removed no channel from {type(model).__name__}; "
@@ -282,7 +282,7 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")]
 
 
-def _classifier(model: nn.Module) -> nn.Module:
+def classifier(model: nn.Module) -> nn.Module:
     """The output layer, which must keep one output per class: timm's `get_classifier()`, else the last Linear."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
@@ -301,7 +301,7 @@ def _schedule(final_ratio: float, steps: int) -> list[float]:
 def _make_pruner(model: nn.Module, config: PruneConfig, ctx: StageContext) -> tp.pruner.BasePruner:
     model.cpu().eval()
     example = torch.zeros(2, *ctx.data.input_size)
-    ignored = [_classifier(model)]
+    ignored = [classifier(model)]
     try:
         return tp.pruner.BasePruner(
             model, example, importance=IMPORTANCES[config.importance](), global_pruning=config.scope == "global",

@@ -26,6 +26,7 @@ SHARED = {
                                       "pipeline/core/int8_fx.py"]),
     "data": ("DATA_VERSION", ["pipeline/core/data"]),
     "evaluation": ("EVALUATION_VERSION", ["pipeline/core/metrics.py", "pipeline/deploy"]),
+    "sensitivity": ("SENSITIVITY_VERSION", ["pipeline/sensitivity/probes.py", "pipeline/sensitivity/analysis.py"]),
 }  # fmt: skip
 
 
@@ -53,9 +54,10 @@ def current() -> dict[str, dict]:
     from pipeline.core.data import DATA_VERSION
     from pipeline.core.metrics import EVALUATION_VERSION
     from pipeline.core.training import TRAINING_VERSION
+    from pipeline.sensitivity.analysis import SENSITIVITY_VERSION
 
     shared = {"TRAINING_VERSION": TRAINING_VERSION, "DATA_VERSION": DATA_VERSION,
-              "EVALUATION_VERSION": EVALUATION_VERSION}  # fmt: skip
+              "EVALUATION_VERSION": EVALUATION_VERSION, "SENSITIVITY_VERSION": SENSITIVITY_VERSION}  # fmt: skip
     units = {}
     for name in stages.available_stages():
         entry = stages.get_stage(name)

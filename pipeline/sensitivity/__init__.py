@@ -1,0 +1,1 @@
+"""Per-layer sensitivity: each layer changed alone by each technique setting, scored on the validation split."""

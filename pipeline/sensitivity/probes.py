@@ -1,0 +1,224 @@
+"""One technique applied to one layer alone, without retraining: the probes a sensitivity analysis runs.
+
+A probe is a context manager `probe(model, layer, setting, ctx)` that yields the changed model and what the
+change saves, and leaves `model` as it was on exit. Each technique registers one probe (`register_probe`); a new
+technique is one function here.
+
+- `prune`: structured pruning of `setting` of the layer's output channels by the prune stage's criterion
+  (torch-pruning's dependency graph, so channels coupled to them, e.g. through a residual sum, go too). It works
+  on a copy; what it saves (parameters, MACs) is counted on the whole model before and after.
+- `int8`: the layer's weights per output channel symmetric int8 and its input activations uint8 per tensor, with
+  the observers of the PTQ qconfig of the backend the int8 export uses; activation ranges are calibrated on
+  training batches. Per-channel symmetric rounding does not change when BatchNorm's per-channel scale is folded
+  in, so the unfolded weight rounds as the deployed one does.
+- `inq`: the layer's weights all rounded to INQ's power-of-two levels at `setting` bits (the stage's n1 rule:
+  the paper's, from the largest weight), as INQ's last step leaves them before any retraining.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.ao.quantization import get_default_qconfig_mapping
+
+from pipeline.core.int8_fx import BACKEND
+from pipeline.core.metrics import count_macs, count_params
+from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
+from stages.inq import fit_exponents, quantize_pow2
+from stages.prune import IMPORTANCES, PRUNABLE, classifier
+
+LAYER_TYPES = PRUNABLE
+"""The layers a sensitivity analysis changes: convolutions and linear layers."""
+
+
+@dataclass
+class ProbeContext:
+    """What probes share over one analysis: the input size, the pruning criterion, int8's calibrated ranges."""
+
+    input_size: tuple[int, ...]
+    importance: str = "group_norm"
+    # layer name -> (scale, zero point, quant_min, quant_max) of its input activations
+    activation_ranges: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
+
+
+@dataclass
+class Effect:
+    """What a probe's change saves: parameters and MACs removed (pruning), bytes of weights saved (both);
+    `coupled`: the other layers the change reached (pruning's coupled channels)."""
+
+    params_removed: int = 0
+    macs_removed: int = 0
+    bytes_saved: int = 0
+    coupled: tuple[str, ...] = ()
+
+
+Probe = Callable[[nn.Module, str, float, ProbeContext], AbstractContextManager[tuple[nn.Module, Effect]]]
+
+
+@dataclass(frozen=True)
+class ProbeEntry:
+    probe: Probe
+    settings: Callable[[SensitivityConfig], tuple[float, ...]]  # the grid's settings of this technique
+    label: Callable[[float], str]  # a setting's column name in tables and plots
+
+
+_PROBES: dict[str, ProbeEntry] = {}
+
+
+def register_probe(
+    technique: str, settings: Callable[[SensitivityConfig], tuple[float, ...]], label: Callable[[float], str]
+) -> Callable[[Probe], Probe]:
+    """Register `probe` for `technique`, with the settings a config asks of it and how a setting is named."""
+
+    def wrap(fn: Probe) -> Probe:
+        _PROBES[technique] = ProbeEntry(fn, settings, label)
+        return fn
+
+    return wrap
+
+
+def probe_names() -> list[str]:
+    return list(_PROBES)
+
+
+def get_probe(technique: str) -> ProbeEntry:
+    if technique not in _PROBES:
+        raise SensitivityError(f"no sensitivity probe for {technique!r}; known: {', '.join(_PROBES)}")
+    return _PROBES[technique]
+
+
+def grid(config: SensitivityConfig) -> list[tuple[str, float]]:
+    """Every (technique, setting) the config asks for, techniques in registration order."""
+    for technique in config.techniques:
+        get_probe(technique)  # unknown names are refused
+    return [(t, s) for t in _PROBES if t in config.techniques for s in _PROBES[t].settings(config)]
+
+
+def setting_label(technique: str, setting: float) -> str:
+    """'prune 50%', 'int8', 'inq 4b': a grid column's name."""
+    return get_probe(technique).label(setting)
+
+
+def layers_of(model: nn.Module) -> dict[str, nn.Module]:
+    """Every convolution and linear layer with a weight, by module name, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and n}
+
+
+def applies(technique: str, model: nn.Module, name: str) -> bool:
+    """Whether `technique` can change layer `name`: pruning keeps the classifier's one output per class."""
+    return not (technique == "prune" and model.get_submodule(name) is classifier(model))
+
+
+# --- prune -----------------------------------------------------------------------------------------
+
+
+@register_probe("prune", lambda c: c.prune_ratios, lambda r: f"prune {r:.0%}")
+@contextmanager
+def prune_probe(model: nn.Module, name: str, ratio: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
+    pruned = copy.deepcopy(model).eval()
+    layer = pruned.get_submodule(name)
+    example = torch.zeros(1, *ctx.input_size)
+    graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=example)
+    fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+    channels = layer.weight.shape[0]
+    group = graph.get_pruning_group(layer, fn, idxs=list(range(channels)))
+    scores = IMPORTANCES[ctx.importance]()(group)
+    count = min(int(ratio * channels), channels - 1)
+    drop = sorted(torch.argsort(scores)[:count].tolist())
+    group = graph.get_pruning_group(layer, fn, idxs=drop)
+    names = {m: n for n, m in pruned.named_modules()}
+    coupled = sorted({names.get(d.target.module) for d, _ in group if isinstance(d.target.module, LAYER_TYPES)
+                      and graph.is_out_channel_pruning_fn(d.handler)} - {name, None})  # fmt: skip
+    params, macs = count_params(model), count_macs(model, ctx.input_size)
+    if count:
+        group.prune()
+    effect = Effect(
+        params_removed=params - count_params(pruned),
+        macs_removed=macs - count_macs(pruned, ctx.input_size),
+        coupled=tuple(c for c in coupled if c),
+    )
+    effect.bytes_saved = 4 * effect.params_removed
+    yield pruned, effect
+
+
+# --- int8 ------------------------------------------------------------------------------------------
+
+
+def calibrate_activations_(model: nn.Module, names: list[str], batches: list[torch.Tensor], ctx: ProbeContext) -> None:
+    """Observe the inputs of layers `names` of the unchanged model on `batches` (one pass for all of them) and
+    keep their uint8 ranges in `ctx.activation_ranges`."""
+    qconfig = get_default_qconfig_mapping(BACKEND).global_qconfig
+    with warnings.catch_warnings():  # torch's own default qconfig warns that reduce_range will be deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        observers = {name: qconfig.activation() for name in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, inputs, o=observers[n]: o(inputs[0]))
+             for n in names]  # fmt: skip
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for images in batches:
+                model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, obs in observers.items():
+        scale, zero_point = obs.calculate_qparams()
+        ctx.activation_ranges[name] = (float(scale), int(zero_point), int(obs.quant_min), int(obs.quant_max))
+
+
+@register_probe("int8", lambda _c: (8.0,), lambda _b: "int8")
+@contextmanager
+def int8_probe(model: nn.Module, name: str, _bits: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
+    if name not in ctx.activation_ranges:
+        raise RuntimeError(f"int8 probe of {name}: its activation range was not calibrated")
+    layer = model.get_submodule(name)
+    observer = get_default_qconfig_mapping(BACKEND).global_qconfig.weight()
+    weight = layer.weight.detach()
+    observer(weight)
+    scale, zero_point = observer.calculate_qparams()
+    rounded = torch.fake_quantize_per_channel_affine(
+        weight, scale.float(), zero_point.int(), observer.ch_axis, observer.quant_min, observer.quant_max
+    )
+    a_scale, a_zero, a_min, a_max = ctx.activation_ranges[name]
+    hook = layer.register_forward_pre_hook(
+        lambda _m, inputs: (torch.fake_quantize_per_tensor_affine(inputs[0], a_scale, a_zero, a_min, a_max),)
+    )
+    with _weight_replaced(layer, rounded):
+        try:
+            yield model, Effect(bytes_saved=3 * weight.numel())
+        finally:
+            hook.remove()
+
+
+# --- inq -------------------------------------------------------------------------------------------
+
+
+@register_probe("inq", lambda c: tuple(float(b) for b in c.inq_bits), lambda b: f"inq {int(b)}b")
+@contextmanager
+def inq_probe(model: nn.Module, name: str, bits: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
+    layer = model.get_submodule(name)
+    weight = layer.weight.detach()
+    nonzero = weight[weight != 0]
+    rounded = quantize_pow2(weight, *fit_exponents(nonzero, int(bits))) if nonzero.numel() else weight
+    saved = weight.numel() * (32 - int(bits)) // 8
+    with _weight_replaced(layer, rounded):
+        yield model, Effect(bytes_saved=saved)
+
+
+@contextmanager
+def _weight_replaced(layer: nn.Module, value: torch.Tensor) -> Iterator[None]:
+    kept = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.copy_(value)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(kept)
