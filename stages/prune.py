@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch_pruning as tp
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 from torch import nn
 
 from pipeline.core.artifacts import DenseFP32, register_artifact_format
@@ -25,8 +25,9 @@ from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
 from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
+from stages.channels import IMPORTANCES, PRUNABLE, classifier, prune_group_
+from stages.prune_allocation import sensitivity_prune_
 
-PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 log = logging.getLogger("pipeline")
 
 
@@ -57,6 +58,17 @@ class PruneConfig(TrainConfig):
     )
     round_to: int | None = Field(None, ge=1, le=256, description="keep channel counts multiples of this")
     taylor_batches: int = Field(8, ge=1, le=1000, description="batches of gradients for the taylor criterion")
+    allocation: Literal["uniform", "sensitivity"] = Field(
+        "uniform",
+        description="uniform: pruning_ratio in every layer (or by `scope`); sensitivity: per-layer ratios from "
+        "measured sensitivity that remove pruning_ratio of the model's `target` at the smallest predicted drop",
+    )
+    target: Literal["macs", "params"] = Field(
+        "macs", description="allocation sensitivity: what pruning_ratio is a share of"
+    )
+    allocation_images: int = Field(
+        1000, ge=100, le=1_000_000, description="allocation sensitivity: validation images each candidate is scored on"
+    )
     # Fine-tuning defaults suit a trained input model.
     lr: float = Field(0.02, gt=0, le=10, description="peak fine-tuning learning rate")
     schedule: Literal["onecycle", "cosine", "constant"] = Field("cosine", description="per-step LR schedule")
@@ -73,7 +85,29 @@ class PruneConfig(TrainConfig):
     def _structured_only_options(self) -> PruneConfig:
         if self.method == "unstructured" and self.importance not in {"group_norm", "l1", "l2"}:
             raise ValueError(f"importance {self.importance!r} is for structured pruning; unstructured uses magnitude")
+        if self.allocation == "sensitivity":
+            unsupported = {
+                "method: unstructured": self.method == "unstructured",
+                "iterative_steps > 1": self.iterative_steps > 1,
+                "scope: global": self.scope == "global",
+                "prune_heads": self.prune_heads,
+                "importance: taylor": self.importance == "taylor",
+                "round_to": self.round_to is not None,
+            }
+            given = [k for k, v in unsupported.items() if v]
+            if given:
+                raise ValueError(f"allocation: sensitivity with {', '.join(given)} is not yet supported")
         return self
+
+    @model_serializer(mode="wrap")
+    def _allocation_only_when_used(self, handler) -> dict[str, Any]:
+        """The allocation fields are left out while allocation is uniform, so recipes written before they existed
+        keep their cache keys."""
+        data = handler(self)
+        if self.allocation == "uniform":
+            for key in ("allocation", "target", "allocation_images"):
+                data.pop(key, None)
+        return data
 
 
 def step_ratio(final_ratio: float, step: int, steps: int) -> float:
@@ -97,10 +131,14 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     before = _size_metrics(state.model, ctx.data.input_size)
     widths, layout_before = _layer_widths(state.model), layout(state.model)
     prune_step = _structured_step if config.method == "structured" else _unstructured_step
-    pruner = _make_pruner(state.model, config, ctx) if config.method == "structured" else None
-    report = TrainReport()
+    allocated = config.allocation == "sensitivity"
+    pruner = _make_pruner(state.model, config, ctx) if config.method == "structured" and not allocated else None
+    report, allocation = TrainReport(), {}
     for step in range(1, config.iterative_steps + 1):
-        prune_step(state, config, ctx, step, pruner)
+        if allocated:
+            allocation = _allocated_step(state, config, ctx)
+        else:
+            prune_step(state, config, ctx, step, pruner)
         if step == config.iterative_steps:
             _record_result(state, config, widths, layout_before)
             if wrapper is not None:  # the last fine-tuning is on the wrapped model (quantization-aware after qat)
@@ -116,8 +154,26 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
         "macs_after": after["macs"],
         "weight_sparsity_before": before["sparsity"],
         "weight_sparsity": after["sparsity"],
+        **allocation,
     }
     return StageOutput(state, metrics=metrics, report=report)
+
+
+def _allocated_step(state: ModelState, config: PruneConfig, ctx: StageContext) -> dict[str, float]:
+    """Per-layer ratios from sensitivity measured on part of the validation split (stages/prune_allocation.py)."""
+    data = ctx.data.with_val_subset(config.allocation_images)
+    if any(True for _ in _attention_modules(state.model)):
+        raise ValueError("prune: allocation: sensitivity on attention models is not yet supported")
+    done = sensitivity_prune_(
+        state.model.cpu(), state.fixed, share=config.pruning_ratio, target=config.target,
+        importance=config.importance, max_ratio=config.max_layer_ratio, loader=data.eval_loader("val"),
+        input_size=ctx.data.input_size,
+    )  # fmt: skip
+    _check_forward(state.model, ctx.data.input_size)
+    log.info("prune: allocated %s; removed %.1f%% of the %s; predicted drop %.2f points, measured %.2f before "
+             "fine-tuning", ", ".join(f"{g} {r:.0%}" for g, r in done.ratios.items()), 100 * done.removed_share,
+             "MACs" if config.target == "macs" else "parameters", done.predicted_drop, done.measured_drop)  # fmt: skip
+    return done.metrics()
 
 
 def _record_result(state: ModelState, config: PruneConfig, widths: dict[str, int], layout_before) -> None:
@@ -267,30 +323,10 @@ class SparseBitmask:
 # ---------------------------------------------------------------------------------------------
 # Structured: torch-pruning's dependency graph removes channels; fixed masks follow the surgery.
 
-IMPORTANCES = {
-    "l1": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first"),
-    "l2": lambda: tp.importance.MagnitudeImportance(p=2, group_reduction="first"),
-    "group_norm": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "bn_scale": lambda: tp.importance.BNScaleImportance(),
-    "taylor": lambda: tp.importance.GroupTaylorImportance(),
-    "random": lambda: tp.importance.RandomImportance(),
-}
-
 
 def _attention_modules(model: nn.Module) -> list[nn.Module]:
     """timm attention blocks: a fused `qkv` Linear and `num_heads`."""
     return [m for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")]
-
-
-def classifier(model: nn.Module) -> nn.Module:
-    """The output layer, which must keep one output per class: timm's `get_classifier()`, else the last Linear."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-        return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__}: no classifier layer found to protect from structured pruning")
-    return linears[-1]
 
 
 def _schedule(final_ratio: float, steps: int) -> list[float]:
@@ -325,13 +361,7 @@ def _structured_step(state: ModelState, config: PruneConfig, ctx: StageContext, 
     model.eval()
     names = {m: n for n, m in model.named_modules()}
     for group in pruner.step(interactive=True):
-        removals = [(dep.target.module, pruner.DG.is_out_channel_pruning_fn(dep.handler), idxs) for dep, idxs in group]
-        dims = [(names.get(m), _weight_dim(m, is_out)) for m, is_out, _ in removals]
-        sizes = [m.weight.shape[d] if d is not None and hasattr(m, "weight") else None for m, (_, d) in
-                 zip((r[0] for r in removals), dims, strict=True)]  # fmt: skip
-        group.prune()
-        for (name, dim), size, (_, _, idxs) in zip(dims, sizes, removals, strict=True):
-            _follow_fixed(state.fixed, name, dim, size, idxs)
+        prune_group_(group, pruner.DG, names, state.fixed)
     model.zero_grad(set_to_none=True)
     for attn in _attention_modules(model):  # timm attention reshapes with these; keep them true to the weights
         attn.num_heads = pruner.num_heads[attn.qkv]
@@ -345,29 +375,6 @@ def _structured_step(state: ModelState, config: PruneConfig, ctx: StageContext, 
 def _replay_pruned_channels(model: nn.Module, args: dict[str, Any]) -> nn.Module:
     """Structured pruning shrank layers in place: their new channel counts and tensor shapes."""
     return resize_(model, args)
-
-
-def _weight_dim(module: nn.Module, is_out: bool) -> int | None:
-    """The weight dimension a channel removal cuts: out-channels dim 0, in-channels dim 1 (depthwise: 0)."""
-    if isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed):
-        if is_out or getattr(module, "groups", 1) > 1:
-            return 0
-        return 1
-    return 0 if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1 else None
-
-
-def _follow_fixed(fixed: FixedWeights, name: str | None, dim: int | None, size: int | None, idxs) -> None:
-    """Removed channels take their fixed (frozen, pruned) entries with them."""
-    if name is None:
-        return
-    weight = f"{name}.weight" if name else "weight"
-    if weight not in fixed:
-        return
-    if dim is None or size is None:
-        raise NotImplementedError(f"{name}: cannot carry frozen weights through structured pruning of this layer")
-    removed = {int(getattr(i, "idx", i)) for i in idxs}
-    keep = torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
-    fixed.index_select_(weight, dim, keep)
 
 
 def _accumulate_gradients(model: nn.Module, ctx: StageContext, batches: int) -> None:

@@ -30,6 +30,10 @@ SHARED = {
 }  # fmt: skip
 
 
+# Modules a stage's function calls into besides its own (its version stands for them too).
+STAGE_HELPERS = {"prune": ["stages/channels.py", "stages/prune_allocation.py"]}
+
+
 def _files(paths: list[str]) -> list[Path]:
     out = []
     for path in paths:
@@ -62,7 +66,7 @@ def current() -> dict[str, dict]:
     for name in stages.available_stages():
         entry = stages.get_stage(name)
         file = Path(inspect.getsourcefile(entry.run)).resolve()
-        units[f"stage:{name}"] = {"version": entry.version, "files": [file]}
+        units[f"stage:{name}"] = {"version": entry.version, "files": [file, *_files(STAGE_HELPERS.get(name, []))]}
     for name, fmt in artifacts._FORMATS.items():
         file = Path(inspect.getsourcefile(fmt.encode)).resolve()
         units[f"artifact_format:{name}"] = {"version": fmt.version, "files": [file]}

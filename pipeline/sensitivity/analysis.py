@@ -8,14 +8,13 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from pipeline.core.data import DataBundle
-from pipeline.core.data.memory import Split
 from pipeline.core.hashing import digest
 from pipeline.core.metrics import EVALUATION_VERSION, predictions
 from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
@@ -136,17 +135,10 @@ def layer_infos(model: nn.Module, names: list[str], input_size: tuple[int, ...])
 
 def subset(data: DataBundle, images: int | None) -> DataBundle:
     """The data with its validation split cut to a fixed random `images` (all when None or more than it has)."""
-    if data.val is None or not len(data.val):
-        raise SensitivityError(
-            "sensitivity is measured on the validation split and this data has none: set data.val_split (e.g. 0.1) "
-            "or add a val/ folder"
-        )
-    if images is None or images >= len(data.val):
-        return data
-    order = torch.randperm(len(data.val), generator=torch.Generator().manual_seed(SUBSET_SEED))
-    keep = order[:images].sort().values
-    val = Split(data.val.images[keep], data.val.labels[keep]) if isinstance(data.val, Split) else data.val.take(keep)
-    return replace(data, val=val)
+    try:
+        return data.with_val_subset(images, seed=SUBSET_SEED)
+    except ValueError as err:
+        raise SensitivityError(f"sensitivity is measured on the validation split: {err}") from None
 
 
 def cache_path(cache_dir: Path, model_key: str, data: DataBundle, config: SensitivityConfig) -> Path:

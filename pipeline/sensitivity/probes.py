@@ -24,15 +24,14 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch_pruning as tp
 from torch import nn
 from torch.ao.quantization import get_default_qconfig_mapping
 
 from pipeline.core.int8_fx import BACKEND
 from pipeline.core.metrics import count_macs, count_params
 from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
+from stages.channels import PRUNABLE, classifier, prune_layer_channels_
 from stages.inq import fit_exponents, quantize_pow2
-from stages.prune import IMPORTANCES, PRUNABLE, classifier
 
 LAYER_TYPES = PRUNABLE
 """The layers a sensitivity analysis changes: convolutions and linear layers."""
@@ -123,29 +122,10 @@ def applies(technique: str, model: nn.Module, name: str) -> bool:
 @contextmanager
 def prune_probe(model: nn.Module, name: str, ratio: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
     pruned = copy.deepcopy(model).eval()
-    layer = pruned.get_submodule(name)
-    example = torch.zeros(1, *ctx.input_size)
-    graph = tp.DependencyGraph().build_dependency(pruned, example_inputs=example)
-    fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
-    channels = layer.weight.shape[0]
-    group = graph.get_pruning_group(layer, fn, idxs=list(range(channels)))
-    scores = IMPORTANCES[ctx.importance]()(group)
-    count = min(int(ratio * channels), channels - 1)
-    drop = sorted(torch.argsort(scores)[:count].tolist())
-    group = graph.get_pruning_group(layer, fn, idxs=drop)
-    names = {m: n for n, m in pruned.named_modules()}
-    coupled = sorted({names.get(d.target.module) for d, _ in group if isinstance(d.target.module, LAYER_TYPES)
-                      and graph.is_out_channel_pruning_fn(d.handler)} - {name, None})  # fmt: skip
+    coupled = prune_layer_channels_(pruned, name, ratio, ctx.importance, ctx.input_size)
     params, macs = count_params(model), count_macs(model, ctx.input_size)
-    if count:
-        group.prune()
-    effect = Effect(
-        params_removed=params - count_params(pruned),
-        macs_removed=macs - count_macs(pruned, ctx.input_size),
-        coupled=tuple(c for c in coupled if c),
-    )
-    effect.bytes_saved = 4 * effect.params_removed
-    yield pruned, effect
+    removed = params - count_params(pruned)
+    yield pruned, Effect(removed, macs - count_macs(pruned, ctx.input_size), 4 * removed, coupled)
 
 
 # --- int8 ------------------------------------------------------------------------------------------

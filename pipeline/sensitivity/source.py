@@ -31,7 +31,9 @@ def prefix_recipe(recipe: Recipe, stage: str | None) -> Recipe:
 
 
 def describe(recipe: Recipe, stage: str | None) -> str:
-    return f"{recipe.name} (the model entering {stage})" if stage else f"{recipe.name} (baseline)"
+    if stage:
+        return f"{recipe.name} (the model entering {stage})"
+    return recipe.name if recipe.name == "baseline" else f"{recipe.name} (its baseline)"
 
 
 def model_and_data(

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -91,6 +91,23 @@ class DataBundle:
             return TensorLoader(images, batch_size, mean=self.mean, std=self.std)
         return StreamLoader(images, eval_transform(self.preprocessing), batch_size, mean=self.mean, std=self.std,
                             workers=self.workers)  # fmt: skip
+
+    def with_val_subset(self, images: int | None, seed: int = 0) -> DataBundle:
+        """This data with its validation split cut to a fixed random `images` (itself when None or more than it has);
+        a choice scored on part of the validation split (sensitivity) reads it."""
+        if self.val is None or not len(self.val):
+            raise ValueError(
+                "this needs a validation split and the data has none: set data.val_split (e.g. 0.1) or add a val/ "
+                "folder"
+            )
+        if images is None or images >= len(self.val):
+            return self
+        order = torch.randperm(len(self.val), generator=torch.Generator().manual_seed(seed))
+        keep = order[:images].sort().values
+        val = (
+            Split(self.val.images[keep], self.val.labels[keep]) if isinstance(self.val, Split) else self.val.take(keep)
+        )
+        return replace(self, val=val)
 
     def val_loader(self, batch_size: int):
         return self.eval_loader("val", batch_size)

@@ -1,0 +1,104 @@
+"""Structured pruning's channel surgery, shared by the prune stage and per-layer sensitivity: the importance
+criteria, the classifier that keeps its outputs, and pruning one torch-pruning group (or one layer's output
+channels) while the weights earlier stages fixed follow the removed channels."""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from pipeline.core.fixed_weights import FixedWeights
+
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+IMPORTANCES = {
+    "l1": lambda: tp.importance.MagnitudeImportance(p=1, group_reduction="first"),
+    "l2": lambda: tp.importance.MagnitudeImportance(p=2, group_reduction="first"),
+    "group_norm": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),
+    "random": lambda: tp.importance.RandomImportance(),
+}
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The output layer, which must keep one output per class: timm's `get_classifier()`, else the last Linear."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+        return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__}: no classifier layer found to protect from structured pruning")
+    return linears[-1]
+
+
+def prune_group_(group, graph: tp.DependencyGraph, names: dict[nn.Module, str], fixed: FixedWeights) -> None:
+    """Remove `group`'s channels from the model; the fixed (frozen, pruned) entries of its layers go with them."""
+    removals = [(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler), idxs) for dep, idxs in group]
+    dims = [(names.get(m), weight_dim(m, is_out)) for m, is_out, _ in removals]
+    sizes = [m.weight.shape[d] if d is not None and hasattr(m, "weight") else None for m, (_, d) in
+             zip((r[0] for r in removals), dims, strict=True)]  # fmt: skip
+    group.prune()
+    for (name, dim), size, (_, _, idxs) in zip(dims, sizes, removals, strict=True):
+        follow_fixed(fixed, name, dim, size, idxs)
+
+
+def prune_layers_channels_(
+    model: nn.Module,
+    ratios: dict[str, float],
+    importance: str,
+    input_size: tuple[int, ...],
+    fixed: FixedWeights | None = None,
+) -> dict[str, tuple[str, ...]]:
+    """Remove `ratio` of each named layer's output channels (the least important by `importance`, at least one kept)
+    with the channels coupled to them, layers in the given order over one dependency graph; returns, per layer, the
+    other layers whose output channels went too."""
+    model.eval()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_size))
+    names = {m: n for n, m in model.named_modules()}
+    fixed = fixed if fixed is not None else FixedWeights()
+    coupled = {}
+    for name, ratio in ratios.items():
+        layer = model.get_submodule(name)
+        fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+        channels = layer.weight.shape[0]
+        scores = IMPORTANCES[importance]()(graph.get_pruning_group(layer, fn, idxs=list(range(channels))))
+        count = min(int(ratio * channels), channels - 1)
+        group = graph.get_pruning_group(layer, fn, idxs=sorted(torch.argsort(scores)[:count].tolist()))
+        reached = {names.get(d.target.module) for d, _ in group
+                   if isinstance(d.target.module, PRUNABLE) and graph.is_out_channel_pruning_fn(d.handler)}  # fmt: skip
+        coupled[name] = tuple(sorted(reached - {name, None}))
+        if count:
+            prune_group_(group, graph, names, fixed)
+    return coupled
+
+
+def prune_layer_channels_(
+    model: nn.Module, name: str, ratio: float, importance: str, input_size: tuple[int, ...]
+) -> tuple[str, ...]:
+    """`prune_layers_channels_` of one layer: the other layers whose output channels went too."""
+    return prune_layers_channels_(model, {name: ratio}, importance, input_size)[name]
+
+
+def weight_dim(module: nn.Module, is_out: bool) -> int | None:
+    """The weight dimension a channel removal cuts: out-channels dim 0, in-channels dim 1 (depthwise: 0)."""
+    if isinstance(module, nn.Linear) or (isinstance(module, nn.modules.conv._ConvNd) and not module.transposed):
+        if is_out or getattr(module, "groups", 1) > 1:
+            return 0
+        return 1
+    return 0 if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 1 else None
+
+
+def follow_fixed(fixed: FixedWeights, name: str | None, dim: int | None, size: int | None, idxs) -> None:
+    """Removed channels take their fixed (frozen, pruned) entries with them."""
+    if name is None:
+        return
+    weight = f"{name}.weight" if name else "weight"
+    if weight not in fixed:
+        return
+    if dim is None or size is None:
+        raise NotImplementedError(f"{name}: cannot carry frozen weights through structured pruning of this layer")
+    removed = {int(getattr(i, "idx", i)) for i in idxs}
+    keep = torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
+    fixed.index_select_(weight, dim, keep)
