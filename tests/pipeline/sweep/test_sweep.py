@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -83,6 +84,13 @@ def test_sweep_of_three_stages_trains_each_prefix_once(tmp_path, isolated, cifar
     assert len(_sweep_runs(isolated, sweep_id)["sweep"]) == 1  # the same sweep, reopened
 
 
+def _training_a_fourth_stage(stages_dir: Path) -> bool:
+    """Three stages are cached and another one has checkpoint files in its work folder."""
+    cached = {p.parent.name for p in stages_dir.glob("*/*/record.json")}
+    working = [d for d in (stages_dir / "work").glob("*") if d.name not in cached and any(d.rglob("*.pt"))]
+    return len(cached) >= 3 and bool(working)
+
+
 def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, isolated, cifar_root):
     stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 2, "lr": 0.01}}]
     raw = tiny_recipe(name="tiny-resume", stages=stages, orderings="all")
@@ -91,8 +99,10 @@ def test_interrupted_sweep_resumes_where_it_stopped(tmp_path, isolated, cifar_ro
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sweep", str(path), "--no-report"], env=isolated,
                             cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.monotonic() + 300
-    # Stop it once prune>distill's three stages are cached, i.e. during the second ordering (distill>prune).
-    while len(list((tmp_path / "cache" / "stages").glob("*/*/record.json"))) < 3:
+    # Stop it inside the second ordering's (distill>prune) first stage, once that stage has written a checkpoint: the
+    # three stages of prune>distill are cached and logged by then. (Stopping as the third cache record appears could
+    # catch that stage between its cache entry and its MLflow tags, and it would count as reused.)
+    while not _training_a_fourth_stage(tmp_path / "cache" / "stages"):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the first ordering never finished"
         time.sleep(0.1)
