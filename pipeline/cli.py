@@ -215,17 +215,15 @@ def _describe(recipe) -> str:
     return text + (f"; skipped {len(skipped)}: " + "; ".join(r for _, r in skipped) if skipped else "")
 
 
-def _guarded(action, reraise: tuple[type[Exception], ...] = ()):
-    """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages (`reraise`: left to the
-    caller)."""
+def _guarded(action, invalid: tuple[type[Exception], ...] = ()):
+    """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages; `invalid`: the command's own
+    errors that mean a request that cannot run as asked (exit 2, like a missing model source or data)."""
     from pipeline.core.data import DataNotFoundError
     from pipeline.core.models import ModelSourceError
 
     try:
         return action()
-    except reraise:
-        raise
-    except (ModelSourceError, DataNotFoundError) as err:
+    except (ModelSourceError, DataNotFoundError, *invalid) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_INVALID
     except KeyboardInterrupt:
@@ -241,11 +239,7 @@ def _sensitivity(recipe, args) -> int:
     from pipeline import cli_sensitivity
     from pipeline.sensitivity.config import SensitivityError
 
-    try:
-        return _guarded(lambda: cli_sensitivity.run(recipe, args), reraise=(SensitivityError,))
-    except SensitivityError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
+    return _guarded(lambda: cli_sensitivity.run(recipe, args), invalid=(SensitivityError,))
 
 
 def _sweep(recipe, args) -> int:

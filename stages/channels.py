@@ -33,6 +33,16 @@ def classifier(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
+def out_channels_fn(layer: nn.Module):
+    """torch-pruning's function that removes a layer's output channels."""
+    return tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+
+
+def out_pruned(group, graph: tp.DependencyGraph) -> set[nn.Module]:
+    """The modules whose output channels `group` removes (the channels coupled to its root's go too)."""
+    return {dep.target.module for dep, _ in group if graph.is_out_channel_pruning_fn(dep.handler)}
+
+
 def prune_group_(group, graph: tp.DependencyGraph, names: dict[nn.Module, str], fixed: FixedWeights) -> None:
     """Remove `group`'s channels from the model; the fixed (frozen, pruned) entries of its layers go with them."""
     removals = [(dep.target.module, graph.is_out_channel_pruning_fn(dep.handler), idxs) for dep, idxs in group]
@@ -61,13 +71,12 @@ def prune_layers_channels_(
     coupled = {}
     for name, ratio in ratios.items():
         layer = model.get_submodule(name)
-        fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
+        fn = out_channels_fn(layer)
         channels = layer.weight.shape[0]
         scores = IMPORTANCES[importance]()(graph.get_pruning_group(layer, fn, idxs=list(range(channels))))
         count = min(int(ratio * channels), channels - 1)
         group = graph.get_pruning_group(layer, fn, idxs=sorted(torch.argsort(scores)[:count].tolist()))
-        reached = {names.get(d.target.module) for d, _ in group
-                   if isinstance(d.target.module, PRUNABLE) and graph.is_out_channel_pruning_fn(d.handler)}  # fmt: skip
+        reached = {names.get(m) for m in out_pruned(group, graph) if isinstance(m, PRUNABLE)}
         coupled[name] = tuple(sorted(reached - {name, None}))
         if count:
             prune_group_(group, graph, names, fixed)

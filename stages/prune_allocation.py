@@ -27,7 +27,14 @@ from torch import nn
 
 from pipeline.core.fixed_weights import FixedWeights
 from pipeline.core.metrics import count_macs, count_params, predictions
-from stages.channels import PRUNABLE, classifier, prune_layer_channels_, prune_layers_channels_
+from stages.channels import (
+    PRUNABLE,
+    classifier,
+    out_channels_fn,
+    out_pruned,
+    prune_layer_channels_,
+    prune_layers_channels_,
+)
 
 log = logging.getLogger("pipeline")
 
@@ -61,9 +68,7 @@ def group_roots(model: nn.Module, input_size: tuple[int, ...]) -> list[str]:
     for name, layer in model.named_modules():
         if not isinstance(layer, PRUNABLE) or layer is head or name in seen:
             continue
-        fn = tp.prune_linear_out_channels if isinstance(layer, nn.Linear) else tp.prune_conv_out_channels
-        group = graph.get_pruning_group(layer, fn, idxs=[0])
-        members = {d.target.module for d, _ in group if graph.is_out_channel_pruning_fn(d.handler)}
+        members = out_pruned(graph.get_pruning_group(layer, out_channels_fn(layer), idxs=[0]), graph)
         if head in members:
             continue
         seen |= {names[m] for m in members if m in names}
@@ -145,9 +150,8 @@ def sensitivity_prune_(
         return size(pruned)
 
     ratios = allocate(drops, saved, pruned_size, base_size * (1 - share), base_size)
-    prune_layers_channels_(
-        model, ratios, importance, input_size, fixed=fixed
-    )  # the same removals, fixed weights follow
+    # the same removals on the model itself, its fixed weights following
+    prune_layers_channels_(model, ratios, importance, input_size, fixed=fixed)
     return Allocation(
         ratios=ratios,
         predicted_drop=sum(drops[g][r] for g, r in ratios.items()),

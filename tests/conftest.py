@@ -67,6 +67,15 @@ def stage_context(
     )
 
 
+def trained_state(bundle, **config):
+    """The test ResNet trained on `bundle` by the train stage, seeded, with `config` (e.g. epochs=2, lr=0.05)."""
+    from stages import get_stage
+
+    torch.manual_seed(0)
+    train = get_stage("train")
+    return train.run(None, train.config(**config), stage_context(bundle)).state
+
+
 @pytest.fixture
 def tiny_bundle():
     return synthetic_bundle()

@@ -15,7 +15,7 @@ CSV_FIELDS = ("layer", "kind", "params", "macs", "macs_share", "weight_bytes", "
               "val_top1", "drop", "params_removed", "macs_removed", "bytes_saved", "coupled")  # fmt: skip
 
 
-def ranked_table(result: SensitivityResult, limit: int | None = None) -> str:
+def ranked_table(result: SensitivityResult) -> str:
     """Fixed-width: one row per layer, the most sensitive first; each setting's validation top-1 drop in points."""
     width = max([len(info.name) for info in result.layers] + [5])
     header = f"{'layer':<{width}} {'params':>8} {'MACs %':>6}" + "".join(f" {label:>9}" for label in result.labels)
@@ -25,7 +25,7 @@ def ranked_table(result: SensitivityResult, limit: int | None = None) -> str:
         header,
         "-" * len(header),
     ]
-    for info, cells in result.ranked()[:limit]:
+    for info, cells in result.ranked():
         drops = "".join(f" {cells[label].drop:>9.2f}" if label in cells else f" {'-':>9}" for label in result.labels)
         lines.append(f"{info.name:<{width}} {info.params / 1e3:>7.1f}k {100 * info.macs_share:>6.1f}{drops}")
     return "\n".join(lines)

@@ -45,6 +45,8 @@ class ProbeContext:
     importance: str = "group_norm"
     # layer name -> (scale, zero point, quant_min, quant_max) of its input activations
     activation_ranges: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
+    # (parameters, MACs) of the unchanged model, counted by the first pruning probe
+    base_size: tuple[int, int] | None = None
 
 
 @dataclass
@@ -83,10 +85,6 @@ def register_probe(
     return wrap
 
 
-def probe_names() -> list[str]:
-    return list(_PROBES)
-
-
 def get_probe(technique: str) -> ProbeEntry:
     if technique not in _PROBES:
         raise SensitivityError(f"no sensitivity probe for {technique!r}; known: {', '.join(_PROBES)}")
@@ -123,7 +121,9 @@ def applies(technique: str, model: nn.Module, name: str) -> bool:
 def prune_probe(model: nn.Module, name: str, ratio: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
     pruned = copy.deepcopy(model).eval()
     coupled = prune_layer_channels_(pruned, name, ratio, ctx.importance, ctx.input_size)
-    params, macs = count_params(model), count_macs(model, ctx.input_size)
+    if ctx.base_size is None:
+        ctx.base_size = (count_params(model), count_macs(model, ctx.input_size))
+    params, macs = ctx.base_size
     removed = params - count_params(pruned)
     yield pruned, Effect(removed, macs - count_macs(pruned, ctx.input_size), 4 * removed, coupled)
 

@@ -10,10 +10,9 @@ import torch
 
 from pipeline.core.metrics import count_macs, count_params
 from pipeline.recipe import RecipeError, validate_recipe
-from stages.base import get_stage
 from stages.prune import PruneConfig, run_prune
 from stages.prune_allocation import allocate, group_roots
-from tests.conftest import stage_context, synthetic_bundle, tiny_recipe
+from tests.conftest import stage_context, synthetic_bundle, tiny_recipe, trained_state
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +22,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def trained(bundle):
-    torch.manual_seed(0)
-    train = get_stage("train")
-    return train.run(None, train.config(epochs=2, lr=0.05), stage_context(bundle)).state
+    return trained_state(bundle, epochs=2, lr=0.05)
 
 
 def test_greedy_takes_the_cheapest_drop_per_unit_saved_until_the_target_holds():

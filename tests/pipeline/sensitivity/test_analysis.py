@@ -14,8 +14,7 @@ from pipeline.core.metrics import predictions
 from pipeline.sensitivity.analysis import analyse, select_layers, subset
 from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
 from pipeline.sensitivity.probes import _PROBES, Effect, register_probe
-from stages.base import get_stage
-from tests.conftest import stage_context, synthetic_bundle
+from tests.conftest import synthetic_bundle, trained_state
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +24,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def model(bundle) -> nn.Module:
-    torch.manual_seed(0)
-    train = get_stage("train")
-    return train.run(None, train.config(epochs=3, lr=0.05), stage_context(bundle)).state.model.eval()
+    return trained_state(bundle, epochs=3, lr=0.05).model.eval()
 
 
 @pytest.fixture

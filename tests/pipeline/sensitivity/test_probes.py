@@ -19,9 +19,8 @@ from pipeline.sensitivity.probes import (
     grid,
     layers_of,
 )
-from stages.base import get_stage
 from stages.inq import fit_exponents, quantize_pow2
-from tests.conftest import stage_context, synthetic_bundle
+from tests.conftest import synthetic_bundle, trained_state
 
 INPUT = (3, 16, 16)
 
@@ -33,9 +32,7 @@ def bundle():
 
 @pytest.fixture(scope="module")
 def model(bundle) -> nn.Module:
-    torch.manual_seed(0)
-    train = get_stage("train")
-    return train.run(None, train.config(epochs=1), stage_context(bundle)).state.model.eval()
+    return trained_state(bundle, epochs=1).model.eval()
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
