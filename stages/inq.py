@@ -25,20 +25,25 @@ layer's non-pruned weights, and the level set comes from those surviving weights
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 from torch import nn
 
 from pipeline.core.artifacts import register_artifact_format
 from pipeline.core.models import ModelState, PowerOfTwoGrid
 from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
+from stages.inq_allocation import allocate_bits, packed_bytes, widths_from_map
+
+log = logging.getLogger("pipeline")
 
 QUANTIZED_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 """Module types whose `weight` INQ quantizes; norms, biases and everything else stay floating point."""
@@ -60,9 +65,21 @@ class INQConfig(TrainConfig):
     schedule: Literal["onecycle", "cosine", "constant"] = Field(
         "cosine", description="per-step LR schedule, restarted at every portion step"
     )
-    bits: int = Field(
+    bits: int | Literal["auto"] | dict[str, int] = Field(
         5,
-        description="bits per quantized weight: one flags zero, b-1 index 2^(b-1) signed powers of two (2..8 bits)",
+        description="bits per quantized weight: one flags zero, b-1 index 2^(b-1) signed powers of two (2..8 bits); "
+        "a map {layer name or glob: bits} sets them per layer (the first matching pattern wins); 'auto' chooses "
+        "each layer's width from measured sensitivity to meet target_bytes or target_bits",
+    )
+    target_bytes: int | None = Field(
+        None, gt=0, description="bits auto: the packed size of the quantized weights to meet (bytes, at most)"
+    )
+    target_bits: float | None = Field(
+        None, ge=2, le=8, description="bits auto: the mean bits per quantized weight to meet (at most), e.g. 3"
+    )
+    auto_bits: tuple[int, ...] = Field((2, 3, 4, 5, 6, 7, 8), description="bits auto: the widths each layer may get")
+    allocation_images: int = Field(
+        1000, ge=100, le=1_000_000, description="bits auto: validation images each width of each layer is scored on"
     )
     accumulated_portions: tuple[float, ...] = Field(
         (0.5, 0.75, 0.875, 1.0),
@@ -97,10 +114,45 @@ class INQConfig(TrainConfig):
 
     @field_validator("bits")
     @classmethod
-    def _bits_in_range(cls, bits: int) -> int:
-        if not 2 <= bits <= 8:
+    def _bits_in_range(cls, bits: int | str | dict[str, int]) -> int | str | dict[str, int]:
+        widths = bits.values() if isinstance(bits, dict) else [bits] if isinstance(bits, int) else []
+        if isinstance(bits, dict) and not bits:
+            raise ValueError("a per-layer map needs at least one {layer name or glob: bits} entry")
+        if any(not 2 <= b <= 8 for b in widths):
             raise ValueError(f"must be 2..8, got {bits}")
         return bits
+
+    @field_validator("auto_bits")
+    @classmethod
+    def _auto_bits_in_range(cls, widths: tuple[int, ...]) -> tuple[int, ...]:
+        if not widths or any(not 2 <= b <= 8 for b in widths) or len(set(widths)) != len(widths):
+            raise ValueError(f"must be distinct widths in 2..8, got {list(widths)}")
+        return tuple(sorted(widths))
+
+    @model_validator(mode="after")
+    def _target_with_auto(self) -> INQConfig:
+        targets = [k for k in ("target_bytes", "target_bits") if getattr(self, k) is not None]
+        if self.bits == "auto" and len(targets) != 1:
+            raise ValueError("bits: auto needs exactly one of target_bytes or target_bits")
+        if self.bits != "auto" and targets:
+            raise ValueError(f"{targets[0]} is only used with bits: auto")
+        return self
+
+    def check_layer_names(self, layers: dict[str, int]) -> None:
+        """Raise LayerNameError when a per-layer bits map names no layer or leaves one out (`layers`: conv / linear
+        layers by module name -> weight count), so a recipe is refused when it loads."""
+        if isinstance(self.bits, dict):
+            widths_from_map(self.bits, layers, "bits")
+
+    @model_serializer(mode="wrap")
+    def _allocation_only_when_used(self, handler) -> dict[str, Any]:
+        """The allocation fields are left out while bits is one width or a map, so recipes written before they
+        existed keep their cache keys."""
+        data = handler(self)
+        if self.bits != "auto":
+            for key in ("target_bytes", "target_bits", "auto_bits", "allocation_images"):
+                data.pop(key, None)
+        return data
 
     @field_validator("accumulated_portions")
     @classmethod
@@ -259,26 +311,29 @@ class _Layer:
     n1: int
     n2: int
     eligible: torch.Tensor  # bool, CPU: free when INQ started (not fixed by an earlier stage)
+    bits: int
 
 
-def _start_layers(state: ModelState, bits: int, rule: N1Rule = "max") -> dict[str, _Layer]:
-    """Fix each layer's level set from its surviving weights; check what earlier stages fixed fits it."""
+def _start_layers(state: ModelState, bits: int | dict[str, int], rule: N1Rule = "max") -> dict[str, _Layer]:
+    """Fix each layer's level set from its surviving weights at its width (`bits`: one, or per parameter name); check
+    what earlier stages fixed fits it."""
     layers = {}
     for name, param in inq_parameters(state.model).items():
+        width = bits[name] if isinstance(bits, dict) else bits
         w = param.detach().cpu()
         pre = state.fixed.mask(name) if name in state.fixed else torch.zeros_like(w, dtype=torch.bool)
         values = state.fixed.values(name) if name in state.fixed else torch.zeros_like(w)
         surviving = torch.where(pre, values, w)[~(pre & (values == 0))]
         nonzero = surviving[surviving != 0]
         # A layer with no non-zero survivor has no level set; any n1 encodes its all-zero weights.
-        n1, n2 = fit_exponents(nonzero, bits, rule) if nonzero.numel() else (0, 1 - 2 ** (bits - 1) // 2)
+        n1, n2 = fit_exponents(nonzero, width, rule) if nonzero.numel() else (0, 1 - 2 ** (width - 1) // 2)
         off_grid = int((pre & (quantize_pow2(values, n1, n2) != values)).sum())
         if off_grid:
             raise ValueError(
                 f"inq: {name} has {off_grid} weights fixed by an earlier stage at values outside "
                 f"{{0, ±2^{n2}..±2^{n1}}}; INQ can keep only pre-fixed zeros or values on its grid"
             )
-        layers[name] = _Layer(n1, n2, ~pre)
+        layers[name] = _Layer(n1, n2, ~pre, width)
     return layers
 
 
@@ -298,15 +353,18 @@ def _quantize_portion_(
     state.fixed.project_(state.model)
 
 
-def _inq_metrics(state: ModelState, layers: dict[str, _Layer], bits: int, steps: int) -> dict[str, float]:
-    """bits; share of the eligible weights quantized (1.0 when done); share of all quantized-layer weights at 0."""
+def _inq_metrics(state: ModelState, layers: dict[str, _Layer], steps: int) -> dict[str, float]:
+    """Bits (the mean per quantized weight when widths differ) and the packed bytes of the quantized weights; share of
+    the eligible weights quantized (1.0 when done); share of all quantized-layer weights at 0."""
     params = inq_parameters(state.model)
     eligible = sum(int(layer.eligible.sum()) for layer in layers.values())
     quantized = sum(int((state.fixed.mask(n) & layer.eligible).sum()) for n, layer in layers.items())
     entries = sum(params[n].numel() for n in layers)
     zeros = sum(int((params[n] == 0).sum()) for n in layers)
+    bits = sum(params[n].numel() * layer.bits for n, layer in layers.items()) / entries if entries else 0.0
     return {
-        "inq_bits": float(bits),
+        "inq_bits": bits,
+        "inq_weight_bytes": float(sum(packed_bytes(params[n].numel(), layer.bits) for n, layer in layers.items())),
         "inq_layers": float(len(layers)),
         "inq_steps": float(steps),
         "inq_quantized_fraction": quantized / eligible if eligible else 1.0,
@@ -314,13 +372,14 @@ def _inq_metrics(state: ModelState, layers: dict[str, _Layer], bits: int, steps:
     }
 
 
-@register_stage("inq", config=INQConfig, lowers={"bytes"})
+@register_stage("inq", config=INQConfig, lowers={"bytes"}, version=2)  # 2: inq_weight_bytes, per-layer widths
 def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> StageOutput:
     """Incremental Network Quantization: conv/linear weights become ±2^k or 0 by portions, retraining the rest."""
     if state is None:
         raise ValueError("inq needs a trained input model: put a `train` (or pruning) stage before it in `stages:`")
     state.fixed.project_(state.model)
-    layers = _start_layers(state, config.bits, config.n1_rule)
+    widths, allocation = _widths(state, config, ctx)
+    layers = _start_layers(state, widths, config.n1_rule)
     generator = torch.Generator().manual_seed(ctx.seed)
     schedule = inq_schedule(config.accumulated_portions)
     report = TrainReport()
@@ -334,8 +393,44 @@ def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> S
         report.extend(ctx.fit(state, final, desc="inq final (norms, biases)", step=len(schedule),
                               epoch_offset=report.epochs, extra_stats={"inq_portion": 1.0}))  # fmt: skip
     state.artifact_format = "inq"
-    state.pow2_grids = {name: PowerOfTwoGrid(layer.n1, config.bits) for name, layer in layers.items()}
-    return StageOutput(state, metrics=_inq_metrics(state, layers, config.bits, len(schedule)), report=report)
+    state.pow2_grids = {name: PowerOfTwoGrid(layer.n1, layer.bits) for name, layer in layers.items()}
+    metrics = _inq_metrics(state, layers, len(schedule)) | allocation
+    return StageOutput(state, metrics=metrics, report=report)
+
+
+def _widths(state: ModelState, config: INQConfig, ctx: StageContext) -> tuple[int | dict[str, int], dict[str, float]]:
+    """Each layer's width (one for all, or by parameter name) and the allocation's metrics (bits: auto)."""
+    if isinstance(config.bits, int):
+        return config.bits, {}
+    modules = {name.rpartition(".")[0]: param.numel() for name, param in inq_parameters(state.model).items()}
+    if isinstance(config.bits, dict):
+        by_module = widths_from_map(config.bits, modules, "bits")
+        return {f"{m}.weight": b for m, b in by_module.items()}, {}
+    target = config.target_bytes
+    if target is None:  # target_bits: the packed size of every layer at that mean width
+        target = sum(packed_bytes(count, config.target_bits) for count in modules.values())
+    data = ctx.data.with_val_subset(config.allocation_images)
+    model = state.model
+    done = allocate_bits(
+        model, {m: model.get_submodule(m) for m in modules}, target, config.auto_bits,
+        lambda w, bits: round_layer(w, bits, config.n1_rule), data.eval_loader("val"),
+    )  # fmt: skip
+    log.info("inq: allocated widths %s; %s bytes of packed weights (target %s); predicted drop %.2f points, measured "
+             "%.2f before retraining", _widths_summary(done.bits), f"{done.weight_bytes:,}", f"{target:,}",
+             done.predicted_drop, done.measured_drop)  # fmt: skip
+    return {f"{m}.weight": b for m, b in done.bits.items()}, done.metrics()
+
+
+def _widths_summary(bits: dict[str, int]) -> str:
+    counts = Counter(bits.values())
+    return ", ".join(f"{count} layers at {width} bits" for width, count in sorted(counts.items()))
+
+
+def round_layer(weight: torch.Tensor, bits: int, rule: N1Rule = "max") -> torch.Tensor:
+    """A layer's weights all rounded to its power-of-two levels at `bits` (INQ's last step, before any retraining):
+    the level set from its non-zero weights by `rule`, zeros staying zero."""
+    nonzero = weight[weight != 0]
+    return quantize_pow2(weight, *fit_exponents(nonzero, bits, rule)) if nonzero.numel() else weight
 
 
 # --- the artifact --------------------------------------------------------------------------------

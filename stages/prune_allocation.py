@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from pipeline.core.fixed_weights import FixedWeights
 from pipeline.core.metrics import count_macs, count_params, predictions
+from stages.allocation import allocate
 from stages.channels import (
     PRUNABLE,
     classifier,
@@ -76,48 +76,6 @@ def group_roots(model: nn.Module, input_size: tuple[int, ...]) -> list[str]:
     return roots
 
 
-def allocate(
-    drops: dict[str, dict[float, float]],
-    saved: dict[str, dict[float, float]],
-    sizes: Callable[[dict[str, float]], float],
-    target: float,
-    base: float,
-) -> dict[str, float]:
-    """Greedy ratios per group: each step raises the group whose next candidate adds the least predicted drop per unit
-    saved. The savings measured alone choose the steps; `sizes(ratios)` (the real size with all ratios applied) is
-    counted once their sum says `target` (from `base`) is reached, and after each step from then on, until it is at
-    most `target`. Raises ValueError when every group is at its largest candidate and the target is still not met."""
-    ratios = dict.fromkeys(drops, 0.0)
-    checking = False
-    while True:
-        predicted = base - sum(saved[g][r] for g, r in ratios.items() if r)
-        checking = checking or predicted <= target
-        if checking and sizes(_chosen(ratios)) <= target:
-            return _chosen(ratios)
-        step = _cheapest_step(drops, saved, ratios)
-        if step is None:
-            raise ValueError("every layer is at its largest allowed ratio (max_layer_ratio) and the target is not met")
-        ratios[step[0]] = step[1]
-
-
-def _chosen(ratios: dict[str, float]) -> dict[str, float]:
-    return {g: r for g, r in ratios.items() if r > 0}
-
-
-def _cheapest_step(drops, saved, ratios: dict[str, float]) -> tuple[str, float] | None:
-    """The group and next candidate with the least added drop per unit saved (None: every group at its largest)."""
-    best = None
-    for group, now in ratios.items():
-        later = sorted(r for r in drops[group] if r > now)
-        if not later:
-            continue
-        gain = saved[group][later[0]] - saved[group].get(now, 0.0)
-        cost = (drops[group][later[0]] - drops[group].get(now, 0.0)) / max(gain, 1e-9)
-        if best is None or cost < best[0]:
-            best = (cost, group, later[0])
-    return None if best is None else best[1:]
-
-
 def sensitivity_prune_(
     model: nn.Module,
     fixed: FixedWeights,
@@ -149,7 +107,13 @@ def sensitivity_prune_(
         prune_layers_channels_(pruned, ratios, importance, input_size)
         return size(pruned)
 
-    ratios = allocate(drops, saved, pruned_size, base_size * (1 - share), base_size)
+    try:
+        ratios = allocate(drops, saved, pruned_size, base_size * (1 - share), base_size)
+    except ValueError:
+        raise ValueError(
+            f"prune: every layer group is at its largest allowed ratio (max_layer_ratio {max_ratio:g}) "
+            f"and {share:.0%} of the {target} are not removed yet"
+        ) from None
     # the same removals on the model itself, its fixed weights following
     prune_layers_channels_(model, ratios, importance, input_size, fixed=fixed)
     return Allocation(

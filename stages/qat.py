@@ -31,13 +31,14 @@ Measured choices (FX rather than PT2E, int8 vs fp32 speed per model) are in BENC
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 from torch import nn
 from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
 from torch.ao.quantization import FakeQuantizeBase
@@ -61,7 +62,9 @@ from pipeline.core.metrics import int8_modules
 from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, register_structural_change
 from pipeline.core.training import TrainConfig
+from stages.allocation import match_layers
 from stages.base import StageContext, StageOutput, register_stage
+from stages.qat_fallback import choose_fp32_layers, explicit_fp32_layers
 
 log = logging.getLogger("pipeline")
 
@@ -97,6 +100,44 @@ class QATConfig(TrainConfig):
         description="completed epochs after which BatchNorm running mean/variance stop updating, so the "
         "folded conv weights see fixed statistics (0: from the start)",
     )
+
+    fp32_layers: Literal["auto"] | tuple[str, ...] = Field(
+        (),
+        description="conv / linear layers kept in floating point (int8 fallback): names or globs, or 'auto' to keep "
+        "the most sensitive per MAC until the predicted drop is at most max_drop",
+    )
+    max_drop: float | None = Field(
+        None, ge=0, le=100, description="fp32_layers auto: the predicted validation top-1 drop (points) to fit in"
+    )
+    allocation_images: int = Field(
+        1000, ge=100, le=1_000_000, description="fp32_layers auto: validation images each layer's int8 is scored on"
+    )
+
+    @model_validator(mode="after")
+    def _fallback_budget(self) -> QATConfig:
+        if self.fp32_layers == "auto" and self.max_drop is None:
+            raise ValueError("fp32_layers: auto needs max_drop (the predicted top-1 drop to fit in, in points)")
+        if self.fp32_layers != "auto" and self.max_drop is not None:
+            raise ValueError("max_drop is only used with fp32_layers: auto")
+        if isinstance(self.fp32_layers, tuple) and any(not p.strip() for p in self.fp32_layers):
+            raise ValueError("fp32_layers: layer names must not be empty")
+        return self
+
+    def check_layer_names(self, layers: dict[str, int]) -> None:
+        """Raise LayerNameError when an explicit fp32_layers pattern names no layer (`layers`: conv / linear layers by
+        module name -> weight count), so a recipe is refused when it loads."""
+        if isinstance(self.fp32_layers, tuple) and self.fp32_layers:
+            match_layers(self.fp32_layers, list(layers), "fp32_layers")
+
+    @model_serializer(mode="wrap")
+    def _fallback_only_when_used(self, handler) -> dict[str, Any]:
+        """The fallback fields are left out while every layer is int8, so recipes written before they existed keep
+        their cache keys."""
+        data = handler(self)
+        if self.fp32_layers == ():
+            for key in ("fp32_layers", "max_drop", "allocation_images"):
+                data.pop(key, None)
+        return data
 
     @model_validator(mode="after")
     def _ranges_get_observed(self) -> QATConfig:
@@ -155,16 +196,23 @@ def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: tor
 # After qat the model is a fake-quant graph: INQ's levels and low-rank factors need float weights, and a second qat
 # would quantize twice. Stages that train it may follow, and prune, which works on the float weights under the
 # fake quantization and quantizes again through the state's wrapper (`FakeQuantized`).
+# version 2: int8_fp32_layers, the fp32 fallback
 @register_stage(
-    "qat", config=QATConfig, may_follow={"distill", "train", "prune"}, lowers={"bytes", "compute"}, fake_quant=True
+    "qat",
+    config=QATConfig,
+    may_follow={"distill", "train", "prune"},
+    lowers={"bytes", "compute"},
+    fake_quant=True,
+    version=2,
 )
 def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> StageOutput:
     """INT8 quantization-aware training: fake-quant fine-tuning, shipped as a real int8 model (x86 kernels)."""
     if state is None:
         raise ValueError("qat needs a trained input model: put a `train` (or pruning, INQ) stage before it")
     _check_can_quantize(state.model)
-    prepared = fake_quantize_(state, ctx)
-    pow2_modules = state.structure[-1].args["pow2_modules"]
+    fp32_layers, fallback = _fp32_layers(state, config, ctx)
+    prepared = fake_quantize_(state, ctx, fp32_layers)
+    pow2_modules = [m for m in state.structure[-1].args["pow2_modules"] if m not in fp32_layers]
 
     observers, bn_stats = frozen_at(config, 0)
     freeze_(prepared, observers=False, bn_stats=bn_stats)  # calibrate in the mode the first epoch trains in
@@ -175,9 +223,35 @@ def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> S
     freezing = replace(ctx, on_epoch_end=_freezing_hook(prepared, config, ctx.on_epoch_end))
     report = freezing.fit(state, config, desc="qat", step=1)  # step 1: another data order than calibration's
 
-    metrics = _int8_metrics(prepared, pow2_modules)
+    metrics = _int8_metrics(prepared, pow2_modules) | fallback
     metrics["qat_calibration_batches"] = float(calibrated)
+    metrics["int8_fp32_layers"] = float(len(fp32_layers))
     return StageOutput(state, metrics=metrics, report=report)
+
+
+def _fp32_layers(state: ModelState, config: QATConfig, ctx: StageContext) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The layers the int8 model keeps in floating point (`fp32_layers`: a list, or auto from sensitivity) and the
+    allocation's metrics."""
+    if config.fp32_layers == ():
+        return (), {}
+    model = plain_torch_layers_(state.model)  # the names the fake-quant graph gets (conv / linear names unchanged)
+    if config.fp32_layers != "auto":
+        layers = explicit_fp32_layers(model, config.fp32_layers)
+        log.info("qat: %d layers stay in floating point: %s", len(layers), ", ".join(layers))
+        return tuple(layers), {}
+    assert config.max_drop is not None
+    data = ctx.data.with_val_subset(config.allocation_images)
+    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
+    calibration = [images.to(ctx.device) for images, _ in itertools.islice(loader, max(config.calibration_batches, 1))]
+    done = choose_fp32_layers(model, config.max_drop, data.eval_loader("val"), calibration, ctx.data.input_size,
+                              ctx.device)  # fmt: skip
+    log.info(
+        "qat: %d layers stay in floating point (%.1f%% of the MACs): %s; predicted drop %.2f points (int8 everywhere: "
+        "%.2f), measured %.2f before training",
+        len(done.layers), 100 * done.fp32_macs_share, ", ".join(done.layers) or "none", done.predicted_drop,
+        done.int8_predicted_drop, done.measured_drop,
+    )  # fmt: skip
+    return tuple(done.layers), done.metrics()
 
 
 # --- leaving and re-entering fake quantization (qat -> prune) --------------------------------------------
@@ -190,6 +264,7 @@ class FakeQuantized:
 
     float_module: nn.Module
     float_format: str
+    fp32_layers: tuple[str, ...] = ()  # kept in floating point when quantized again
 
     def float_model(self, state: ModelState) -> nn.Module:
         return self.float_module
@@ -206,29 +281,32 @@ class FakeQuantized:
     def rewrap_(self, state: ModelState, ctx: StageContext, *, training: bool) -> None:
         """Fake-quantize the (changed) float model with the same quantizers, and calibrate its ranges on training
         batches in the mode its fine-tuning runs in (`training`)."""
-        prepared = fake_quantize_(state, ctx)
+        prepared = fake_quantize_(state, ctx, self.fp32_layers)
         state.structure.pop(-2)  # fx_plain_layers is already in the record from the first quantization
         freeze_(prepared, observers=False, bn_stats=False)
         calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
         calibrate_(prepared, calibration, 8, ctx.device, training=training)
 
 
-def fake_quantize_(state: ModelState, ctx: StageContext) -> GraphModule:
+def fake_quantize_(state: ModelState, ctx: StageContext, fp32_layers: tuple[str, ...] = ()) -> GraphModule:
     """Replace `state.model` by its fake-quant form (weights shared, not copied) and record how: the structure gets
     `fx_plain_layers` and `qat_prepare`, fixed weights and power-of-two grids follow the new parameter names, and
-    the state is wrapped (`FakeQuantized`) so a later stage can work on the float weights."""
+    the state is wrapped (`FakeQuantized`) so a later stage can work on the float weights. `fp32_layers` stay float
+    modules (the int8 fallback)."""
     pow2_modules = [name.rpartition(".")[0] for name in state.pow2_grids]
     float_model, float_format = plain_torch_layers_(state.model), state.artifact_format
     names_before = {id(p): n for n, p in float_model.named_parameters()}
-    prepared = prepare_qat(float_model, ctx.data.input_size, pow2_modules)
+    prepared = prepare_qat(float_model, ctx.data.input_size, pow2_modules, fp32_layers)
     picklable_qconfigs_(float_model)  # FX set qconfigs on it too; the stage cache pickles it with the state
     state.rename_parameters_(_new_names(names_before, prepared, state.fixed.names()))
-    state.wrapper = FakeQuantized(float_model, float_format)
+    state.wrapper = FakeQuantized(float_model, float_format, fp32_layers)
     state.model = prepared.to(ctx.device)
     state.fixed.project_(prepared)
     state.structure.append(StructuralChange("fx_plain_layers"))
-    state.structure.append(StructuralChange("qat_prepare", {"backend": BACKEND, "pow2_modules": pow2_modules,
-                                                            "input_size": list(ctx.data.input_size)}))  # fmt: skip
+    args = {"backend": BACKEND, "pow2_modules": pow2_modules, "input_size": list(ctx.data.input_size)}
+    if fp32_layers:  # only then, so artifacts written before the fallback existed replay as they were
+        args["fp32_modules"] = list(fp32_layers)
+    state.structure.append(StructuralChange("qat_prepare", args))
     state.artifact_format = "int8"
     return prepared
 
@@ -337,7 +415,9 @@ def _replay_qat_prepare(model: nn.Module, args: dict[str, Any]) -> GraphModule:
     """The fake-quant graph FX made of the float model, with the same power-of-two weight quantizers."""
     if args["backend"] != BACKEND:
         raise ValueError(f"int8 artifact: backend {args['backend']!r} is not supported (only {BACKEND!r})")
-    return prepare_qat(model, tuple(args["input_size"]), list(args["pow2_modules"]))
+    return prepare_qat(
+        model, tuple(args["input_size"]), list(args["pow2_modules"]), tuple(args.get("fp32_modules", ()))
+    )
 
 
 @register_artifact_format("int8")

@@ -26,12 +26,17 @@ SHARED = {
                                       "pipeline/core/int8_fx.py"]),
     "data": ("DATA_VERSION", ["pipeline/core/data"]),
     "evaluation": ("EVALUATION_VERSION", ["pipeline/core/metrics.py", "pipeline/deploy"]),
-    "sensitivity": ("SENSITIVITY_VERSION", ["pipeline/sensitivity/probes.py", "pipeline/sensitivity/analysis.py"]),
+    "sensitivity": ("SENSITIVITY_VERSION", ["pipeline/sensitivity/probes.py", "pipeline/sensitivity/analysis.py",
+                                            "stages/qat_fallback.py"]),
 }  # fmt: skip
 
 
 # Modules a stage's function calls into besides its own (its version stands for them too).
-STAGE_HELPERS = {"prune": ["stages/channels.py", "stages/prune_allocation.py"]}
+STAGE_HELPERS = {
+    "prune": ["stages/channels.py", "stages/prune_allocation.py", "stages/allocation.py"],
+    "inq": ["stages/inq_allocation.py", "stages/allocation.py"],
+    "qat": ["stages/qat_fallback.py", "stages/allocation.py"],
+}
 
 
 def _files(paths: list[str]) -> list[Path]:

@@ -13,7 +13,8 @@ handles so that timm models quantize (each explained where it is done):
   as the approximate fold divides by gamma (`prepare_qat`);
 * the qconfigs FX binds to device closures are made picklable, so the stage cache can store the model;
 * INQ layers get `PowerOfTwoWeightObserver`, so their powers of two stay exact integers in int8;
-* a conv or linear layer left in fp32 after conversion is an error, never a silent fallback (`convert_int8`).
+* a conv or linear layer left in fp32 after conversion is an error, never a silent fallback (`convert_int8`), but
+  for the layers asked to stay in floating point (`fp32_modules`, the qat stage's fallback).
 """
 
 from __future__ import annotations
@@ -89,13 +90,17 @@ POW2_WEIGHT_FAKE_QUANT = FakeQuantize.with_args(
 )
 
 
-def qconfig_mapping(pow2_modules: list[str]) -> QConfigMapping:
+def qconfig_mapping(pow2_modules: list[str], fp32_modules: tuple[str, ...] = ()) -> QConfigMapping:
     """PyTorch's x86 QAT defaults (per-channel symmetric int8 weights, per-tensor uint8 activations with the
-    7-bit range fbgemm needs without VNNI); INQ layers (`pow2_modules`) keep their powers of two."""
+    7-bit range fbgemm needs without VNNI); INQ layers (`pow2_modules`) keep their powers of two; `fp32_modules`
+    (conv / linear layers kept in floating point, the fp32 fallback) get no qconfig: FX leaves them float modules,
+    their inputs dequantized and their outputs quantized again for the int8 ops around them."""
     mapping = get_default_qat_qconfig_mapping(BACKEND)
     default = mapping.global_qconfig
     for name in pow2_modules:
         mapping.set_module_name(name, QConfig(activation=default.activation, weight=POW2_WEIGHT_FAKE_QUANT))
+    for name in fp32_modules:
+        mapping.set_module_name(name, None)
     return mapping
 
 
@@ -156,7 +161,9 @@ def _mode_frozen_ops(graph: torch.fx.Graph) -> list[str]:
             if n.op in ("call_function", "call_method") and n.target in _TRAINING_BAKED]  # fmt: skip
 
 
-def prepare_qat(model: nn.Module, input_size: tuple[int, ...], pow2_modules: list[str]) -> GraphModule:
+def prepare_qat(
+    model: nn.Module, input_size: tuple[int, ...], pow2_modules: list[str], fp32_modules: tuple[str, ...] = ()
+) -> GraphModule:
     """The fake-quant (QAT) form of `model` in training mode; `model`'s parameters are reused, not copied.
 
     Traced in eval mode: functional ops whose training flag tracing freezes (timm's dropout and drop path)
@@ -166,7 +173,7 @@ def prepare_qat(model: nn.Module, input_size: tuple[int, ...], pow2_modules: lis
     example = (torch.zeros(2, *input_size),)  # only traced, never run
     try:
         with _quiet_fx():
-            prepared = prepare_qat_fx(model, qconfig_mapping(pow2_modules), example_inputs=example)
+            prepared = prepare_qat_fx(model, qconfig_mapping(pow2_modules, fp32_modules), example_inputs=example)
     except Exception as err:
         raise RuntimeError(f"qat: FX could not trace {type(model).__name__} for int8 quantization: {err}") from err
     frozen = _mode_frozen_ops(prepared.graph)
@@ -177,6 +184,8 @@ def prepare_qat(model: nn.Module, input_size: tuple[int, ...], pow2_modules: lis
         if isinstance(module, _ConvBnNd) and bool((module.bn.weight == 0).any()):
             module._enable_slow_path_for_better_numerical_stability = True  # the approximate fold divides by gamma
     _picklable_qconfigs_(prepared)
+    prepared._fp32_modules = tuple(fp32_modules)  # conversion accepts these as float layers, and only these
+    prepared.meta["_user_preserved_attributes"]["_fp32_modules"] = prepared._fp32_modules
     return prepared
 
 
@@ -224,7 +233,9 @@ def convert_int8(prepared: nn.Module) -> GraphModule:
             converted = convert_fx(model)
     except Exception as err:
         raise RuntimeError(f"qat: int8 conversion failed: {err}") from err
-    float_layers = [name for name, m in converted.named_modules() if type(m) in _FLOAT_WEIGHTED]
+    fallback = getattr(prepared, "_fp32_modules", ())
+    float_layers = [name for name, m in converted.named_modules()
+                    if type(m) in _FLOAT_WEIGHTED and not _within(name, fallback)]  # fmt: skip
     float_layers += [n.name for n in converted.graph.nodes if n.op == "call_function" and n.target in _FLOAT_OPS]
     if float_layers:
         raise RuntimeError(
@@ -232,6 +243,11 @@ def convert_int8(prepared: nn.Module) -> GraphModule:
             f"{' …' if len(float_layers) > 8 else ''}; the model is not fully int8-quantizable with FX"
         )
     return converted
+
+
+def _within(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether module `name` is one of `modules` or inside one (FX fuses a kept conv with its BatchNorm)."""
+    return any(name == m or name.startswith(f"{m}.") for m in modules)
 
 
 _FLOAT_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.ConvTranspose2d)

@@ -198,7 +198,9 @@ _FLOAT_MODULES: dict[type, Callable[[nn.Module], nn.Module]] = {
 
 
 def _is_quantized_module(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.ao.nn")
+    """An int8 module (torch.ao.nn.quantized, .intrinsic.quantized); float fused modules (a conv kept in floating
+    point with its BatchNorm, `torch.ao.nn.intrinsic.ConvBn2d`) run as they are."""
+    return type(module).__module__.startswith("torch.ao.nn") and ".quantized" in type(module).__module__
 
 
 def unsupported_ops(converted: GraphModule) -> list[str]:

@@ -29,6 +29,7 @@ def resource_problem(recipe: Recipe) -> Problem | None:
         lambda: validation_problem(recipe, source),
         lambda: model_problem(recipe, source),
         lambda: teacher_problem(recipe, source),
+        lambda: layer_names_problem(recipe),
     )
     return next((problem for check in checks if (problem := check()) is not None), None)
 
@@ -112,4 +113,25 @@ def teacher_problem(recipe: Recipe, source: DataSource) -> Problem | None:
         classes = classes if classes is not None else len(class_names(source))
         if (problem := random_head(spec.config, classes)) is not None:
             return f"stages[{index}].{spec.name}.teacher", problem
+    return None
+
+
+def layer_names_problem(recipe: Recipe) -> Problem | None:
+    """A stage option naming layers (`qat.fp32_layers`, a per-layer `inq.bits` map) that the model does not have.
+    Names are checked on the recipe's model built on the meta device; pruning and quantization keep layer names, a
+    low-rank stage renames the layers it factorises, so with one in the recipe they are checked when the stage runs."""
+    from stages.allocation import LayerNameError
+
+    checked = [(i, s) for i, s in enumerate(recipe.stage_specs()) if hasattr(s.config, "check_layer_names")]
+    if not checked or any(s.name == "lowrank" for s in recipe.stage_specs()):
+        return None
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = ModelSpec(recipe.model.name, 10, dict(recipe.model.kwargs)).build()
+    weighted = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+    layers = {n: m.weight.numel() for n, m in model.named_modules() if n and isinstance(m, weighted)}
+    for index, spec in checked:
+        try:
+            spec.config.check_layer_names(layers)
+        except LayerNameError as err:
+            return f"stages[{index}].{spec.name}.{err.field}", err.detail
     return None

@@ -18,20 +18,18 @@ technique is one function here.
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.ao.quantization import get_default_qconfig_mapping
 
-from pipeline.core.int8_fx import BACKEND
 from pipeline.core.metrics import count_macs, count_params
 from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
 from stages.channels import PRUNABLE, classifier, prune_layer_channels_
-from stages.inq import fit_exponents, quantize_pow2
+from stages.inq import round_layer
+from stages.qat_fallback import activation_ranges, int8_alone
 
 LAYER_TYPES = PRUNABLE
 """The layers a sensitivity analysis changes: convolutions and linear layers."""
@@ -133,24 +131,8 @@ def prune_probe(model: nn.Module, name: str, ratio: float, ctx: ProbeContext) ->
 
 def calibrate_activations_(model: nn.Module, names: list[str], batches: list[torch.Tensor], ctx: ProbeContext) -> None:
     """Observe the inputs of layers `names` of the unchanged model on `batches` (one pass for all of them) and
-    keep their uint8 ranges in `ctx.activation_ranges`."""
-    qconfig = get_default_qconfig_mapping(BACKEND).global_qconfig
-    with warnings.catch_warnings():  # torch's own default qconfig warns that reduce_range will be deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        observers = {name: qconfig.activation() for name in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, inputs, o=observers[n]: o(inputs[0]))
-             for n in names]  # fmt: skip
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for images in batches:
-                model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name, obs in observers.items():
-        scale, zero_point = obs.calculate_qparams()
-        ctx.activation_ranges[name] = (float(scale), int(zero_point), int(obs.quant_min), int(obs.quant_max))
+    keep their uint8 ranges in `ctx.activation_ranges` (the qat stage's fallback measures the same way)."""
+    ctx.activation_ranges.update(activation_ranges(model, names, batches))
 
 
 @register_probe("int8", lambda _c: (8.0,), lambda _b: "int8")
@@ -159,22 +141,8 @@ def int8_probe(model: nn.Module, name: str, _bits: float, ctx: ProbeContext) -> 
     if name not in ctx.activation_ranges:
         raise RuntimeError(f"int8 probe of {name}: its activation range was not calibrated")
     layer = model.get_submodule(name)
-    observer = get_default_qconfig_mapping(BACKEND).global_qconfig.weight()
-    weight = layer.weight.detach()
-    observer(weight)
-    scale, zero_point = observer.calculate_qparams()
-    rounded = torch.fake_quantize_per_channel_affine(
-        weight, scale.float(), zero_point.int(), observer.ch_axis, observer.quant_min, observer.quant_max
-    )
-    a_scale, a_zero, a_min, a_max = ctx.activation_ranges[name]
-    hook = layer.register_forward_pre_hook(
-        lambda _m, inputs: (torch.fake_quantize_per_tensor_affine(inputs[0], a_scale, a_zero, a_min, a_max),)
-    )
-    with _weight_replaced(layer, rounded):
-        try:
-            yield model, Effect(bytes_saved=3 * weight.numel())
-        finally:
-            hook.remove()
+    with int8_alone(layer, ctx.activation_ranges[name]):
+        yield model, Effect(bytes_saved=3 * layer.weight.numel())
 
 
 # --- inq -------------------------------------------------------------------------------------------
@@ -185,10 +153,8 @@ def int8_probe(model: nn.Module, name: str, _bits: float, ctx: ProbeContext) -> 
 def inq_probe(model: nn.Module, name: str, bits: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
     layer = model.get_submodule(name)
     weight = layer.weight.detach()
-    nonzero = weight[weight != 0]
-    rounded = quantize_pow2(weight, *fit_exponents(nonzero, int(bits))) if nonzero.numel() else weight
     saved = weight.numel() * (32 - int(bits)) // 8
-    with _weight_replaced(layer, rounded):
+    with _weight_replaced(layer, round_layer(weight, int(bits))):
         yield model, Effect(bytes_saved=saved)
 
 

@@ -11,7 +11,7 @@ import torch
 from pipeline.core.metrics import count_macs, count_params
 from pipeline.recipe import RecipeError, validate_recipe
 from stages.prune import PruneConfig, run_prune
-from stages.prune_allocation import allocate, group_roots
+from stages.prune_allocation import group_roots
 from tests.conftest import stage_context, synthetic_bundle, tiny_recipe, trained_state
 
 
@@ -23,33 +23,6 @@ def bundle():
 @pytest.fixture(scope="module")
 def trained(bundle):
     return trained_state(bundle, epochs=2, lr=0.05)
-
-
-def test_greedy_takes_the_cheapest_drop_per_unit_saved_until_the_target_holds():
-    drops = {"a": {0.25: 0.1, 0.5: 0.2}, "b": {0.25: 2.0, 0.5: 4.0}, "c": {0.25: 0.0, 0.5: 3.0}}
-    saved = {"a": {0.25: 10, 0.5: 20}, "b": {0.25: 10, 0.5: 20}, "c": {0.25: 5, 0.5: 10}}
-
-    def size(ratios):  # additive here; the stage counts the real pruned model
-        return 100 - sum(saved[g][r] for g, r in ratios.items() if r)
-
-    assert allocate(drops, saved, size, 80, 100) == {"a": 0.5, "c": 0.25}  # c's first step is free, then a twice
-    assert size(allocate(drops, saved, size, 80, 100)) <= 80
-    assert allocate(drops, saved, size, 100, 100) == {}
-    with pytest.raises(ValueError, match="largest allowed ratio"):
-        allocate(drops, saved, size, 40, 100)
-
-
-def test_the_real_size_decides_when_the_savings_alone_overstate():
-    drops = {"a": {0.25: 0.1, 0.5: 0.2}, "b": {0.25: 1.0, 0.5: 2.0}}
-    saved = {"a": {0.25: 10, 0.5: 20}, "b": {0.25: 10, 0.5: 20}}
-    counted = []
-
-    def size(ratios):  # together they save 2 less than the sum of each alone
-        counted.append(dict(ratios))
-        return 100 - sum(saved[g][r] for g, r in ratios.items()) + (2 if len(ratios) == 2 else 0)
-
-    assert allocate(drops, saved, size, 70, 100) == {"a": 0.5, "b": 0.5}
-    assert counted[0] == {"a": 0.5, "b": 0.25}  # counted only from when the sum of savings reached the target
 
 
 def test_groups_stand_once_for_coupled_channels(trained):
