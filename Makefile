@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection
+.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -102,10 +102,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format pipeline stages tests bench
 	$(VENV)/bin/ruff check --fix pipeline stages tests bench
 
-bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
+bench: bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-allocation  ## every benchmark (CIFAR-10, default recipe model; see BENCHMARKS.md)
 
 bench-prune: $(STAMP)
 	$(PY) bench/prune.py
+
+# Issue #25: allocated against uniform pruning / INQ widths, int8 with fp32 fallback (3 seeds paired on validation).
+bench-allocation: $(STAMP)  ## per-layer allocation against one setting everywhere (see BENCHMARKS.md)
+	$(PY) bench/allocation.py prune
+	$(PY) bench/allocation.py inq
+	$(PY) bench/allocation.py qat
 
 bench-inq: $(STAMP)
 	$(PY) bench/inq.py

@@ -27,14 +27,14 @@ SHARED = {
     "data": ("DATA_VERSION", ["pipeline/core/data"]),
     "evaluation": ("EVALUATION_VERSION", ["pipeline/core/metrics.py", "pipeline/deploy"]),
     "sensitivity": ("SENSITIVITY_VERSION", ["pipeline/sensitivity/probes.py", "pipeline/sensitivity/analysis.py",
-                                            "stages/qat_fallback.py"]),
+                                            "stages/qat_fallback.py", "stages/pow2.py"]),
 }  # fmt: skip
 
 
 # Modules a stage's function calls into besides its own (its version stands for them too).
 STAGE_HELPERS = {
     "prune": ["stages/channels.py", "stages/prune_allocation.py", "stages/allocation.py"],
-    "inq": ["stages/inq_allocation.py", "stages/allocation.py"],
+    "inq": ["stages/pow2.py", "stages/inq_allocation.py", "stages/allocation.py"],
     "qat": ["stages/qat_fallback.py", "stages/allocation.py"],
 }
 

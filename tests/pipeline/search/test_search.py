@@ -409,3 +409,31 @@ def test_report_documents_from_hand_made_trials(tmp_path):
     legend = sorted(html.unescape(t) for t in re.findall(r'class="legendtext"[^>]*>([^<]*)<', dom))
     assert legend == ["Pareto set", "ended early", "sweep sw"]
     assert dom.count('class="trace scatter') == 3 + 1
+
+
+def test_layer_allocation_options_are_search_dimensions(cifar_root):
+    """Allocation on/off, the int8 fallback's drop budget and mixed INQ's size target are sampled like any field (a
+    max_drop the int8 model already fits keeps every layer int8: the fallback off)."""
+    stages = [
+        {"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}},
+        {"qat": {"epochs": 1, "fp32_layers": "auto", "max_drop": 1.0}},
+        {"inq": {"bits": "auto", "target_bits": 4, "epochs": 1}},
+    ]
+    space = {
+        "prune.allocation": {"choices": ["uniform", "sensitivity"]},
+        "qat.max_drop": {"choices": [0.25, 1.0, 100.0]},
+        "inq.target_bits": {"low": 2.5, "high": 5, "step": 0.5},
+    }
+    search = {"orderings": "all", "space": space, "objectives": {"val_top1": "max"}, "trials": 2, "sampler": "random"}
+    recipe = validate_recipe(tiny_recipe(name="tiny-search", stages=stages, search=search))
+    settings = {"prune.allocation": "sensitivity", "qat.max_drop": 0.25, "inq.target_bits": 3.0}
+    chain = {s.name: s.config for s in search_chain(recipe, ["prune", "inq", "qat"], settings).stage_specs()}
+    assert (chain["prune"].allocation, chain["prune"].target) == ("sensitivity", "macs")
+    assert (chain["qat"].fp32_layers, chain["qat"].max_drop) == ("auto", 0.25)
+    assert (chain["inq"].bits, chain["inq"].target_bits) == ("auto", 3.0)
+
+    fixed = [stages[0], {"qat": {"epochs": 1}}]
+    with pytest.raises(RecipeError, match=r"search.space.qat.max_drop: .*only used with fp32_layers: auto"):
+        validate_recipe(tiny_recipe(name="tiny-search", stages=fixed, search={
+            "orderings": "all", "space": {"qat.max_drop": {"low": 0.2, "high": 1}},
+            "objectives": {"val_top1": "max"}, "trials": 2}))  # fmt: skip
