@@ -22,6 +22,7 @@ def add_command(sub) -> None:
     cmd.add_argument("--cache-dir", type=Path, default=None, help="stage cache (default .cache/)")
     cmd.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
     cmd.add_argument("--quiet", action="store_true", help="a progress line every tenth of the grid only")
+    cmd.add_argument("--no-latency", action="store_true", help="skip the layers' ONNX Runtime latency shares")
 
 
 def options(args):
@@ -33,7 +34,7 @@ def options(args):
     given = {
         "techniques": args.techniques, "prune_ratios": args.prune_ratios, "inq_bits": args.inq_bits,
         "importance": args.importance, "images": args.images, "calibration_batches": args.calibration_batches,
-        "layers": args.layers or None,
+        "layers": args.layers or None, "latency": False if args.no_latency else None,
     }  # fmt: skip
     try:
         return SensitivityConfig.model_validate({k: v for k, v in given.items() if v is not None})

@@ -11,23 +11,27 @@ from pipeline.core.formatting import format_bytes
 from pipeline.sensitivity.analysis import SensitivityResult
 from pipeline.tracking import TAGS, RunType, Tracker
 
-CSV_FIELDS = ("layer", "kind", "params", "macs", "macs_share", "weight_bytes", "technique", "setting", "label",
-              "val_top1", "drop", "params_removed", "macs_removed", "bytes_saved", "coupled")  # fmt: skip
+CSV_FIELDS = ("layer", "kind", "params", "macs", "macs_share", "latency_share", "weight_bytes", "technique", "setting",
+              "label", "val_top1", "drop", "params_removed", "macs_removed", "bytes_saved", "coupled")  # fmt: skip
 
 
 def ranked_table(result: SensitivityResult) -> str:
     """Fixed-width: one row per layer, the most sensitive first; each setting's validation top-1 drop in points."""
     width = max([len(info.name) for info in result.layers] + [5])
-    header = f"{'layer':<{width}} {'params':>8} {'MACs %':>6}" + "".join(f" {label:>9}" for label in result.labels)
+    latency = any(info.latency_share is not None for info in result.layers)
+    header = f"{'layer':<{width}} {'params':>8} {'MACs %':>6}" + (f" {'ORT %':>6}" if latency else "")
+    header += "".join(f" {label:>9}" for label in result.labels)
     lines = [
         f"sensitivity of {result.model}: validation top-1 drop in points with one layer changed "
-        f"(unchanged {result.base_top1:.2f}% on {result.images} images; '-': does not apply)",
+        f"(unchanged {result.base_top1:.2f}% on {result.images} images; '-': does not apply"
+        + ("; ORT %: share of the batch-1 ONNX Runtime forward)" if latency else ")"),
         header,
         "-" * len(header),
     ]
     for info, cells in result.ranked():
         drops = "".join(f" {cells[label].drop:>9.2f}" if label in cells else f" {'-':>9}" for label in result.labels)
-        lines.append(f"{info.name:<{width}} {info.params / 1e3:>7.1f}k {100 * info.macs_share:>6.1f}{drops}")
+        share = "" if not latency else f" {100 * (info.latency_share or 0.0):>6.1f}"
+        lines.append(f"{info.name:<{width}} {info.params / 1e3:>7.1f}k {100 * info.macs_share:>6.1f}{share}{drops}")
     return "\n".join(lines)
 
 
@@ -40,7 +44,9 @@ def write_csv(result: SensitivityResult, path: Path) -> Path:
             info = infos[c.layer]
             writer.writerow({
                 "layer": c.layer, "kind": info.kind, "params": info.params, "macs": info.macs,
-                "macs_share": f"{info.macs_share:.6f}", "weight_bytes": info.weight_bytes, "technique": c.technique,
+                "macs_share": f"{info.macs_share:.6f}",
+                "latency_share": "" if info.latency_share is None else f"{info.latency_share:.6f}",
+                "weight_bytes": info.weight_bytes, "technique": c.technique,
                 "setting": f"{c.setting:g}", "label": c.label, "val_top1": f"{c.val_top1:.4f}", "drop": f"{c.drop:.4f}",
                 "params_removed": c.params_removed, "macs_removed": c.macs_removed, "bytes_saved": c.bytes_saved,
                 "coupled": " ".join(c.coupled),

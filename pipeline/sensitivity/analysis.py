@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,8 @@ SUBSET_SEED = 0
 
 @dataclass(frozen=True)
 class LayerInfo:
-    """A layer's own size: kind and shape, parameters, MACs for one image, fp32 weight bytes, share of all MACs."""
+    """A layer's own size: kind and shape, parameters, MACs for one image, fp32 weight bytes, share of all MACs, share
+    of the measured runtime latency (None when not measured)."""
 
     name: str
     kind: str
@@ -47,6 +48,7 @@ class LayerInfo:
     macs: int
     weight_bytes: int
     macs_share: float
+    latency_share: float | None = None  # of the batch-1 ONNX Runtime forward (pipeline.deploy.layer_latency)
 
 
 @dataclass
@@ -196,12 +198,31 @@ def analyse(
             log.info("sensitivity %d/%d: %s %s: top-1 %.2f%% (drop %+.2f)", i, len(todo), name, cell.label, top1,
                      base - top1)  # fmt: skip
     results = [_cell(stored["cells"][_cell_key(*g)]) for g in cells]
+    infos = layer_infos(model, names, tuple(data.input_size))
+    if config.latency:
+        infos = _with_latency(model, infos, tuple(data.input_size))
     return SensitivityResult(
         model=model_name, model_key=model_key, images=len(data.val), base_top1=base,
-        layers=layer_infos(model, names, tuple(data.input_size)), cells=results, config=config,
+        layers=infos, cells=results, config=config,
         seconds=time.perf_counter() - started, evaluated=len(todo),
         labels=[setting_label(t, s) for t, s in settings],
     )  # fmt: skip
+
+
+def _with_latency(model: nn.Module, infos: list[LayerInfo], input_size: tuple[int, ...]) -> list[LayerInfo]:
+    """The layers with their share of the batch-1 ONNX Runtime forward; unchanged (with a warning) when the model
+    does not export or ONNX Runtime is not installed. Measured at every analysis: a property of this machine, never
+    cached."""
+    from pipeline.deploy.layer_latency import layer_latency_shares
+
+    try:
+        shares = layer_latency_shares(model, input_size, [i.name for i in infos])
+    except Exception as err:  # the drops stand without it; say why the column is empty
+        log.warning("sensitivity: layer latency shares not measured (%s: %s)", type(err).__name__, str(err)[:200])
+        return infos
+    log.info("sensitivity: layer latency shares measured in ONNX Runtime (batch 1, 1 thread), %.0f%% in the layers",
+             100 * sum(shares.values()))  # fmt: skip
+    return [replace(info, latency_share=shares[info.name]) for info in infos]
 
 
 def _calibration(data: DataBundle, config: SensitivityConfig) -> list[torch.Tensor]:

@@ -34,6 +34,11 @@ class SensitivityConfig(StrictConfig):
     images: int | None = Field(
         None, ge=100, description="validation images scored per setting (a fixed random subset); none: all of them"
     )
+    latency: bool = Field(
+        True,
+        description="also measure each layer's share of the batch-1 forward in ONNX Runtime (its profile, basic graph "
+        "optimisations): what pruning or int8 of that layer can save at most",
+    )
     layers: tuple[str, ...] = Field(
         (), description="glob patterns of layer names to analyse (e.g. 'layer4.*'); empty: every conv and linear"
     )

@@ -39,3 +39,16 @@ def test_the_report_files(tmp_path):
     html = files["html"].read_text()
     assert "plotly" in html and "also prunes: block.conv" in html and "<script src=" not in html  # offline
     assert (tmp_path / "out" / "sensitivity.txt").read_text().startswith("sensitivity of tiny")
+
+
+def test_measured_latency_shares_get_a_column_in_the_table_and_the_csv(tmp_path):
+    from dataclasses import replace
+
+    result = _result()
+    result.layers = [replace(result.layers[0], latency_share=0.625), replace(result.layers[1], latency_share=0.05)]
+    lines = ranked_table(result).splitlines()
+    assert "ORT %" in lines[1] and "share of the batch-1 ONNX Runtime forward" in lines[0]
+    assert lines[4].split()[:4] == ["stem", "0.2k", "40.0", "62.5"]
+    files = write_report(result, tmp_path / "out")
+    with files["csv"].open() as f:
+        assert {float(r["latency_share"]) for r in csv.DictReader(f)} == {0.625, 0.05}
