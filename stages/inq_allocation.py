@@ -92,7 +92,7 @@ def allocate_bits(
     saved: dict[str, dict[float, float]] = {n: {} for n in layers}
     for name, layer in layers.items():
         for bits in choices:
-            with _weight_replaced(layer, rounded(layer.weight.detach(), bits)):
+            with weight_replaced(layer, rounded(layer.weight.detach(), bits)):
                 drops[name][float(widest - bits)] = base_top1 - predictions(model, loader).top1
             saved[name][float(widest - bits)] = packed_bytes(counts[name], widest) - packed_bytes(counts[name], bits)
     log.info("inq: sensitivity of %d layers x %d widths measured", len(layers), len(choices))
@@ -117,7 +117,7 @@ def allocate_bits(
 
 
 @contextmanager
-def _weight_replaced(layer: nn.Module, value: torch.Tensor) -> Iterator[None]:
+def weight_replaced(layer: nn.Module, value: torch.Tensor) -> Iterator[None]:
     """Within the block, `layer.weight` holds `value`; its own value comes back on exit."""
     kept = layer.weight.detach().clone()
     with torch.no_grad():

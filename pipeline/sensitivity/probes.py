@@ -28,7 +28,8 @@ from torch import nn
 from pipeline.core.metrics import count_macs, count_params
 from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
 from stages.channels import PRUNABLE, classifier, prune_layer_channels_
-from stages.inq import round_layer
+from stages.inq_allocation import weight_replaced
+from stages.pow2 import round_layer
 from stages.qat_fallback import activation_ranges, int8_alone
 
 LAYER_TYPES = PRUNABLE
@@ -154,17 +155,5 @@ def inq_probe(model: nn.Module, name: str, bits: float, ctx: ProbeContext) -> It
     layer = model.get_submodule(name)
     weight = layer.weight.detach()
     saved = weight.numel() * (32 - int(bits)) // 8
-    with _weight_replaced(layer, round_layer(weight, int(bits))):
+    with weight_replaced(layer, round_layer(weight, int(bits))):
         yield model, Effect(bytes_saved=saved)
-
-
-@contextmanager
-def _weight_replaced(layer: nn.Module, value: torch.Tensor) -> Iterator[None]:
-    kept = layer.weight.detach().clone()
-    with torch.no_grad():
-        layer.weight.copy_(value)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            layer.weight.copy_(kept)
