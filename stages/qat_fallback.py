@@ -30,17 +30,16 @@ from torch.ao.quantization import get_default_qconfig_mapping
 from pipeline.core.int8_fx import BACKEND
 from pipeline.core.metrics import predictions
 from stages.allocation import keep_float, match_layers
+from stages.channels import PRUNABLE
 
 log = logging.getLogger("pipeline")
-
-WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 ActivationRange = tuple[float, int, int, int]  # scale, zero point, quant_min, quant_max of a layer's input
 
 
 def weighted_layers(model: nn.Module) -> list[str]:
     """The conv and linear layers int8 quantizes, by module name, in model order."""
-    return [n for n, m in model.named_modules() if n and isinstance(m, WEIGHTED)]
+    return [n for n, m in model.named_modules() if n and isinstance(m, PRUNABLE)]
 
 
 def explicit_fp32_layers(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:

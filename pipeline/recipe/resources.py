@@ -121,14 +121,14 @@ def layer_names_problem(recipe: Recipe) -> Problem | None:
     Names are checked on the recipe's model built on the meta device; pruning and quantization keep layer names, a
     low-rank stage renames the layers it factorises, so with one in the recipe they are checked when the stage runs."""
     from stages.allocation import LayerNameError
+    from stages.qat_fallback import weighted_layers
 
     checked = [(i, s) for i, s in enumerate(recipe.stage_specs()) if hasattr(s.config, "check_layer_names")]
     if not checked or any(s.name == "lowrank" for s in recipe.stage_specs()):
         return None
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = ModelSpec(recipe.model.name, 10, dict(recipe.model.kwargs)).build()
-    weighted = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
-    layers = {n: m.weight.numel() for n, m in model.named_modules() if n and isinstance(m, weighted)}
+    layers = {n: model.get_submodule(n).weight.numel() for n in weighted_layers(model)}
     for index, spec in checked:
         try:
             spec.config.check_layer_names(layers)

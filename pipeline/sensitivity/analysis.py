@@ -28,6 +28,7 @@ from pipeline.sensitivity.probes import (
     setting_label,
 )
 from stages import get_stage
+from stages.qat_fallback import layer_macs
 
 log = logging.getLogger("pipeline")
 
@@ -108,22 +109,8 @@ def select_layers(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
 
 def layer_infos(model: nn.Module, names: list[str], input_size: tuple[int, ...]) -> list[LayerInfo]:
     """Each layer's MACs for one image counted from its output shape (output elements x weights per output)."""
-    macs: dict[str, int] = {}
+    macs = layer_macs(model, input_size)
     modules = layers_of(model)
-
-    def count(name: str):
-        def hook(module, _inputs, output) -> None:
-            macs[name] = output[0].numel() * module.weight[0].numel()
-
-        return hook
-
-    hooks = [modules[n].register_forward_hook(count(n)) for n in modules]
-    try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros(1, *input_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
     total = max(sum(macs.values()), 1)
     out = []
     for name in names:
