@@ -311,12 +311,19 @@ def _search(recipe, args) -> int:
     def search() -> int:
         progress = not args.quiet and sys.stderr.isatty()
         summary = run_search(recipe, cache_dir=args.cache_dir, executor=executor, progress=progress, new=args.new)
-        totals, best = summary.outcome.totals(), summary.outcome.best
+        totals, best = summary.outcome.totals(), summary.outcome.chosen
+        pruned = f", {int(totals['trials_pruned'])} pruned" if totals["trials_pruned"] else ""
         print(f"\nsearch {summary.plan.search_id}: {int(totals['trials_complete'])} trials finished "
-              f"({int(totals['trials_early_stopped'])} ended early, {int(totals['trials_feasible'])} feasible), "
-              f"Pareto set of {int(totals['pareto_size'])}, {summary.seconds / 60:.1f} min")  # fmt: skip
+              f"({int(totals['trials_early_stopped'])} ended early, {int(totals['trials_feasible'])} feasible)"
+              f"{pruned}, Pareto set of {int(totals['pareto_size'])}, {summary.seconds / 60:.1f} min")  # fmt: skip
+        if summary.outcome.confirmed is not None:
+            print(
+                f"confirmed with {summary.plan.config.confirm_seeds} more seed(s): "
+                f"{int(totals['confirmed_pareto_size'])} configuration(s) on the frontier of the seed means"
+            )
         if best is not None:
-            print(f"best under the constraints: trial {best.number} ({best.chain})"
+            chosen = "best by seed mean" if summary.outcome.confirmed is not None else "best under the constraints"
+            print(f"{chosen}: trial {best.number} ({best.chain})"
                   + (f", registered as {summary.registered[0]} version {summary.registered[1]}" if summary.registered
                      else ""))  # fmt: skip
         else:

@@ -60,6 +60,8 @@ class Tags:
     deploy_error: str = "deploy_error"  # a stage whose export failed with deploy.required false
     search: str = "search"  # the search's id (its Optuna study name), on the search's run and its trials' runs
     trial: str = "trial"  # a search's chain runs: the Optuna trial number
+    confirms_trial: str = "confirms_trial"  # a search's confirmation runs: the trial whose configuration it repeats
+    pruned: str = "pruned"  # a search's chain runs its pruner stopped: why (epochs done, its score)
     early_stopped: str = "early_stopped"  # a chain a search ended early: why (the constraint out of reach)
     feasible: str = "feasible"  # a search's chain runs: 'true' when the final model meets every constraint
     parent_run_id: str = "mlflow.parentRunId"  # MLflow's nesting: the sweep above a chain, the chain above a stage
@@ -192,7 +194,8 @@ class Tracker:
             raise
         except BaseException as err:
             self.client.set_tag(run_id, TAGS.error, f"{type(err).__name__}: {err}"[:5000])
-            self.client.set_terminated(run_id, "FAILED")
+            # An exception may say how the run ended otherwise (a search's pruned trial: KILLED, not FAILED).
+            self.client.set_terminated(run_id, getattr(err, "run_status", "FAILED"))
             raise
         self.client.set_terminated(run_id, "FINISHED")
 

@@ -41,6 +41,9 @@ class StageContext:
     # context (`dataclasses.replace`), so the calls are counted once per stage run.
     checkpoints: StageCheckpoints | None = None
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics over every rank's part of the batch
+    # Measured after every epoch of every fit, into the epoch's stats (a search's pruner reads the validation
+    # accuracy so: `pipeline.core.metrics.epoch_validation`); None: nothing beyond the loop's own stats.
+    epoch_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
     def fit(
         self,
@@ -70,7 +73,7 @@ class StageContext:
             def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
                 outer(epoch_offset + epoch, {**stats, **extra})
 
-        hooks = LoopHooks(loss=loss, on_epoch_end=on_epoch_end)
+        hooks = LoopHooks(loss=loss, on_epoch_end=on_epoch_end, evaluate=self.epoch_eval)
         checkpoint = self.checkpoints.next_fit() if self.checkpoints is not None else None
         report = train_(state.model, loader, config, fixed=state.fixed, device=self.device, hooks=hooks, desc=desc,
                         progress=self.progress, checkpoint=checkpoint, sync_batchnorm=self.sync_batchnorm,

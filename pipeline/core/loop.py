@@ -43,6 +43,9 @@ class LoopHooks:
 
     loss: LossFn | None = None
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    # After each epoch, before `on_epoch_end`: measurements of the model as it stands (e.g. the validation accuracy
+    # a search's pruner reads), added to the epoch's stats and report entry. It must leave the model as it found it.
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 @dataclass
@@ -195,6 +198,8 @@ class Training:
         while self.epoch < self.cfg.epochs:
             epoch_start = time.perf_counter()
             stats = self._epoch_(forward, bar=bar)
+            if self.hooks.evaluate is not None:
+                stats.update(self.hooks.evaluate(self.model))
             done = self.epoch + 1
             if lines and distributed.is_main():
                 now = time.perf_counter()
@@ -266,9 +271,10 @@ def _log_epoch(desc: str, done: int, epochs: int, stats: dict[str, float], *, se
     """One line for a finished epoch: loss, train top-1, its seconds, and how long the remaining epochs should take
     (from the epochs this process trained: `resumed_at` of them were trained before a resume)."""
     eta = elapsed / max(done - resumed_at, 1) * (epochs - done)
+    val = f", val top-1 {stats['epoch_val_top1']:.2f}%" if "epoch_val_top1" in stats else ""
     log.info(
-        "%s: epoch %d/%d, loss %.4f, train top-1 %.2f%%, %s, ETA %s",
-        desc, done, epochs, stats["train_loss"], stats["train_top1"], _duration(seconds), _duration(eta),
+        "%s: epoch %d/%d, loss %.4f, train top-1 %.2f%%%s, %s, ETA %s",
+        desc, done, epochs, stats["train_loss"], stats["train_top1"], val, _duration(seconds), _duration(eta),
     )  # fmt: skip
 
 

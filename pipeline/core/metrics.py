@@ -6,7 +6,7 @@ Nothing here writes to disk or to MLflow: the runner does that with what these f
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +181,31 @@ def accuracy(
     """Top-1 and top-5 accuracy in percent over every batch of `loader`."""
     result = predictions(model, loader, device=device, progress=progress)
     return result.top1, result.top5
+
+
+EPOCH_VAL_METRIC = "epoch_val_top1"  # the per-epoch validation top-1 a search's pruner reads (`epoch_validation`)
+
+
+def epoch_validation(loader: Loader, device: torch.device | str) -> Callable[[nn.Module], dict[str, float]]:
+    """A training-loop probe (`LoopHooks.evaluate`): the model's top-1 on `loader` (a fixed part of the validation
+    split) after an epoch, as `epoch_val_top1`. The model is scored in eval mode with its fake-quant observers
+    paused, then put back as it was (train mode, observers), so a probed training trains exactly the weights an
+    unprobed one does."""
+    from torch.ao.quantization import FakeQuantizeBase
+
+    def probe(model: nn.Module) -> dict[str, float]:
+        was_training = model.training
+        observers = [(m, m.observer_enabled.clone()) for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+        for module, _ in observers:
+            module.disable_observer()
+        try:
+            return {EPOCH_VAL_METRIC: predictions(model, loader, device=device).top1}
+        finally:
+            for module, enabled in observers:
+                module.observer_enabled.copy_(enabled)
+            model.train(was_training)
+
+    return probe
 
 
 def top1_top5(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float]:

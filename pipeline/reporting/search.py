@@ -38,6 +38,7 @@ def trials_frame(outcome: SearchOutcome) -> pd.DataFrame:
             "pareto": t.number in front,  # its model is in the Pareto set (pareto.csv lists each model once)
             "repeat_of": repeats.get(t.number),
             "early_stopped": t.early_stopped or "",
+            "pruned": t.pruned or "",
             "seconds": t.seconds,
             **t.settings,
             **{m: t.metrics.get(m) for m in shown_metrics(outcome)},
@@ -98,6 +99,7 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         f"{int(totals['epochs_trained'] + totals['epochs_skipped'])} epochs the finished trials would otherwise have "
         "trained (a skip in a repeated configuration counted once; an upper bound: a skipped stage might have been "
         "in the cache).",
+        *_pruner_lines(totals),
         f"- Stage cache (stages after the shared baseline): {int(totals['stages_reused'])} of "
         f"{int(totals['stages_reused'] + totals['stages_trained'])} stage runs reused "
         f"({totals['stage_cache_hit_share']:.0%}); {int(totals['epochs_trained'])} epochs trained.",
@@ -124,6 +126,8 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
     lines += ["## Pareto set (feasible trials)", ""]
     lines += _table(outcome.pareto, outcome) if outcome.pareto else ["No feasible trial yet."]
     lines += ["", "![frontier](frontier.png)", "", "![hypervolume](hypervolume.png)", ""]
+    if outcome.confirmed is not None:
+        lines += _confirmed_markdown(outcome)
     if comparison is not None:
         lines += _comparison_markdown(outcome, comparison)
     stopped = [t for t in outcome.trials if t.early_stopped]
@@ -132,6 +136,56 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
         lines += [f"- trial {t.number} (`{t.chain}`): {t.early_stopped}" for t in stopped] + [""]
     lines += ["All trials: `trials.csv`; the Pareto set: `pareto.csv`; the plots, interactive: `report.html`.", ""]
     return "\n".join(lines)
+
+
+def _pruner_lines(totals: dict[str, float]) -> list[str]:
+    if not totals.get("trials_pruned"):
+        return []
+    trained = totals["epochs_trained"] + totals["epochs_pruned"]
+    return [
+        f"- Pruner: {int(totals['trials_pruned'])} trials stopped behind their peers (state PRUNED, never on the "
+        f"frontier); stopping them saved {int(totals['epochs_pruned'])} epochs, "
+        f"{totals['epochs_pruned'] / trained:.0%} of the {int(trained)} the trials would otherwise have trained "
+        "(not counting what the cache would have answered)."
+    ]
+
+
+def _confirmed_markdown(outcome: SearchOutcome) -> list[str]:
+    """The Pareto configurations over their seeds: mean and 95 % interval of each objective, which are on the
+    frontier of the means, and the one registered."""
+    assert outcome.confirmed is not None
+    front = {p.trial.number for p in outcome.confirmed_front or []}
+    chosen = outcome.confirmed_best.trial.number if outcome.confirmed_best is not None else None
+    metrics = [m for m in shown_metrics(outcome) if any(m in p.values for p in outcome.confirmed)]
+    lines = [
+        "## Confirmed frontier (seed means)",
+        "",
+        f"Each configuration above ran again with more seeds (`search.confirm_seeds`); a cell is the mean over its "
+        f"seeds [95 % t-interval]. The frontier of the means: {len(front)} configuration(s), hypervolume "
+        f"{outcome.confirmed_hypervolume or 0.0:.4f} (the trials' own seeds: {outcome.hypervolume:.4f}, the best "
+        "of single runs). The registered model is the configuration with the best mean "
+        f"{outcome.selection[0]} on that frontier"
+        + (
+            f": trial {chosen}."
+            if chosen is not None
+            else "; none met every constraint on average, so nothing is registered."
+        ),
+        "",
+    ]
+    head = ["trial", "ordering", "seeds", "on frontier", *metrics]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for p in outcome.confirmed:
+        on = ("yes (registered)" if p.trial.number == chosen else "yes") if p.trial.number in front else "no"
+        cells = [str(p.trial.number), f"`{p.trial.chain}`", ", ".join(map(str, p.seeds)), on]
+        for m in metrics:
+            if m not in p.values:
+                cells.append("–")
+                continue
+            ci = p.interval(m)
+            bounds = "" if ci.n < 2 else f" [{format_metric(m, ci.low)}, {format_metric(m, ci.high)}]"
+            cells.append(f"{format_metric(m, ci.mean)}{bounds}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def _baseline_line(outcome: SearchOutcome) -> str:
@@ -233,11 +287,12 @@ def report_search(
     """Read a search (the latest when `search_id` is None) from its Optuna study and MLflow, write its report (against
     sweep `against`'s frontier when given) into `out_root/<search id>/`, and log it to the search's run."""
 
-    from pipeline.search.outcome import compare_with_sweep, outcome_of
-    from pipeline.search.study import load_search_plan, open_study
+    from pipeline.search.confirm import confirmed_outcome
+    from pipeline.search.outcome import compare_with_sweep
+    from pipeline.search.study import load_search_plan, search_storage
 
     plan = load_search_plan(tracker, search_id)
-    outcome = outcome_of(open_study(plan, create=False), plan)
+    outcome = confirmed_outcome(plan, search_storage(plan, create=False, heartbeat=False), create=False)
     comparison = None
     if against:
         models = sweep_models(tracker, against, [*outcome.objectives, *(c.metric for c in outcome.constraints)])

@@ -23,7 +23,7 @@ import torch
 from pipeline import __version__, load_artifact
 from pipeline.core import distributed
 from pipeline.core.data import DataBundle, DataIndex, load_data, locate, scan
-from pipeline.core.metrics import Predictions, evaluate_with_predictions
+from pipeline.core.metrics import Predictions, epoch_validation, evaluate_with_predictions
 from pipeline.core.models import ModelState, create_model
 from pipeline.core.paths import PROJECT_ROOT
 from pipeline.deploy import ExportError, export_files, runtime_versions
@@ -121,6 +121,9 @@ def termination_as_interrupt() -> Iterator[None]:
 
 # After each stage but the last: (its result, the stages still to run) -> why to end the chain there, or None.
 StopRule = Callable[[StageResult, list[StageSpec]], "str | None"]
+# After each epoch of a stage the chain trains, and replayed from the cache record of a stage it reuses: (stage index,
+# epoch within the stage from 0, the epoch's stats, whether replayed). It may end the chain by raising (a pruner).
+EpochObserver = Callable[[int, int, dict[str, float], bool], None]
 
 
 class Runner:
@@ -139,10 +142,14 @@ class Runner:
         params: dict[str, object] | None = None,
         stop_after: StopRule | None = None,
         run_name: str | None = None,
+        on_epoch: EpochObserver | None = None,
+        epoch_validation: int | None = None,
     ) -> None:
         """`parent_run_id` nests this chain's run under another (a sweep's or a search's); `tags` go on all its runs,
         `params` on the chain's run beside its own; `stop_after` may end the chain after a stage (a search's trial
-        that can no longer meet its constraints): the chain finishes there, tagged `early_stopped` with the reason."""
+        that can no longer meet its constraints): the chain finishes there, tagged `early_stopped` with the reason.
+        `epoch_validation`: score the model on this many validation images after every epoch it trains (stats
+        `epoch_val_top1`, logged per epoch and kept in the stage's record); `on_epoch` sees every epoch's stats."""
         if recipe.is_sweep or recipe.is_search:
             kind = "search" if recipe.is_search else "sweep"
             raise ValueError(f"recipe {recipe.name!r} declares a {kind}; run it with `python -m pipeline {kind}`")
@@ -150,6 +157,7 @@ class Runner:
         self.recipe, self.progress, self.use_cache = recipe, progress, use_cache
         self.parent_run_id, self.extra_tags = parent_run_id, {**(tags or {}), **machine_tags(recipe)}
         self.extra_params, self.stop_after, self.run_name = dict(params or {}), stop_after, run_name
+        self.on_epoch, self.epoch_validation = on_epoch, epoch_validation
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache = StageCache(self.cache_dir / "stages")
         self.tracker = tracker
@@ -183,8 +191,12 @@ class Runner:
         self.data = load_data(recipe.data, recipe.model, index=self.index, cache_dir=self.cache_dir / "datasets")
         if reusable:
             log.info("reusing cached stages: %s", ", ".join(reusable))
+        probe = None
+        if self.epoch_validation:
+            part = self.data.with_val_subset(self.epoch_validation).eval_loader("val")
+            probe = epoch_validation(part, self.device)
         return StageTrainer(recipe, self.chain, self.cache, self.data, self.device, self.progress,
-                            resume=self.use_cache)  # fmt: skip
+                            resume=self.use_cache, epoch_eval=probe)  # fmt: skip
 
     def _run_tracked_chain(self, trainer: StageTrainer, tracker: Tracker) -> RunSummary:
         """The chain under its MLflow parent run, one nested run per stage (rank 0, or the only process)."""
@@ -263,7 +275,8 @@ class Runner:
         where = f"{stage.index} ({stage.name})"
         first_line = next(iter(str(err).strip().splitlines()), "")
         why = "interrupted" if isinstance(err, KeyboardInterrupt) else f"{type(err).__name__}: {first_line}"[:300]
-        tracker.set_tags(parent_id, {TAGS.stopped_at_stage: where, TAGS.note: chain_note(summary, f"{where}: {why}")})
+        tags = {TAGS.stopped_at_stage: where, TAGS.note: chain_note(summary, f"{where}: {why}")}
+        tracker.set_tags(parent_id, {**tags, **getattr(err, "run_tags", {})})  # what the exception says of the run
 
     def _reuse_or_train_under_lock(
         self, trainer: StageTrainer, tracker: Tracker, parent_id: str, stage: PlannedStage, state: ModelState | None
@@ -296,13 +309,20 @@ class Runner:
             start = time.perf_counter()
             if entry is None:
                 log.info("stage %d (%s): running", stage.index, stage.name)
-                entry, state = trainer.train_and_cache(
-                    stage, state, on_epoch_end=lambda epoch, stats: tracker.log_metrics(run_id, stats, step=epoch)
-                )
+
+                def epoch_end(epoch: int, stats: dict[str, float]) -> None:
+                    tracker.log_metrics(run_id, stats, step=epoch)
+                    if self.on_epoch is not None:
+                        self.on_epoch(stage.index, epoch, stats, False)
+
+                entry, state = trainer.train_and_cache(stage, state, on_epoch_end=epoch_end)
                 tracker.set_tags(run_id, {TAGS.trained: "true"})  # cached now, even if evaluation is interrupted
             else:
                 log.info("stage %d (%s): reused from cache %s", stage.index, stage.name, stage.key[:12])
                 state = None  # loaded only if a later stage needs to run from it
+                if self.on_epoch is not None:  # the epochs as they were trained, from the stage's record
+                    for epoch, stats in enumerate(entry.record.get("train_history", [])):
+                        self.on_epoch(stage.index, epoch, stats, True)
             tracker.set_tags(run_id, _training_tags(entry.record))
             measured = self._measure(entry)
             metrics = {k: float(v) for k, v in measured.items() if not isinstance(v, str)}

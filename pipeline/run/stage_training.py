@@ -53,6 +53,8 @@ class StageTrainer:
     device: torch.device
     progress: bool
     resume: bool = True  # go on from a stage's checkpoints (False: --no-cache, every stage starts again)
+    # Measured after every epoch into its stats (`StageContext.epoch_eval`); rank 0 alone, under torchrun.
+    epoch_eval: Callable[[torch.nn.Module], dict[str, float]] | None = None
 
     def checkpoints(self, stage: PlannedStage) -> StageCheckpoints:
         """The stage's checkpoints in its work folder; only rank 0 writes them."""
@@ -91,6 +93,7 @@ class StageTrainer:
             on_epoch_end=on_epoch_end,
             checkpoints=checkpoints or self.checkpoints(stage),
             sync_batchnorm=self.recipe.distributed.sync_batchnorm,
+            epoch_eval=self.epoch_eval if distributed.is_main() and stage.index > 0 else None,  # not the baseline
         )
         start = time.perf_counter()
         out = get_stage(stage.name).run(state, stage.spec.config, ctx)

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from pipeline.core.config import ConfigError as RecipeError
 from pipeline.core.metrics import metric_catalogue, validation_name
-from pipeline.search.config import is_integer_field
+from pipeline.search.config import ORDERING_PARAM, is_integer_field
 from pipeline.search.space import search_orderings
 from pipeline.sweep.orderings import check_orderings, check_unique_stage_names
 
@@ -38,6 +38,11 @@ def check_search(recipe: Recipe) -> None:
         _check_search_field(recipe, specs, key, values.endpoints())
     for index, entry in enumerate(search.start_with):
         _check_start_with(recipe, f"search.start_with[{index}]", entry)
+    if isinstance(search.pruner.peers, list):
+        for index, key in enumerate(search.pruner.peers):
+            if key != ORDERING_PARAM and key not in search.space:
+                raise RecipeError(f"search.pruner.peers[{index}]", f"{key!r} is neither `ordering` nor a field of "
+                                  f"search.space ({', '.join(search.space) or 'empty'})")  # fmt: skip
     catalogue = metric_catalogue(recipe.deploy.runtimes)
     known = ", ".join(catalogue)
     chosen_on = [(f"search.objectives.{m}", m) for m in search.objectives]

@@ -10,6 +10,8 @@ search:
   objectives: {val_top1: max, artifact_bytes: min, onnxruntime.latency_ms_p50: min}
   constraints: ["val_top1 >= 79", "artifact_bytes <= 2e6"]
   trials: 40                     # and/or timeout_minutes
+  pruner: {method: successive_halving, peers: [ordering, prune.pruning_ratio]}   # stop trials behind their peers
+  confirm_seeds: 2               # run the Pareto set again with 2 more seeds; frontier and registry on the means
 ```
 
 Only the config lives here (validated when the recipe loads, with the checks against the recipe's stages and metrics
@@ -118,6 +120,55 @@ class EarlyStopConfig(StrictConfig):
     )
 
 
+PRUNERS = ("none", "median", "successive_halving", "hyperband")
+
+
+class PrunerConfig(StrictConfig):
+    """Stopping trials that are behind (multi-fidelity): after every epoch a trial trains, its model is scored on a
+    fixed part of the validation split and the score is told to an Optuna pruner, which stops the trial when it is
+    behind its peers at that many epochs. A pruned trial is recorded as pruned (never on the frontier).
+
+    A pruner ranks by accuracy alone, while a search trades accuracy for size and speed: a trial that prunes more
+    channels is behind in accuracy *because* it is smaller. `peers` says which trials one is compared with (default:
+    those of its ordering); list there the space fields that set how hard a trial compresses (prune.pruning_ratio,
+    inq.bits), so that a small model is only stopped for being behind models as small as itself."""
+
+    method: Literal["none", "median", "successive_halving", "hyperband"] = Field(
+        "none",
+        description="none; median (stop a trial below the median of finished trials at the same epoch); "
+        "successive_halving or hyperband (keep the top 1/reduction_factor at epochs min_epochs x reduction_factor^k)",
+    )
+    images: int = Field(
+        2000, ge=100, le=1_000_000, description="validation images scored after every epoch (a fixed random part)"
+    )
+    warmup_epochs: int = Field(1, ge=0, le=10_000, description="median: epochs a trial trains before it may be stopped")
+    startup_trials: int = Field(
+        4, ge=0, le=10_000, description="median: finished trials among its peers before any trial is stopped"
+    )
+    min_epochs: int = Field(1, ge=1, le=10_000, description="successive_halving / hyperband: epochs of the first rung")
+    max_epochs: int | None = Field(
+        None, ge=1, le=100_000, description="hyperband: epochs of the longest trial (default: the longest chain's)"
+    )
+    reduction_factor: int = Field(3, ge=2, le=100, description="successive_halving / hyperband: 1 in this many goes on")
+    peers: list[str] | Literal["ordering", "all"] = Field(
+        "ordering",
+        description="which trials a trial is compared with: `all`; `ordering` (those of its ordering); or a list of "
+        "`ordering` and space fields that must be equal (e.g. [ordering, prune.pruning_ratio])",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method != "none"
+
+    def peer_keys(self) -> list[str]:
+        """The trial parameters that define a trial's peers ('ordering' and space fields)."""
+        if self.peers == "all":
+            return []
+        if self.peers == "ordering":
+            return [ORDERING_PARAM]
+        return list(self.peers)
+
+
 class SearchConfig(StrictConfig):
     """A multi-objective search over orderings and stage settings (Optuna), each trial a chain through the runner."""
 
@@ -148,6 +199,14 @@ class SearchConfig(StrictConfig):
         "'prune.pruning_ratio': 0.5}; space fields left out are sampled (e.g. a hand-written recipe to beat)",
     )
     early_stop: EarlyStopConfig = Field(default_factory=EarlyStopConfig)
+    pruner: PrunerConfig = Field(default_factory=PrunerConfig)
+    confirm_seeds: int = Field(
+        0,
+        ge=0,
+        le=20,
+        description="after the trials: run every Pareto configuration again with this many more seeds and choose the "
+        "frontier and the registered model on the seed means (0: one seed, the trial's own)",
+    )
     storage: str | None = Field(
         None,
         description="Optuna storage URL shared by workers; default $OPTUNA_STORAGE, else optuna.db beside the MLflow "
@@ -162,6 +221,11 @@ class SearchConfig(StrictConfig):
         description="MLflow Model Registry name of the best model; default the recipe's name",
     )
     registry: bool = Field(True, description="register the best feasible model in the MLflow Model Registry")
+
+    @field_validator("pruner", mode="before")
+    @classmethod
+    def _pruner_shorthand(cls, value: Any) -> Any:
+        return {"method": value} if isinstance(value, str) else value
 
     @field_validator("objectives")
     @classmethod
@@ -198,4 +262,13 @@ class SearchConfig(StrictConfig):
         return self.select or next(iter(self.objectives))
 
 
-__all__ = ["ORDERING_PARAM", "Constraint", "is_integer_field", "EarlyStopConfig", "ParamRange", "SearchConfig"]
+__all__ = [
+    "ORDERING_PARAM",
+    "PRUNERS",
+    "Constraint",
+    "is_integer_field",
+    "EarlyStopConfig",
+    "ParamRange",
+    "PrunerConfig",
+    "SearchConfig",
+]

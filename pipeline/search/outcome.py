@@ -6,13 +6,14 @@ the best model under the constraints, the hypervolume after each trial, what ear
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pipeline.analysis.pareto import hypervolume, pareto_mask
+from pipeline.analysis.significance import Interval, mean_ci
 from pipeline.search.config import ORDERING_PARAM, Constraint
 
 
@@ -21,7 +22,7 @@ class TrialRecord:
     """One trial as the report needs it."""
 
     number: int
-    state: str  # COMPLETE, FAIL, RUNNING, WAITING
+    state: str  # COMPLETE, PRUNED (stopped by the pruner: never on the frontier), FAIL, RUNNING, WAITING
     chain: str  # the ordering it ran
     params: dict[str, Any]
     metrics: dict[str, float]
@@ -34,6 +35,7 @@ class TrialRecord:
     baseline: dict[str, float]
     interrupted: bool = False  # stopped by Ctrl-C or a kill: rerun with the same settings when the search resumes
     retried: bool = False  # failed by a stale heartbeat (its worker died) and retried by Optuna
+    pruned: str | None = None  # why the pruner stopped it (state PRUNED)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -86,6 +88,7 @@ def trial_records(study) -> list[TrialRecord]:
                 dict(attrs.get("baseline", {})),
                 bool(attrs.get("interrupted")),
                 t.number in retried,
+                attrs.get("pruned"),
             )
         )
     return out
@@ -139,6 +142,73 @@ def geometry(
     return Geometry(dict(objectives), np.array(reference), np.array(scale))
 
 
+@dataclass(frozen=True)
+class Confirmation:
+    """One more seed of a Pareto configuration (`search.confirm_seeds`): the chain run again with another seed."""
+
+    confirms: int  # the search trial whose configuration it repeats
+    seed: int
+    metrics: dict[str, float]
+    run_id: str | None = None
+
+
+@dataclass
+class ConfirmedPoint:
+    """A configuration of the search's Pareto set over every seed it ran: its trial's and its confirmations'."""
+
+    trial: TrialRecord
+    seeds: list[int]
+    values: dict[str, list[float]]  # metric -> one value per seed, the trial's first
+    constraints: list[Constraint]
+
+    def interval(self, metric: str) -> Interval:
+        return mean_ci(self.values[metric])
+
+    def mean(self, metric: str) -> float:
+        return float(np.mean(self.values[metric]))
+
+    @property
+    def means(self) -> dict[str, float]:
+        return {m: self.mean(m) for m in self.values}
+
+    @property
+    def feasible(self) -> bool:
+        """Every constraint met by the seed mean."""
+        return all(c.violation(self.mean(c.metric)) <= 0 for c in self.constraints if c.metric in self.values)
+
+
+def confirm_frontier(
+    outcome: SearchOutcome, confirmations: list[Confirmation], trial_seed: int
+) -> tuple[list[ConfirmedPoint], list[ConfirmedPoint], ConfirmedPoint | None]:
+    """(every confirmed configuration, the Pareto set of their seed means among those feasible by mean, the best
+    of that set by the selection metric's mean). `trial_seed`: the seed the search's trials ran with."""
+    by_trial: dict[int, list[Confirmation]] = {}
+    for c in confirmations:
+        by_trial.setdefault(c.confirms, []).append(c)
+    points = []
+    for trial in confirmation_targets(outcome):
+        extra = sorted(by_trial.get(trial.number, []), key=lambda c: c.seed)
+        shared = [m for m in trial.metrics if all(m in c.metrics for c in extra)]
+        values = {m: [trial.metrics[m], *(c.metrics[m] for c in extra)] for m in shared}
+        points.append(ConfirmedPoint(trial, [trial_seed, *(c.seed for c in extra)], values, outcome.constraints))
+    usable = [p for p in points if p.feasible and all(m in p.values for m in outcome.objectives)]
+    means = np.array([[p.mean(m) for m in outcome.objectives] for p in usable]).reshape(-1, len(outcome.objectives))
+    mask = pareto_mask(means, [d == "max" for d in outcome.objectives.values()]) if usable else []
+    front = [p for p, keep in zip(usable, mask, strict=True) if keep]
+    metric, direction = outcome.selection
+    sign = -1.0 if direction == "max" else 1.0
+    ranked = sorted((p for p in front if metric in p.values), key=lambda p: sign * p.mean(metric))
+    return points, front, ranked[0] if ranked else None
+
+
+def confirmation_targets(outcome: SearchOutcome) -> list[TrialRecord]:
+    """The configurations to confirm: the Pareto set (each model once) and the best feasible trial."""
+    targets = list(outcome.pareto)
+    if outcome.best is not None and all(outcome.best.configuration != t.configuration for t in targets):
+        targets.append(outcome.best)
+    return targets
+
+
 @dataclass
 class SearchOutcome:
     search_id: str
@@ -150,6 +220,34 @@ class SearchOutcome:
     best: TrialRecord | None
     geometry: Geometry
     hypervolume_history: list[tuple[int, float]] = field(default_factory=list)  # (trial number, after it)
+    # With `search.confirm_seeds`: every Pareto configuration over its seeds, their Pareto set by seed means, and the
+    # best by mean (what is registered); None when nothing was confirmed.
+    confirmed: list[ConfirmedPoint] | None = None
+    confirmed_front: list[ConfirmedPoint] | None = None
+    confirmed_best: ConfirmedPoint | None = None
+
+    @property
+    def chosen(self) -> TrialRecord | None:
+        """The trial whose model is registered: the best confirmed configuration by seed mean when the frontier
+        was confirmed (None if no configuration meets the constraints on average), else the best trial."""
+        if self.confirmed is not None:
+            return self.confirmed_best.trial if self.confirmed_best is not None else None
+        return self.best
+
+    @property
+    def confirmed_hypervolume(self) -> float | None:
+        """The hypervolume of the confirmed frontier's seed means, on the search's geometry."""
+        if self.confirmed_front is None:
+            return None
+        points = np.array([[p.mean(m) for m in self.objectives] for p in self.confirmed_front])
+        return self.geometry.volume(points.reshape(-1, len(self.objectives)))
+
+    def with_confirmations(self, confirmations: list[Confirmation], trial_seed: int) -> SearchOutcome:
+        """This outcome with its confirmed frontier (when any confirmation ran)."""
+        if not confirmations:
+            return self
+        points, front, best = confirm_frontier(self, confirmations, trial_seed)
+        return replace(self, confirmed=points, confirmed_front=front, confirmed_best=best)
 
     @property
     def hypervolume(self) -> float:
@@ -163,17 +261,21 @@ class SearchOutcome:
     def totals(self) -> dict[str, float]:
         """The search's counts, logged as metrics of its MLflow run."""
         complete = [t for t in self.trials if t.complete]
-        acc = {k: sum(t.accounting.get(k, 0) for t in complete) for k in _ACCOUNTING}
+        pruned = [t for t in self.trials if t.state == "PRUNED"]
+        acc = {k: sum(t.accounting.get(k, 0) for t in complete + pruned) for k in _ACCOUNTING}
         # A repeat that ended early skipped what the first trial of its configuration skipped; without early stopping
         # that first trial would have trained it and the repeat found it in the cache: a skip is counted once.
         repeats = repeat_of(self.trials)
         firsts = [t for t in complete if t.number not in repeats]
-        for k in ("stages_skipped", "epochs_skipped"):
+        for k in ("stages_skipped", "epochs_skipped"):  # (a pruned trial's saved epochs are `epochs_pruned`)
             acc[k] = sum(t.accounting.get(k, 0) for t in firsts)
         to_train = acc["epochs_trained"] + acc["epochs_skipped"]  # what the trials would have trained, not stopped
         stages = acc["stages_trained"] + acc["stages_reused"]
         return {
             "trials_complete": len(complete),
+            # Stopped by the pruner after a few epochs: not on the frontier; `epochs_pruned` were not trained.
+            "trials_pruned": len(pruned),
+            "epochs_pruned": float(sum(t.accounting.get("epochs_pruned", 0) for t in pruned)),
             # Samplers propose a point again (a small discrete space makes that common); the cache answers it.
             "trials_repeated": len(repeats),
             "trials_failed": sum(t.state == "FAIL" and not (t.interrupted or t.retried) for t in self.trials),
@@ -181,6 +283,14 @@ class SearchOutcome:
             "trials_feasible": sum(t.feasible for t in self.trials),
             "pareto_size": len(self.pareto),
             "hypervolume": self.hypervolume,
+            **(
+                {
+                    "confirmed_pareto_size": len(self.confirmed_front or []),
+                    "confirmed_hypervolume": self.confirmed_hypervolume or 0.0,
+                }
+                if self.confirmed is not None
+                else {}
+            ),  # fmt: skip
             **{k: float(v) for k, v in acc.items()},
             "epochs_skipped_share": acc["epochs_skipped"] / to_train if to_train else 0.0,
             "stage_cache_hit_share": acc["stages_reused"] / stages if stages else 0.0,

@@ -15,9 +15,11 @@ log = logging.getLogger("pipeline")
 
 
 def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int]:
-    """Register the best feasible trial's model (its artifact and exported files) in the MLflow Model Registry."""
-    best = outcome.best
+    """Register the chosen trial's model (its artifact and exported files) in the MLflow Model Registry: the best
+    feasible trial, or with a confirmed frontier the best configuration by seed mean (tags `confirmed.*`)."""
+    best = outcome.chosen
     name = plan.config.registry_name or plan.recipe.name
+    confirmed = outcome.confirmed_best
     settings = best.settings
     tags = {
         "ordering": best.chain,
@@ -33,6 +35,13 @@ def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int
         },  # fmt: skip
         "constraints": "; ".join(plan.config.constraints) or "none",
     }
+    if confirmed is not None:  # chosen on these: the mean over seeds with its 95 % interval
+        for m in plan.config.objectives:
+            ci = confirmed.interval(m)
+            tags[f"confirmed.{m}"] = f"{ci.mean:.6g} [{ci.low:.6g}, {ci.high:.6g}] over {ci.n} seeds"
+            if (t := test_name(m)) != m and t in confirmed.values:
+                tags[f"confirmed.{t}"] = f"{confirmed.mean(t):.6g}"
+        tags["seeds"] = ", ".join(map(str, confirmed.seeds))
     deploy_dir = Path(best.deploy_dir or "")
     shipped = bool(best.deploy_dir) and deploy_dir.is_dir()
     if shipped:  # the exported files sit in the final stage's cache entry; ship them with the model
@@ -43,9 +52,10 @@ def register_best(tracker: Tracker, plan: SearchPlan, outcome) -> tuple[str, int
             "see): registering the artifact alone",
             deploy_dir,
         )
+    chosen_by = "its seed mean of " if confirmed is not None else ""
     description = (
         f"Best feasible model of search {plan.search_id} (trial {best.number}, {best.chain}), chosen by "
-        f"{plan.config.selection_metric} (validation split; the test split's figures are tags `test.*`). "
+        f"{chosen_by}{plan.config.selection_metric} (validation split; the test split's figures are tags `test.*`). "
         "Folder: model/ (the pipeline artifact: pipeline.core.artifacts.load_artifact)"
         + (" and deploy/ (the exported ONNX / OpenVINO files)." if shipped else ".")
     )

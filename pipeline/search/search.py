@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,18 @@ from pipeline import __version__
 from pipeline.recipe import Recipe
 from pipeline.run.executors import Executor, get_executor
 from pipeline.run.runner import default_cache_dir, termination_as_interrupt
+from pipeline.search.confirm import confirmed_outcome, run_confirmations
 from pipeline.search.outcome import outcome_of
+from pipeline.search.pruning import fail_unfinished
 from pipeline.search.registry import log_plan, register_best
-from pipeline.search.study import SearchPlan, counted_trials, open_study, plan_search, requeue_interrupted
+from pipeline.search.study import (
+    SearchPlan,
+    counted_trials,
+    open_study,
+    plan_search,
+    requeue_interrupted,
+    search_storage,
+)
 from pipeline.search.trial import TrialContext, run_trial
 from pipeline.tracking import TAGS, RunType, Tracker
 
@@ -70,9 +79,11 @@ class _InterruptWithoutTraceback(logging.Filter):
 def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     """Run trials of the study until `search.trials` have finished (over every worker) or the deadline passes."""
     cfg = job.plan.config
-    study = open_study(job.plan, job.worker)
+    storage = search_storage(job.plan)
+    study = open_study(job.plan, job.worker, storage=storage)
     tracker = Tracker(job.tracking_uri, experiment_id=job.experiment_id)
-    ctx = TrialContext(job.plan, job.search_run_id, job.cache_dir, tracker, job.progress, job.worker)
+    plain = search_storage(job.plan, heartbeat=False)  # the fidelity studies, run by ask and tell
+    ctx = TrialContext(job.plan, job.search_run_id, job.cache_dir, tracker, job.progress, job.worker, plain)
     ran = 0
 
     def budget_spent(study, _trial) -> None:
@@ -106,9 +117,14 @@ def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
 
 def _prepare_study(plan: SearchPlan, executor: str) -> None:
     """Open (or create) the study, requeue its interrupted trials and enqueue `start_with`; say where it stands."""
+    from optuna.trial import TrialState
+
     cfg = plan.config
-    study = open_study(plan)
+    storage = search_storage(plan)
+    study = open_study(plan, storage=storage)
     requeued = requeue_interrupted(study)
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    fail_unfinished(search_storage(plan, heartbeat=False), plan.search_id, running)  # of the interrupted trials
     for entry in cfg.start_with:  # a trial already run or waiting with these values is not added again
         study.enqueue_trial(dict(entry), skip_if_exists=True)
     log.info(
@@ -126,6 +142,28 @@ class SearchSummary:
     workers: list[WorkerResult] = field(default_factory=list)
     registered: tuple[str, int] | None = None  # (model name, version)
     seconds: float = 0.0
+
+
+def _conclude(plan: SearchPlan, ctx: TrialContext):
+    """After the trials: the outcome, confirmed with more seeds (`search.confirm_seeds`), the chosen model
+    registered, the counts logged on the search's run. Returns (outcome, registered)."""
+    tracker, run_id = ctx.tracker, ctx.search_run_id
+    storage = search_storage(plan, heartbeat=False)
+    outcome = outcome_of(open_study(plan, storage=storage), plan)
+    if plan.config.confirm_seeds and outcome.pareto:
+        run_confirmations(replace(ctx, storage=storage), outcome)
+        outcome = confirmed_outcome(plan, storage)
+    registered = None
+    if plan.config.registry and outcome.chosen is not None:
+        try:
+            registered = register_best(tracker, plan, outcome)
+        except Exception as err:  # the search's results stand; say why the registry has no entry
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            log.warning("model registry: could not register trial %d: %s: %s", outcome.chosen.number,
+                        type(err).__name__, first_line)  # fmt: skip
+    tracker.log_metrics(run_id, outcome.totals())
+    tracker.set_tags(run_id, {"best_trial": outcome.chosen.number} if outcome.chosen is not None else {})
+    return outcome, registered
 
 
 def run_search(
@@ -170,20 +208,7 @@ def run_search(
         for result in results:
             if result.error:
                 log.error("search worker %d failed: %s", result.worker, result.error)
-        outcome = outcome_of(open_study(plan), plan)
-        registered = None
-        if cfg.registry and outcome.best is not None:
-            try:
-                registered = register_best(tracker, plan, outcome)
-            except Exception as err:  # the search's results stand; say why the registry has no entry
-                log.warning(
-                    "model registry: could not register trial %d: %s: %s",
-                    outcome.best.number,
-                    type(err).__name__,
-                    str(err).splitlines()[0] if str(err) else "",
-                )
-        tracker.log_metrics(run_id, outcome.totals())
-        tracker.set_tags(run_id, {"best_trial": outcome.best.number} if outcome.best is not None else {})
+        outcome, registered = _conclude(plan, TrialContext(plan, run_id, cache_dir, tracker, progress))
     return SearchSummary(plan, run_id, outcome, results, registered, time.perf_counter() - start)
 
 

@@ -23,7 +23,7 @@ log = logging.getLogger("pipeline")
 # A worker that stops beating for GRACE_S (killed, machine lost) has its trial failed and retried by the next worker.
 HEARTBEAT_S, GRACE_S = 30, 180
 # Search keys that say how long or where a search runs, not what it searches: changing them resumes the same study.
-BUDGET_KEYS = {"trials", "timeout_minutes", "workers", "registry", "registry_name", "select"}
+BUDGET_KEYS = {"trials", "timeout_minutes", "workers", "registry", "registry_name", "select", "confirm_seeds"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,8 @@ def plan_search(recipe: Recipe, *, tracking_uri: str, cache_dir: Path, new: bool
     orderings = [">".join(o) for o in search_orderings(recipe)]
     defining = recipe.to_dict()
     defining["search"] = {k: v for k, v in defining["search"].items() if k not in BUDGET_KEYS}
+    if not recipe.search.pruner.enabled:  # searches from before pruners existed keep their id (and study)
+        defining["search"].pop("pruner", None)
     content = digest({"recipe": defining, "evaluation": evaluation_key(recipe)})[:8]
     search_id = f"{recipe.name}-{content}" + (time.strftime("-%Y%m%d-%H%M%S") if new else "")
     storage = recipe.search.storage or default_storage(tracking_uri, cache_dir)
@@ -67,14 +69,13 @@ def default_storage(tracking_uri: str, cache_dir: Path) -> str:
     return f"sqlite:///{Path(cache_dir).resolve() / 'optuna.db'}"
 
 
-def open_study(plan: SearchPlan, worker: int = 0, *, create: bool = True):
-    """The search's Optuna study (created on first use unless `create` is false: then a missing study is a
-    ValueError), with the sampler of `search.sampler` seeded by the search's seed, the worker and the trials the
-    study holds already, so a resumed search or a second worker does not propose the same trials again."""
+def search_storage(plan: SearchPlan, *, create: bool = True, heartbeat: bool = True):
+    """The Optuna storage of the search's studies, with heartbeats for the search's own (a trial whose worker stops
+    beating is failed and retried), without for the studies run by ask and tell (its pruner's fidelity studies, its
+    confirmations). A missing SQLite file is a ValueError unless `create`."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pipeline logs one line per trial itself
     engine = {}
     if plan.storage.startswith("sqlite:///"):
         path = Path(plan.storage.removeprefix("sqlite:///"))
@@ -84,13 +85,25 @@ def open_study(plan: SearchPlan, worker: int = 0, *, create: bool = True):
         engine = {"connect_args": {"timeout": 120}}  # workers share the file: wait for the lock, do not fail
     with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = RDBStorage(
+        if not heartbeat:
+            return RDBStorage(plan.storage, engine_kwargs=engine)
+        return RDBStorage(
             plan.storage,
             engine_kwargs=engine,
             heartbeat_interval=HEARTBEAT_S,
             grace_period=GRACE_S,
             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
+
+
+def open_study(plan: SearchPlan, worker: int = 0, *, create: bool = True, storage=None):
+    """The search's Optuna study (created on first use unless `create` is false: then a missing study is a
+    ValueError), with the sampler of `search.sampler` seeded by the search's seed, the worker and the trials the
+    study holds already, so a resumed search or a second worker does not propose the same trials again."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pipeline logs one line per trial itself
+    storage = storage or search_storage(plan, create=create)
     directions = ["maximize" if d == "max" else "minimize" for d in plan.config.objectives.values()]
     if create:
         study = optuna.create_study(
@@ -139,12 +152,12 @@ def make_sampler(cfg: SearchConfig, worker: int = 0, offset: int = 0):
 
 
 def counted_trials(study) -> int:
-    """Trials that count against `search.trials`: finished or failed, but not the interrupted ones (rerun)."""
+    """Trials that count against `search.trials`: finished, pruned or failed, but not the interrupted ones (rerun)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.system_attrs.get("failed_trial") for t in trials}  # failed by a stale heartbeat, run again
-    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL)]
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)]
     return sum(not t.user_attrs.get("interrupted") and t.number not in retried for t in done)
 
 

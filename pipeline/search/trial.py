@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from pipeline.core.metrics import metric_catalogue
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.run.runner import Runner, StageResult
 from pipeline.search.config import ORDERING_PARAM, Constraint, ParamRange, SearchConfig, is_integer_field
+from pipeline.search.pruning import FidelityReporter, PrunedChain, make_pruner, open_fidelity_study, peer_group
 from pipeline.search.study import SearchPlan
 from pipeline.tracking import TAGS, Tracker
 from stages import get_stage
@@ -102,10 +103,42 @@ class TrialContext:
     tracker: Tracker
     progress: bool
     worker: int = 0
+    storage: Any = None  # the study's Optuna storage, where the pruner's fidelity studies live too
+    fidelity_studies: dict[str, Any] = field(default_factory=dict)  # peer group -> its fidelity study, opened once
 
     @property
     def constraints(self) -> list[Constraint]:
         return self.plan.config.parsed_constraints()
+
+    def fidelity(self, trial, chain: Recipe) -> FidelityReporter | None:
+        """The trial's reporter to its peer group's fidelity study, or None without a pruner."""
+        cfg = self.plan.config.pruner
+        if not cfg.enabled:
+            return None
+        group = peer_group(cfg, trial.params)
+        if group not in self.fidelity_studies:
+            pruner = make_pruner(cfg, longest_chain_epochs(self.plan))
+            self.fidelity_studies[group] = open_fidelity_study(self.storage, self.plan.search_id, group, pruner)
+        study = self.fidelity_studies[group]
+        fidelity_trial = study.ask()
+        fidelity_trial.set_user_attr("search_trial", trial.number)
+        trial.set_user_attr("fidelity", [study.study_name, fidelity_trial.number])
+        epochs = stage_epochs(chain)
+        offsets = [sum(epochs[:i]) for i in range(len(epochs))]
+        return FidelityReporter(study, fidelity_trial, offsets, sum(epochs))
+
+
+def stage_epochs(chain: Recipe) -> list[int]:
+    """Epochs each stage of the chain trains (the baseline left out)."""
+    return [getattr(s.config, "total_epochs", lambda: 0)() for s in chain.stage_specs()]
+
+
+def longest_chain_epochs(plan: SearchPlan) -> int:
+    """The most epochs any trial's chain trains (at the space's largest `budget.epochs`, if sampled)."""
+    epochs = plan.config.space.get("budget.epochs")
+    settings = {"budget.epochs": int(max(epochs.endpoints()))} if epochs is not None else {}
+    chains = (search_chain(plan.recipe, ordering.split(">"), settings) for ordering in plan.orderings)
+    return max((sum(stage_epochs(chain)) for chain in chains), default=1) or 1
 
 
 def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
@@ -121,6 +154,7 @@ def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
             result.metrics, remaining, ctx.constraints, catalogue, cfg.early_stop.timing_margin
         )
 
+    reporter = ctx.fidelity(trial, chain)
     runner = Runner(
         chain,
         cache_dir=ctx.cache_dir,
@@ -131,13 +165,11 @@ def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
         params={"trial": trial.number, "search_worker": ctx.worker, **{f"search.{k}": v for k, v in settings.items()}},
         stop_after=stop if cfg.early_stop.enabled else None,
         run_name=f"trial {trial.number}: {chain.ordering}",
+        on_epoch=reporter,
+        epoch_validation=cfg.pruner.images if reporter is not None else None,
     )
     log.info("trial %d: %s %s", trial.number, chain.ordering, json.dumps(settings) if settings else "")
-    try:
-        summary = runner.run()
-    except KeyboardInterrupt:
-        trial.set_user_attr("interrupted", True)  # resumed with the same settings next time
-        raise
+    summary = _run_reporting(trial, runner, reporter)
     final = summary.results[-1].metrics
     missing = [m for m in (*cfg.objectives, *(c.metric for c in ctx.constraints)) if m not in final]
     if missing:
@@ -159,10 +191,37 @@ def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
     return values
 
 
+def _run_reporting(trial, runner: Runner, reporter: FidelityReporter | None):
+    """Run the trial's chain; end its fidelity trial (if any) as the chain ended, and record a pruned trial (its
+    reason and epochs) before telling Optuna it was pruned."""
+    from optuna.trial import TrialState
+
+    try:
+        summary = runner.run()
+    except PrunedChain as pruned:
+        assert reporter is not None
+        reporter.finish(TrialState.PRUNED)
+        trial.set_user_attr("chain", runner.recipe.ordering)
+        trial.set_user_attr("pruned", str(pruned))
+        for key, value in reporter.accounting().items():
+            trial.set_user_attr(key, value)
+        log.info("trial %d: %s", trial.number, pruned)
+        raise
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            trial.set_user_attr("interrupted", True)  # resumed with the same settings next time
+        if reporter is not None:
+            reporter.finish(TrialState.FAIL)
+        raise
+    if reporter is not None:  # a trial ended early by its constraints did not finish: pruned, for its peers
+        reporter.finish(TrialState.COMPLETE if summary.early_stopped is None else TrialState.PRUNED)
+    return summary
+
+
 def trial_accounting(chain: Recipe, results: list[StageResult], early_stopped: str | None) -> dict[str, Any]:
     """Stage runs and epochs a trial trained, took from the cache, and skipped by ending early; the baseline, which
     every trial shares, is left out."""
-    epochs = [getattr(s.config, "total_epochs", lambda: 0)() for s in chain.stage_specs()]
+    epochs = stage_epochs(chain)
     done = {r.index - 1: r for r in results if r.index > 0}
     return {
         "early_stopped": early_stopped,
