@@ -212,11 +212,13 @@ def _table(trials: list[TrialRecord], outcome: SearchOutcome) -> list[str]:
 
 def _comparison_markdown(outcome: SearchOutcome, c: Comparison) -> list[str]:
     better = "larger" if c.search_volume > c.sweep_volume else "not larger"
+    means = (" Seed means on both sides: the search's confirmed frontier, and each of the sweep's paths averaged "
+             "over its seeds.") if c.means else ""  # fmt: skip
     lines = [
         f"## Against sweep `{c.sweep_id}`",
         "",
         f"Both frontiers measured by the same code on one geometry (reference and scales from the union of the points; "
-        f"sweep models outside the constraints left out: {len(c.sweep_points)} remain).",
+        f"sweep models outside the constraints left out: {len(c.sweep_points)} remain).{means}",
         "",
         f"- Hypervolume: search {c.search_volume:.4f}, sweep {c.sweep_volume:.4f}: the search's is {better}"
         + (f" ({c.search_volume / c.sweep_volume:.2f}x)." if c.sweep_volume > 0 else "."),
@@ -281,6 +283,13 @@ def _html(markdown_text: str, figures: dict[str, Any]) -> str:
     return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"
 
 
+def seed_means(models: pd.DataFrame) -> pd.DataFrame:
+    """A sweep's models (`sweep_models`: one row per stage output, labelled 'baseline>prune [key]') averaged over its
+    seeds: one row per path, the mean of the outputs that share it (a sweep runs each path once per seed)."""
+    paths = models.index.to_series().str.replace(r" \[[0-9a-f]+\]$", "", regex=True)
+    return models.groupby(paths.to_numpy()).mean(numeric_only=True)
+
+
 def report_search(
     tracker, search_id: str | None = None, out_root: Path = REPORTS_DIR, against: str | None = None
 ) -> tuple[object, Path]:
@@ -296,7 +305,10 @@ def report_search(
     comparison = None
     if against:
         models = sweep_models(tracker, against, [*outcome.objectives, *(c.metric for c in outcome.constraints)])
-        comparison = compare_with_sweep(outcome, against, models)
+        if outcome.confirmed_front is not None:  # seed means on both sides: the confirmed frontier, the sweep's paths
+            comparison = compare_with_sweep(outcome.on_means(), against, seed_means(models), means=True)
+        else:
+            comparison = compare_with_sweep(outcome, against, models)
     out_dir = Path(out_root) / plan.search_id
     write_search_report(outcome, out_dir, comparison)
     runs = tracker.search_runs(plan.search_id)

@@ -242,6 +242,11 @@ class SearchOutcome:
         points = np.array([[p.mean(m) for m in self.objectives] for p in self.confirmed_front])
         return self.geometry.volume(points.reshape(-1, len(self.objectives)))
 
+    def on_means(self) -> SearchOutcome:
+        """This outcome with its confirmed frontier as its Pareto set, each point at its seed means."""
+        front = [replace(p.trial, metrics={**p.trial.metrics, **p.means}) for p in self.confirmed_front or []]
+        return replace(self, pareto=front)
+
     def with_confirmations(self, confirmations: list[Confirmation], trial_seed: int) -> SearchOutcome:
         """This outcome with its confirmed frontier (when any confirmation ran)."""
         if not confirmations:
@@ -391,6 +396,7 @@ class Comparison:
     sweep_dominated: list[str]  # sweep models some search Pareto point dominates
     sweep_equalled: list[str] = field(default_factory=list)  # sweep models a search Pareto point equals everywhere
     geometry: Geometry | None = None  # the one both volumes were measured on
+    means: bool = False  # seed means on both sides (a confirmed frontier against a sweep's paths over its seeds)
 
     @property
     def sweep_standing(self) -> list[str]:
@@ -399,7 +405,9 @@ class Comparison:
         return [label for label in map(str, self.sweep_points.index) if label not in beaten]
 
 
-def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.DataFrame) -> Comparison:
+def compare_with_sweep(
+    outcome: SearchOutcome, sweep_id: str, sweep_models: pd.DataFrame, *, means: bool = False
+) -> Comparison:
     """`sweep_models`: one row per model (index: its label) with the objective columns. Both sets are measured
     with one geometry built from the union of their points."""
     objectives = outcome.objectives
@@ -438,4 +446,5 @@ def compare_with_sweep(outcome: SearchOutcome, sweep_id: str, sweep_models: pd.D
         list(map(str, dominated)),
         list(map(str, equalled)),
         geo,
+        means,
     )

@@ -56,3 +56,24 @@ def test_nothing_is_chosen_when_no_configuration_meets_the_bounds_on_average():
     confirmed = outcome.with_confirmations([_seed(0, 1, 70.0, 50)], trial_seed=0)
     assert outcome.chosen.number == 0 and confirmed.confirmed_front == [] and confirmed.chosen is None
     assert outcome.with_confirmations([], trial_seed=0) is outcome  # nothing confirmed yet: as it was
+
+
+def test_against_a_sweep_both_sides_are_seed_means():
+    import pandas as pd
+
+    from pipeline.reporting.search import seed_means
+    from pipeline.search.outcome import compare_with_sweep
+
+    sweep = pd.DataFrame(
+        {"val_top1": [90.0, 80.0, 76.0, 70.0], "artifact_bytes": [200.0, 100.0, 100.0, 60.0]},
+        index=["baseline [aaaaaa]", "baseline>prune [bbbbbb]", "baseline>prune [cccccc]", "baseline>qat [dddddd]"],
+    )
+    means = seed_means(sweep)
+    assert means.loc["baseline>prune"].tolist() == [78.0, 100.0] and len(means) == 3  # two seeds of one path
+    outcome = summarize("s", [_trial(0, 80.0, 100, 0.3)], {"val_top1": "max", "artifact_bytes": "min"}, [],
+                        ("val_top1", "max"))  # fmt: skip
+    confirmed = outcome.with_confirmations([_seed(0, 1, 74.0, 100)], trial_seed=0)  # mean 77: below the sweep's 78
+    single = compare_with_sweep(outcome, "sw", means)
+    paired = compare_with_sweep(confirmed.on_means(), "sw", means, means=True)
+    assert "baseline>prune" in single.sweep_dominated  # the lucky single seed beats the sweep's mean...
+    assert "baseline>prune" not in paired.sweep_dominated and paired.means  # ...its own mean does not
