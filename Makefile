@@ -87,8 +87,10 @@ $(CHROMIUM):
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null
 
+# One pytest-xdist worker per core (at most 4; a test module's tests stay on one worker, with its fixtures); a
+# single test file or test: `.venv/bin/python -m pytest tests/...` runs in one process as usual.
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadscope
 
 versions: $(STAMP)  ## record the code versions and source hashes tests/test_code_versions.py checks (see pipeline/run/keys.py)
 	$(PY) -m tests.code_versions --write

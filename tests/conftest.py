@@ -21,6 +21,13 @@ from PIL import Image
 from pipeline.core.data import DataBundle, DataConfig, Preprocessing, Split, default_data_root
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# `make test` runs the suite in several pytest-xdist workers (one per core, at most 4): each keeps to one core, in
+# torch's own thread pool and in the processes its tests start (the runner sizes its pool from OMP_NUM_THREADS),
+# so the workers do not fight over the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 TINY_MODEL = "test_resnet"  # timm's own ~0.4M-parameter test ResNet
 
 

@@ -9,6 +9,7 @@ import re
 import threading
 import time
 
+import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -104,7 +105,9 @@ def test_ray_search_workers_share_one_study(tmp_path, isolated, mlflow_server, c
     stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
     search = {"orderings": [["prune"], ["prune", "distill"]], "space": {"prune.pruning_ratio": {"choices": [0.3, 0.5]}},
               "objectives": {"val_top1": "max", "artifact_bytes": "min"}, "trials": 3, "workers": 2,
-              "sampler": "random", "registry": False}  # fmt: skip
+              "sampler": "random", "registry": False,
+              # The pruner's machinery in Ray workers (never pruning: too few finished peers) without a pruned trial.
+              "pruner": {"method": "median", "startup_trials": 100, "peers": "all"}}  # fmt: skip
     raw = tiny_recipe(name="tiny-ray-search", stages=stages, search=search, executor={"name": "ray", "cpus": 1})
     raw["data"]["train_subset"] = 160
     path = write_recipe(tmp_path / "search.yaml", raw)
@@ -123,3 +126,9 @@ def test_ray_search_workers_share_one_study(tmp_path, isolated, mlflow_server, c
     assert len({r.data.tags["trial"] for r in trials}) == len(trials)  # one study numbers them
     trained = [r.data.tags["cache_key"] for r in runs if r.data.tags.get("trained") == "true"]
     assert len(trained) == len(set(trained))  # a prefix two trials share was trained once
+    # Both workers reported every trial's epochs to the one fidelity study in the shared storage.
+    fidelity = optuna.load_study(study_name=f"{search_id.group(1)}:fidelity:all",
+                                 storage=f"sqlite:///{tmp_path / 'cache' / 'optuna.db'}")  # fmt: skip
+    reported = [t for t in fidelity.trials if t.intermediate_values]
+    assert {t.user_attrs["search_trial"] for t in fidelity.trials} == {int(r.data.tags["trial"]) for r in trials}
+    assert reported and all(t.state.name == "COMPLETE" for t in fidelity.trials)
