@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation
+.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -110,6 +110,12 @@ bench-prune: $(STAMP)
 	$(PY) bench/prune.py
 
 # Issue #25: allocated against uniform pruning / INQ widths, int8 with fp32 fallback (3 seeds paired on validation).
+bench-converged: $(STAMP)  ## is the studies' baseline converged? the equal-training control against it (see BENCHMARKS.md)
+	$(PY) bench/converged.py --epochs 30
+
+bench-inq-partition: $(STAMP)  ## INQ's pruning-inspired partition against a random one, 3 seeds, from the converged baseline
+	$(PY) bench/inq_partition.py --set baseline.epochs=30
+
 bench-allocation: $(STAMP)  ## per-layer allocation against one setting everywhere (see BENCHMARKS.md)
 	$(PY) bench/allocation.py prune
 	$(PY) bench/allocation.py inq
