@@ -17,7 +17,6 @@ import logging
 import optuna
 
 from pipeline.core.metrics import metric_catalogue
-from pipeline.run.runner import Runner
 from pipeline.search.outcome import Confirmation, SearchOutcome, confirmation_targets, outcome_of
 from pipeline.search.study import SearchPlan, open_study
 from pipeline.search.trial import TrialContext, search_chain
@@ -79,15 +78,11 @@ def run_confirmations(ctx: TrialContext, outcome: SearchOutcome) -> list[Confirm
     for index, (trial, seed) in enumerate(todo, 1):
         chain = search_chain(plan.recipe, trial.chain.split(">"), trial.settings)
         chain = chain.model_copy(update={"stage_seed": None if seed == chain.seed else seed})
-        runner = Runner(
+        runner = ctx.runner(
             chain,
-            cache_dir=ctx.cache_dir,
-            tracker=ctx.tracker,
-            progress=ctx.progress,
-            parent_run_id=ctx.search_run_id,
-            tags={TAGS.search: plan.search_id, TAGS.confirms_trial: str(trial.number)},
-            params={"confirms_trial": trial.number, **{f"search.{k}": v for k, v in trial.settings.items()}},
-            run_name=f"confirm trial {trial.number} (seed {seed}): {chain.ordering}",
+            {TAGS.confirms_trial: str(trial.number)},
+            {"confirms_trial": trial.number, **{f"search.{k}": v for k, v in trial.settings.items()}},
+            f"confirm trial {trial.number} (seed {seed}): {chain.ordering}",
         )
         log.info("confirmation %d/%d: trial %d (%s %s), seed %d", index, len(todo), trial.number, trial.chain,
                  json.dumps(trial.settings), seed)  # fmt: skip

@@ -110,6 +110,13 @@ class TrialContext:
     def constraints(self) -> list[Constraint]:
         return self.plan.config.parsed_constraints()
 
+    def runner(self, chain: Recipe, tags: dict[str, str], params: dict[str, Any], run_name: str, **options) -> Runner:
+        """A runner for one of the search's chains (a trial, a confirmation), nested under the search's run and
+        tagged with its id; `options` go to `Runner` as they are."""
+        return Runner(chain, cache_dir=self.cache_dir, tracker=self.tracker, progress=self.progress,
+                      parent_run_id=self.search_run_id, tags={TAGS.search: self.plan.search_id, **tags},
+                      params=params, run_name=run_name, **options)  # fmt: skip
+
     def fidelity(self, trial, chain: Recipe) -> FidelityReporter | None:
         """The trial's reporter to its peer group's fidelity study, or None without a pruner."""
         cfg = self.plan.config.pruner
@@ -155,16 +162,12 @@ def run_trial(trial, ctx: TrialContext) -> tuple[float, ...]:
         )
 
     reporter = ctx.fidelity(trial, chain)
-    runner = Runner(
+    runner = ctx.runner(
         chain,
-        cache_dir=ctx.cache_dir,
-        tracker=ctx.tracker,
-        progress=ctx.progress,
-        parent_run_id=ctx.search_run_id,
-        tags={TAGS.search: ctx.plan.search_id, TAGS.trial: str(trial.number)},
-        params={"trial": trial.number, "search_worker": ctx.worker, **{f"search.{k}": v for k, v in settings.items()}},
+        {TAGS.trial: str(trial.number)},
+        {"trial": trial.number, "search_worker": ctx.worker, **{f"search.{k}": v for k, v in settings.items()}},
+        f"trial {trial.number}: {chain.ordering}",
         stop_after=stop if cfg.early_stop.enabled else None,
-        run_name=f"trial {trial.number}: {chain.ordering}",
         on_epoch=reporter,
         epoch_validation=cfg.pruner.images if reporter is not None else None,
     )
