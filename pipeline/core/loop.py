@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from pipeline.core import distributed
 from pipeline.core.checkpoints import FitCheckpoint, rng_state, set_rng_state
 from pipeline.core.fixed_weights import FixedWeights
+from pipeline.core.metrics import EPOCH_VAL_METRIC
 from pipeline.core.precision import Numerics
 
 if TYPE_CHECKING:
@@ -271,7 +272,7 @@ def _log_epoch(desc: str, done: int, epochs: int, stats: dict[str, float], *, se
     """One line for a finished epoch: loss, train top-1, its seconds, and how long the remaining epochs should take
     (from the epochs this process trained: `resumed_at` of them were trained before a resume)."""
     eta = elapsed / max(done - resumed_at, 1) * (epochs - done)
-    val = f", val top-1 {stats['epoch_val_top1']:.2f}%" if "epoch_val_top1" in stats else ""
+    val = f", val top-1 {stats[EPOCH_VAL_METRIC]:.2f}%" if EPOCH_VAL_METRIC in stats else ""
     log.info(
         "%s: epoch %d/%d, loss %.4f, train top-1 %.2f%%%s, %s, ETA %s",
         desc, done, epochs, stats["train_loss"], stats["train_top1"], val, _duration(seconds), _duration(eta),

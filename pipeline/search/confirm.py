@@ -18,7 +18,7 @@ import optuna
 
 from pipeline.core.metrics import metric_catalogue
 from pipeline.search.outcome import Confirmation, SearchOutcome, confirmation_targets, outcome_of
-from pipeline.search.study import SearchPlan, open_study
+from pipeline.search.study import SearchPlan, directions, open_study
 from pipeline.search.trial import TrialContext, search_chain
 from pipeline.tracking import TAGS
 
@@ -65,7 +65,7 @@ def run_confirmations(ctx: TrialContext, outcome: SearchOutcome) -> list[Confirm
     study = optuna.create_study(
         storage=ctx.storage,
         study_name=confirm_study_name(plan.search_id),
-        directions=["maximize" if d == "max" else "minimize" for d in plan.config.objectives.values()],
+        directions=directions(plan.config),
         load_if_exists=True,
     )
     done = {(c.confirms, c.seed) for c in read_confirmations(ctx.storage, plan)}

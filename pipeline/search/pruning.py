@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from pipeline.core.hashing import digest
 from pipeline.core.metrics import EPOCH_VAL_METRIC
@@ -113,10 +114,8 @@ class FidelityReporter:
         return {"epochs_trained": self.trained, "epochs_reused": self.reused,
                 "epochs_pruned": max(self.total_epochs - done, 0)}  # fmt: skip
 
-    def finish(self, state: optuna.trial.TrialState) -> None:
+    def finish(self, state: TrialState) -> None:
         """End the fidelity trial; a COMPLETE one takes its last report as its value (none reported: FAIL)."""
-        from optuna.trial import TrialState
-
         values = None
         if state == TrialState.COMPLETE:
             if not self.reported:
@@ -143,8 +142,6 @@ def open_fidelity_study(storage, search_id: str, group: str, pruner: optuna.prun
 def fail_unfinished(storage, search_id: str, running: set[int]) -> int:
     """Fail every fidelity trial still RUNNING whose search trial is not in `running` (it was interrupted, or its
     worker died); returns how many."""
-    from optuna.trial import TrialState
-
     prefix = fidelity_study_name(search_id, "")
     failed = 0
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):

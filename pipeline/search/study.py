@@ -104,10 +104,9 @@ def open_study(plan: SearchPlan, worker: int = 0, *, create: bool = True, storag
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the pipeline logs one line per trial itself
     storage = storage or search_storage(plan, create=create)
-    directions = ["maximize" if d == "max" else "minimize" for d in plan.config.objectives.values()]
     if create:
         study = optuna.create_study(
-            storage=storage, study_name=plan.search_id, directions=directions, load_if_exists=True
+            storage=storage, study_name=plan.search_id, directions=directions(plan.config), load_if_exists=True
         )
     else:
         try:
@@ -116,6 +115,11 @@ def open_study(plan: SearchPlan, worker: int = 0, *, create: bool = True, storag
             raise ValueError(f"no study {plan.search_id!r} in {safe_url(plan.storage)}") from None
     study.sampler = make_sampler(plan.config, worker, offset=len(study.get_trials(deepcopy=False)))
     return study
+
+
+def directions(cfg: SearchConfig) -> list[str]:
+    """Optuna's direction of each objective, in order (the search's study and its confirmations')."""
+    return ["maximize" if d == "max" else "minimize" for d in cfg.objectives.values()]
 
 
 def safe_url(url: str) -> str:
