@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition
+.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition bench-multifidelity
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -159,6 +159,9 @@ bench-search-selection: $(STAMP)  ## a search re-selected on the test split: how
 bench-search: $(STAMP)  ## a search's frontier against a sweep's, trial by trial (default: BENCHMARKS.md's worked example; needs its study)
 	$(PY) bench/search_vs_sweep.py $(or $(search),search-prune-qat-distill-db156d67) \
 		$(or $(against),sweep-prune-qat-distill-316d8ea5)
+
+bench-multifidelity: $(STAMP)  ## a search with a pruner against one without, per epoch trained, and pruners replayed on search=ID [pruned=ID]
+	$(PY) bench/multifidelity.py $(search) $(pruned)
 
 clean-cache:
 	rm -rf .cache
