@@ -25,18 +25,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
 
+from pipeline.core.metrics import EPOCH_VAL_METRIC  # noqa: E402
 from pipeline.run.keys import plan_chain  # noqa: E402
 from pipeline.search.config import ORDERING_PARAM, PrunerConfig  # noqa: E402
 from pipeline.search.outcome import Geometry, TrialRecord, geometry, objective_values, outcome_of  # noqa: E402
-from pipeline.search.pruning import fidelity_study_name, make_pruner, peer_group  # noqa: E402
+from pipeline.search.pruning import (  # noqa: E402
+    FidelityReporter,
+    PrunedChain,
+    fidelity_study_name,
+    make_pruner,
+    peer_group,
+)
 from pipeline.search.study import SearchPlan, load_search_plan, open_study, search_storage  # noqa: E402
 from pipeline.search.trial import longest_chain_epochs, search_chain, stage_epochs  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
@@ -136,18 +144,18 @@ def replay(plan: SearchPlan, items: list[Trace], cfg: PrunerConfig) -> tuple[lis
             name = fidelity_study_name(plan.search_id, group)
             pruner = make_pruner(cfg, longest)
             studies[group] = optuna.create_study(study_name=name, direction="maximize", pruner=pruner)
-        study = studies[group]
-        trial = study.ask()
+        # The search's own reporter decides, so a replay stops exactly where a search would.
+        firsts = [first for _, first, _ in item.stages]
+        reporter = FidelityReporter(studies[group], studies[group].ask(), firsts, item.total)
         stop = None
-        for step in sorted(item.values):
-            trial.report(item.values[step], step)
-            if step < item.total and trial.should_prune():
-                stop = step
-                break
-        if stop is not None or item.record.early_stopped or not item.values:  # (ended early: pruned, as a search tells)
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        else:
-            study.tell(trial, item.values[max(item.values)])
+        try:
+            for step in sorted(item.values):
+                index = max(i for i, first in enumerate(firsts) if first < step)
+                reporter(index + 1, step - firsts[index] - 1, {EPOCH_VAL_METRIC: item.values[step]})
+        except PrunedChain:
+            stop = reporter.last_step
+        ended_early = stop is not None or item.record.early_stopped  # a trial ended by its constraints: pruned too
+        reporter.finish(TrialState.PRUNED if ended_early else TrialState.COMPLETE)
         reached = stop if stop is not None else max(item.values, default=0)
         epochs = 0
         for key, first, n in item.stages:
@@ -160,8 +168,6 @@ def replay(plan: SearchPlan, items: list[Trace], cfg: PrunerConfig) -> tuple[lis
 
 
 def _pruned(record: TrialRecord, step: int, total: int) -> TrialRecord:
-    from dataclasses import replace
-
     return replace(record, state="PRUNED", pruned=f"replay: stopped after {step} of {total} epochs")
 
 
