@@ -66,7 +66,7 @@ def stage_key(parent_key: str, stage_name: str, config: dict[str, Any], version:
 
 
 def data_fingerprint(recipe: Recipe) -> str:
-    """The fingerprint of the recipe's data (every file's path, size and modification time): part of every key."""
+    """The fingerprint of the recipe's data (every file's path and contents): part of every key."""
     return scan(locate(recipe.data)).fingerprint
 
 

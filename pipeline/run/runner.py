@@ -25,7 +25,7 @@ from pipeline.core import distributed
 from pipeline.core.data import DataBundle, DataIndex, load_data, locate, scan
 from pipeline.core.metrics import Predictions, epoch_validation, evaluate_with_predictions
 from pipeline.core.models import ModelState, create_model
-from pipeline.core.paths import PROJECT_ROOT
+from pipeline.core.paths import default_cache_dir
 from pipeline.deploy import ExportError, export_files, runtime_versions
 from pipeline.deploy.measure import runtime_metrics_with_predictions
 from pipeline.recipe import Recipe, StageSpec
@@ -36,11 +36,6 @@ from pipeline.run.stage_training import StageResult, StageTrainer, follow_chain
 from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
 
 log = logging.getLogger("pipeline")
-
-
-def default_cache_dir() -> Path:
-    """$PIPELINE_CACHE_DIR, else .cache/ in the project folder."""
-    return Path(os.environ.get("PIPELINE_CACHE_DIR") or PROJECT_ROOT / ".cache")
 
 
 @dataclass
@@ -161,7 +156,7 @@ class Runner:
         self.cache_dir = Path(cache_dir or default_cache_dir())
         self.cache = StageCache(self.cache_dir / "stages")
         self.tracker = tracker
-        self.index: DataIndex = scan(locate(recipe.data))  # the data's files and fingerprint, read once
+        self.index: DataIndex = scan(locate(recipe.data), self.cache_dir / "fingerprints")  # files, fingerprint: once
         self.device = pick_device(recipe.device)
         self.chain = plan_chain(recipe, self.index.fingerprint, self.device)
         self.eval_key = evaluation_key(recipe)

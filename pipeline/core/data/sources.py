@@ -10,12 +10,18 @@ arrays (`cifar-10-batches-py`). Which split is which:
 | train/, val/, test/   | val/                             | test/                 |
 
 `scan` walks the tree once: the file index (paths and labels, compact) and a fingerprint of its contents (every
-file's relative path, size and modification time), which keys every cache built from the data.
+file's relative path and bytes), which keys every cache built from the data. Reading every byte on every run would
+cost minutes on a million photos, so each class folder's content digest is remembered (`FingerprintMemo`, under the
+cache folder) against its files' paths, sizes and modification times: an unchanged folder is not read again, a
+touched or copied one is read once, and a copy of the data (plain `cp`, a restore, another machine) has the same
+fingerprint as the original, so its caches stay valid.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +32,7 @@ import torch
 import torchvision
 
 from pipeline.core.data.config import DataConfig
-from pipeline.core.paths import PROJECT_ROOT
+from pipeline.core.paths import PROJECT_ROOT, default_cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 TORCHVISION_LAYOUT = {
@@ -34,6 +40,9 @@ TORCHVISION_LAYOUT = {
     "cifar100": ("cifar-100-python", torchvision.datasets.CIFAR100),
 }
 CIFAR_SIDE = 32
+FINGERPRINT_FORMAT = 2  # 2: file contents (1 was paths, sizes and modification times)
+
+log = logging.getLogger("pipeline")
 
 
 class DataNotFoundError(ValueError):
@@ -130,41 +139,93 @@ class DataIndex:
         return len(self.files[folder]) if folder in self.files else 0
 
 
-def _walk_folder(folder: Path, h) -> tuple[list[str], list[bytes], list[int]]:
+class FingerprintMemo:
+    """Content digests of folders already read, keyed by what `os.stat` says of their files (relative path, size,
+    modification time), so a folder whose files were not touched is not read again. One small JSON file per dataset
+    root under `folder` (one entry per class folder); written atomically; a memo that cannot be written only costs
+    the next run a re-read (logged)."""
+
+    def __init__(self, folder: Path | None, root: Path):
+        self.path = folder / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json" if folder else None
+        self.known: dict[str, str] = {}
+        self.seen: dict[str, str] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.known = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                log.warning("ignoring an unreadable fingerprint memo %s", self.path)
+
+    def content_digest(self, base: Path, files: list[tuple[str, os.stat_result]]) -> str:
+        """sha256 of the files' relative paths and bytes (read only when their stat listing is new)."""
+        listing = hashlib.sha256(str(base).encode())
+        for rel, st in files:
+            listing.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        stat_key = listing.hexdigest()
+        content = self.known.get(stat_key)
+        if content is None:
+            h = hashlib.sha256()
+            for rel, st in files:
+                h.update(f"{rel}\0{st.st_size}\n".encode())
+                with open(base / rel, "rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 20), b""):
+                        h.update(block)
+            content = h.hexdigest()
+        self.seen[stat_key] = content
+        return content
+
+    def save(self) -> None:
+        if self.path is None or self.seen == self.known:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.seen, sort_keys=True))
+            os.replace(tmp, self.path)
+        except OSError as e:
+            log.warning("could not save the fingerprint memo %s (%s): the next run reads the data again", self.path, e)
+
+
+def _walk_folder(folder: Path, h, memo: FingerprintMemo) -> tuple[list[str], list[bytes], list[int]]:
     """(classes, relative paths, labels) of one split folder, as torchvision's ImageFolder finds them; feeds each
-    file's relative path, size and modification time into the hash `h`."""
+    class folder's content digest into the hash `h`."""
     classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
     paths, labels = [], []
     for label, name in enumerate(classes):
+        found = []
         for dirpath, dirnames, filenames in sorted(os.walk(folder / name, followlinks=True)):
             dirnames.sort()
             for filename in sorted(filenames):
                 if not filename.lower().endswith(IMAGE_EXTENSIONS):
                     continue
                 full = os.path.join(dirpath, filename)
-                st = os.stat(full)
-                rel = os.path.relpath(full, folder)
-                h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-                paths.append(rel.encode())
-                labels.append(label)
+                found.append((os.path.relpath(full, folder), os.stat(full)))
+        h.update(f"{name}\0{len(found)}\0{memo.content_digest(folder, found)}\n".encode())
+        paths.extend(rel.encode() for rel, _ in found)
+        labels.extend([label] * len(found))
     return classes, paths, labels
 
 
-def scan(source: DataSource) -> DataIndex:
-    """Walk the dataset once: every split folder's files and the fingerprint of the whole dataset."""
-    h = hashlib.sha256(f"{source.kind}|{source.dataset}".encode())
+def scan(source: DataSource, memo_dir: Path | None = None) -> DataIndex:
+    """Walk the dataset once: every split folder's files and the fingerprint of the whole dataset (its contents:
+    see the module's note). Content digests are remembered under `memo_dir` (default: the cache folder's
+    `fingerprints/`)."""
+    h = hashlib.sha256(f"{FINGERPRINT_FORMAT}|{source.kind}|{source.dataset}".encode())
+    memo = FingerprintMemo(memo_dir or default_cache_dir() / "fingerprints", source.path)
     files, classes = {}, None
     if source.kind == "torchvision":
         folder, _ = TORCHVISION_LAYOUT[source.dataset]
         base = source.path / folder
-        for entry in sorted(base.rglob("*")) if base.is_dir() else []:
-            if entry.is_file():
-                st = entry.stat()
-                h.update(f"{entry.relative_to(base)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        found = (
+            [(str(e.relative_to(base)), e.stat()) for e in sorted(base.rglob("*")) if e.is_file()]
+            if base.is_dir()
+            else []
+        )
+        h.update(memo.content_digest(base, found).encode())
+        memo.save()
         return DataIndex(source, [], {}, h.hexdigest()[:24])
     for name in source.folders:
         h.update(f"[{name}]".encode())
-        found, paths, labels = _walk_folder(source.path / name, h)
+        found, paths, labels = _walk_folder(source.path / name, h, memo)
         if classes is None:
             classes = found
         elif found != classes:  # labels are class indices: every split must list the same classes
@@ -174,6 +235,7 @@ def scan(source: DataSource) -> DataIndex:
         if not paths:
             raise DataNotFoundError(f"{source.path / name}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
         files[name] = FileList(source.path / name, np.array(paths, dtype=bytes), torch.tensor(labels))
+    memo.save()
     return DataIndex(source, classes or [], files, h.hexdigest()[:24])
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,20 +59,57 @@ def test_layouts_decide_which_folder_is_validation_and_which_is_test(tmp_path):
     assert (cifar_like.test_folder, cifar_like.val_folder) == ("test", None)
 
 
-def test_fingerprint_changes_with_the_contents(photos):
-    source = locate(DataConfig(dataset="imagefolder", root=photos))
-    first = scan(source)
+def test_fingerprint_changes_with_the_contents(photos, tmp_path):
+    source, memo = locate(DataConfig(dataset="imagefolder", root=photos)), tmp_path / "memo"
+    first = scan(source, memo)
     assert len(first.files["train"]) == 30 and first.classes == ["ant", "bee", "cow"]
-    assert scan(source).fingerprint == first.fingerprint  # the same files: the same fingerprint
+    assert scan(source, memo).fingerprint == first.fingerprint  # the same files: the same fingerprint
     image = photos / "train" / "bee" / "003.jpg"
-    image.write_bytes(image.read_bytes() + b"\0")  # a fixed image (another size)
-    fixed = scan(source).fingerprint
-    assert fixed != first.fingerprint
     st = image.stat()
-    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same size, later modification time
-    assert scan(source).fingerprint != fixed
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: same bytes, the same fingerprint
+    assert scan(source, memo).fingerprint == first.fingerprint
+    data = bytearray(image.read_bytes())
+    data[-3] ^= 0xFF  # a fixed image of the same size
+    image.write_bytes(bytes(data))
+    fixed = scan(source, memo).fingerprint
+    assert fixed != first.fingerprint
+    image.rename(photos / "train" / "bee" / "103.jpg")  # renamed: another file list
+    assert scan(source, memo).fingerprint not in (fixed, first.fingerprint)
     (photos / "train" / "cow" / "new.jpg").write_bytes((photos / "train" / "cow" / "000.jpg").read_bytes())
-    assert len(scan(source).files["train"]) == 31
+    assert len(scan(source, memo).files["train"]) == 31
+
+
+def test_a_copy_without_modification_times_keeps_the_fingerprint(photos, tmp_path):
+    """A plain copy (new modification times, another folder) is the same data: the same fingerprint, so every cache
+    built from the original serves the copy."""
+    original = scan(locate(DataConfig(dataset="imagefolder", root=photos)), tmp_path / "memo")
+    copy = shutil.copytree(photos, tmp_path / "copy", copy_function=shutil.copy)  # copy: mtimes not kept
+    assert (copy / "train" / "ant" / "000.jpg").stat().st_mtime_ns != (
+        photos / "train" / "ant" / "000.jpg"
+    ).stat().st_mtime_ns
+    assert (
+        scan(locate(DataConfig(dataset="imagefolder", root=copy)), tmp_path / "memo").fingerprint
+        == original.fingerprint
+    )
+
+
+def test_the_memo_spares_reading_unchanged_folders(photos, tmp_path, monkeypatch):
+    """A second scan reads no image whose folder's paths, sizes and modification times are unchanged; a touched
+    folder is read again, and a memo that is unreadable is only ignored."""
+    source, memo = locate(DataConfig(dataset="imagefolder", root=photos)), tmp_path / "memo"
+    first = scan(source, memo)
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: opened.append(Path(path)) or real_open(path, *a, **k))
+    assert scan(source, memo).fingerprint == first.fingerprint and opened == []
+    image = photos / "val" / "cow" / "001.jpg"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert scan(source, memo).fingerprint == first.fingerprint
+    assert {p.parent for p in opened} == {photos / "val" / "cow"}  # only the touched class folder is read
+    monkeypatch.setattr("builtins.open", real_open)
+    for saved in memo.iterdir():
+        saved.write_text("{not json")
+    assert scan(source, memo).fingerprint == first.fingerprint
 
 
 def test_splits_must_list_the_same_classes(tmp_path):
