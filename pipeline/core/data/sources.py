@@ -142,17 +142,18 @@ class DataIndex:
 class FingerprintMemo:
     """Content digests of folders already read, keyed by what `os.stat` says of their files (relative path, size,
     modification time), so a folder whose files were not touched is not read again. One small JSON file per dataset
-    root under `folder` (one entry per class folder); written atomically; a memo that cannot be written only costs
-    the next run a re-read (logged)."""
+    root under `folder` (one entry per class folder), written atomically; saving drops the files of roots that no
+    longer exist. A memo that cannot be read or written only costs a re-read (logged)."""
 
     def __init__(self, folder: Path | None, root: Path):
-        self.path = folder / f"{hashlib.sha256(str(root).encode()).hexdigest()[:16]}.json" if folder else None
+        self.root, self.folder = str(root), folder
+        self.path = folder / f"{hashlib.sha256(self.root.encode()).hexdigest()[:16]}.json" if folder else None
         self.known: dict[str, str] = {}
         self.seen: dict[str, str] = {}
         if self.path and self.path.is_file():
             try:
-                self.known = json.loads(self.path.read_text())
-            except (OSError, ValueError):
+                self.known = json.loads(self.path.read_text())["folders"]
+            except (OSError, ValueError, KeyError, TypeError):
                 log.warning("ignoring an unreadable fingerprint memo %s", self.path)
 
     def content_digest(self, base: Path, files: list[tuple[str, os.stat_result]]) -> str:
@@ -174,13 +175,19 @@ class FingerprintMemo:
         return content
 
     def save(self) -> None:
-        if self.path is None or self.seen == self.known:
+        if self.path is None or self.folder is None or self.seen == self.known:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.seen, sort_keys=True))
+            tmp.write_text(json.dumps({"root": self.root, "folders": self.seen}, sort_keys=True))
             os.replace(tmp, self.path)
+            for other in self.folder.glob("*.json"):  # the memos of datasets deleted since (temporary folders)
+                try:
+                    if other != self.path and not Path(json.loads(other.read_text())["root"]).exists():
+                        other.unlink()
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
         except OSError as e:
             log.warning("could not save the fingerprint memo %s (%s): the next run reads the data again", self.path, e)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -110,6 +111,20 @@ def test_the_memo_spares_reading_unchanged_folders(photos, tmp_path, monkeypatch
     for saved in memo.iterdir():
         saved.write_text("{not json")
     assert scan(source, memo).fingerprint == first.fingerprint
+
+
+def test_the_memo_of_a_deleted_dataset_is_dropped(tmp_path):
+    """Memos are one file per dataset folder; a scan's save drops those whose folder is gone (temporary trees)."""
+    memo = tmp_path / "memo"
+    gone = make_photos(tmp_path / "gone", {"train": 1, "test": 1})
+    kept = make_photos(tmp_path / "kept", {"train": 1, "test": 1})
+    scan(locate(DataConfig(dataset="imagefolder", root=gone)), memo)
+    scan(locate(DataConfig(dataset="imagefolder", root=kept)), memo)
+    assert len(list(memo.glob("*.json"))) == 2
+    shutil.rmtree(gone)
+    (kept / "train" / "ant" / "000.jpg").unlink()  # a change: the next scan saves its memo
+    scan(locate(DataConfig(dataset="imagefolder", root=kept)), memo)
+    assert [json.loads(f.read_text())["root"] for f in memo.glob("*.json")] == [str(kept.resolve())]
 
 
 def test_splits_must_list_the_same_classes(tmp_path):
