@@ -16,6 +16,8 @@ order they ran, with Optuna's own pruner: which trials it would have stopped, th
 (a stage's epochs are free when an earlier trial trained that stage, as the cache and a stage's checkpoint make
 them) and the hypervolume of the feasible trials it let finish. A replay keeps the reference's trials: a real
 pruned search's sampler sees the pruned trials and proposes others, which the real run (PRUNED_ID) measures.
+The replay also bounds a rule no pruner here has, dominance (compare a trial only with trials whose final model is
+no larger), from above: it reads each trial's final size from its record (`replay_dominance`).
 
 Reads the studies and MLflow only; trains nothing.
 """
@@ -157,12 +159,55 @@ def replay(plan: SearchPlan, items: list[Trace], cfg: PrunerConfig) -> tuple[lis
         ended_early = stop is not None or item.record.early_stopped  # a trial ended by its constraints: pruned too
         reporter.finish(TrialState.PRUNED if ended_early else TrialState.COMPLETE)
         reached = stop if stop is not None else max(item.values, default=0)
-        epochs = 0
-        for key, first, n in item.stages:
-            needed = min(max(reached - first, 0), n)
-            epochs += max(needed - trained.get(key, 0), 0)
-            trained[key] = max(trained.get(key, 0), needed)
-        cost[item.record.number] = float(epochs)
+        cost[item.record.number] = _epochs_to(item, reached, trained)
+        records.append(item.record if stop is None else _pruned(item.record, stop, item.total))
+    return records, cost
+
+
+def _epochs_to(item: Trace, reached: int, trained: dict[str, int]) -> float:
+    """The epochs `item` trains to reach step `reached`: a stage's epochs that an earlier trial trained are free
+    (`trained`: stage key -> epochs of it trained so far, updated)."""
+    epochs = 0
+    for key, first, n in item.stages:
+        needed = min(max(reached - first, 0), n)
+        epochs += max(needed - trained.get(key, 0), 0)
+        trained[key] = max(trained.get(key, 0), needed)
+    return float(epochs)
+
+
+COMPRESSING = {"prune", "qat", "inq", "lowrank"}  # stages that shrink the model (distill only retrains it)
+
+
+def compressed_from(item: Trace) -> int:
+    """The first step at which `item`'s chain has trained an epoch of each of its compressing stages."""
+    firsts = [first for (_, first, _), name in zip(item.stages, item.record.chain.split(">"), strict=True)
+              if name in COMPRESSING]  # fmt: skip
+    return max(firsts) + 1 if firsts else 1
+
+
+def replay_dominance(
+    items: list[Trace], min_peers: int, after_compression: bool = False
+) -> tuple[list[TrialRecord], dict[int, float]]:
+    """An oracle bound for a dominance rule, which no pruner here implements: a trial is stopped after an epoch
+    (not its last) when its validation top-1 there is below the median of the earlier trials (any ordering) whose
+    *final* model is no larger in bytes, once `min_peers` of them reached that epoch. It reads each trial's final
+    size from the record, which a real search would have to predict from the settings: a rule that predicts it
+    can only do worse. `after_compression`: compare only at steps where both chains have trained an epoch of every
+    compressing stage they have (before that, a chain that has not pruned yet scores like the baseline)."""
+    done: list[tuple[float, dict[int, float], int]] = []  # (final bytes, values up to where it ran, compressed from)
+    trained: dict[str, int] = {}
+    records, cost = [], {}
+    for item in items:
+        size, stop = item.record.metrics["artifact_bytes"], None
+        start = compressed_from(item) if after_compression else 1
+        for step in sorted(s for s in item.values if start <= s < item.total):
+            peers = [v[step] for b, v, c in done if step in v and b <= size * (1 + 1e-3) and step >= c]
+            if len(peers) >= min_peers and item.values[step] < float(np.median(peers)):
+                stop = step
+                break
+        reached = stop if stop is not None else max(item.values, default=0)
+        done.append((size, {k: v for k, v in item.values.items() if k <= reached}, start))
+        cost[item.record.number] = _epochs_to(item, reached, trained)
         records.append(item.record if stop is None else _pruned(item.record, stop, item.total))
     return records, cost
 
@@ -263,31 +308,44 @@ def main(argv: list[str] | None = None) -> int:
         model = sum(base_cost.values())
         print(f"  (the cost model without a pruner: {model:.0f} epochs against {total:.0f} measured)")
         result["replay"] = {"cost_model_epochs": model}
+
+        def replayed(records: list[TrialRecord], cost: dict[int, float], label: str) -> dict:
+            """Print one replayed variant (trials stopped, epochs, their share, hypervolume) and return its figures."""
+            points = curve(records, objectives, geo, lambda t: cost[t.number])
+            gone = [r for r in records if r.state == "PRUNED" and (r.pruned or "").startswith("replay")]
+            end, reach = points[-1], first_reaching(points, goal)
+            where = f"reaches it at {reach.epochs:.0f} epochs" if reach else "never reaches it"
+            ratio = end.volume / goal if goal else np.nan
+            print(
+                f"  {label} {len(gone):3d} stopped  {end.epochs:5.0f} epochs  "
+                f"{end.epochs / model:5.2f}  hv {end.volume:.4f}  {ratio:.3f}x, {where}"
+            )
+            for r in gone:
+                settings = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in r.settings.items())
+                print(f"      trial {r.number} {r.chain} {settings}: {r.pruned.removeprefix('replay: ')}")
+            return {
+                "stopped_trials": [r.number for r in gone],
+                "stopped": len(gone),
+                "epochs": end.epochs,
+                "epochs_share": end.epochs / model if model else None,
+                "hypervolume": end.volume,
+                "reaches_reference_at_epochs": reach.epochs if reach else None,
+            }
+
         for method in METHODS:
             for label, peers in PEERS.items():
-                cfg = PrunerConfig(method=method, peers=peers)
-                records, cost = replay(plan, items, cfg)
-                points = curve(records, objectives, geo, lambda t, c=cost: c[t.number])
-                gone = [r for r in records if r.state == "PRUNED" and (r.pruned or "").startswith("replay")]
-                stopped = len(gone)
-                end, reach = points[-1], first_reaching(points, goal)
-                where = f"reaches it at {reach.epochs:.0f} epochs" if reach else "never reaches it"
-                ratio = end.volume / goal if goal else np.nan
-                print(
-                    f"  {method:18s} {label:15s} {stopped:3d} stopped  {end.epochs:5.0f} epochs  "
-                    f"{end.epochs / model:5.2f}  hv {end.volume:.4f}  {ratio:.3f}x, {where}"
+                records, cost = replay(plan, items, PrunerConfig(method=method, peers=peers))
+                result["replay"][f"{method}/{label}"] = replayed(records, cost, f"{method:18s} {label:15s}")
+        print(
+            "  oracle dominance (median of earlier trials with a final model no larger; replay_dominance), min peers:"
+        )
+        for after in (False, True):
+            for min_peers in (1, 2, 3):
+                records, cost = replay_dominance(items, min_peers, after_compression=after)
+                name = "dominance" + (", compressed" if after else "")
+                result["replay"][f"oracle-{name}/min_peers={min_peers}"] = replayed(
+                    records, cost, f"{name:22s} {min_peers:11d}"
                 )
-                for r in gone:
-                    settings = ", ".join(f"{k.split('.')[-1]} {v:g}" for k, v in r.settings.items())
-                    print(f"      trial {r.number} {r.chain} {settings}: {r.pruned.removeprefix('replay: ')}")
-                result["replay"][f"{method}/{label}"] = {
-                    "stopped_trials": [r.number for r in gone],
-                    "stopped": stopped,
-                    "epochs": end.epochs,
-                    "epochs_share": end.epochs / model if model else None,
-                    "hypervolume": end.volume,
-                    "reaches_reference_at_epochs": reach.epochs if reach else None,
-                }
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0
