@@ -14,10 +14,15 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def file_digest(path: Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
+def update_with_file(h, path: Path) -> None:
+    """Feed a file's bytes into the hash `h`, a block at a time."""
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    update_with_file(h, path)
     return h.hexdigest()

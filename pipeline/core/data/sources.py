@@ -32,6 +32,7 @@ import torch
 import torchvision
 
 from pipeline.core.data.config import DataConfig
+from pipeline.core.hashing import update_with_file
 from pipeline.core.paths import PROJECT_ROOT, default_cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
@@ -145,12 +146,12 @@ class FingerprintMemo:
     root under `folder` (one entry per class folder), written atomically; saving drops the files of roots that no
     longer exist. A memo that cannot be read or written only costs a re-read (logged)."""
 
-    def __init__(self, folder: Path | None, root: Path):
+    def __init__(self, folder: Path, root: Path):
         self.root, self.folder = str(root), folder
-        self.path = folder / f"{hashlib.sha256(self.root.encode()).hexdigest()[:16]}.json" if folder else None
+        self.path = folder / f"{hashlib.sha256(self.root.encode()).hexdigest()[:16]}.json"
         self.known: dict[str, str] = {}
         self.seen: dict[str, str] = {}
-        if self.path and self.path.is_file():
+        if self.path.is_file():
             try:
                 self.known = json.loads(self.path.read_text())["folders"]
             except (OSError, ValueError, KeyError, TypeError):
@@ -167,15 +168,13 @@ class FingerprintMemo:
             h = hashlib.sha256()
             for rel, st in files:
                 h.update(f"{rel}\0{st.st_size}\n".encode())
-                with open(base / rel, "rb") as f:
-                    for block in iter(lambda f=f: f.read(1 << 20), b""):
-                        h.update(block)
+                update_with_file(h, base / rel)
             content = h.hexdigest()
         self.seen[stat_key] = content
         return content
 
     def save(self) -> None:
-        if self.path is None or self.folder is None or self.seen == self.known:
+        if self.seen == self.known:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
