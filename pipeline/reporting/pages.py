@@ -83,8 +83,10 @@ def _facts(report: SweepReport) -> list[str]:
             f"cache; sweep wall time {s.get('sweep_seconds', float('nan')) / 60:.1f} min"
         )
     if s.get("latency_source") == "side by side":
+        eager = "" if report.runtime == "torch" else "; torch eager's columns keep each stage's own figure"
         facts.append(
-            f"latency: batch-1 p50 on 1 thread, re-measured at report time side by side: {s.get('latency_how')}"
+            f"latency in {runtime_name(report.runtime)}: batch-1 p50 on 1 thread, re-measured at report time side "
+            f"by side: {s.get('latency_how')}{eager}"
         )
     else:
         facts.append("latency: batch-1 p50 of each stage's model, measured right after the stage ran")

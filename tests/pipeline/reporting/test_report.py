@@ -106,6 +106,14 @@ def test_report_uses_the_first_deploy_runtime_and_keeps_torch_eager_beside_it(tm
     assert "p50 ms (openvino)" in md and "torch eager p50 ms" in md and "## Pareto frontiers (openvino)" in md
     eager = build_report(runs, SWEEP, runtime="torch")
     assert eager.runtime == "torch" and sorted(eager.models.index[eager.models.pareto]) == ["a", "ab", "b", "ba"]
+    # Re-measured latency is the chosen runtime's; the report says torch eager's columns are the stages' own.
+    remeasured = build_report(runs, SWEEP, {m: OPENVINO_MS[m] / 2 for m in MODELS})
+    assert remeasured.models.loc["ba", "openvino.latency_ms_p50"] == pytest.approx(0.175)
+    assert remeasured.models.loc["ba", "latency_ms_p50"] == pytest.approx(1.3)
+    assert "latency in openvino: batch-1 p50 on 1 thread, re-measured" in markdown(remeasured)
+    assert "torch eager's columns keep each stage's own figure" in markdown(remeasured)
+    eager_remeasured = markdown(build_report(runs, SWEEP, {m: 1.0 for m in MODELS}, "torch"))
+    assert "latency in torch eager: batch-1 p50" in eager_remeasured and "keep each stage" not in eager_remeasured
     with pytest.raises(ValueError, match="unknown runtime 'tflite'"):
         build_report(runs, SWEEP, runtime="tflite")
 
