@@ -117,6 +117,12 @@ class StageEntry:
     # computes, so results of the old code are never served (tests/test_code_versions.py notices a change of the
     # stage's source that was not recorded).
     version: int = 1
+    # It renames the layers it changes (low-rank factorisation splits one into two), so layer names other stages'
+    # options give (`qat.fp32_layers`, a per-layer `inq.bits` map) can only be checked when they run, not at load.
+    renames_layers: bool = False
+    # How the ordering shows this stage's variant, from its config ('structured', '5-bit'); None: it has none. Keeps
+    # e.g. structured and unstructured pruning from reading as the same ordering.
+    variant: Callable[[StrictConfig], str] | None = None
 
     def can_lower(self, config: StrictConfig) -> frozenset[str] | None:
         """The metric kinds this stage, so configured, may lower; None when it does not say (assume any)."""
@@ -144,6 +150,8 @@ def register_stage(
     lowers: Callable[[Any], frozenset[str] | set[str]] | frozenset[str] | set[str] | None = None,
     fake_quant: bool = False,
     version: int = 1,
+    renames_layers: bool = False,
+    variant: Callable[[Any], str] | None = None,
 ):
     """Register a stage function under `name`, validated by `config`.
 
@@ -151,7 +159,9 @@ def register_stage(
     `lowers` names the metric kinds (METRIC_KINDS) the stage can lower, or maps its config to them; unset, a search
     assumes it may lower any metric and never ends a trial early on its account. `fake_quant`: the stage's output
     carries fake quantization, so it and every later stage train in fp32. `version`: of what the stage computes,
-    in its cache key; bump it when a change of its code changes its output.
+    in its cache key; bump it when a change of its code changes its output. `renames_layers`: it renames the layers
+    it changes (layer names in other stages' options are then checked when they run). `variant`: how an ordering
+    shows the configured stage (`prune[structured]`).
     """
 
     def wrap(fn: StageFn) -> StageFn:
@@ -161,7 +171,8 @@ def register_stage(
         kinds = lowers if lowers is None or callable(lowers) else (lambda _config, fixed=frozenset(lowers): fixed)
         if not callable(lowers) and lowers is not None and not set(lowers) <= METRIC_KINDS:
             raise ValueError(f"stage {name!r}: lowers must be among {sorted(METRIC_KINDS)}, got {sorted(lowers)}")
-        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds, fake_quant, version)
+        _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds, fake_quant, version,
+                                     renames_layers, variant)  # fmt: skip
         return fn
 
     return wrap

@@ -314,7 +314,8 @@ def _inq_metrics(state: ModelState, layers: dict[str, _Layer], steps: int) -> di
     }
 
 
-@register_stage("inq", config=INQConfig, lowers={"bytes"}, version=2)  # 2: inq_weight_bytes, per-layer widths
+# version 2: inq_weight_bytes, per-layer widths
+@register_stage("inq", config=INQConfig, lowers={"bytes"}, version=2, variant=lambda config: f"{config.bits}-bit")
 def run_inq(state: ModelState | None, config: INQConfig, ctx: StageContext) -> StageOutput:
     """Incremental Network Quantization: conv/linear weights become ±2^k or 0 by portions, retraining the rest."""
     if state is None:

@@ -194,7 +194,7 @@ def _install_(state: ModelState, plan: dict[str, tuple[int, torch.Tensor, torch.
 
 
 # After INQ every weight is a frozen power of two: factors would undo it. qat allows only training stages after it.
-@register_stage("lowrank", config=LowRankConfig, lowers={"bytes", "compute"}, not_after={"inq"})
+@register_stage("lowrank", config=LowRankConfig, lowers={"bytes", "compute"}, not_after={"inq"}, renames_layers=True)
 def run_lowrank(state: ModelState | None, config: LowRankConfig, ctx: StageContext) -> StageOutput:
     """Factorise conv and linear weights by truncated SVD into two thinner layers, then fine-tune."""
     if state is None:

@@ -120,7 +120,7 @@ def _lowers(config: PruneConfig) -> frozenset[str]:
     return frozenset({"bytes", "compute"} if config.method == "structured" else {"bytes"})
 
 
-@register_stage("prune", config=PruneConfig, lowers=_lowers)
+@register_stage("prune", config=PruneConfig, lowers=_lowers, variant=lambda config: config.method)
 def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) -> StageOutput:
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:

@@ -1,32 +1,24 @@
-"""The `qat` stage: INT8 quantization-aware training, shipped as a model that runs real int8 CPU kernels.
+"""The `qat` stage: INT8 quantization, post-training (`epochs: 0`) or quantization-aware, shipped as an int8 model.
 
-Fake quantization is inserted (per-channel symmetric int8 weights, uint8 activations with one
-scale and zero point per tensor; `pipeline.core.int8_fx`), the model trains through the shared loop
-(`StageContext.fit`, so pruned zeros and INQ-frozen weights stay as they are), observers and
-BatchNorm statistics are frozen after configurable epochs, and the deployable form is the converted
-model, whose convolutions and linear layers run on fbgemm's int8 kernels (PyTorch's `x86` engine).
+Every int8 step goes through a quantization backend (`pipeline.core.int8`; `backend: pt2e`, torch.export and
+torchao, by default): fake quantization is inserted (per-channel symmetric int8 weights, uint8 activations with one
+scale and zero point per tensor, BatchNorm folded into its convolution as quantization-aware training computes it),
+ranges are calibrated on training batches, the model trains through the shared loop (`StageContext.fit`, so pruned
+zeros and INQ-frozen weights stay as they are), observers and BatchNorm statistics are frozen after configurable
+epochs, and the deployable form is the backend's converted int8 model, which exports to ONNX Runtime and OpenVINO
+as a QDQ graph.
 
-The stage's output model stays the fake-quant (prepared) model, so a later stage (distillation)
-keeps training it; the `int8` artifact converts a copy when it is written, so conversion happens
-again after whatever stage comes last.
+The stage's output model stays the fake-quant model, so a later stage (distillation) keeps training it; the `int8`
+artifact converts it when it is written, so conversion happens again after whatever stage comes last.
 
-Calibration runs the forward training runs (BatchNorm on batch statistics, running statistics kept
-as they were): calibrating in eval mode gave ranges orders of magnitude off what training sees where
-running statistics do not describe the activations yet (efficientnet_b0, mobilenetv3_large_100,
-ghostnet_100), and training diverged. Only `epochs: 0` (post-training quantization) calibrates in
-eval mode, as the int8 model runs.
+Calibration runs the forward training runs (BatchNorm on batch statistics, running statistics kept as they were):
+calibrating in eval mode gave ranges orders of magnitude off what training sees where running statistics do not
+describe the activations yet (efficientnet_b0, mobilenetv3_large_100, ghostnet_100), and training diverged. Only
+`epochs: 0` (post-training quantization) calibrates in eval mode, as the int8 model runs.
 
-**INQ + INT8.** Where the input is an INQ model, its layers get `PowerOfTwoWeightObserver`: per
-output channel the int8 scale is the channel's largest folded magnitude / 64, a power-of-two step
-below it, so every power-of-two weight whose magnitude is within 6 octaves of the channel's largest
-becomes an exact integer ±2^j (the BatchNorm scale multiplies a whole channel, so it does not change
-which integers). INQ with b bits spans 2^(b-2) - 1 octaves: up to 4 bits every channel fits; at
-5 bits a channel that uses both the largest and the smallest level is put on step max/128 instead,
-and its +2^n1 weights clamp to 127/128 of their value. `inq_int8_mismatches` checks the converted
-model against the INQ values; the stage reports `int8_inq_exact_layers`, `int8_inq_inexact_layers`,
-`int8_inq_inexact_weights` and logs the inexact layers.
-
-Measured choices (FX rather than PT2E, int8 vs fp32 speed per model) are in BENCHMARKS.md.
+**INQ + INT8.** Where the input is an INQ model, its layers' int8 scales keep their powers of two exact where int8
+can hold them (`pipeline.core.int8.pow2`); `inq_int8_mismatches` checks the converted model against the INQ values,
+and the stage reports `int8_inq_exact_layers`, `int8_inq_inexact_layers`, `int8_inq_inexact_weights`.
 """
 
 from __future__ import annotations
@@ -38,27 +30,20 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 from torch import nn
-from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
-from torch.ao.quantization import FakeQuantizeBase
-from torch.fx import GraphModule
 
 from pipeline.core.artifacts import register_artifact_format
-from pipeline.core.data import TensorLoader
-from pipeline.core.int8_fx import (
-    BACKEND,
-    POW2_OCTAVES,
-    PowerOfTwoWeightObserver,
-    convert_int8,
-    fp32_ops,
-    load_portable_state_dict_,
-    picklable_qconfigs_,
-    plain_torch_layers_,
-    portable_state_dict,
-    prepare_qat,
+from pipeline.core.int8 import (
+    DEFAULT_BACKEND,
+    Int8Plan,
+    QuantizationBackend,
+    available_backends,
+    calibrate_,
+    get_backend,
+    is_fake_quantized,
 )
-from pipeline.core.metrics import int8_modules
+from pipeline.core.int8.pow2 import POW2_OCTAVES
 from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, register_structural_change
 from pipeline.core.training import TrainConfig
@@ -71,6 +56,12 @@ log = logging.getLogger("pipeline")
 
 class QATConfig(TrainConfig):
     """Calibration, freezing schedule and training of INT8 quantization-aware training."""
+
+    backend: str = Field(
+        DEFAULT_BACKEND,
+        description="quantization backend (pipeline.core.int8): pt2e (torch.export + torchao, QDQ for ONNX Runtime "
+        "and OpenVINO)",
+    )
 
     # Fine-tuning a trained model: a few epochs, a small peak LR, cosine decay, no warm-up.
     epochs: int = Field(
@@ -112,6 +103,13 @@ class QATConfig(TrainConfig):
     allocation_images: int = Field(
         1000, ge=100, le=1_000_000, description="fp32_layers auto: validation images each layer's int8 is scored on"
     )
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        if name not in available_backends():
+            raise ValueError(f"unknown quantization backend {name!r}; available: {', '.join(available_backends())}")
+        return name
 
     @model_validator(mode="after")
     def _fallback_budget(self) -> QATConfig:
@@ -158,36 +156,10 @@ def frozen_at(config: QATConfig, completed_epochs: int) -> tuple[bool, bool]:
     return completed_epochs >= config.freeze_observers_epoch, completed_epochs >= config.freeze_bn_epoch
 
 
-def freeze_(model: nn.Module, *, observers: bool, bn_stats: bool) -> None:
-    """Stop range observers and/or BatchNorm statistics updating (power-of-two weight rules stay live)."""
-    for module in model.modules():
-        pow2 = isinstance(getattr(module, "activation_post_process", None), PowerOfTwoWeightObserver)
-        if observers and isinstance(module, FakeQuantizeBase) and not pow2:
-            module.disable_observer()
-        if bn_stats and isinstance(module, _ConvBnNd):
-            module.freeze_bn_stats()
-
-
-@torch.no_grad()
-def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: torch.device, *, training: bool) -> int:
-    """Run up to `batches` batches with observers on; returns how many ran.
-
-    `training`: the forward QAT trains with (BatchNorm on batch statistics unless frozen), so the ranges fit
-    what training sees; BatchNorm running statistics stay as they were. Otherwise eval mode, as the int8
-    model runs.
-    """
-    model.train(training)
-    statistics = [b for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
-    kept = [b.clone() for b in statistics]
-    ran = 0
-    for images, _ in loader:
-        if ran >= batches:
-            break
-        model(images.to(device))
-        for buffer, value in zip(statistics, kept, strict=True):
-            buffer.copy_(value)  # each batch folds and normalises as the first training step will
-        ran += 1
-    return ran
+def training_images(ctx: StageContext, batches: int):
+    """The first `batches` training batches' images, without augmentation, in the stage's data order."""
+    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
+    return (images for images, _ in itertools.islice(loader, batches))
 
 
 # --- the stage -----------------------------------------------------------------------------------
@@ -196,34 +168,36 @@ def calibrate_(model: nn.Module, loader: TensorLoader, batches: int, device: tor
 # After qat the model is a fake-quant graph: INQ's levels and low-rank factors need float weights, and a second qat
 # would quantize twice. Stages that train it may follow, and prune, which works on the float weights under the
 # fake quantization and quantizes again through the state's wrapper (`FakeQuantized`).
-# version 2: int8_fp32_layers, the fp32 fallback
+# version 3: through a quantization backend, PT2E by default (version 2: FX, the fp32 fallback)
 @register_stage(
     "qat",
     config=QATConfig,
     may_follow={"distill", "train", "prune"},
     lowers={"bytes", "compute"},
     fake_quant=True,
-    version=2,
+    version=3,
 )
 def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> StageOutput:
-    """INT8 quantization-aware training: fake-quant fine-tuning, shipped as a real int8 model (x86 kernels)."""
+    """INT8 quantization-aware training (or post-training quantization), shipped as an int8 model."""
     if state is None:
         raise ValueError("qat needs a trained input model: put a `train` (or pruning, INQ) stage before it")
-    _check_can_quantize(state.model)
+    if is_fake_quantized(state.model):
+        raise ValueError("qat: the input model is already fake-quantized (an earlier qat stage); use one qat stage")
+    backend = get_backend(config.backend)
     fp32_layers, fallback = _fp32_layers(state, config, ctx)
-    prepared = fake_quantize_(state, ctx, fp32_layers)
-    pow2_modules = [m for m in state.structure[-1].args["pow2_modules"] if m not in fp32_layers]
+    prepared = fake_quantize_(state, ctx, backend, fp32_layers, config.calibration_batches)
 
     observers, bn_stats = frozen_at(config, 0)
-    freeze_(prepared, observers=False, bn_stats=bn_stats)  # calibrate in the mode the first epoch trains in
-    calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
-    training = config.epochs > 0
-    calibrated = calibrate_(prepared, calibration, config.calibration_batches, ctx.device, training=training)
-    freeze_(prepared, observers=observers, bn_stats=bn_stats)
-    freezing = replace(ctx, on_epoch_end=_freezing_hook(prepared, config, ctx.on_epoch_end))
+    backend.freeze_(prepared, observers=False, bn_stats=bn_stats)  # calibrate in the mode the first epoch trains in
+    batches = training_images(ctx, config.calibration_batches)
+    calibrated = calibrate_(prepared, batches, ctx.device, training=config.epochs > 0)
+    backend.freeze_(prepared, observers=observers, bn_stats=bn_stats)
+    freezing = replace(ctx, on_epoch_end=_freezing_hook(backend, prepared, config, ctx.on_epoch_end))
     report = freezing.fit(state, config, desc="qat", step=1)  # step 1: another data order than calibration's
 
-    metrics = _int8_metrics(prepared, pow2_modules) | fallback
+    float_model = state.wrapper.float_model(state)
+    inq_weights = {n: float_model.get_submodule(n).weight.detach().cpu() for n in state.wrapper.plan.pow2_layers}
+    metrics = int8_metrics(backend, prepared, inq_weights) | fallback
     metrics["qat_calibration_batches"] = float(calibrated)
     metrics["int8_fp32_layers"] = float(len(fp32_layers))
     return StageOutput(state, metrics=metrics, report=report)
@@ -234,17 +208,16 @@ def _fp32_layers(state: ModelState, config: QATConfig, ctx: StageContext) -> tup
     allocation's metrics."""
     if config.fp32_layers == ():
         return (), {}
-    model = plain_torch_layers_(state.model)  # the names the fake-quant graph gets (conv / linear names unchanged)
     if config.fp32_layers != "auto":
-        layers = explicit_fp32_layers(model, config.fp32_layers)
+        layers = explicit_fp32_layers(state.model, config.fp32_layers)
         log.info("qat: %d layers stay in floating point: %s", len(layers), ", ".join(layers))
         return tuple(layers), {}
     assert config.max_drop is not None
     data = ctx.data.with_val_subset(config.allocation_images)
-    loader = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
-    calibration = [images.to(ctx.device) for images, _ in itertools.islice(loader, max(config.calibration_batches, 1))]
-    done = choose_fp32_layers(model, config.max_drop, data.eval_loader("val"), calibration, ctx.data.input_size,
-                              ctx.device)  # fmt: skip
+    batches = [images.to(ctx.device) for images in training_images(ctx, max(config.calibration_batches, 1))]
+    scheme = get_backend(config.backend).scheme
+    done = choose_fp32_layers(state.model, config.max_drop, data.eval_loader("val"), batches, ctx.data.input_size,
+                              scheme, ctx.device)  # fmt: skip
     log.info(
         "qat: %d layers stay in floating point (%.1f%% of the MACs): %s; predicted drop %.2f points (int8 everywhere: "
         "%.2f), measured %.2f before training",
@@ -254,17 +227,20 @@ def _fp32_layers(state: ModelState, config: QATConfig, ctx: StageContext) -> tup
     return tuple(done.layers), done.metrics()
 
 
-# --- leaving and re-entering fake quantization (qat -> prune) --------------------------------------------
+# --- entering and leaving fake quantization (qat -> prune) ---------------------------------------
 
 
 @dataclass
 class FakeQuantized:
-    """qat's `ModelWrapper`: the float model under the fake-quant graph (their parameters are the same tensors) and
-    the artifact format it had, so a later stage can work on the float weights and quantize them again."""
+    """qat's `ModelWrapper`: the float model under the fake-quant graph (their parameters are the same tensors), the
+    artifact format it had, and how it was quantized (backend, plan, calibration), so a later stage can work on the
+    float weights and quantize them again the same way."""
 
     float_module: nn.Module
     float_format: str
-    fp32_layers: tuple[str, ...] = ()  # kept in floating point when quantized again
+    backend: str
+    plan: Int8Plan
+    calibration_batches: int = 8
 
     def float_model(self, state: ModelState) -> nn.Module:
         return self.float_module
@@ -275,61 +251,50 @@ class FakeQuantized:
         device = next(state.model.parameters()).device
         state.rename_parameters_(_new_names(names_prepared, self.float_module, state.fixed.names()))
         state.model, state.wrapper = self.float_module.to(device), None
-        state.structure.pop()  # qat_prepare; fx_plain_layers stays: the float model keeps its plain torch layers
+        state.structure.pop()  # int8_prepare
         state.artifact_format = self.float_format
 
     def rewrap_(self, state: ModelState, ctx: StageContext, *, training: bool) -> None:
-        """Fake-quantize the (changed) float model with the same quantizers, and calibrate its ranges on training
-        batches in the mode its fine-tuning runs in (`training`)."""
-        prepared = fake_quantize_(state, ctx, self.fp32_layers)
-        state.structure.pop(-2)  # fx_plain_layers is already in the record from the first quantization
-        freeze_(prepared, observers=False, bn_stats=False)
-        calibration = ctx.data.train_loader(ctx.data_config.batch_size, seed=ctx.seed, augment=False)
-        calibrate_(prepared, calibration, 8, ctx.device, training=training)
+        """Fake-quantize the (changed) float model with the same backend and fallback layers, and calibrate its
+        ranges on `calibration_batches` training batches in the mode its fine-tuning runs in (`training`)."""
+        backend = get_backend(self.backend)
+        prepared = fake_quantize_(state, ctx, backend, self.plan.fp32_layers, self.calibration_batches)
+        backend.freeze_(prepared, observers=False, bn_stats=False)
+        calibrate_(prepared, training_images(ctx, max(self.calibration_batches, 1)), ctx.device, training=training)
 
 
-def fake_quantize_(state: ModelState, ctx: StageContext, fp32_layers: tuple[str, ...] = ()) -> GraphModule:
-    """Replace `state.model` by its fake-quant form (weights shared, not copied) and record how: the structure gets
-    `fx_plain_layers` and `qat_prepare`, fixed weights and power-of-two grids follow the new parameter names, and
-    the state is wrapped (`FakeQuantized`) so a later stage can work on the float weights. `fp32_layers` stay float
-    modules (the int8 fallback)."""
-    pow2_modules = [name.rpartition(".")[0] for name in state.pow2_grids]
-    float_model, float_format = plain_torch_layers_(state.model), state.artifact_format
+def fake_quantize_(
+    state: ModelState, ctx: StageContext, backend: QuantizationBackend, fp32_layers: tuple[str, ...], calibration: int
+) -> nn.Module:
+    """Replace `state.model` by its fake-quant form from `backend` (weights shared, not copied) and record how: the
+    structure gets `int8_prepare`, fixed weights and power-of-two grids follow the parameters if the backend renamed
+    them, and the state is wrapped (`FakeQuantized`) so a later stage can work on the float weights. `fp32_layers`
+    stay floating point (the int8 fallback); INQ's layers (`state.pow2_grids`) keep their powers of two."""
+    pow2_layers = tuple(dict.fromkeys(name.rpartition(".")[0] for name in state.pow2_grids))
+    plan = Int8Plan(tuple(ctx.data.input_size), tuple(p for p in pow2_layers if p not in fp32_layers), fp32_layers)
+    float_model, float_format = state.model, state.artifact_format
     names_before = {id(p): n for n, p in float_model.named_parameters()}
-    prepared = prepare_qat(float_model, ctx.data.input_size, pow2_modules, fp32_layers)
-    picklable_qconfigs_(float_model)  # FX set qconfigs on it too; the stage cache pickles it with the state
+    prepared = backend.prepare(float_model, plan)
     state.rename_parameters_(_new_names(names_before, prepared, state.fixed.names()))
-    state.wrapper = FakeQuantized(float_model, float_format, fp32_layers)
+    state.wrapper = FakeQuantized(float_model, float_format, backend.name, plan, calibration)
     state.model = prepared.to(ctx.device)
     state.fixed.project_(prepared)
-    state.structure.append(StructuralChange("fx_plain_layers"))
-    args = {"backend": BACKEND, "pow2_modules": pow2_modules, "input_size": list(ctx.data.input_size)}
-    if fp32_layers:  # only then, so artifacts written before the fallback existed replay as they were
-        args["fp32_modules"] = list(fp32_layers)
-    state.structure.append(StructuralChange("qat_prepare", args))
+    state.structure.append(StructuralChange("int8_prepare", {"backend": backend.name, **plan.to_dict()}))
     state.artifact_format = "int8"
     return prepared
 
 
-@register_structural_change("fx_plain_layers")
-def _replay_plain_layers(model: nn.Module, _args: dict[str, Any]) -> nn.Module:
-    """timm's BatchNormAct2d and Linear replaced by plain torch modules (module names change under the first)."""
-    return plain_torch_layers_(model)
-
-
-def _check_can_quantize(model: nn.Module) -> None:
-    if any(isinstance(m, FakeQuantizeBase) for m in model.modules()):
-        raise ValueError("qat: the input model is already fake-quantized (an earlier qat stage); use one qat stage")
-    if BACKEND not in torch.backends.quantized.supported_engines:
-        raise RuntimeError(f"qat: this torch build has no {BACKEND!r} quantized engine (int8 CPU kernels)")
-
-
-def _freezing_hook(model: nn.Module, config: QATConfig, outer: Callable[[int, dict[str, float]], None] | None):
+def _freezing_hook(
+    backend: QuantizationBackend,
+    model: nn.Module,
+    config: QATConfig,
+    outer: Callable[[int, dict[str, float]], None] | None,
+):
     """An epoch-end hook that applies the freezing schedule, then reports to `outer` (the tracker)."""
 
     def on_epoch_end(epoch: int, stats: dict[str, float]) -> None:
         observers, bn_stats = frozen_at(config, epoch + 1)
-        freeze_(model, observers=observers, bn_stats=bn_stats)
+        backend.freeze_(model, observers=observers, bn_stats=bn_stats)
         if outer is not None:
             outer(epoch, {**stats, "qat_observers_frozen": float(observers), "qat_bn_frozen": float(bn_stats)})
 
@@ -337,8 +302,8 @@ def _freezing_hook(model: nn.Module, config: QATConfig, outer: Callable[[int, di
 
 
 def _new_names(names_before: dict[int, str], renamed: nn.Module, fixed: list[str]) -> dict[str, str]:
-    """Old parameter name -> its name in `renamed` (fusion moves BatchNorms, the tensors are the same); raises when a
-    parameter an earlier stage fixed would be lost."""
+    """Old parameter name -> its name in `renamed` (the tensors are the same); raises when a parameter an earlier stage
+    fixed would be lost."""
     names = {names_before[id(p)]: n for n, p in renamed.named_parameters() if id(p) in names_before}
     lost = [n for n in fixed if n not in names]
     if lost:
@@ -346,22 +311,22 @@ def _new_names(names_before: dict[int, str], renamed: nn.Module, fixed: list[str
     return names
 
 
-def _int8_metrics(prepared: nn.Module, pow2_modules: list[str]) -> dict[str, float]:
-    """Converts a copy: int8 layer count, fp32 islands, and how exactly INQ values survived."""
-    converted = convert_int8(prepared)
-    islands = fp32_ops(converted)
+# --- what the int8 model holds -------------------------------------------------------------------
+
+
+def int8_metrics(
+    backend: QuantizationBackend, prepared: nn.Module, inq_weights: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """Converts the model: int8 layer count, ops left in floating point between int8 ones, and how exactly the INQ
+    layers' values (`inq_weights`: layer -> its power-of-two weights) survived."""
+    converted = backend.convert(prepared)
+    int8 = backend.int8_weights(converted)
+    islands = backend.float_ops(converted)
     if islands:
-        log.info("qat: %d ops run in fp32 between int8 kernels: %s", len(islands), ", ".join(islands[:10]))
-    metrics = {
-        "int8_layers": float(len(int8_modules(converted))),
-        "int8_fp32_ops": float(len(islands)),
-        "qat_exact_bn_fold_layers": float(sum(
-            1 for m in prepared.modules() if getattr(m, "_enable_slow_path_for_better_numerical_stability", False)
-        )),
-    }  # fmt: skip
-    if pow2_modules:
-        inq_weights = {n: prepared.get_submodule(n).weight.detach().cpu() for n in pow2_modules}
-        mismatches = inq_int8_mismatches(converted, inq_weights)
+        log.info("qat: %d ops run in floating point between int8 ops: %s", len(islands), ", ".join(islands[:10]))
+    metrics = {"int8_layers": float(len(int8)), "int8_fp32_ops": float(len(islands))}
+    if inq_weights:
+        mismatches = inq_int8_mismatches(int8, inq_weights)
         inexact = {n: c for n, c in mismatches.items() if c}
         metrics["int8_inq_exact_layers"] = float(len(mismatches) - len(inexact))
         metrics["int8_inq_inexact_layers"] = float(len(inexact))
@@ -378,21 +343,20 @@ def _int8_metrics(prepared: nn.Module, pow2_modules: list[str]) -> dict[str, flo
     return metrics
 
 
-def inq_int8_mismatches(converted: nn.Module, inq_weights: dict[str, torch.Tensor]) -> dict[str, int]:
+def inq_int8_mismatches(int8_weights: dict[str, torch.Tensor], inq_weights: dict[str, torch.Tensor]) -> dict[str, int]:
     """Per INQ layer, how many int8 weights are not its INQ value times one per-channel factor.
 
-    `inq_weights` maps module names to the INQ (power-of-two) float weights before BatchNorm folding.
-    Exact means int8 = w·f_c for a single f_c per output channel (the folded BN scale over the step), so
-    the int8 model computes what the INQ model computes. A layer that is not an int8 module counts fully.
+    `int8_weights`: layer -> int8 weight of the converted model (`QuantizationBackend.int8_weights`); `inq_weights`:
+    layer -> the INQ (power-of-two) float weights before BatchNorm folding. Exact means int8 = w·f_c for a single f_c
+    per output channel (the folded BN scale over the step), so the int8 model computes what the INQ model computes.
+    A layer that is not int8 counts fully.
     """
-    modules, int8 = dict(converted.named_modules()), set(int8_modules(converted))
     out = {}
     for name, w in inq_weights.items():
-        module = modules.get(name)
-        if module is None or module not in int8:
+        if name not in int8_weights:
             out[name] = w.numel()
             continue
-        q = module.weight().int_repr().double().flatten(1)
+        q = int8_weights[name].double().flatten(1)
         w = w.double().flatten(1)
         # The factor is read off the channel's largest or its smallest non-zero weight, whichever explains more.
         largest = w.abs().argmax(1, keepdim=True)
@@ -410,30 +374,43 @@ def _mismatches_with_factor(q: torch.Tensor, w: torch.Tensor, anchor: torch.Tens
 
 
 # --- the artifact --------------------------------------------------------------------------------
-@register_structural_change("qat_prepare")
-def _replay_qat_prepare(model: nn.Module, args: dict[str, Any]) -> GraphModule:
-    """The fake-quant graph FX made of the float model, with the same power-of-two weight quantizers."""
-    if args["backend"] != BACKEND:
-        raise ValueError(f"int8 artifact: backend {args['backend']!r} is not supported (only {BACKEND!r})")
-    return prepare_qat(
-        model, tuple(args["input_size"]), list(args["pow2_modules"]), tuple(args.get("fp32_modules", ()))
-    )
+
+INT8_FORMAT = 2
+"""Layout of the `int8` artifact's payload: 2, a quantization backend's own (named in it); 1 (no `int8_format` key,
+until 2026-12) was FX graph mode's converted state_dict, which no backend reads any more."""
 
 
-@register_artifact_format("int8")
+@register_structural_change("int8_prepare")
+def _replay_int8_prepare(model: nn.Module, args: dict[str, Any]) -> nn.Module:
+    """The fake-quant graph the named backend makes of the float model with the recorded plan."""
+    return get_backend(args["backend"]).prepare(model, Int8Plan.from_dict(args))
+
+
+@register_artifact_format("int8", version=2, standalone=lambda payload: _backend_of(payload).self_contained)
 class Int8Quantized:
-    """The converted int8 model's state: int8 weights with per-channel scales, fp32 biases, activation
-    scales and zero points. Conversion runs when it is written; reading converts the replayed fake-quant
-    graph (structure only) and loads the values into it."""
+    """The quantization backend's converted int8 model (int8 weights with per-channel scales, activation scales and
+    zero points), converted when it is written; read back by the same backend."""
 
     @staticmethod
     def encode(state: ModelState) -> dict[str, Any]:
-        if not any(change.kind == "qat_prepare" for change in state.structure):
+        prepares = [change for change in state.structure if change.kind == "int8_prepare"]
+        if not prepares:
             raise ValueError("int8 artifact: the model did not pass through qat (no fake-quant graph to convert)")
-        return {"state_dict": portable_state_dict(convert_int8(state.model))}
+        backend = get_backend(prepares[-1].args["backend"])
+        converted = backend.convert(state.model)
+        payload = backend.encode(converted, Int8Plan.from_dict(prepares[-1].args))
+        return {"int8_format": INT8_FORMAT, "backend": backend.name, **payload}
 
     @staticmethod
-    def decode(payload: dict[str, Any], model: nn.Module) -> nn.Module:
-        converted = convert_int8(model)  # the graph only: every value comes from the state_dict below
-        load_portable_state_dict_(converted, payload["state_dict"])
-        return converted
+    def decode(payload: dict[str, Any], model: nn.Module | None) -> nn.Module:
+        return _backend_of(payload).decode(payload, model)
+
+
+def _backend_of(payload: dict[str, Any]) -> QuantizationBackend:
+    version = payload.get("int8_format", 1)
+    if version != INT8_FORMAT:
+        raise ValueError(
+            f"int8 artifact in format {version} (FX graph mode, retired in favour of PT2E); this version reads format "
+            f"{INT8_FORMAT}: run the recipe that made it again (its stages up to qat are reused from the cache)"
+        )
+    return get_backend(payload["backend"])

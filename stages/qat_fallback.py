@@ -3,7 +3,7 @@ accuracy for the least compute, which stay in floating point.
 
 1. **Sensitivity.** For every conv and linear layer: the validation top-1 of the model with only that layer in int8
    (its weights per output channel symmetric int8, its input activations uint8 per tensor, ranges calibrated on
-   training batches in eval mode, with the observers of the x86 backend's PTQ qconfig), without training, on
+   training batches in eval mode, as the quantization backend's `Int8Scheme` says), without training, on
    `allocation_images` validation images, and the layer's MACs per image.
 2. **Fallback.** The predicted drop of int8 everywhere is the drops summed; layers leave int8, most drop per MAC first
    (a depthwise convolution or the stem costs few MACs in floating point), until the predicted drop is at most
@@ -11,30 +11,28 @@ accuracy for the least compute, which stay in floating point.
 3. **Prediction.** The drops of the layers left in int8 summed are recorded next to the drop measured with all of
    them in int8 at once (the same simulation, before QAT trains), so a user sees how far the additive prediction holds.
 
-In the model that ships, FX leaves those layers as float modules: their input is dequantized and their output
-quantized again for the int8 ops around them, and their weights are never quantized (`pipeline.core.int8_fx`).
+In the model that ships, the backend leaves those layers float: their input is dequantized and their output quantized
+again for the int8 ops around them, and their weights are never quantized (`Int8Plan.fp32_layers`).
 """
 
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.ao.quantization import get_default_qconfig_mapping
 
-from pipeline.core.int8_fx import BACKEND
+from pipeline.core.int8 import Int8Scheme
 from pipeline.core.metrics import predictions
 from stages.allocation import keep_float, match_layers
 from stages.channels import PRUNABLE
 
 log = logging.getLogger("pipeline")
 
-ActivationRange = tuple[float, int, int, int]  # scale, zero point, quant_min, quant_max of a layer's input
+ActivationRange = tuple[float, int]  # scale and zero point of a layer's uint8 input
 
 
 def weighted_layers(model: nn.Module) -> list[str]:
@@ -72,13 +70,12 @@ def layer_macs(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
     return macs
 
 
-def activation_ranges(model: nn.Module, names: list[str], batches: list[torch.Tensor]) -> dict[str, ActivationRange]:
+def activation_ranges(
+    model: nn.Module, names: list[str], batches: list[torch.Tensor], scheme: Int8Scheme
+) -> dict[str, ActivationRange]:
     """The uint8 ranges of the inputs of layers `names` of `model`, observed on `batches` in eval mode (one pass for
-    all of them) with the observer of the x86 backend's PTQ qconfig."""
-    qconfig = get_default_qconfig_mapping(BACKEND).global_qconfig
-    with warnings.catch_warnings():  # torch's own default qconfig warns that reduce_range will be deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        observers = {name: qconfig.activation() for name in names}
+    all of them) with `scheme`'s post-training activation observer."""
+    observers = {name: scheme.activation_observer() for name in names}
     hooks = [model.get_submodule(n).register_forward_pre_hook(lambda _m, inputs, o=observers[n]: o(inputs[0]))
              for n in names]  # fmt: skip
     try:
@@ -92,24 +89,18 @@ def activation_ranges(model: nn.Module, names: list[str], batches: list[torch.Te
     out = {}
     for name, obs in observers.items():
         scale, zero_point = obs.calculate_qparams()
-        out[name] = (float(scale), int(zero_point), int(obs.quant_min), int(obs.quant_max))
+        out[name] = (float(scale), int(zero_point))
     return out
 
 
 @contextmanager
-def int8_alone(layer: nn.Module, input_range: ActivationRange) -> Iterator[nn.Module]:
-    """Within the block `layer` computes as in int8: weights rounded per output channel (symmetric int8), inputs per
+def int8_alone(layer: nn.Module, input_range: ActivationRange, scheme: Int8Scheme) -> Iterator[nn.Module]:
+    """Within the block `layer` computes as in int8 under `scheme`: weights rounded per output channel, inputs per
     tensor to `input_range`; its weights and forward come back on exit."""
-    observer = get_default_qconfig_mapping(BACKEND).global_qconfig.weight()
     weight = layer.weight.detach()
-    observer(weight)
-    scale, zero_point = observer.calculate_qparams()
-    rounded = torch.fake_quantize_per_channel_affine(
-        weight, scale.float(), zero_point.int(), observer.ch_axis, observer.quant_min, observer.quant_max
-    )
-    a_scale, a_zero, a_min, a_max = input_range
+    rounded = scheme.fake_quantize_weight(weight)
     hook = layer.register_forward_pre_hook(
-        lambda _m, inputs: (torch.fake_quantize_per_tensor_affine(inputs[0], a_scale, a_zero, a_min, a_max),)
+        lambda _m, inputs: (scheme.fake_quantize_activation(inputs[0], input_range),)
     )
     kept = weight.clone()
     with torch.no_grad():
@@ -147,24 +138,25 @@ def choose_fp32_layers(
     loader,
     calibration: list[torch.Tensor],
     input_size: tuple[int, ...],
+    scheme: Int8Scheme,
     device: torch.device | str = "cpu",
 ) -> Fallback:
-    """Measure every layer's int8 drop and MACs and keep in floating point the fewest MACs that bring the predicted
-    drop within `max_drop` (points of top-1)."""
+    """Measure every layer's int8 drop (under `scheme`) and MACs and keep in floating point the fewest MACs that bring
+    the predicted drop within `max_drop` (points of top-1)."""
     names = weighted_layers(model)
     macs = layer_macs(model, input_size)
-    ranges = activation_ranges(model, names, calibration)
+    ranges = activation_ranges(model, names, calibration, scheme)
     top1 = lambda: predictions(model.eval(), loader, device=device).top1  # noqa: E731
     base_top1 = top1()
     drops = {}
     for name in names:
-        with int8_alone(model.get_submodule(name), ranges[name]):
+        with int8_alone(model.get_submodule(name), ranges[name], scheme):
             drops[name] = base_top1 - top1()
     kept = set(keep_float(drops, macs, max_drop))
     with ExitStack() as stack:
         for name in names:
             if name not in kept:
-                stack.enter_context(int8_alone(model.get_submodule(name), ranges[name]))
+                stack.enter_context(int8_alone(model.get_submodule(name), ranges[name], scheme))
         measured = base_top1 - top1()
     total_macs = sum(macs.values())
     return Fallback(

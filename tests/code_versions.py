@@ -22,8 +22,7 @@ SHARED = {
     "training": ("TRAINING_VERSION", ["pipeline/core/training.py", "pipeline/core/loop.py",
                                       "pipeline/core/fixed_weights.py", "pipeline/core/precision.py",
                                       "pipeline/core/models.py",
-                                      "pipeline/core/structure.py", "pipeline/core/distributed.py",
-                                      "pipeline/core/int8_fx.py"]),
+                                      "pipeline/core/structure.py", "pipeline/core/distributed.py"]),
     "data": ("DATA_VERSION", ["pipeline/core/data"]),
     "evaluation": ("EVALUATION_VERSION", ["pipeline/core/metrics.py", "pipeline/deploy"]),
     "sensitivity": ("SENSITIVITY_VERSION", ["pipeline/sensitivity/probes.py", "pipeline/sensitivity/analysis.py",
@@ -35,7 +34,7 @@ SHARED = {
 STAGE_HELPERS = {
     "prune": ["stages/channels.py", "stages/prune_allocation.py", "stages/allocation.py"],
     "inq": ["stages/pow2.py", "stages/inq_allocation.py", "stages/allocation.py"],
-    "qat": ["stages/qat_fallback.py", "stages/allocation.py"],
+    "qat": ["stages/qat_fallback.py", "stages/allocation.py", "pipeline/core/int8"],
 }
 
 

@@ -33,19 +33,25 @@ class ArtifactFormat:
 
     name: str
     encode: Callable[[ModelState], dict[str, Any]]
-    decode: Callable[[dict[str, Any], nn.Module], nn.Module]
+    decode: Callable[[dict[str, Any], nn.Module | None], nn.Module]
     version: int = 1  # of the encoding, in every stage cache key: bumped when `encode` writes something else
+    # Whether a payload carries its own graph (a serialized program): then it is decoded without building the timm
+    # model and replaying the structure (`decode` gets None for the model).
+    standalone: Callable[[dict[str, Any]], bool] = lambda _payload: False
 
 
 _FORMATS: dict[str, ArtifactFormat] = {}
 
 
-def register_artifact_format(name: str, *, version: int = 1):
+def register_artifact_format(
+    name: str, *, version: int = 1, standalone: Callable[[dict[str, Any]], bool] | None = None
+):
     """Register a format from a class with static `encode` and `decode` methods; `version` of its encoding (bump it
-    when a change of `encode` changes the file it writes: the cached artifacts are then written again)."""
+    when a change of `encode` changes the file it writes: the cached artifacts are then written again); `standalone`:
+    whether a payload holds its own graph, so loading it needs no replayed structure."""
 
     def wrap(cls):
-        _FORMATS[name] = ArtifactFormat(name, cls.encode, cls.decode, version)
+        _FORMATS[name] = ArtifactFormat(name, cls.encode, cls.decode, version, standalone or (lambda _payload: False))
         return cls
 
     return wrap
@@ -128,8 +134,12 @@ def load_artifact(path: str | Path) -> nn.Module:
             "structure differently; rerun the recipe (or `python -m pipeline export`) to write it again"
         )
     spec = ModelSpec.from_dict(blob["model"])
-    structure = [StructuralChange.from_dict(d) for d in blob["structure"]]
-    model = artifact_format(blob["format"]).decode(blob["payload"], replay_structure(spec.build(), structure))
+    fmt, payload = artifact_format(blob["format"]), blob["payload"]
+    if fmt.standalone(payload):
+        model = fmt.decode(payload, None)
+    else:
+        structure = [StructuralChange.from_dict(d) for d in blob["structure"]]
+        model = fmt.decode(payload, replay_structure(spec.build(), structure))
     model.pretrained_cfg = {
         **getattr(model, "pretrained_cfg", {}),
         **blob["pretrained_cfg"],

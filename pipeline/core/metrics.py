@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from pipeline.core.config import StrictConfig
+from pipeline.core.int8 import converted_by, is_int8, observers_paused
 
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (normalised images, labels) batches of one split
 
@@ -183,6 +184,10 @@ def accuracy(
     return result.top1, result.top5
 
 
+TORCH_REFERENCE_OPS = "torch_reference_ops"
+"""1 on a model torch eager runs as reference int8 ops (quantize / dequantize around fp32 kernels): its torch latency
+describes the simulation, not what ships; the runtimes run it on int8 kernels."""
+
 EPOCH_VAL_METRIC = "epoch_val_top1"  # the per-epoch validation top-1 a search's pruner reads (`epoch_validation`)
 
 
@@ -191,18 +196,13 @@ def epoch_validation(loader: Loader, device: torch.device | str) -> Callable[[nn
     split) after an epoch, as `epoch_val_top1`. The model is scored in eval mode with its fake-quant observers
     paused, then put back as it was (train mode, observers), so a probed training trains exactly the weights an
     unprobed one does."""
-    from torch.ao.quantization import FakeQuantizeBase
 
     def probe(model: nn.Module) -> dict[str, float]:
         was_training = model.training
-        observers = [(m, m.observer_enabled.clone()) for m in model.modules() if isinstance(m, FakeQuantizeBase)]
-        for module, _ in observers:
-            module.disable_observer()
         try:
-            return {EPOCH_VAL_METRIC: predictions(model, loader, device=device).top1}
+            with observers_paused(model):
+                return {EPOCH_VAL_METRIC: predictions(model, loader, device=device).top1}
         finally:
-            for module, enabled in observers:
-                module.observer_enabled.copy_(enabled)
             model.train(was_training)
 
     return probe
@@ -214,59 +214,34 @@ def top1_top5(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[flo
     return result.top1, result.top5
 
 
-def int8_modules(model: nn.Module) -> list[nn.Module]:
-    """The quantized (int8) conv and linear modules of `model`: their weights are packed for the int8
-    kernels, not nn.Parameters, and are read through `weight()` / `bias()` methods."""
-    return [m for m in model.modules() if callable(getattr(type(m), "weight", None))]
-
-
-def _packed_tensors(model: nn.Module) -> list[torch.Tensor]:
-    """The weights and biases held inside int8 modules."""
-    tensors = []
-    for module in int8_modules(model):
-        bias = module.bias() if callable(getattr(type(module), "bias", None)) else None
-        tensors += [module.weight()] + ([bias] if bias is not None else [])
-    return tensors
-
-
-def is_quantized_model(model: nn.Module) -> bool:
-    """Whether `model` holds int8 modules, whose kernels run on the CPU only."""
-    return bool(int8_modules(model))
+def _int8_tensors(model: nn.Module) -> list[torch.Tensor] | None:
+    """The weight tensors of an int8 model as its backend holds them (None for a float model)."""
+    backend = converted_by(model)
+    return None if backend is None else backend.weight_tensors(model)
 
 
 def count_params(model: nn.Module) -> int:
-    """Number of parameters (learnable tensors' elements), including the weights packed in int8 modules."""
-    return sum(p.numel() for p in model.parameters()) + sum(t.numel() for t in _packed_tensors(model))
+    """Number of parameters (learnable tensors' elements); of an int8 model, its weights and biases as converted (int8
+    weights are not nn.Parameters there)."""
+    tensors = _int8_tensors(model)
+    return sum(t.numel() for t in (tensors if tensors is not None else model.parameters()))
 
 
 def count_nonzero_params(model: nn.Module) -> int:
-    """Number of parameter elements that are not exactly zero (an int8 weight: that does not dequantize to 0)."""
-    tensors = list(model.parameters()) + [t.dequantize() if t.is_quantized else t for t in _packed_tensors(model)]
-    return sum(int(torch.count_nonzero(t)) for t in tensors)
+    """Number of parameter elements that are not exactly zero (an int8 weight: that does not dequantize to 0, as
+    symmetric int8 maps 0 to 0)."""
+    tensors = _int8_tensors(model)
+    return sum(int(torch.count_nonzero(t)) for t in (tensors if tensors is not None else model.parameters()))
 
 
 @torch.inference_mode()
 def count_macs(model: nn.Module, input_size: tuple[int, ...]) -> int:
-    """Multiply-accumulates for one image (FLOPs / 2, as counted by torch.utils.flop_counter).
-
-    The flop counter does not see int8 kernels: int8 conv and linear modules are counted from their
-    shapes, output elements x weight elements per output channel (transposed conv: input elements).
-    """
+    """Multiply-accumulates for one image (FLOPs / 2, as counted by torch.utils.flop_counter); an int8 model's
+    convolutions and matrix products count as the float ops its graph computes them with."""
     model.eval()
-    int8_macs = []
-
-    def count(module, inputs, output):
-        per_element = module.weight()[0].numel()
-        int8_macs.append((inputs[0] if getattr(module, "transposed", False) else output).numel() * per_element)
-
-    hooks = [m.register_forward_hook(count) for m in int8_modules(model)]
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(torch.zeros(1, *input_size))
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return counter.get_total_flops() // 2 + sum(int8_macs)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, *input_size))
+    return counter.get_total_flops() // 2
 
 
 def latency_ms(
@@ -347,8 +322,8 @@ def evaluate_with_predictions(
 ) -> tuple[dict[str, float], dict[str, Predictions]]:
     """`evaluate`'s metrics with accuracy on every split of `loaders` ({'val': …, 'test': …}), and the per-image
     predictions of each split."""
-    if is_quantized_model(model):
-        device = "cpu"  # int8 kernels are CPU kernels
+    if is_int8(model):
+        device = "cpu"  # int8 models are evaluated as they ship: on the CPU
     scored = {split: predictions(model.to(device), loader, device=device, progress=progress)
               for split, loader in loaders.items()}  # fmt: skip
     model = model.to("cpu")
@@ -365,4 +340,7 @@ def evaluate_with_predictions(
         ),
         "eval_threads": float(cfg.threads),
     }
+    backend = converted_by(model)
+    if backend is not None and not backend.torch_int8_kernels:
+        metrics[TORCH_REFERENCE_OPS] = 1.0  # torch's latency above is a simulation's, not what ships
     return metrics, scored

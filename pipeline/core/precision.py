@@ -157,6 +157,6 @@ def cpu_autocast_hazards(model: nn.Module, input_size: tuple[int, ...]) -> list[
 
 def is_fake_quantized(model: nn.Module) -> bool:
     """Whether `model` carries fake quantization (qat's output): it trains in fp32."""
-    from torch.ao.quantization import FakeQuantizeBase
+    from pipeline.core.int8 import is_fake_quantized as fake_quantized
 
-    return any(isinstance(m, FakeQuantizeBase) for m in model.modules())
+    return fake_quantized(model)

@@ -5,7 +5,8 @@
   layers are physically smaller; INQ's power-of-two weights are stored exactly; zeros of unstructured
   sparsity are stored and run dense (no runtime here has sparse CPU kernels), so `file_bytes_zip` keeps
   the storage gain visible. An int8 model (the `qat` stage) exports in QDQ form with the scales and zero
-  points the torch int8 model holds (`pipeline.deploy.qdq`): uint8 activations, int8 per-channel weights.
+  points the torch int8 model holds (its quantization backend's graph, `pipeline.core.int8`): uint8
+  activations, int8 per-channel weights.
 - **OpenVINO IR** (`openvino/model.xml` + `.bin`), converted from that ONNX file by `openvino.convert_model`,
   weights kept in fp32 (`compress_to_fp16=False`) or int8.
 

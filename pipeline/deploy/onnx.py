@@ -1,7 +1,9 @@
 """The ONNX file every runtime starts from (`model.onnx`, opset `deploy.opset`, batch dimension dynamic), written by
 `torch.onnx.export(dynamo=True)`. An fp32 model exports as it is: pruned layers are physically smaller, INQ's
 power-of-two weights are stored exactly, zeros of unstructured sparsity are stored and run dense. An int8 model (the
-`qat` stage) exports in QDQ form with the scales and zero points the torch int8 model holds (`pipeline.deploy.qdq`).
+`qat` stage) exports in QDQ form with the scales and zero points the torch int8 model holds: its quantization
+backend hands the exporter a module whose quantize / dequantize ops become QuantizeLinear / DequantizeLinear
+(`QuantizationBackend.exportable`).
 """
 
 from __future__ import annotations
@@ -32,16 +34,16 @@ def _export_failure(err: BaseException) -> str:
 
 def export_onnx(model: nn.Module, input_size: tuple[int, ...], path: Path, *, opset: int) -> Path:
     """Write `model` (an artifact as loaded by `load_artifact`, fp32 or int8) as ONNX with a dynamic batch axis."""
-    from pipeline.core.metrics import is_quantized_model
-    from pipeline.deploy.qdq import QDQExportError, to_qdq
+    from pipeline.core.int8 import converted_by
 
     model = model.eval()
     example = torch.zeros(2, *input_size)
-    if is_quantized_model(model):
+    backend = converted_by(model)
+    if backend is not None:
         try:
-            model = to_qdq(model, example)
-        except QDQExportError as err:
-            raise ExportError(str(err)) from err
+            model = backend.exportable(model, example)
+        except Exception as err:
+            raise ExportError(f"int8 ({backend.name}): {err}") from err
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
         with warnings.catch_warnings(), _quiet_exporter():

@@ -119,12 +119,14 @@ def teacher_problem(recipe: Recipe, source: DataSource) -> Problem | None:
 def layer_names_problem(recipe: Recipe) -> Problem | None:
     """A stage option naming layers (`qat.fp32_layers`, a per-layer `inq.bits` map) that the model does not have.
     Names are checked on the recipe's model built on the meta device; pruning and quantization keep layer names, a
-    low-rank stage renames the layers it factorises, so with one in the recipe they are checked when the stage runs."""
+    stage that renames the layers it changes (`renames_layers`, e.g. low-rank factorisation) defers the check to when
+    the stages run."""
+    from stages import get_stage
     from stages.allocation import LayerNameError
     from stages.qat_fallback import weighted_layers
 
     checked = [(i, s) for i, s in enumerate(recipe.stage_specs()) if hasattr(s.config, "check_layer_names")]
-    if not checked or any(s.name == "lowrank" for s in recipe.stage_specs()):
+    if not checked or any(get_stage(s.name).renames_layers for s in recipe.stage_specs()):
         return None
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = ModelSpec(recipe.model.name, 10, dict(recipe.model.kwargs)).build()

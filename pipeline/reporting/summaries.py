@@ -4,7 +4,18 @@ chain's stage table in Markdown that describes its MLflow run."""
 from __future__ import annotations
 
 from pipeline.core.formatting import format_bytes
+from pipeline.core.metrics import TORCH_REFERENCE_OPS
 from pipeline.deploy import get_runtime, runtime_names
+
+REFERENCE_NOTE = (
+    "*: torch eager runs this int8 model as reference quantize / dequantize ops around fp32 kernels (it has no int8 "
+    "kernels for it): that latency is not what ships, the runtimes' is"
+)
+
+
+def _torch_p50(metrics: dict) -> str:
+    mark = "*" if metrics.get(TORCH_REFERENCE_OPS) else " "
+    return f"{metrics['latency_ms_p50']:>8.2f}{mark}"
 
 
 def summary_table(summary) -> str:
@@ -26,10 +37,12 @@ def summary_table(summary) -> str:
         lines.append(
             f"{r.index:>2}  {r.name:<10} {'yes' if r.cached else 'no':<6} {m.get('val_top1', float('nan')):>6.2f} "
             f"{m['top1']:>6.2f} "
-            f"{format_bytes(m['artifact_bytes']):>10} {m['latency_ms_p50']:>9.2f}{deployed} {r.seconds:>8.1f}"
+            f"{format_bytes(m['artifact_bytes']):>10} {_torch_p50(m)}{deployed} {r.seconds:>8.1f}"
         )
     if runtimes:
         lines.append("p50: batch-1 median latency in ms (torch eager; each runtime on the exported file)")
+    if any(r.metrics.get(TORCH_REFERENCE_OPS) for r in summary.results):
+        lines.append(REFERENCE_NOTE)
     reused = summary.reused
     lines.append("val / test: top-1 % on the validation split (what choices read) and the test split (reported)")
     lines.append(f"reused from cache: {', '.join(reused)}" if reused else "reused from cache: none")
@@ -47,14 +60,15 @@ def sweep_table(summary) -> str:
         m = r.final
         metrics = (
             f"{m.get('val_top1', float('nan')):>6.2f} {m['top1']:>6.2f} {format_bytes(m['artifact_bytes']):>10} "
-            f"{m['latency_ms_p50']:>9.2f}"
-            + "".join(f" {m.get(f'{rt}.latency_ms_p50', float('nan')):>7.3f}" for rt in runtimes)
+            f"{_torch_p50(m)}" + "".join(f" {m.get(f'{rt}.latency_ms_p50', float('nan')):>7.3f}" for rt in runtimes)
             if m
             else f"{'-':>6} {'-':>6} {'-':>10} {'-':>9}" + "".join(f" {'-':>7}" for _ in runtimes)
         )
         lines.append(f"{r.ordering:<28} {r.status:<9} {metrics} {len(r.executed):>7} {r.reused:>6}")
         if r.error:
             lines.append(f"    error: {r.error[:200]}")
+    if any(r.final and r.final.get(TORCH_REFERENCE_OPS) for r in summary.results):
+        lines.append(REFERENCE_NOTE)
     if summary.already_done:
         lines.append(f"finished in an earlier invocation: {', '.join(summary.already_done)}")
     for ordering, reason in plan.skipped:

@@ -34,6 +34,7 @@ from pipeline.run.keys import PlannedStage, evaluation_key, pick_device, plan_ch
 from pipeline.run.notes import chain_note
 from pipeline.run.stage_training import StageResult, StageTrainer, follow_chain
 from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
+from stages import get_stage
 
 log = logging.getLogger("pipeline")
 
@@ -56,18 +57,14 @@ def training_epochs(recipe: Recipe) -> int:
     return sum(getattr(s.config, "total_epochs", lambda: 0)() for s in recipe.stage_specs())
 
 
-# Config fields that make a stage a different technique under the same name, and how the ordering shows them.
-VARIANT_FIELDS = {"method": "{}", "bits": "{}-bit"}
-
-
 def ordering_detail(recipe: Recipe) -> str:
-    """The ordering with each stage's variant, e.g. 'prune[structured]>inq[5-bit]>distill', so that structured and
-    unstructured pruning (or INQ at 5 and 2 bits) do not read as the same ordering."""
+    """The ordering with each stage's variant as the stage declares it (`register_stage(variant=)`), e.g.
+    'prune[structured]>inq[5-bit]>distill', so that structured and unstructured pruning (or INQ at 5 and 2 bits) do
+    not read as the same ordering."""
     names = []
     for spec in recipe.stage_specs():
-        config = spec.config.model_dump()
-        variant = ",".join(shown.format(config[f]) for f, shown in VARIANT_FIELDS.items() if f in config)
-        names.append(f"{spec.name}[{variant}]" if variant else spec.name)
+        show = get_stage(spec.name).variant
+        names.append(f"{spec.name}[{show(spec.config)}]" if show is not None else spec.name)
     return ">".join(names) or "train"
 
 

@@ -21,7 +21,6 @@ from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
 from pipeline.sensitivity.probes import (
     ProbeContext,
     applies,
-    calibrate_activations_,
     get_probe,
     grid,
     layers_of,
@@ -171,8 +170,9 @@ def analyse(
              len(settings), len(cells), len(data.val), len(cells) - len(todo),
              len(todo) * stored["eval_seconds"] * 1.15 / 60, stored["eval_seconds"], base)  # fmt: skip
     ctx = ProbeContext(tuple(data.input_size), importance=config.importance)
-    if any(t == "int8" for _, t, _ in todo):
-        calibrate_activations_(model, sorted({n for n, t, _ in todo if t == "int8"}), _calibration(data, config), ctx)
+    for technique in dict.fromkeys(t for _, t, _ in todo):
+        if (setup := get_probe(technique).setup) is not None:
+            setup(model, sorted({n for n, t, _ in todo if t == technique}), _calibration(data, config), ctx)
     for i, (name, technique, setting) in enumerate(todo, 1):
         t0 = time.perf_counter()
         with get_probe(technique).probe(model, name, setting, ctx) as (changed, effect):

@@ -8,8 +8,8 @@ technique is one function here.
   (torch-pruning's dependency graph, so channels coupled to them, e.g. through a residual sum, go too). It works
   on a copy; what it saves (parameters, MACs) is counted on the whole model before and after.
 - `int8`: the layer's weights per output channel symmetric int8 and its input activations uint8 per tensor, with
-  the observers of the PTQ qconfig of the backend the int8 export uses; activation ranges are calibrated on
-  training batches. Per-channel symmetric rounding does not change when BatchNorm's per-channel scale is folded
+  the post-training observers of the default quantization backend's `Int8Scheme`; activation ranges are calibrated
+  on training batches. Per-channel symmetric rounding does not change when BatchNorm's per-channel scale is folded
   in, so the unfolded weight rounds as the deployed one does.
 - `inq`: the layer's weights all rounded to INQ's power-of-two levels at `setting` bits (the stage's n1 rule:
   the paper's, from the largest weight), as INQ's last step leaves them before any retraining.
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.core.int8 import DEFAULT_BACKEND, Int8Scheme, get_backend
 from pipeline.core.metrics import count_macs, count_params
 from pipeline.sensitivity.config import SensitivityConfig, SensitivityError
 from stages.channels import PRUNABLE, classifier, prune_layer_channels_
@@ -42,8 +43,10 @@ class ProbeContext:
 
     input_size: tuple[int, ...]
     importance: str = "group_norm"
-    # layer name -> (scale, zero point, quant_min, quant_max) of its input activations
-    activation_ranges: dict[str, tuple[float, int, int, int]] = field(default_factory=dict)
+    # layer name -> (scale, zero point) of its uint8 input activations, and the int8 numbers simulated (the default
+    # quantization backend's)
+    activation_ranges: dict[str, tuple[float, int]] = field(default_factory=dict)
+    int8_scheme: Int8Scheme = field(default_factory=lambda: get_backend(DEFAULT_BACKEND).scheme)
     # (parameters, MACs) of the unchanged model, counted by the first pruning probe
     base_size: tuple[int, int] | None = None
 
@@ -62,23 +65,36 @@ class Effect:
 Probe = Callable[[nn.Module, str, float, ProbeContext], AbstractContextManager[tuple[nn.Module, Effect]]]
 
 
+# Once per analysis, before a technique's first cell: (the unchanged model, the layers it will probe, training
+# batches, the context), e.g. int8 calibrates its layers' input ranges.
+Setup = Callable[[nn.Module, list[str], list[torch.Tensor], "ProbeContext"], None]
+
+
 @dataclass(frozen=True)
 class ProbeEntry:
     probe: Probe
     settings: Callable[[SensitivityConfig], tuple[float, ...]]  # the grid's settings of this technique
     label: Callable[[float], str]  # a setting's column name in tables and plots
+    setup: Setup | None = None
+    skips_classifier: bool = False  # the technique cannot change the classifier (pruning: one output per class)
 
 
 _PROBES: dict[str, ProbeEntry] = {}
 
 
 def register_probe(
-    technique: str, settings: Callable[[SensitivityConfig], tuple[float, ...]], label: Callable[[float], str]
+    technique: str,
+    settings: Callable[[SensitivityConfig], tuple[float, ...]],
+    label: Callable[[float], str],
+    *,
+    setup: Setup | None = None,
+    skips_classifier: bool = False,
 ) -> Callable[[Probe], Probe]:
-    """Register `probe` for `technique`, with the settings a config asks of it and how a setting is named."""
+    """Register `probe` for `technique`, with the settings a config asks of it, how a setting is named, what it needs
+    set up once per analysis (`setup`), and whether it leaves the classifier alone."""
 
     def wrap(fn: Probe) -> Probe:
-        _PROBES[technique] = ProbeEntry(fn, settings, label)
+        _PROBES[technique] = ProbeEntry(fn, settings, label, setup, skips_classifier)
         return fn
 
     return wrap
@@ -108,14 +124,14 @@ def layers_of(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def applies(technique: str, model: nn.Module, name: str) -> bool:
-    """Whether `technique` can change layer `name`: pruning keeps the classifier's one output per class."""
-    return not (technique == "prune" and model.get_submodule(name) is classifier(model))
+    """Whether `technique` can change layer `name` (a technique that `skips_classifier` leaves the classifier)."""
+    return not (get_probe(technique).skips_classifier and model.get_submodule(name) is classifier(model))
 
 
 # --- prune -----------------------------------------------------------------------------------------
 
 
-@register_probe("prune", lambda c: c.prune_ratios, lambda r: f"prune {r:.0%}")
+@register_probe("prune", lambda c: c.prune_ratios, lambda r: f"prune {r:.0%}", skips_classifier=True)
 @contextmanager
 def prune_probe(model: nn.Module, name: str, ratio: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
     pruned = copy.deepcopy(model).eval()
@@ -133,16 +149,16 @@ def prune_probe(model: nn.Module, name: str, ratio: float, ctx: ProbeContext) ->
 def calibrate_activations_(model: nn.Module, names: list[str], batches: list[torch.Tensor], ctx: ProbeContext) -> None:
     """Observe the inputs of layers `names` of the unchanged model on `batches` (one pass for all of them) and
     keep their uint8 ranges in `ctx.activation_ranges` (the qat stage's fallback measures the same way)."""
-    ctx.activation_ranges.update(activation_ranges(model, names, batches))
+    ctx.activation_ranges.update(activation_ranges(model, names, batches, ctx.int8_scheme))
 
 
-@register_probe("int8", lambda _c: (8.0,), lambda _b: "int8")
+@register_probe("int8", lambda _c: (8.0,), lambda _b: "int8", setup=calibrate_activations_)
 @contextmanager
 def int8_probe(model: nn.Module, name: str, _bits: float, ctx: ProbeContext) -> Iterator[tuple[nn.Module, Effect]]:
     if name not in ctx.activation_ranges:
         raise RuntimeError(f"int8 probe of {name}: its activation range was not calibrated")
     layer = model.get_submodule(name)
-    with int8_alone(layer, ctx.activation_ranges[name]):
+    with int8_alone(layer, ctx.activation_ranges[name], ctx.int8_scheme):
         yield model, Effect(bytes_saved=3 * layer.weight.numel())
 
 

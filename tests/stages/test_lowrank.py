@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pipeline.core.artifacts import load_artifact, save_artifact
+from pipeline.core.int8 import get_backend
 from pipeline.core.models import ModelSpec, ModelState
 from pipeline.recipe import validate_recipe
 from pipeline.sweep.sweep import plan_sweep
@@ -19,7 +20,7 @@ from stages.distill import DistillConfig, run_distill
 from stages.inq import INQConfig, run_inq
 from stages.lowrank import LowRankConfig, choose_rank, factorise, lowrank_module, run_lowrank
 from stages.prune import PruneConfig, run_prune
-from stages.qat import QATConfig, convert_int8, run_qat
+from stages.qat import QATConfig, run_qat
 from tests.conftest import PROJECT_ROOT, run_cli, stage_context, synthetic_bundle, tiny_recipe, write_recipe
 
 BUNDLE = synthetic_bundle(n_train=32, n_test=8, classes=4, size=32)
@@ -146,7 +147,8 @@ def test_lowrank_composes_with_the_other_stages_through_the_artifact(chain, tmp_
     loaded = load_artifact(path)
     x = torch.randn(2, *BUNDLE.input_size)
     with torch.inference_mode():
-        expected = convert_int8(state.model)(x) if state.artifact_format == "int8" else state.model.eval()(x)
+        int8 = state.artifact_format == "int8"
+        expected = get_backend("pt2e").convert(state.model)(x) if int8 else state.model.eval()(x)
         assert torch.equal(loaded(x), expected)
     assert any(isinstance(m, nn.Sequential) and hasattr(m, "reduce") for m in state.model.modules()) or (
         state.artifact_format == "int8"

@@ -8,22 +8,23 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.ao.nn.quantized as nnq
 from onnx import numpy_helper
 from pydantic import ValidationError
 from torch import nn
 
 from pipeline.core.artifacts import load_artifact, save_artifact
+from pipeline.core.int8 import get_backend
 from pipeline.deploy.export import export_files
 from pipeline.deploy.runtimes import open_runtime
 from pipeline.recipe import RecipeError, validate_recipe
-from stages.qat import QATConfig, convert_int8, run_qat
+from stages.qat import QATConfig, run_qat
 from stages.qat_fallback import choose_fp32_layers, layer_macs, weighted_layers
 from tests.conftest import stage_context, synthetic_bundle, tiny_recipe, trained_state
 
 BUNDLE = synthetic_bundle(n_train=128, n_val=64, n_test=64, size=32)
 FALLBACK = ("conv1.0", "layer3.*", "fc")  # the stem, a whole stage by glob, the classifier
 RUNTIMES = ["onnxruntime", "openvino"]
+PT2E = get_backend("pt2e")
 
 
 def _ctx():
@@ -48,21 +49,23 @@ def fallback(trained, tmp_path_factory):
     return out, loaded, export_files(loaded, BUNDLE.input_size, root / "export", RUNTIMES, opset=18)
 
 
-def _float_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+def _float_layers(model: nn.Module) -> int:
+    """Conv / linear ops of a converted graph whose weight is not dequantized int8."""
+    weighted = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
+    nodes = [n for n in model.graph.nodes if n.op == "call_function" and n.target in weighted]
+    return sum(not (n.args[1].op == "call_function" and "dequantize" in str(n.args[1].target)) for n in nodes)
 
 
 def test_named_layers_stay_float_and_every_other_layer_is_int8(fallback):
     out, loaded, _ = fallback
     expected = ["conv1.0", "layer3.0.conv1", "layer3.0.conv2", "layer3.0.conv3", "layer3.0.downsample.1", "fc"]
-    # FX keeps a float conv fused with its BatchNorm (name.0 is the conv); the classifier stays a plain Linear
-    assert [n.removesuffix(".0") for n in _float_layers(loaded)] == expected
-    int8 = [n for n, m in loaded.named_modules() if isinstance(m, nnq.Conv2d | nnq.Linear)]
+    int8 = PT2E.int8_weights(loaded)
+    assert _float_layers(loaded) == len(expected)
     assert len(int8) == 16 - len(expected) and not set(int8) & set(expected)
     assert out.metrics["int8_fp32_layers"] == len(expected) and out.metrics["int8_layers"] == len(int8)
     x = torch.randn(4, *BUNDLE.input_size)
     with torch.inference_mode():  # the artifact reloads into the same model (float weights where they were)
-        assert torch.equal(loaded(x), convert_int8(out.state.model)(x))
+        assert torch.equal(loaded(x), PT2E.convert(out.state.model)(x))
 
 
 def test_onnx_carries_qdq_weights_only_where_the_layer_is_int8(fallback, trained):
@@ -104,9 +107,9 @@ def test_auto_keeps_the_layers_that_buy_back_the_most_drop_per_mac_within_the_bu
     with torch.no_grad():  # a classifier hopeless in int8: a huge weight per class on a feature that is always 0 (its
         model.layer4[0].bn2.bias[0] = -1e4  # ReLU input is very negative) ruins each class's int8 scale, not its float
         model.fc.weight[:, 0] = 1e3  # output
-    everywhere = choose_fp32_layers(model, 100.0, loader, calibration, BUNDLE.input_size)
+    everywhere = choose_fp32_layers(model, 100.0, loader, calibration, BUNDLE.input_size, PT2E.scheme)
     assert everywhere.layers == [] and everywhere.predicted_drop == everywhere.int8_predicted_drop
-    tight = choose_fp32_layers(model, 0.0, loader, calibration, BUNDLE.input_size)
+    tight = choose_fp32_layers(model, 0.0, loader, calibration, BUNDLE.input_size, PT2E.scheme)
     assert "fc" in tight.layers and tight.predicted_drop <= 0.0 < tight.int8_predicted_drop
     macs = layer_macs(model, BUNDLE.input_size)
     assert tight.fp32_macs_share == pytest.approx(sum(macs[n] for n in tight.layers) / sum(macs.values()))
@@ -120,7 +123,7 @@ def test_auto_runs_as_a_stage_and_records_its_prediction(trained):
     out = run_qat(copy.deepcopy(trained), config, _ctx())
     kept = int(out.metrics["int8_fp32_layers"])
     assert out.metrics["allocation_predicted_drop"] <= 0.0 and "allocation_measured_drop" in out.metrics
-    assert len(_float_layers(convert_int8(out.state.model))) == kept  # exactly the kept layers run in fp32
+    assert _float_layers(PT2E.convert(out.state.model)) == kept  # exactly the kept layers run in fp32
 
 
 def test_bad_fallback_options_are_refused_at_load_with_their_path():

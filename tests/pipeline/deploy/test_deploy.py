@@ -15,7 +15,7 @@ import torch
 from onnx import numpy_helper
 
 from pipeline.core.artifacts import load_artifact, save_artifact
-from pipeline.core.metrics import is_quantized_model
+from pipeline.core.int8 import is_int8
 from pipeline.core.models import ModelState
 from pipeline.deploy import ExportError, export_files, open_runtime, runtime_file_bytes, zipped_bytes
 from pipeline.recipe import RecipeError, validate_recipe
@@ -90,7 +90,7 @@ def test_fp32_artifacts_match_torch_in_both_runtimes(exported, name, runtime):
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_int8_artifacts_agree_with_torch_int8(exported, name, runtime):
     model, files = exported[name]
-    assert is_quantized_model(model)
+    assert is_int8(model)
     x = _images(256)
     with torch.inference_mode():
         expected = model(torch.from_numpy(x)).numpy()

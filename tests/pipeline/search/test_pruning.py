@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from torch import nn
+from torchao.quantization.pt2e.fake_quantize import FakeQuantize
 
 from pipeline import cli
 from pipeline.core.metrics import EPOCH_VAL_METRIC, epoch_validation
@@ -32,7 +33,7 @@ from tests.pipeline.search.test_search import TWO, search_recipe
 
 def test_the_epoch_probe_pauses_fake_quant_observers_and_restores_train_mode():
     torch.manual_seed(0)
-    fq = torch.ao.quantization.FakeQuantize()
+    fq = FakeQuantize()  # torchao's, as the PT2E backend inserts them
     model = nn.Sequential(nn.Flatten(), fq, nn.Linear(12, 3)).train()
     fq(torch.randn(4, 12))  # the observer has seen data: its range is set
     before = (fq.activation_post_process.min_val.clone(), fq.activation_post_process.max_val.clone())

@@ -80,7 +80,8 @@ def test_int8_rounds_weights_per_channel_and_inputs_per_tensor_then_restores(mod
     ctx = ProbeContext(INPUT)
     images = [bundle.val.images[:16].float() / 255]
     calibrate_activations_(model, [name], images, ctx)
-    scale, zero, qmin, qmax = ctx.activation_ranges[name]
+    scale, zero = ctx.activation_ranges[name]
+    qmin, qmax = 0, ctx.int8_scheme.activation_qmax
     assert scale > 0 and qmin <= zero <= qmax
     before = _weights(model)
     seen = []
