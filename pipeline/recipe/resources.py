@@ -26,12 +26,25 @@ def resource_problem(recipe: Recipe) -> Problem | None:
     except DataNotFoundError as err:
         return "data.root", str(err)
     checks = (
+        lambda: test_split_problem(recipe, source),
         lambda: validation_problem(recipe, source),
         lambda: model_problem(recipe, source),
         lambda: teacher_problem(recipe, source),
         lambda: layer_names_problem(recipe),
     )
     return next((problem for check in checks if (problem := check()) is not None), None)
+
+
+def test_split_problem(recipe: Recipe, source: DataSource) -> Problem | None:
+    """`data.test_split` holds a test split out of one tree of class folders; data with a test split of its own (a
+    test/ or val/ folder, CIFAR's test set) would silently ignore it: refused."""
+    if recipe.data.test_split is None or source.single_tree:
+        return None
+    own = f"{source.test_folder}/ under {source.path}" if source.kind == "imagefolder" else f"{source.dataset}'s"
+    return "data.test_split", (
+        f"the data has a test split of its own ({own}); test_split holds one out of a single tree of class folders: "
+        "remove it"
+    )
 
 
 def validation_problem(recipe: Recipe, source: DataSource) -> Problem | None:

@@ -15,7 +15,18 @@ from pipeline.core.data.augment import BatchAugment, augmented
 from pipeline.core.data.config import DataConfig
 from pipeline.core.data.memory import Split, TensorLoader, cached_decode, decode_files, torchvision_split
 from pipeline.core.data.preprocessing import resolve_preprocessing
-from pipeline.core.data.sources import DataIndex, DataSource, FileList, SplitPlan, locate, plan_splits, scan
+from pipeline.core.data.sources import (
+    ALL,
+    DEFAULT_TEST_SPLIT,
+    DataIndex,
+    DataSource,
+    FileList,
+    SplitPlan,
+    locate,
+    plan_single_tree,
+    plan_splits,
+    scan,
+)
 from pipeline.core.data.stream import StreamLoader, default_workers
 from pipeline.core.data.transforms import Preprocessing, eval_transform, train_transform
 from pipeline.core.models import ModelConfig
@@ -36,6 +47,7 @@ class DataBundle:
     preprocessing: Preprocessing
     config: DataConfig = field(default_factory=DataConfig)
     fingerprint: str = ""
+    skipped_images: int = 0  # unreadable images left out (data.skip_bad_images)
 
     @property
     def num_classes(self) -> int:
@@ -130,6 +142,7 @@ class DataBundle:
             "train_images": len(self.train),
             "val_images": len(self.val) if self.val is not None else 0,
             "test_images": len(self.test),
+            **({"skipped_images": self.skipped_images} if self.skipped_images else {}),
             "augmentation": self.policy if self.config.augment else "none",
             "input_size": "x".join(map(str, pre.input_size)),
             "mean": ",".join(f"{x:.4g}" for x in pre.mean),
@@ -206,9 +219,14 @@ def load_data(cfg: DataConfig, model: ModelConfig, *, index: DataIndex | None = 
     source = index.source
     if source.kind == "torchvision":
         return _torchvision_bundle(cfg, model, index, cache_dir)
-    train_files, test_files = index.files["train"], index.files[source.test_folder]
+    skipped = len(index.unreadable)
+    index = index.check_readable(cfg.skip_bad_images)
+    train_files, test_files = index.files[ALL if source.single_tree else "train"], index.files[source.test_folder]
     val_files = index.files[source.val_folder] if source.val_folder else None
-    plan = plan_splits(cfg, train_files.labels, test_files.labels, val_files.labels if val_files else None)
+    if source.single_tree:
+        plan = plan_single_tree(cfg, train_files.labels)
+    else:
+        plan = plan_splits(cfg, train_files.labels, test_files.labels, val_files.labels if val_files else None)
     pre = resolve_preprocessing(cfg, model, index, train_files.take(plan.train), cache_dir=cache_dir)
     parts = {
         "train": train_files.take(plan.train),
@@ -220,7 +238,7 @@ def load_data(cfg: DataConfig, model: ModelConfig, *, index: DataIndex | None = 
         parts = {name: _decoded(name, files, plan, index, pre, cfg, cache_dir) for name, files in parts.items()}
     _log_data(cfg, index, plan, parts, pre, kind, why)
     return DataBundle(parts["train"], parts["val"] if len(plan.val) else None, parts["test"], index.classes, pre,
-                      cfg, index.fingerprint)  # fmt: skip
+                      cfg, index.fingerprint, skipped)  # fmt: skip
 
 
 def _decoded(name: str, files: FileList, plan: SplitPlan, index: DataIndex, pre: Preprocessing, cfg: DataConfig,
@@ -230,7 +248,8 @@ def _decoded(name: str, files: FileList, plan: SplitPlan, index: DataIndex, pre:
     if not len(files):
         return Split(torch.zeros((0, *pre.input_size), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
     source = index.source
-    folder = {"train": "train", "val": source.val_folder or "train", "test": source.test_folder}[name]
+    train_folder = ALL if source.single_tree else "train"
+    folder = {"train": train_folder, "val": source.val_folder or train_folder, "test": source.test_folder}[name]
     key = {
         "data": index.fingerprint,
         "folder": folder,
@@ -259,14 +278,20 @@ def _torchvision_bundle(cfg: DataConfig, model: ModelConfig, index: DataIndex, c
 def _log_data(cfg: DataConfig, index: DataIndex, plan: SplitPlan, parts: dict, pre: Preprocessing, kind: str,
               why: str) -> None:  # fmt: skip
     source = index.source
+    pool = "the rest" if source.single_tree else "train/"
     if not len(plan.val):
         val = "no validation split"
     elif plan.val_from_folder:
         val = f"{len(parts['val']):,} val (val/)"
     else:
-        val = f"{len(parts['val']):,} val ({cfg.val_split:.0%} of train/, held out)"
-    test = f"{len(parts['test']):,} test ({source.test_folder}/)" if source.kind == "imagefolder" else (
-        f"{len(parts['test']):,} test")  # fmt: skip
+        val = f"{len(parts['val']):,} val ({cfg.val_split:.0%} of {pool}, held out)"
+    if source.single_tree:
+        share = cfg.test_split or DEFAULT_TEST_SPLIT
+        test = f"{len(parts['test']):,} test ({share:.0%} of every class of one tree of class folders, held out)"
+    elif source.kind == "imagefolder":
+        test = f"{len(parts['test']):,} test ({source.test_folder}/)"
+    else:
+        test = f"{len(parts['test']):,} test"
     log.info("data: %s at %s: %s train, %s, %s", source.dataset, source.path, f"{len(parts['train']):,}", val, test)
     log.info("data: loader %s (%s)", kind, why)
     log.info("data: preprocessing %s", pre.describe())

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 
 from pipeline.core.config import StrictConfig
 
@@ -85,7 +85,19 @@ class DataConfig(StrictConfig):
         description="share of train/ held out as the validation split (seeded, stratified by class) when the "
         "data has no separate validation folder; 0: no validation split (a single run only)",
     )
+    test_split: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="share of every class held out as the test split when the data is one tree of class folders "
+        "(no test/ or val/ folder); default 0.2 there (seeded, stratified, like val_split)",
+    )
     split_seed: int = Field(0, ge=0, le=2**31 - 1, description="seed of the validation split and of every subset")
+    skip_bad_images: bool = Field(
+        False,
+        description="leave out images that cannot be decoded (truncated, corrupt), counted on the run; false: such an "
+        "image is an error naming it, before any training",
+    )
     train_subset: int | None = Field(None, ge=1, description="use this many training images, class-balanced")
     val_subset: int | None = Field(None, ge=1, description="evaluate on this many validation images, class-balanced")
     test_subset: int | None = Field(None, ge=1, description="evaluate on this many test images, class-balanced")
@@ -122,6 +134,14 @@ class DataConfig(StrictConfig):
             return self.eval_batch_size
         return max(self.batch_size, 512 * 32 * 32 // (side * side))
 
+    @model_serializer(mode="wrap")
+    def _test_split_only_when_set(self, handler) -> dict[str, Any]:
+        """test_split is left out while unset, so recipes written before it existed keep their cache keys."""
+        data = handler(self)
+        if self.test_split is None:
+            data.pop("test_split", None)
+        return data
+
     @model_validator(mode="after")
     def _tensor_augmentation_in_memory(self) -> DataConfig:
         if self.loader == "memory" and self.augment and self.augmentation.policy == "random_resized_crop":
@@ -140,4 +160,5 @@ DATA_VERSION = 1
 key; bump it when a change of pipeline/core/data changes the pixels or the order a stage trains on."""
 EVAL_ONLY_FIELDS = frozenset({"val_subset", "test_subset", "eval_batch_size"})
 # Settings that change neither what is trained nor what is measured (where the data is; how many workers read it).
-NEUTRAL_FIELDS = frozenset({"root", "download", "workers"})
+# skip_bad_images: with no unreadable image it changes nothing, and with one, false stops the run before it starts.
+NEUTRAL_FIELDS = frozenset({"root", "download", "workers", "skip_bad_images"})

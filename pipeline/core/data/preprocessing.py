@@ -19,7 +19,16 @@ import torch
 from PIL import Image
 
 from pipeline.core.data.config import DataConfig
-from pipeline.core.data.sources import CIFAR_SIDE, IMAGE_EXTENSIONS, DataIndex, DataSource, FileList, balanced_subset
+from pipeline.core.data.images import read_rgb
+from pipeline.core.data.sources import (
+    ALL,
+    CIFAR_SIDE,
+    IMAGE_EXTENSIONS,
+    DataIndex,
+    DataSource,
+    FileList,
+    balanced_subset,
+)
 from pipeline.core.data.transforms import Preprocessing, eval_transform
 from pipeline.core.models import ModelConfig
 
@@ -47,8 +56,8 @@ def model_data_config(model: ModelConfig) -> dict:
 
 def first_image(source: DataSource) -> Path | None:
     """The first training image in the order a scan finds files (sorted classes, sorted walk), read cheaply."""
-    train = source.path / "train"
-    for name in sorted(e.name for e in os.scandir(train) if e.is_dir()):
+    train = source.folder_path(ALL) if source.single_tree else source.path / "train"
+    for name in sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith(".")):
         for dirpath, dirnames, filenames in sorted(os.walk(train / name, followlinks=True)):
             dirnames.sort()
             for filename in sorted(filenames):
@@ -131,8 +140,7 @@ def sampled_statistics(
     squares = torch.zeros(3, dtype=torch.float64)
     pixels = 0
     for i in range(len(chosen)):
-        with Image.open(chosen.path(i)) as image:
-            x = transform(image.convert("RGB")).to(torch.float64) / 255.0
+        x = transform(read_rgb(chosen.path(i))).to(torch.float64) / 255.0
         total += x.sum(dim=(1, 2))
         squares += (x * x).sum(dim=(1, 2))
         pixels += x.shape[1] * x.shape[2]

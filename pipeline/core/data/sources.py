@@ -1,13 +1,15 @@
 """Where a dataset is, which files it holds, and how they are split into training, validation and test images.
 
-Layouts: an ImageFolder tree (`train/` plus `test/` and/or `val/`, one folder per class), or torchvision's CIFAR
-arrays (`cifar-10-batches-py`). Which split is which:
+Layouts: an ImageFolder tree (`train/` plus `test/` and/or `val/`, one folder per class), a single tree of class
+folders with no split (the folder a user has: `root/<class>/…`, or `root/train/<class>/…` alone), or torchvision's
+CIFAR arrays (`cifar-10-batches-py`). Which split is which:
 
-| folders               | validation split                 | test split (reported) |
-| --------------------- | -------------------------------- | --------------------- |
-| train/, test/         | `val_split` of train/            | test/                 |
-| train/, val/          | `val_split` of train/            | val/ (ImageNet's)     |
-| train/, val/, test/   | val/                             | test/                 |
+| folders                 | validation split                   | test split (reported)                |
+| ----------------------- | ---------------------------------- | ------------------------------------ |
+| train/, test/           | `val_split` of train/              | test/                                |
+| train/, val/            | `val_split` of train/              | val/ (ImageNet's)                    |
+| train/, val/, test/     | val/                               | test/                                |
+| one tree of class folders | `val_split` of what is not test | `test_split` of every class (0.2)   |
 
 `scan` walks the tree once: the file index (paths and labels, compact) and a fingerprint of its contents (every
 file's relative path and bytes), which keys every cache built from the data. Reading every byte on every run would
@@ -23,7 +25,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +34,7 @@ import torch
 import torchvision
 
 from pipeline.core.data.config import DataConfig
+from pipeline.core.data.images import unreadable
 from pipeline.core.hashing import update_with_file
 from pipeline.core.paths import PROJECT_ROOT, default_cache_dir
 
@@ -42,6 +45,7 @@ TORCHVISION_LAYOUT = {
 }
 CIFAR_SIDE = 32
 FINGERPRINT_FORMAT = 2  # 2: file contents (1 was paths, sizes and modification times)
+MEMO_FORMAT = 2  # 2: each folder's unreadable files beside its digest
 
 log = logging.getLogger("pipeline")
 
@@ -50,24 +54,41 @@ class DataNotFoundError(ValueError):
     """The dataset folder is missing or has the wrong layout."""
 
 
+ALL = "all"
+"""The one split of a single tree of class folders (test, validation and training images are drawn from it)."""
+DEFAULT_TEST_SPLIT = 0.2
+"""The share of each class a single tree of class folders holds out as the test split, unless `data.test_split`."""
+
+
 @dataclass(frozen=True)
 class DataSource:
-    """A dataset found on disk: `kind` is 'imagefolder' or 'torchvision'; `folders` the ImageFolder splits present."""
+    """A dataset found on disk: `kind` is 'imagefolder' or 'torchvision'; `folders` the ImageFolder splits present
+    (`(ALL,)` for a single tree of class folders, which lives in `tree`: '' for the root itself, or 'train')."""
 
     kind: Literal["imagefolder", "torchvision"]
     path: Path
     dataset: str
     folders: tuple[str, ...] = ()
+    tree: str | None = None
+
+    @property
+    def single_tree(self) -> bool:
+        """One tree of class folders, no split of its own: the test split is held out of it (`test_split`)."""
+        return self.tree is not None
 
     @property
     def test_folder(self) -> str:
-        """The folder that is reported as the test split: test/, else val/ (ImageNet's layout)."""
-        return "test" if "test" in self.folders else "val"
+        """The folder that is reported as the test split: test/, else val/ (ImageNet's layout); ALL for one tree."""
+        return ALL if self.single_tree else "test" if "test" in self.folders else "val"
 
     @property
     def val_folder(self) -> str | None:
         """The folder used as the validation split, when the tree has both val/ and test/; else None."""
         return "val" if {"val", "test"} <= set(self.folders) else None
+
+    def folder_path(self, name: str) -> Path:
+        """Where split folder `name` is on disk."""
+        return self.path / self.tree if name == ALL else self.path / name
 
 
 def default_data_root() -> Path:
@@ -86,6 +107,17 @@ def _splits_present(path: Path) -> tuple[str, ...] | None:
     return present if "train" in present and len(present) > 1 else None
 
 
+def _single_tree(path: Path) -> str | None:
+    """'' when `path` is itself a tree of class folders (two or more folders, no split folders), 'train' when it holds
+    train/ alone; else None."""
+    if not path.is_dir():
+        return None
+    folders = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    if folders == ["train"]:
+        return "train"
+    return "" if len(folders) >= 2 and not {"train", "val", "test"} & set(folders) else None
+
+
 def locate(cfg: DataConfig) -> DataSource:
     """Find the dataset on disk, or say exactly what is missing."""
     root = (cfg.root or default_data_root()).expanduser()
@@ -95,8 +127,13 @@ def locate(cfg: DataConfig) -> DataSource:
     for path in candidates:
         if folders := _splits_present(path):
             return DataSource("imagefolder", path.resolve(), cfg.dataset, folders)
+    if cfg.dataset == "imagefolder" and (tree := _single_tree(root)) is not None:
+        return DataSource("imagefolder", root.resolve(), cfg.dataset, (ALL,), tree)
     if cfg.dataset == "imagefolder":
-        raise DataNotFoundError(f"no ImageFolder tree at {root}: it needs train/ and test/ or val/ (or all three)")
+        raise DataNotFoundError(
+            f"no ImageFolder tree at {root}: it needs class folders (one per class, the images inside), either "
+            "directly or split into train/ and test/ or val/ (or all three)"
+        )
     folder, _ = TORCHVISION_LAYOUT[cfg.dataset]
     if (root / folder).is_dir() or cfg.download:
         return DataSource("torchvision", root.resolve(), cfg.dataset)
@@ -135,43 +172,78 @@ class DataIndex:
     classes: list[str]
     files: dict[str, FileList]
     fingerprint: str
+    unreadable: dict[str, str] = field(default_factory=dict)  # '<split>/<relative path>' -> why it cannot be decoded
 
     def count(self, folder: str) -> int:
         return len(self.files[folder]) if folder in self.files else 0
 
+    def without_unreadable(self) -> DataIndex:
+        """The index with the unreadable files left out of every split (`data.skip_bad_images`)."""
+        files = {}
+        for name, listed in self.files.items():
+            bad = {p.encode() for key in self.unreadable if key.startswith(f"{name}/") for p in [key[len(name) + 1 :]]}
+            keep = torch.tensor([p not in bad for p in listed.paths], dtype=torch.bool)
+            files[name] = listed.take(torch.nonzero(keep).flatten())
+        return DataIndex(self.source, self.classes, files, self.fingerprint, {})
+
+    def check_readable(self, skip: bool) -> DataIndex:
+        """The index ready to load: unchanged when every image decodes; without the unreadable ones when `skip`
+        (logged); else a DataNotFoundError naming them."""
+        if not self.unreadable:
+            return self
+        named = ", ".join(f"{path} ({why})" for path, why in list(self.unreadable.items())[:5])
+        more = f" and {len(self.unreadable) - 5} more" if len(self.unreadable) > 5 else ""
+        if not skip:
+            raise DataNotFoundError(
+                f"{self.source.path}: {len(self.unreadable)} image(s) cannot be read: {named}{more}; fix or remove "
+                "them, or set data.skip_bad_images: true to leave them out (counted on the run)"
+            )
+        log.warning("data: leaving out %d unreadable image(s) (data.skip_bad_images): %s%s", len(self.unreadable),
+                    named, more)  # fmt: skip
+        return self.without_unreadable()
+
 
 class FingerprintMemo:
     """Content digests of folders already read, keyed by what `os.stat` says of their files (relative path, size,
-    modification time), so a folder whose files were not touched is not read again. One small JSON file per dataset
-    root under `folder` (one entry per class folder), written atomically; saving drops the files of roots that no
-    longer exist. A memo that cannot be read or written only costs a re-read (logged)."""
+    modification time), so a folder whose files were not touched is not read again; with each digest, the files of
+    the folder no image decoder reads (`images.unreadable`: truncated, corrupt, not an image), found in the same
+    pass. One small JSON file per dataset root under `folder` (one entry per class folder), written atomically;
+    saving drops the files of roots that no longer exist. A memo that cannot be read or written only costs a
+    re-read (logged)."""
 
     def __init__(self, folder: Path, root: Path):
         self.root, self.folder = str(root), folder
         self.path = folder / f"{hashlib.sha256(self.root.encode()).hexdigest()[:16]}.json"
-        self.known: dict[str, str] = {}
-        self.seen: dict[str, str] = {}
+        self.known: dict[str, dict] = {}
+        self.seen: dict[str, dict] = {}
         if self.path.is_file():
             try:
-                self.known = json.loads(self.path.read_text())["folders"]
-            except (OSError, ValueError, KeyError, TypeError):
+                stored = json.loads(self.path.read_text())
+                if stored.get("format") == MEMO_FORMAT:
+                    self.known = stored["folders"]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 log.warning("ignoring an unreadable fingerprint memo %s", self.path)
 
-    def content_digest(self, base: Path, files: list[tuple[str, os.stat_result]]) -> str:
-        """sha256 of the files' relative paths and bytes (read only when their stat listing is new)."""
+    def content_digest(
+        self, base: Path, files: list[tuple[str, os.stat_result]], *, images: bool = True
+    ) -> tuple[str, dict[str, str]]:
+        """(sha256 of the files' relative paths and bytes, {relative path: why it cannot be decoded}); the files are
+        read (and, `images`, decoded) only when their stat listing is new."""
         listing = hashlib.sha256(str(base).encode())
         for rel, st in files:
             listing.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         stat_key = listing.hexdigest()
-        content = self.known.get(stat_key)
-        if content is None:
-            h = hashlib.sha256()
+        entry = self.known.get(stat_key)
+        if entry is None:
+            h, bad = hashlib.sha256(), {}
             for rel, st in files:
                 h.update(f"{rel}\0{st.st_size}\n".encode())
                 update_with_file(h, base / rel)
-            content = h.hexdigest()
-        self.seen[stat_key] = content
-        return content
+                if images and (why := unreadable(base / rel)) is not None:
+                    bad[rel] = why
+            entry = {"digest": h.hexdigest(), "unreadable": bad}
+        self.seen[stat_key] = entry
+        return entry["digest"], entry["unreadable"]
 
     def save(self) -> None:
         if self.seen == self.known:
@@ -179,7 +251,7 @@ class FingerprintMemo:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"root": self.root, "folders": self.seen}, sort_keys=True))
+            tmp.write_text(json.dumps({"root": self.root, "format": MEMO_FORMAT, "folders": self.seen}, sort_keys=True))
             os.replace(tmp, self.path)
             for other in self.folder.glob("*.json"):  # the memos of datasets deleted since (temporary folders)
                 try:
@@ -191,11 +263,12 @@ class FingerprintMemo:
             log.warning("could not save the fingerprint memo %s (%s): the next run reads the data again", self.path, e)
 
 
-def _walk_folder(folder: Path, h, memo: FingerprintMemo) -> tuple[list[str], list[bytes], list[int]]:
-    """(classes, relative paths, labels) of one split folder, as torchvision's ImageFolder finds them; feeds each
-    class folder's content digest into the hash `h`."""
-    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
-    paths, labels = [], []
+def _walk_folder(folder: Path, h, memo: FingerprintMemo) -> tuple[list[str], list[bytes], list[int], dict[str, str]]:
+    """(classes, relative paths, labels, unreadable files) of one split folder, as torchvision's ImageFolder finds
+    them (hidden folders, such as .ipynb_checkpoints, are not classes); feeds each class folder's content digest
+    into the hash `h`."""
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    paths, labels, bad = [], [], {}
     for label, name in enumerate(classes):
         found = []
         for dirpath, dirnames, filenames in sorted(os.walk(folder / name, followlinks=True)):
@@ -205,10 +278,12 @@ def _walk_folder(folder: Path, h, memo: FingerprintMemo) -> tuple[list[str], lis
                     continue
                 full = os.path.join(dirpath, filename)
                 found.append((os.path.relpath(full, folder), os.stat(full)))
-        h.update(f"{name}\0{len(found)}\0{memo.content_digest(folder, found)}\n".encode())
+        digest, unreadable_here = memo.content_digest(folder, found)
+        h.update(f"{name}\0{len(found)}\0{digest}\n".encode())
         paths.extend(rel.encode() for rel, _ in found)
         labels.extend([label] * len(found))
-    return classes, paths, labels
+        bad.update(unreadable_here)
+    return classes, paths, labels, bad
 
 
 def scan(source: DataSource, memo_dir: Path | None = None) -> DataIndex:
@@ -217,7 +292,7 @@ def scan(source: DataSource, memo_dir: Path | None = None) -> DataIndex:
     `fingerprints/`)."""
     h = hashlib.sha256(f"{FINGERPRINT_FORMAT}|{source.kind}|{source.dataset}".encode())
     memo = FingerprintMemo(memo_dir or default_cache_dir() / "fingerprints", source.path)
-    files, classes = {}, None
+    files, classes, bad = {}, None, {}
     if source.kind == "torchvision":
         folder, _ = TORCHVISION_LAYOUT[source.dataset]
         base = source.path / folder
@@ -226,12 +301,13 @@ def scan(source: DataSource, memo_dir: Path | None = None) -> DataIndex:
             if base.is_dir()
             else []
         )
-        h.update(memo.content_digest(base, found).encode())
+        h.update(memo.content_digest(base, found, images=False)[0].encode())
         memo.save()
         return DataIndex(source, [], {}, h.hexdigest()[:24])
     for name in source.folders:
         h.update(f"[{name}]".encode())
-        found, paths, labels = _walk_folder(source.path / name, h, memo)
+        found, paths, labels, unreadable_here = _walk_folder(source.folder_path(name), h, memo)
+        bad.update({f"{name}/{rel}": why for rel, why in unreadable_here.items()})
         if classes is None:
             classes = found
         elif found != classes:  # labels are class indices: every split must list the same classes
@@ -240,15 +316,16 @@ def scan(source: DataSource, memo_dir: Path | None = None) -> DataIndex:
             )
         if not paths:
             raise DataNotFoundError(f"{source.path / name}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        files[name] = FileList(source.path / name, np.array(paths, dtype=bytes), torch.tensor(labels))
+        files[name] = FileList(source.folder_path(name), np.array(paths, dtype=bytes), torch.tensor(labels))
     memo.save()
-    return DataIndex(source, classes or [], files, h.hexdigest()[:24])
+    return DataIndex(source, classes or [], files, h.hexdigest()[:24], bad)
 
 
 def class_names(source: DataSource) -> list[str]:
     """The class folders of train/ (sorted), or CIFAR's classes; cheap (no file walk)."""
     if source.kind == "imagefolder":
-        return sorted(e.name for e in os.scandir(source.path / "train") if e.is_dir())
+        folder = source.folder_path(ALL) if source.single_tree else source.path / "train"
+        return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
     return [str(i) for i in range(100 if source.dataset == "cifar100" else 10)]
 
 
@@ -308,7 +385,26 @@ def plan_splits(cfg: DataConfig, train_labels: torch.Tensor, test_labels: torch.
     else:
         train_idx, val_idx = stratified_split(train_labels, cfg.val_split, seed)
         val_pool = train_labels[val_idx]
+    return _subsets(cfg, train_idx, train_labels, val_idx, val_pool, torch.arange(len(test_labels)), test_labels,
+                    val_labels is not None)  # fmt: skip
+
+
+def plan_single_tree(cfg: DataConfig, labels: torch.Tensor) -> SplitPlan:
+    """One tree of class folders: `test_split` of every class held out first (seeded, stratified), then `val_split`
+    of the rest, then the subsets; every index points into the one tree."""
+    seed = cfg.split_seed
+    pool, test_idx = stratified_split(labels, cfg.test_split or DEFAULT_TEST_SPLIT, seed + 3)
+    kept, held = stratified_split(labels[pool], cfg.val_split, seed)
+    train_idx, val_idx = pool[kept], pool[held]
+    return _subsets(cfg, train_idx, labels, val_idx, labels[val_idx], test_idx, labels, False)
+
+
+def _subsets(cfg: DataConfig, train_idx: torch.Tensor, train_labels: torch.Tensor, val_idx: torch.Tensor,
+             val_pool: torch.Tensor, test_idx: torch.Tensor, test_labels: torch.Tensor,
+             val_from_folder: bool) -> SplitPlan:  # fmt: skip
+    """The class-balanced `train_subset`, `val_subset`, `test_subset` of the chosen indices."""
+    seed = cfg.split_seed
     train_idx = train_idx[balanced_subset(train_labels[train_idx], cfg.train_subset, seed)]
     val_idx = val_idx[balanced_subset(val_pool, cfg.val_subset, seed + 1)] if len(val_idx) else val_idx
-    test_idx = balanced_subset(test_labels, cfg.test_subset, seed + 2)
-    return SplitPlan(train_idx, val_idx, test_idx, val_labels is not None)
+    test_idx = test_idx[balanced_subset(test_labels[test_idx], cfg.test_subset, seed + 2)]
+    return SplitPlan(train_idx, val_idx, test_idx, val_from_folder)

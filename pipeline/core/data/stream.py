@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from PIL import Image
 from timm.data.loader import PrefetchLoader, fast_collate
 
 from pipeline.core import distributed
+from pipeline.core.data.images import read_rgb
 from pipeline.core.data.sources import FileList
 
 
@@ -34,12 +34,7 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]):
         index, seed = item if isinstance(item, tuple) else (item, None)
-        path = self.files.path(index)
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except OSError as err:
-            raise OSError(f"cannot read image {path}: {err}") from err
+        image = read_rgb(self.files.path(index))
         if seed is None:
             return self.transform(image), int(self.files.labels[index])
         with _own_random_state(seed):  # torchvision's random transforms draw from torch, timm's from `random`

@@ -145,3 +145,53 @@ def test_missing_data_names_what_was_looked_for(tmp_path, monkeypatch):
 def test_data_dir_env_is_honoured(imagefolder, monkeypatch):
     monkeypatch.setenv("DATA_DIR", str(imagefolder))
     assert locate(DataConfig(dataset="imagefolder")).path == imagefolder.resolve()
+
+
+def _one_tree(root, per_class: int = 10):
+    """The folder users have: class folders directly under `root`, no split."""
+    make_photos(root, {"x": per_class}, classes=("ant", "bee", "cow"))
+    for cls in ("ant", "bee", "cow"):
+        (root / "x" / cls).rename(root / cls)
+    (root / "x").rmdir()
+    (root / ".ipynb_checkpoints").mkdir()  # not a class
+    return root
+
+
+def test_one_tree_of_class_folders_holds_out_a_seeded_stratified_test_split(tmp_path):
+    from pipeline.core.data import load_data
+    from pipeline.core.models import ModelConfig
+    from tests.conftest import TINY_MODEL
+
+    root = _one_tree(tmp_path / "photos")
+    source = locate(DataConfig(dataset="imagefolder", root=root))
+    assert source.single_tree and source.test_folder == "all"
+    index = scan(source, tmp_path / "memo")
+    assert index.classes == ["ant", "bee", "cow"] and len(index.files["all"]) == 30
+
+    def splits(**fields):
+        bundle = load_data(DataConfig(dataset="imagefolder", root=root, **fields), ModelConfig(name=TINY_MODEL),
+                           index=index)  # fmt: skip
+        return bundle
+
+    default = splits()
+    assert (len(default.train), len(default.val), len(default.test)) == (24 - 3, 3, 6)  # 20 % of each class tested
+    assert default.test.labels.bincount().tolist() == [2, 2, 2]
+    a, b = splits(test_split=0.3), splits(test_split=0.3)
+    assert torch.equal(a.test.images, b.test.images) and len(a.test) == 9  # seeded by split_seed alone
+    seen = [img.flatten().tolist() for part in (a.train, a.val, a.test) for img in part.images]
+    assert len({tuple(x) for x in seen}) == len(seen) == 30  # disjoint, and every image used
+    other = splits(test_split=0.3, split_seed=1)
+    assert not torch.equal(other.test.images, a.test.images)
+
+
+def test_train_alone_is_one_tree_too_and_test_split_is_refused_where_a_test_split_exists(tmp_path):
+    from pipeline.recipe import RecipeError, validate_recipe
+    from tests.conftest import tiny_recipe
+
+    lone = make_photos(tmp_path / "lone", {"train": 4})
+    assert locate(DataConfig(dataset="imagefolder", root=lone)).tree == "train"
+    split = make_photos(tmp_path / "split", {"train": 2, "test": 1})
+    data = {"dataset": "imagefolder", "root": str(split), "test_split": 0.2}
+    with pytest.raises(RecipeError, match=r"data\.test_split: the data has a test split of its own \(test/ under"):
+        validate_recipe(tiny_recipe(data=data))
+    assert "test_split" not in DataConfig().model_dump()  # unset: recipes from before keep their cache keys
