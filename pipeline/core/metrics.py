@@ -14,12 +14,15 @@ import numpy as np
 import torch
 from pydantic import Field
 from torch import nn
-from torch.utils import benchmark
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from pipeline.core.config import StrictConfig
 from pipeline.core.int8 import converted_by, is_int8, observers_paused
+from pipeline.core.quiet import quiet_loggers
+
+with quiet_loggers():  # torch.utils.benchmark imports cpp_extension, which warns that a CPU machine has no CUDA
+    from torch.utils import benchmark
 
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (normalised images, labels) batches of one split
 
