@@ -213,14 +213,14 @@ class FingerprintMemo:
 
     def __init__(self, folder: Path, root: Path):
         self.root, self.folder = str(root), folder
-        self.path = folder / f"{hashlib.sha256(self.root.encode()).hexdigest()[:16]}.json"
+        # The format is in the name: a version of this tool that writes another format never reads this file, nor
+        # this one its file (both may share one cache folder).
+        self.path = folder / f"{hashlib.sha256(self.root.encode()).hexdigest()[:16]}.v{MEMO_FORMAT}.json"
         self.known: dict[str, dict] = {}
         self.seen: dict[str, dict] = {}
         if self.path.is_file():
             try:
-                stored = json.loads(self.path.read_text())
-                if stored.get("format") == MEMO_FORMAT:
-                    self.known = stored["folders"]
+                self.known = json.loads(self.path.read_text())["folders"]
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 log.warning("ignoring an unreadable fingerprint memo %s", self.path)
 
@@ -251,7 +251,7 @@ class FingerprintMemo:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"root": self.root, "format": MEMO_FORMAT, "folders": self.seen}, sort_keys=True))
+            tmp.write_text(json.dumps({"root": self.root, "folders": self.seen}, sort_keys=True))
             os.replace(tmp, self.path)
             for other in self.folder.glob("*.json"):  # the memos of datasets deleted since (temporary folders)
                 try:
