@@ -27,7 +27,7 @@ with quiet_loggers():  # torch.utils.benchmark imports cpp_extension, which warn
 Loader = Iterable[tuple[torch.Tensor, torch.Tensor]]  # (normalised images, labels) batches of one split
 
 
-EVALUATION_VERSION = 1
+EVALUATION_VERSION = 2  # 2: int8 through PT2E (params of int8 weights), speed against the input model
 """Version of how a model is measured (these metrics, export and runtime measurement in pipeline.deploy): in every
 evaluation key, so changed measuring code measures cached models again (it never retrains them)."""
 

@@ -110,3 +110,26 @@ def predict_side_by_side(
         for i, predict in enumerate(predicts):
             samples[i].append(statistics.median(predict_times_ms(predict, x, runs=runs, warmup=warmup)))
     return [statistics.median(s) for s in samples]
+
+
+def speed_vs_input(
+    runtime: str, file: Path, input_file: Path, input_size: tuple[int, ...], cfg: EvalConfig, *, threads: int,
+    rounds: int = 3,
+) -> dict[str, float]:  # fmt: skip
+    """How much faster a stage's exported file runs than its input model's, both timed side by side in `runtime`
+    (interleaved rounds, medians), at batch 1 and at the throughput batch size: `<runtime>.speedup_vs_input` and
+    `<runtime>.throughput_speedup_vs_input` (input time / this time; below 1: slower). Figures each stage logs on
+    its own come from different moments of a busy machine; these two are measured together."""
+    out = {}
+    for batch, key, runs in (
+        (1, "speedup_vs_input", 30),
+        (cfg.throughput_batch_size, "throughput_speedup_vs_input", 3),
+    ):
+        predicts = [open_runtime(runtime, f, threads=threads, batch_size=batch) for f in (input_file, file)]
+        x = np.random.default_rng(2).standard_normal((batch, *input_size), dtype=np.float32)
+        samples: list[list[float]] = [[], []]
+        for _ in range(rounds):
+            for i, predict in enumerate(predicts):
+                samples[i].append(statistics.median(predict_times_ms(predict, x, runs=runs, warmup=2)))
+        out[f"{runtime}.{key}"] = statistics.median(samples[0]) / statistics.median(samples[1])
+    return out

@@ -26,12 +26,13 @@ from pipeline.core.data import DataBundle, DataIndex, load_data, locate, scan
 from pipeline.core.metrics import Predictions, epoch_validation, evaluate_with_predictions
 from pipeline.core.models import ModelState, create_model
 from pipeline.core.paths import default_cache_dir
-from pipeline.deploy import ExportError, export_files, runtime_versions
+from pipeline.deploy import ExportError, export_files, get_runtime, runtime_versions
 from pipeline.deploy.measure import runtime_metrics_with_predictions
 from pipeline.recipe import Recipe, StageSpec
 from pipeline.run.cache import CacheEntry, StageCache
 from pipeline.run.keys import PlannedStage, evaluation_key, pick_device, plan_chain
 from pipeline.run.notes import chain_note
+from pipeline.run.speed import compare_with_input
 from pipeline.run.stage_training import StageResult, StageTrainer, follow_chain
 from pipeline.tracking import TAGS, RunType, Tracker, mlflow_metric_names
 from stages import get_stage
@@ -316,7 +317,7 @@ class Runner:
                     for epoch, stats in enumerate(entry.record.get("train_history", [])):
                         self.on_epoch(stage.index, epoch, stats, True)
             tracker.set_tags(run_id, _training_tags(entry.record))
-            measured = self._measure(entry)
+            measured = self._measure(entry, stage)
             metrics = {k: float(v) for k, v in measured.items() if not isinstance(v, str)}
             metrics["stage_seconds"] = float(entry.record.get("seconds", 0.0))
             self._log_stage_outputs(tracker, run_id, stage, entry, measured, metrics)
@@ -344,9 +345,10 @@ class Runner:
         elif self.recipe.deploy.runtimes and self._deploy_dir(entry).is_dir():
             tracker.log_artifacts(run_id, self._deploy_dir(entry), "deploy")
 
-    def _measure(self, entry: CacheEntry) -> dict[str, float | str]:
-        """Metrics of the stage's artifact in torch and of its exported files in every configured runtime
-        (numbers; plus `deploy_error`, text, when export failed and deploy.required is false)."""
+    def _measure(self, entry: CacheEntry, stage: PlannedStage) -> dict[str, float | str]:
+        """Metrics of the stage's artifact in torch and of its exported files in every configured runtime, with their
+        speed against the input model's files (numbers; plus `deploy_error`, text, when export failed and
+        deploy.required is false)."""
         metrics = entry.metrics(self.eval_key)
         if metrics is None or not entry.predictions_path(self.eval_key).is_file():
             model = load_artifact(entry.artifact_path)  # measure exactly what ships
@@ -357,9 +359,21 @@ class Runner:
             metrics["artifact_bytes"] = float(entry.artifact_path.stat().st_size)
             predictions = {split: {"torch": p} for split, p in scored.items()}
             metrics.update(self._measure_deployed(entry, model, metrics["top1"], predictions))
+            if stage.index > 0 and "deploy_error" not in metrics:
+                metrics.update(self._speed_vs_input(entry, stage))
             entry.put_predictions(self.eval_key, predictions)
             entry.put_metrics(self.eval_key, metrics)
         return {**metrics, **entry.record.get("stage_metrics", {})}
+
+    def _speed_vs_input(self, entry: CacheEntry, stage: PlannedStage) -> dict[str, float]:
+        """Each runtime's speed-up over the input model's exported files, timed side by side (pipeline.run.speed)."""
+        parent = self.cache.get(self.chain[stage.index - 1].key)
+        cfg = self.recipe.deploy
+        if parent is None or not cfg.runtimes:
+            return {}
+        files = {r: self._deploy_dir(entry) / get_runtime(r).file for r in cfg.runtimes}
+        return compare_with_input(stage.name, stage.spec.config, files, self._deploy_dir(parent), self.data.input_size,
+                                  self.recipe.evaluation, threads=cfg.threads)  # fmt: skip
 
     def _eval_loaders(self) -> dict:
         """The loaders of the evaluated splits: validation (what choices read) and test (what is reported)."""
