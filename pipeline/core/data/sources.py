@@ -108,14 +108,27 @@ def _splits_present(path: Path) -> tuple[str, ...] | None:
 
 
 def _single_tree(path: Path) -> str | None:
-    """'' when `path` is itself a tree of class folders (two or more folders, no split folders), 'train' when it holds
-    train/ alone; else None."""
+    """'' when `path` is itself a tree of class folders, 'train' when it holds train/ alone; else None. A tree of class
+    folders has two or more (not hidden), each holding an image somewhere, and none holding split folders (a folder of
+    datasets, such as the shared data folder, is not one)."""
     if not path.is_dir():
         return None
-    folders = [e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith(".")]
+    folders = sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
     if folders == ["train"]:
-        return "train"
-    return "" if len(folders) >= 2 and not {"train", "val", "test"} & set(folders) else None
+        return "train" if _single_tree(path / "train") == "" else None
+    if len(folders) < 2 or {"train", "val", "test"} & set(folders):
+        return None
+    if any(_splits_present(path / f) or not _holds_an_image(path / f) for f in folders):
+        return None
+    return ""
+
+
+def _holds_an_image(folder: Path) -> bool:
+    """Whether an image file is somewhere under `folder` (stops at the first)."""
+    for _dirpath, _dirnames, filenames in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(IMAGE_EXTENSIONS) for f in filenames):
+            return True
+    return False
 
 
 def locate(cfg: DataConfig) -> DataSource:

@@ -195,3 +195,13 @@ def test_train_alone_is_one_tree_too_and_test_split_is_refused_where_a_test_spli
     with pytest.raises(RecipeError, match=r"data\.test_split: the data has a test split of its own \(test/ under"):
         validate_recipe(tiny_recipe(data=data))
     assert "test_split" not in DataConfig().model_dump()  # unset: recipes from before keep their cache keys
+
+
+def test_a_folder_of_datasets_is_not_a_tree_of_class_folders(tmp_path):
+    """The shared data folder (cifar10/ with train/ and test/, weights/ with no image) must not pass for a dataset
+    whose classes are cifar10 and weights."""
+    make_photos(tmp_path / "shared" / "cifar10", {"train": 1, "test": 1})
+    (tmp_path / "shared" / "weights").mkdir()
+    (tmp_path / "shared" / "weights" / "model.pth").write_bytes(b"0")
+    with pytest.raises(DataNotFoundError, match="no ImageFolder tree"):
+        locate(DataConfig(dataset="imagefolder", root=tmp_path / "shared"))
