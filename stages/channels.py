@@ -22,6 +22,16 @@ IMPORTANCES = {
 }
 
 
+def kept_channels(channels: int, kept: int, multiple: int | None) -> int:
+    """How many of a layer's `channels` to keep when `kept` is asked for and counts are rounded to `multiple`: the
+    nearest multiple, at least one multiple and at most every channel (a layer narrower than `multiple` keeps all)."""
+    if not multiple or multiple <= 1:
+        return kept
+    if channels <= multiple:
+        return channels
+    return min(max(multiple, multiple * round(kept / multiple)), channels)
+
+
 def classifier(model: nn.Module) -> nn.Module:
     """The output layer, which must keep one output per class: timm's `get_classifier()`, else the last Linear."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -60,10 +70,11 @@ def prune_layers_channels_(
     importance: str,
     input_size: tuple[int, ...],
     fixed: FixedWeights | None = None,
+    round_to: int | None = None,
 ) -> dict[str, tuple[str, ...]]:
-    """Remove `ratio` of each named layer's output channels (the least important by `importance`, at least one kept)
-    with the channels coupled to them, layers in the given order over one dependency graph; returns, per layer, the
-    other layers whose output channels went too."""
+    """Remove `ratio` of each named layer's output channels (the least important by `importance`, at least one kept;
+    the count kept rounded as `kept_channels` says) with the channels coupled to them, layers in the given order over
+    one dependency graph; returns, per layer, the other layers whose output channels went too."""
     model.eval()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *input_size))
     names = {m: n for n, m in model.named_modules()}
@@ -74,7 +85,7 @@ def prune_layers_channels_(
         fn = out_channels_fn(layer)
         channels = layer.weight.shape[0]
         scores = IMPORTANCES[importance]()(graph.get_pruning_group(layer, fn, idxs=list(range(channels))))
-        count = min(int(ratio * channels), channels - 1)
+        count = channels - kept_channels(channels, channels - min(int(ratio * channels), channels - 1), round_to)
         group = graph.get_pruning_group(layer, fn, idxs=sorted(torch.argsort(scores)[:count].tolist()))
         reached = {names.get(m) for m in out_pruned(group, graph) if isinstance(m, PRUNABLE)}
         coupled[name] = tuple(sorted(reached - {name, None}))

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch_pruning as tp
-from pydantic import Field, model_serializer, model_validator
+from pydantic import Field, field_validator, model_serializer, model_validator
 from torch import nn
 
 from pipeline.core.artifacts import DenseFP32, register_artifact_format
@@ -25,10 +25,13 @@ from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
 from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
-from stages.channels import IMPORTANCES, PRUNABLE, classifier, prune_group_
+from stages.channels import IMPORTANCES, PRUNABLE, classifier, kept_channels, prune_group_
 from stages.prune_allocation import sensitivity_prune_
 
 log = logging.getLogger("pipeline")
+
+DEFAULT_CHANNEL_MULTIPLE = 8
+"""`round_to: auto` in a config that did not come from a recipe: what the built-in runtimes declare."""
 
 
 class PruneConfig(TrainConfig):
@@ -56,7 +59,12 @@ class PruneConfig(TrainConfig):
     finetune: Literal["each_step", "end"] = Field(
         "each_step", description="fine-tune `epochs` after every step, or once after the last step"
     )
-    round_to: int | None = Field(None, ge=1, le=256, description="keep channel counts multiples of this")
+    round_to: int | Literal["auto"] | None = Field(
+        "auto",
+        description="keep every pruned layer's channel count a multiple of this (the nearest, at least one multiple): "
+        "auto = what the recipe's deploy runtimes' CPU kernels block channels by (8 for ONNX Runtime and OpenVINO); "
+        "null: exact ratios, whatever counts they give",
+    )
     taylor_batches: int = Field(8, ge=1, le=1000, description="batches of gradients for the taylor criterion")
     allocation: Literal["uniform", "sensitivity"] = Field(
         "uniform",
@@ -92,12 +100,30 @@ class PruneConfig(TrainConfig):
                 "scope: global": self.scope == "global",
                 "prune_heads": self.prune_heads,
                 "importance: taylor": self.importance == "taylor",
-                "round_to": self.round_to is not None,
             }
             given = [k for k, v in unsupported.items() if v]
             if given:
                 raise ValueError(f"allocation: sensitivity with {', '.join(given)} is not yet supported")
         return self
+
+    @field_validator("round_to")
+    @classmethod
+    def _positive_multiple(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and not 1 <= value <= 256:
+            raise ValueError(f"must be auto, null or 1..256 channels, got {value}")
+        return value
+
+    def with_channel_multiple(self, multiple: int) -> PruneConfig:
+        """This config with `round_to: auto` resolved to `multiple` (the recipe's runtimes', when it loads)."""
+        if self.round_to != "auto":
+            return self
+        return type(self).model_validate({**self.model_dump(), "round_to": multiple})
+
+    def channel_multiple(self) -> int | None:
+        """The multiple channel counts are rounded to (auto outside a recipe: the built-in runtimes' 8)."""
+        if self.round_to == "auto":
+            return DEFAULT_CHANNEL_MULTIPLE
+        return None if self.round_to in (None, 1) else self.round_to
 
     @model_serializer(mode="wrap")
     def _allocation_only_when_used(self, handler) -> dict[str, Any]:
@@ -120,7 +146,8 @@ def _lowers(config: PruneConfig) -> frozenset[str]:
     return frozenset({"bytes", "compute"} if config.method == "structured" else {"bytes"})
 
 
-@register_stage("prune", config=PruneConfig, lowers=_lowers, variant=lambda config: config.method)
+# version 2: channel counts rounded to the nearest multiple of round_to (auto: the runtimes'), under allocation too
+@register_stage("prune", config=PruneConfig, lowers=_lowers, variant=lambda config: config.method, version=2)
 def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) -> StageOutput:
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:
@@ -167,7 +194,7 @@ def _allocated_step(state: ModelState, config: PruneConfig, ctx: StageContext) -
     done = sensitivity_prune_(
         state.model.cpu(), state.fixed, share=config.pruning_ratio, target=config.target,
         importance=config.importance, max_ratio=config.max_layer_ratio, loader=data.eval_loader("val"),
-        input_size=ctx.data.input_size,
+        input_size=ctx.data.input_size, round_to=config.channel_multiple(),
     )  # fmt: skip
     _check_forward(state.model, ctx.data.input_size)
     log.info("prune: allocated %s; removed %.1f%% of the %s; predicted drop %.2f points, measured %.2f before "
@@ -334,15 +361,24 @@ def _schedule(final_ratio: float, steps: int) -> list[float]:
     return [step_ratio(final_ratio, step, steps) for step in range(steps + 1)]
 
 
+class RoundingPruner(tp.pruner.BasePruner):
+    """torch-pruning's pruner, with the channels a layer keeps rounded to the *nearest* multiple of `round_to` (at
+    least one multiple; a layer narrower than one keeps its width): torch-pruning rounds down, which removes every
+    channel of a layer that would keep fewer than `round_to`."""
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        return current_channels - kept_channels(current_channels, current_channels - n_pruned, round_to)
+
+
 def _make_pruner(model: nn.Module, config: PruneConfig, ctx: StageContext) -> tp.pruner.BasePruner:
     model.cpu().eval()
     example = torch.zeros(2, *ctx.data.input_size)
     ignored = [classifier(model)]
     try:
-        return tp.pruner.BasePruner(
+        return RoundingPruner(
             model, example, importance=IMPORTANCES[config.importance](), global_pruning=config.scope == "global",
             pruning_ratio=config.pruning_ratio, max_pruning_ratio=config.max_layer_ratio,
-            iterative_steps=config.iterative_steps, ignored_layers=ignored, round_to=config.round_to,
+            iterative_steps=config.iterative_steps, ignored_layers=ignored, round_to=config.channel_multiple(),
             iterative_pruning_ratio_scheduler=_schedule,
             num_heads={m.qkv: m.num_heads for m in _attention_modules(model)},
             prune_num_heads=config.prune_heads, prune_head_dims=not config.prune_heads,

@@ -32,7 +32,6 @@ from stages.channels import (
     classifier,
     out_channels_fn,
     out_pruned,
-    prune_layer_channels_,
     prune_layers_channels_,
 )
 
@@ -86,8 +85,10 @@ def sensitivity_prune_(
     max_ratio: float,
     loader,
     input_size: tuple[int, ...],
+    round_to: int | None = None,
 ) -> Allocation:
-    """Measure, allocate, and prune `model` in place so that `share` of its `target` (macs | params) is removed."""
+    """Measure, allocate, and prune `model` in place so that `share` of its `target` (macs | params) is removed, every
+    pruned layer keeping a multiple of `round_to` channels (`stages.channels.kept_channels`)."""
     size = (lambda m: count_macs(m, input_size)) if target == "macs" else count_params
     base_size, base_top1 = size(model), predictions(model.eval(), loader).top1
     roots = group_roots(model, input_size)
@@ -97,14 +98,14 @@ def sensitivity_prune_(
     for g in roots:
         for r in candidates:
             pruned = copy.deepcopy(model)
-            prune_layer_channels_(pruned, g, r, importance, input_size)
+            prune_layers_channels_(pruned, {g: r}, importance, input_size, round_to=round_to)
             drops[g][r] = base_top1 - predictions(pruned, loader).top1
             saved[g][r] = base_size - size(pruned)
     log.info("prune: sensitivity of %d layer groups x %d ratios measured", len(roots), len(candidates))
 
     def pruned_size(ratios: dict[str, float]) -> float:
         pruned = copy.deepcopy(model)
-        prune_layers_channels_(pruned, ratios, importance, input_size)
+        prune_layers_channels_(pruned, ratios, importance, input_size, round_to=round_to)
         return size(pruned)
 
     try:
@@ -115,7 +116,7 @@ def sensitivity_prune_(
             f"and {share:.0%} of the {target} are not removed yet"
         ) from None
     # the same removals on the model itself, its fixed weights following
-    prune_layers_channels_(model, ratios, importance, input_size, fixed=fixed)
+    prune_layers_channels_(model, ratios, importance, input_size, fixed=fixed, round_to=round_to)
     return Allocation(
         ratios=ratios,
         predicted_drop=sum(drops[g][r] for g, r in ratios.items()),

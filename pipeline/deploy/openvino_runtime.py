@@ -47,4 +47,5 @@ def open_file(file: Path, threads: int, batch_size: int | None) -> Predict:
 OPENVINO = register_runtime(Runtime(
     name="openvino", short="ov", format="openvino", packages=("onnx", "onnxscript", "openvino"),
     file=f"{OPENVINO_DIR}/{OPENVINO_XML}", open=open_file, convert=convert, companions=(".bin",),
+    channel_multiple=8,  # nChw8c blocks (AVX2; nChw16c with AVX-512): measured, BENCHMARKS.md
 ))  # fmt: skip

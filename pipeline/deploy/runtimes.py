@@ -32,6 +32,8 @@ class Runtime:
     as `file` says) from the exported ONNX model; None when it loads the ONNX file itself. `open(file, threads,
     batch_size)`: a `Predict` on the CPU with `threads` intra-op threads, the batch fixed to `batch_size` when given.
     `short`: its name in console tables; `format`: the file format's name for `python -m pipeline export --format`.
+    `channel_multiple`: the channel count its CPU kernels work in blocks of (a pruned layer's channels are best a
+    multiple of it; `prune: {round_to: auto}` reads it), None when it does not say.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Runtime:
     open: Callable[[Path, int, int | None], Predict]
     convert: Callable[[Path, Path], None] | None = None
     companions: tuple[str, ...] = ()  # suffixes of the files shipped beside `file`, e.g. (".bin",)
+    channel_multiple: int | None = None
 
     def shipped_files(self, file: Path) -> list[Path]:
         """The files a user ships for this runtime, `file` first."""
@@ -84,6 +87,16 @@ def open_runtime(runtime: str, file: Path, *, threads: int, batch_size: int | No
     `threads`: the runtime's intra-op threads. `batch_size`: fix the batch dimension (OpenVINO compiles a static
     shape, faster); None keeps it dynamic."""
     return get_runtime(runtime).open(Path(file), threads, batch_size)
+
+
+TORCH_CHANNEL_MULTIPLE = 8
+"""What torch's own CPU kernels (oneDNN's blocked layouts on AVX2) block channels by: the multiple without runtimes."""
+
+
+def channel_multiple(runtimes: list[str]) -> int:
+    """The channel multiple that suits every runtime in `runtimes` (their largest declared one; torch's without)."""
+    declared = [get_runtime(r).channel_multiple for r in runtimes]
+    return max([m for m in declared if m is not None], default=TORCH_CHANNEL_MULTIPLE)
 
 
 def runtime_versions(runtimes: list[str]) -> dict[str, str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from pipeline.deploy import channel_multiple
 from pipeline.recipe.errors import RecipeError, as_recipe_error
 from pipeline.recipe.resources import resource_problem
 from pipeline.recipe.schema import Recipe, StageSpec
@@ -24,7 +25,8 @@ def validate_recipe(raw: dict[str, Any]) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
         raise as_recipe_error(err, Recipe) from None
-    stages = [_validate_stage(i, entry) for i, entry in enumerate(recipe.stages)]
+    multiple = channel_multiple(recipe.deploy.runtimes)
+    stages = [_deploy_defaults(_validate_stage(i, entry), multiple) for i, entry in enumerate(recipe.stages)]
     recipe = recipe.model_copy(update={"stages": stages})
     if recipe.is_search:
         check_search(recipe)
@@ -96,6 +98,13 @@ def _check_budget(recipe: Recipe) -> None:
     for index, spec in enumerate(recipe.stage_specs()):
         if not hasattr(spec.config, "with_total_epochs"):
             raise RecipeError(f"stages[{index}].{spec.name}", "does not train, so a budget cannot set its epochs")
+
+
+def _deploy_defaults(spec: StageSpec, multiple: int) -> StageSpec:
+    """A stage config's defaults that depend on where the model ships, resolved when the recipe loads so that they are
+    part of its cache key: `with_channel_multiple` (prune's `round_to: auto`) gets the recipe's runtimes' multiple."""
+    resolve = getattr(spec.config, "with_channel_multiple", None)
+    return spec if resolve is None else StageSpec(spec.name, resolve(multiple))
 
 
 def _validate_stage(index: int, entry: Any) -> StageSpec:

@@ -142,8 +142,8 @@ def test_a_model_that_cannot_be_pruned_fails_clearly():
     state = ModelState(HardCodedReshape(), spec, {})
     with pytest.raises(
         RuntimeError, match="left HardCodedReshape unable to run: its top-level forward failed.*unstructured"
-    ):
-        run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=0), _ctx())
+    ):  # round_to None: 8 channels rounded to 8 would keep them all
+        run_prune(state, PruneConfig(pruning_ratio=0.5, epochs=0, round_to=None), _ctx())
 
 
 @pytest.mark.parametrize(
@@ -183,3 +183,46 @@ def test_unstructured_after_inq_cannot_reach_its_target():
     frozen = run_inq(_state(), INQConfig(bits=5, epochs=0), ctx).state
     with pytest.raises(RuntimeError, match="frozen by an earlier stage"):
         run_prune(frozen, PruneConfig(method="unstructured", pruning_ratio=0.8, epochs=0), ctx)
+
+
+@pytest.mark.parametrize(
+    ("channels", "asked", "multiple", "kept"),
+    [(24, 17, 8, 16), (24, 21, 8, 24), (64, 3, 8, 8), (8, 5, 8, 8), (6, 3, 8, 6), (20, 19, 8, 16), (40, 27, None, 27)],
+)
+def test_kept_channels_round_to_the_nearest_multiple_and_never_empty_a_layer(channels, asked, multiple, kept):
+    from stages.channels import kept_channels
+
+    assert kept_channels(channels, asked, multiple) == kept
+
+
+def _widths(model) -> list[int]:
+    return [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_050"])
+def test_structured_pruning_keeps_channel_counts_the_runtimes_block(name):
+    before = _widths(_state(name).model)
+    rounded = _widths(run_prune(_state(name), PruneConfig(pruning_ratio=0.3, epochs=0), _ctx(name=name)).state.model)
+    exact = _widths(run_prune(_state(name), PruneConfig(pruning_ratio=0.3, epochs=0, round_to=None),
+                              _ctx(name=name)).state.model)  # fmt: skip
+    assert all(w % 8 == 0 or w == b for w, b in zip(rounded, before, strict=True))  # auto: 8, or left as it was
+    assert any(w % 8 for w in exact) and sum(rounded) < sum(before)
+
+
+def test_round_to_auto_resolves_to_the_recipes_runtimes_when_it_loads(monkeypatch):
+    from pipeline.deploy import Runtime
+    from pipeline.deploy import runtimes as registry
+    from pipeline.recipe import validate_recipe
+    from tests.conftest import tiny_recipe
+
+    def config(**deploy):
+        return validate_recipe(tiny_recipe(stages=[{"prune": {}}], deploy=deploy)).stage_specs()[0].config
+
+    assert config(runtimes=["onnxruntime", "openvino"]).round_to == 8 and config(runtimes=[]).round_to == 8
+    wide = Runtime(name="wide", short="w", format="w", packages=("numpy",), file="w/model", open=lambda *a: None,
+                   channel_multiple=16)  # fmt: skip
+    monkeypatch.setitem(registry._RUNTIMES, wide.name, wide)
+    assert config(runtimes=["onnxruntime", "wide"]).round_to == 16
+    assert validate_recipe(tiny_recipe(stages=[{"prune": {"round_to": None}}])).stage_specs()[0].config.round_to is None
+    with pytest.raises(ValueError, match="must be auto, null or 1..256"):
+        PruneConfig(round_to=0)

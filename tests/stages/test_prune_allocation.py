@@ -52,6 +52,9 @@ def test_the_allocation_meets_its_target_counted_independently(trained, bundle, 
         assert key in out.metrics
     assert out.state.model(torch.zeros(2, 3, 16, 16)).shape == (2, 4)
     assert out.state.structure[-1].kind == "prune_channels"  # replayable like any structured prune
+    widths = [m.out_channels for m in out.state.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    full = [m.out_channels for m in trained.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 or w == f for w, f in zip(widths, full, strict=True))  # round_to: auto, 8
 
 
 def test_uniform_configs_keep_their_serialised_form():
