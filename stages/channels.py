@@ -32,6 +32,15 @@ def kept_channels(channels: int, kept: int, multiple: int | None) -> int:
     return min(max(multiple, multiple * round(kept / multiple)), channels)
 
 
+class RoundingPruner(tp.pruner.BasePruner):
+    """torch-pruning's pruner, with the channels a layer keeps rounded to the *nearest* multiple of `round_to` (at
+    least one multiple; a layer narrower than one keeps its width): torch-pruning rounds down, which removes every
+    channel of a layer that would keep fewer than `round_to`."""
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        return current_channels - kept_channels(current_channels, current_channels - n_pruned, round_to)
+
+
 def classifier(model: nn.Module) -> nn.Module:
     """The output layer, which must keep one output per class: timm's `get_classifier()`, else the last Linear."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None

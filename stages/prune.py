@@ -25,7 +25,7 @@ from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
 from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
-from stages.channels import IMPORTANCES, PRUNABLE, classifier, kept_channels, prune_group_
+from stages.channels import IMPORTANCES, PRUNABLE, RoundingPruner, classifier, prune_group_
 from stages.prune_allocation import sensitivity_prune_
 
 log = logging.getLogger("pipeline")
@@ -359,15 +359,6 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 def _schedule(final_ratio: float, steps: int) -> list[float]:
     """torch-pruning's scheduler protocol: the ratio after each of steps 0..steps, from `step_ratio`."""
     return [step_ratio(final_ratio, step, steps) for step in range(steps + 1)]
-
-
-class RoundingPruner(tp.pruner.BasePruner):
-    """torch-pruning's pruner, with the channels a layer keeps rounded to the *nearest* multiple of `round_to` (at
-    least one multiple; a layer narrower than one keeps its width): torch-pruning rounds down, which removes every
-    channel of a layer that would keep fewer than `round_to`."""
-
-    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
-        return current_channels - kept_channels(current_channels, current_channels - n_pruned, round_to)
 
 
 def _make_pruner(model: nn.Module, config: PruneConfig, ctx: StageContext) -> tp.pruner.BasePruner:
