@@ -123,6 +123,9 @@ class StageEntry:
     # How the ordering shows this stage's variant, from its config ('structured', '5-bit'); None: it has none. Keeps
     # e.g. structured and unstructured pruning from reading as the same ordering.
     variant: Callable[[StrictConfig], str] | None = None
+    # What the stage cannot do on a model, found when the recipe loads: (a fresh build of the recipe's model on the CPU,
+    # its config, the input size) -> why not, or None. Refused there instead of failing after earlier stages trained.
+    check: Callable[[torch.nn.Module, StrictConfig, tuple[int, ...]], str | None] | None = None
 
     def can_lower(self, config: StrictConfig) -> frozenset[str] | None:
         """The metric kinds this stage, so configured, may lower; None when it does not say (assume any)."""
@@ -152,6 +155,7 @@ def register_stage(
     version: int = 1,
     renames_layers: bool = False,
     variant: Callable[[Any], str] | None = None,
+    check: Callable[[Any, Any, tuple[int, ...]], str | None] | None = None,
 ):
     """Register a stage function under `name`, validated by `config`.
 
@@ -161,7 +165,8 @@ def register_stage(
     carries fake quantization, so it and every later stage train in fp32. `version`: of what the stage computes,
     in its cache key; bump it when a change of its code changes its output. `renames_layers`: it renames the layers
     it changes (layer names in other stages' options are then checked when they run). `variant`: how an ordering
-    shows the configured stage (`prune[structured]`).
+    shows the configured stage (`prune[structured]`). `check`: what it cannot do on a model, asked when the recipe
+    loads (a fresh CPU build of the model, the config, the input size -> a reason, or None).
     """
 
     def wrap(fn: StageFn) -> StageFn:
@@ -172,7 +177,7 @@ def register_stage(
         if not callable(lowers) and lowers is not None and not set(lowers) <= METRIC_KINDS:
             raise ValueError(f"stage {name!r}: lowers must be among {sorted(METRIC_KINDS)}, got {sorted(lowers)}")
         _REGISTRY[name] = StageEntry(name, config, fn, frozenset(not_after), allowed, kinds, fake_quant, version,
-                                     renames_layers, variant)  # fmt: skip
+                                     renames_layers, variant, check)  # fmt: skip
         return fn
 
     return wrap

@@ -9,17 +9,13 @@ fixed-at-zero mask; the schedule (when) is a pure function of the step (`step_ra
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Literal
 
-import numpy as np
 import torch
 import torch_pruning as tp
 from pydantic import Field, field_validator, model_serializer, model_validator
 from torch import nn
 
-from pipeline.core.artifacts import DenseFP32, register_artifact_format
-from pipeline.core.fixed_weights import FixedWeights
 from pipeline.core.metrics import count_macs, count_params
 from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
@@ -27,6 +23,7 @@ from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
 from stages.channels import IMPORTANCES, PRUNABLE, RoundingPruner, classifier, prune_group_
 from stages.prune_allocation import sensitivity_prune_
+from stages.sparsity import magnitude_masks
 
 log = logging.getLogger("pipeline")
 
@@ -146,8 +143,40 @@ def _lowers(config: PruneConfig) -> frozenset[str]:
     return frozenset({"bytes", "compute"} if config.method == "structured" else {"bytes"})
 
 
+def dry_run(model: nn.Module, config: PruneConfig, input_size: tuple[int, ...]) -> str | None:
+    """Why structured pruning cannot run on `model` (a fresh build), found by running one pruning step on it (no data,
+    no fine-tuning) when the recipe loads; None when it can. torch-pruning's dependency graph fails on some
+    architectures (hybrid attention blocks whose channels it cannot match up): refused before any training."""
+    if config.method != "structured":
+        return None
+    try:
+        if config.allocation == "sensitivity":
+            from stages.channels import prune_layers_channels_
+            from stages.prune_allocation import group_roots
+
+            roots = group_roots(model, input_size)
+            prune_layers_channels_(model, dict.fromkeys(roots[:2], 0.5), "group_norm", input_size)
+        else:
+            if config.importance == "taylor":  # its gradients, from one random batch
+                nn.functional.cross_entropy(
+                    model(torch.randn(2, *input_size)), torch.zeros(2, dtype=torch.long)
+                ).backward()
+            pruner = _make_pruner(model, config.model_copy(update={"iterative_steps": 1}), input_size)
+            for group in pruner.step(interactive=True):
+                group.prune()
+            _sync_attention_(model, pruner)
+        _check_forward(model, input_size)
+    except Exception as err:  # any failure of torch-pruning on this model: the reason to refuse it
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return (f"structured pruning cannot handle {type(model).__name__} (a trial step on the model failed: "
+                f"{type(err).__name__}: {first[:200]}); use method: unstructured, or lowrank to shrink it")  # fmt: skip
+    return None
+
+
 # version 2: channel counts rounded to the nearest multiple of round_to (auto: the runtimes'), under allocation too
-@register_stage("prune", config=PruneConfig, lowers=_lowers, variant=lambda config: config.method, version=2)
+@register_stage(
+    "prune", config=PruneConfig, lowers=_lowers, variant=lambda config: config.method, version=2, check=dry_run
+)
 def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) -> StageOutput:
     """Prune channels (structured, model gets smaller) or weights (unstructured, masks kept), fine-tuning between."""
     if state is None:
@@ -159,7 +188,8 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     widths, layout_before = _layer_widths(state.model), layout(state.model)
     prune_step = _structured_step if config.method == "structured" else _unstructured_step
     allocated = config.allocation == "sensitivity"
-    pruner = _make_pruner(state.model, config, ctx) if config.method == "structured" and not allocated else None
+    structured = config.method == "structured" and not allocated
+    pruner = _make_pruner(state.model, config, ctx.data.input_size) if structured else None
     report, allocation = TrainReport(), {}
     for step in range(1, config.iterative_steps + 1):
         if allocated:
@@ -260,47 +290,7 @@ def weight_sparsity(model: nn.Module) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Unstructured: magnitude masks, kept by the shared loop as weights fixed at zero.
-
-
-def magnitude_masks(
-    weights: dict[str, torch.Tensor], fixed: FixedWeights, sparsity: float, scope: str
-) -> dict[str, torch.Tensor]:
-    """Boolean masks of the weights to zero so that `sparsity` of all weights (per layer or globally) are zero.
-
-    Weights already fixed (pruned zeros, INQ-frozen values) are never chosen; fixed zeros count as pruned.
-    """
-    masks = {}
-    if scope == "layer":
-        for name, w in weights.items():
-            masks[name] = _smallest(w.abs().flatten(), _free(name, w, fixed), _to_prune(w, name, fixed, sparsity))
-        return {n: m.view_as(weights[n]) for n, m in masks.items()}
-    flat = torch.cat([w.abs().flatten() for w in weights.values()])
-    free = torch.cat([_free(n, w, fixed) for n, w in weights.items()])
-    already = sum(int(((w == 0) & ~_free(n, w, fixed).view_as(w)).sum()) for n, w in weights.items())
-    chosen = _smallest(flat, free, max(0, math.floor(sparsity * flat.numel()) - already))
-    for name, w in weights.items():
-        masks[name], chosen = chosen[: w.numel()].view_as(w), chosen[w.numel() :]
-    return masks
-
-
-def _free(name: str, w: torch.Tensor, fixed: FixedWeights) -> torch.Tensor:
-    return ~fixed.mask(name).flatten() if name in fixed else torch.ones(w.numel(), dtype=torch.bool)
-
-
-def _to_prune(w: torch.Tensor, name: str, fixed: FixedWeights, sparsity: float) -> int:
-    fixed_zeros = int(((w == 0).flatten() & ~_free(name, w, fixed)).sum())
-    return max(0, math.floor(sparsity * w.numel()) - fixed_zeros)
-
-
-def _smallest(magnitudes: torch.Tensor, free: torch.Tensor, count: int) -> torch.Tensor:
-    """Mask of the `count` smallest magnitudes among the free entries (ties broken by position)."""
-    mask = torch.zeros_like(free)
-    count = min(count, int(free.sum()))
-    if count > 0:
-        candidates = torch.where(free, magnitudes, torch.full_like(magnitudes, float("inf")))
-        mask[torch.topk(candidates, count, largest=False, sorted=False).indices] = True
-    return mask
+# Unstructured: magnitude masks (stages/sparsity.py), kept by the shared loop as weights fixed at zero.
 
 
 def _unstructured_step(state: ModelState, config: PruneConfig, ctx: StageContext, step: int, _pruner) -> None:
@@ -310,41 +300,6 @@ def _unstructured_step(state: ModelState, config: PruneConfig, ctx: StageContext
     for name, mask in magnitude_masks(weights, state.fixed, target, config.scope).items():
         state.fixed.fix_(name, mask, torch.zeros_like(weights[name]))
     state.fixed.project_(state.model)
-
-
-@register_artifact_format("sparse")
-class SparseBitmask:
-    """Tensors that are mostly zero stored as a bitmask (1 bit per weight) plus their non-zero fp32 values.
-
-    Other tensors stay dense. The model runs dense after loading: the CPU kernels do not skip zeros.
-    """
-
-    @staticmethod
-    def encode(state: ModelState) -> dict[str, Any]:
-        payload = DenseFP32.encode(state)
-        sparse = {}
-        for key, tensor in list(payload["state_dict"].items()):
-            nonzero = tensor != 0
-            if (
-                tensor.is_floating_point()
-                and math.ceil(tensor.numel() / 8) + 4 * int(nonzero.sum()) < 4 * tensor.numel()
-            ):
-                bits = np.packbits(nonzero.flatten().numpy())
-                sparse[key] = {"shape": list(tensor.shape), "mask": torch.from_numpy(bits), "values": tensor[nonzero]}
-                del payload["state_dict"][key]
-        payload["sparse"] = sparse
-        return payload
-
-    @staticmethod
-    def decode(payload: dict[str, Any], model: nn.Module) -> nn.Module:
-        state_dict = dict(payload["state_dict"])
-        for key, item in payload["sparse"].items():
-            numel = math.prod(item["shape"])
-            mask = torch.from_numpy(np.unpackbits(item["mask"].numpy(), count=numel).astype(bool))
-            dense = torch.zeros(numel, dtype=item["values"].dtype)
-            dense[mask] = item["values"]
-            state_dict[key] = dense.view(item["shape"])
-        return DenseFP32.decode({**payload, "state_dict": state_dict}, model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,9 +316,9 @@ def _schedule(final_ratio: float, steps: int) -> list[float]:
     return [step_ratio(final_ratio, step, steps) for step in range(steps + 1)]
 
 
-def _make_pruner(model: nn.Module, config: PruneConfig, ctx: StageContext) -> tp.pruner.BasePruner:
+def _make_pruner(model: nn.Module, config: PruneConfig, input_size: tuple[int, ...]) -> tp.pruner.BasePruner:
     model.cpu().eval()
-    example = torch.zeros(2, *ctx.data.input_size)
+    example = torch.zeros(2, *input_size)
     ignored = [classifier(model)]
     try:
         return RoundingPruner(
@@ -390,12 +345,17 @@ def _structured_step(state: ModelState, config: PruneConfig, ctx: StageContext, 
     for group in pruner.step(interactive=True):
         prune_group_(group, pruner.DG, names, state.fixed)
     model.zero_grad(set_to_none=True)
-    for attn in _attention_modules(model):  # timm attention reshapes with these; keep them true to the weights
+    _sync_attention_(model, pruner)
+    _check_forward(model, ctx.data.input_size)
+
+
+def _sync_attention_(model: nn.Module, pruner) -> None:
+    """timm attention reshapes with num_heads / head_dim: keep them true to the pruned weights."""
+    for attn in _attention_modules(model):
         attn.num_heads = pruner.num_heads[attn.qkv]
         attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
         if hasattr(attn, "attn_dim"):
             attn.attn_dim = attn.num_heads * attn.head_dim
-    _check_forward(model, ctx.data.input_size)
 
 
 @register_structural_change("prune_channels")

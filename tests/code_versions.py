@@ -32,7 +32,7 @@ SHARED = {
 
 # Modules a stage's function calls into besides its own (its version stands for them too).
 STAGE_HELPERS = {
-    "prune": ["stages/channels.py", "stages/prune_allocation.py", "stages/allocation.py"],
+    "prune": ["stages/channels.py", "stages/prune_allocation.py", "stages/allocation.py", "stages/sparsity.py"],
     "inq": ["stages/pow2.py", "stages/inq_allocation.py", "stages/allocation.py"],
     "qat": ["stages/qat_fallback.py", "stages/allocation.py", "pipeline/core/int8"],
 }

@@ -5,6 +5,7 @@ head. Each check returns (field path, message) for `pipeline.recipe` to raise, o
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +32,7 @@ def resource_problem(recipe: Recipe) -> Problem | None:
         lambda: model_problem(recipe, source),
         lambda: teacher_problem(recipe, source),
         lambda: layer_names_problem(recipe),
+        lambda: stage_support_problem(recipe, source),
     )
     return next((problem for check in checks if (problem := check()) is not None), None)
 
@@ -149,4 +151,25 @@ def layer_names_problem(recipe: Recipe) -> Problem | None:
             spec.config.check_layer_names(layers)
         except LayerNameError as err:
             return f"stages[{index}].{spec.name}.{err.field}", err.detail
+    return None
+
+
+def stage_support_problem(recipe: Recipe, source: DataSource) -> Problem | None:
+    """What a stage declares it cannot do on the recipe's model (`register_stage(check=)`: prune's trial step), asked
+    on a fresh CPU build of the model at the input size the run will feed it (random weights; a second or two for the
+    stages that declare a check, none for the others). Each stage is asked about the recipe's architecture as built,
+    not as earlier stages of the chain leave it."""
+    from stages import get_stage
+
+    checked = [(i, s) for i, s in enumerate(recipe.stage_specs()) if get_stage(s.name).check is not None]
+    if not checked:
+        return None
+    size = input_size(recipe.data, recipe.model, source)
+    spec = ModelSpec(recipe.model.name, len(class_names(source)), dict(recipe.model.kwargs))
+    with torch.random.fork_rng(devices=[]):
+        model = spec.build()
+    for index, stage in checked:
+        reason = get_stage(stage.name).check(copy.deepcopy(model), stage.config, size)
+        if reason is not None:
+            return f"stages[{index}].{stage.name}", reason
     return None

@@ -11,7 +11,8 @@ from pipeline.core.fixed_weights import FixedWeights
 from pipeline.core.models import ModelSpec, ModelState
 from stages import StageContext, get_stage
 from stages.inq import INQConfig, run_inq
-from stages.prune import PruneConfig, magnitude_masks, run_prune, step_ratio, weight_sparsity
+from stages.prune import PruneConfig, run_prune, step_ratio, weight_sparsity
+from stages.sparsity import magnitude_masks
 from tests.conftest import TINY_MODEL, stage_context, synthetic_bundle
 
 BUNDLE32 = synthetic_bundle(n_train=32, n_test=8, classes=4, size=32)

@@ -181,8 +181,9 @@ class Pt2eBackend(QuantizationBackend):
         def qparam_only(node: Node) -> bool:  # a scale or zero point: read by quantize / dequantize ops, not as data
             return all(u.target in QUANTIZE | DEQUANTIZE and u.args[0] is not node for u in node.users)
 
-        return [_attribute(converted, n.target) for n in converted.graph.nodes
-                if n.op == "get_attr" and n.users and not qparam_only(n)]  # fmt: skip
+        values = [_attribute(converted, n.target) for n in converted.graph.nodes
+                  if n.op == "get_attr" and n.users and not qparam_only(n)]  # fmt: skip
+        return [v for v in values if isinstance(v, torch.Tensor)]  # not the submodules of higher-order ops
 
     def float_ops(self, converted: nn.Module) -> list[str]:
         ops = []
