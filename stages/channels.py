@@ -131,3 +131,51 @@ def follow_fixed(fixed: FixedWeights, name: str | None, dim: int | None, size: i
     removed = {int(getattr(i, "idx", i)) for i in idxs}
     keep = torch.tensor([i for i in range(size) if i not in removed], dtype=torch.long)
     fixed.index_select_(weight, dim, keep)
+
+
+# --- the stage's pruner -----------------------------------------------------------------------------------
+
+
+def step_ratio(final_ratio: float, step: int, steps: int) -> float:
+    """The pruning ratio reached after `step` (1-based) of `steps` equal steps."""
+    return final_ratio * step / steps
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """timm attention blocks: a fused `qkv` Linear and `num_heads`."""
+    return [m for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")]
+
+
+def sync_attention_(model: nn.Module, pruner) -> None:
+    """timm attention reshapes with num_heads / head_dim: keep them true to the pruned weights."""
+    for attn in attention_modules(model):
+        attn.num_heads = pruner.num_heads[attn.qkv]
+        attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
+        if hasattr(attn, "attn_dim"):
+            attn.attn_dim = attn.num_heads * attn.head_dim
+
+
+def _schedule(final_ratio: float, steps: int) -> list[float]:
+    """torch-pruning's scheduler protocol: the ratio after each of steps 0..steps, from `step_ratio`."""
+    return [step_ratio(final_ratio, step, steps) for step in range(steps + 1)]
+
+
+def make_pruner(model: nn.Module, config, input_size: tuple[int, ...]) -> tp.pruner.BasePruner:
+    """The stage's torch-pruning pruner for `model` from a PruneConfig (criterion, scope, ratio, steps, rounding)."""
+    model.cpu().eval()
+    example = torch.zeros(2, *input_size)
+    ignored = [classifier(model)]
+    try:
+        return RoundingPruner(
+            model, example, importance=IMPORTANCES[config.importance](), global_pruning=config.scope == "global",
+            pruning_ratio=config.pruning_ratio, max_pruning_ratio=config.max_layer_ratio,
+            iterative_steps=config.iterative_steps, ignored_layers=ignored, round_to=config.channel_multiple(),
+            iterative_pruning_ratio_scheduler=_schedule,
+            num_heads={m.qkv: m.num_heads for m in attention_modules(model)},
+            prune_num_heads=config.prune_heads, prune_head_dims=not config.prune_heads,
+            head_pruning_ratio=config.pruning_ratio if config.prune_heads else 0.0,
+        )  # fmt: skip
+    except Exception as err:
+        raise RuntimeError(
+            f"torch-pruning could not trace {type(model).__name__} for structured pruning: {err}"
+        ) from err

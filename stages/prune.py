@@ -8,11 +8,11 @@ fixed-at-zero mask; the schedule (when) is a pure function of the step (`step_ra
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Literal
 
 import torch
-import torch_pruning as tp
 from pydantic import Field, field_validator, model_serializer, model_validator
 from torch import nn
 
@@ -21,7 +21,15 @@ from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, layout, register_structural_change, resize_, resize_args
 from pipeline.core.training import TrainConfig, TrainReport
 from stages.base import StageContext, StageOutput, register_stage
-from stages.channels import IMPORTANCES, PRUNABLE, RoundingPruner, classifier, prune_group_
+from stages.channels import (
+    PRUNABLE,
+    attention_modules,
+    classifier,
+    make_pruner,
+    prune_group_,
+    step_ratio,
+    sync_attention_,
+)
 from stages.prune_allocation import sensitivity_prune_
 from stages.sparsity import magnitude_masks
 
@@ -68,8 +76,11 @@ class PruneConfig(TrainConfig):
         description="uniform: pruning_ratio in every layer (or by `scope`); sensitivity: per-layer ratios from "
         "measured sensitivity that remove pruning_ratio of the model's `target` at the smallest predicted drop",
     )
-    target: Literal["macs", "params"] = Field(
-        "macs", description="allocation sensitivity: what pruning_ratio is a share of"
+    target: Literal["channels", "macs", "params"] | None = Field(
+        None,
+        description="what pruning_ratio is a share of: channels (of every layer; uniform's default), macs or params "
+        "(of the model; sensitivity's default macs). Uniform with macs or params finds the one channel ratio of every "
+        "layer that removes that share, counted after rounding",
     )
     allocation_images: int = Field(
         1000, ge=100, le=1_000_000, description="allocation sensitivity: validation images each candidate is scored on"
@@ -101,6 +112,11 @@ class PruneConfig(TrainConfig):
             given = [k for k, v in unsupported.items() if v]
             if given:
                 raise ValueError(f"allocation: sensitivity with {', '.join(given)} is not yet supported")
+            if self.target == "channels":
+                raise ValueError("allocation: sensitivity removes a share of the model's macs or params, not channels")
+        if self.method == "unstructured" and self.share_of != "channels":
+            raise ValueError("target: unstructured pruning zeroes a share of the weights; macs and params need "
+                             "method: structured")  # fmt: skip
         return self
 
     @field_validator("round_to")
@@ -122,20 +138,24 @@ class PruneConfig(TrainConfig):
             return DEFAULT_CHANNEL_MULTIPLE
         return None if self.round_to in (None, 1) else self.round_to
 
+    @property
+    def share_of(self) -> str:
+        """What pruning_ratio is a share of: `target`, or the allocation's default."""
+        return self.target or ("macs" if self.allocation == "sensitivity" else "channels")
+
     @model_serializer(mode="wrap")
     def _allocation_only_when_used(self, handler) -> dict[str, Any]:
-        """The allocation fields are left out while allocation is uniform, so recipes written before they existed
-        keep their cache keys."""
+        """The allocation fields are left out while allocation is uniform (and target while it is channels), so recipes
+        written before they existed keep their cache keys."""
         data = handler(self)
         if self.allocation == "uniform":
-            for key in ("allocation", "target", "allocation_images"):
+            for key in ("allocation", "allocation_images"):
                 data.pop(key, None)
+        if self.share_of == "channels":
+            data.pop("target", None)
+        else:
+            data["target"] = self.share_of
         return data
-
-
-def step_ratio(final_ratio: float, step: int, steps: int) -> float:
-    """The pruning ratio reached after `step` (1-based) of `steps` equal steps."""
-    return final_ratio * step / steps
 
 
 def _lowers(config: PruneConfig) -> frozenset[str]:
@@ -161,10 +181,10 @@ def dry_run(model: nn.Module, config: PruneConfig, input_size: tuple[int, ...]) 
                 nn.functional.cross_entropy(
                     model(torch.randn(2, *input_size)), torch.zeros(2, dtype=torch.long)
                 ).backward()
-            pruner = _make_pruner(model, config.model_copy(update={"iterative_steps": 1}), input_size)
+            pruner = make_pruner(model, config.model_copy(update={"iterative_steps": 1}), input_size)
             for group in pruner.step(interactive=True):
                 group.prune()
-            _sync_attention_(model, pruner)
+            sync_attention_(model, pruner)
         _check_forward(model, input_size)
     except Exception as err:  # any failure of torch-pruning on this model: the reason to refuse it
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -189,8 +209,10 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     prune_step = _structured_step if config.method == "structured" else _unstructured_step
     allocated = config.allocation == "sensitivity"
     structured = config.method == "structured" and not allocated
-    pruner = _make_pruner(state.model, config, ctx.data.input_size) if structured else None
     report, allocation = TrainReport(), {}
+    if structured and config.share_of != "channels":
+        config, allocation = _uniform_ratio_for_share(state.model, config, ctx.data.input_size)
+    pruner = make_pruner(state.model, config, ctx.data.input_size) if structured else None
     for step in range(1, config.iterative_steps + 1):
         if allocated:
             allocation = _allocated_step(state, config, ctx)
@@ -216,20 +238,54 @@ def run_prune(state: ModelState | None, config: PruneConfig, ctx: StageContext) 
     return StageOutput(state, metrics=metrics, report=report)
 
 
+def _uniform_ratio_for_share(
+    model: nn.Module, config: PruneConfig, input_size: tuple[int, ...]
+) -> tuple[PruneConfig, dict[str, float]]:
+    """The channel ratio of every layer that removes `pruning_ratio` of the model's MACs (parameters), counted on
+    trial prunes of a copy with the stage's own pruner and rounding (bisection: the smallest ratio that reaches the
+    share); the config with that ratio, and its metrics."""
+    size = (lambda m: count_macs(m, input_size)) if config.share_of == "macs" else count_params
+    base = size(model.cpu().eval())
+
+    def removed(ratio: float) -> float:
+        trial = copy.deepcopy(model)
+        pruner = make_pruner(
+            trial, config.model_copy(update={"pruning_ratio": ratio, "iterative_steps": 1}), input_size
+        )
+        for group in pruner.step(interactive=True):
+            group.prune()
+        sync_attention_(trial, pruner)
+        return 1 - size(trial) / base
+
+    low, high = 0.0, config.max_layer_ratio
+    if removed(high) < config.pruning_ratio:
+        raise ValueError(f"prune: {config.pruning_ratio:.0%} of the {config.share_of} is out of reach with at most "
+                         f"{high:.0%} of every layer's channels (max_layer_ratio)")  # fmt: skip
+    for _ in range(10):  # 0.1 % of the ratio range
+        middle = (low + high) / 2
+        low, high = (middle, high) if removed(middle) < config.pruning_ratio else (low, middle)
+    share = removed(high)
+    log.info("prune: %.0f%% of the %s is a channel ratio of %.3f in every layer (removes %.1f%%, counted after "
+             "rounding)", 100 * config.pruning_ratio, config.share_of, high, 100 * share)  # fmt: skip
+    resolved = config.model_copy(update={"pruning_ratio": high, "target": "channels"})
+    return resolved, {"uniform_channel_ratio": high, "uniform_removed_share": share}
+
+
 def _allocated_step(state: ModelState, config: PruneConfig, ctx: StageContext) -> dict[str, float]:
     """Per-layer ratios from sensitivity measured on part of the validation split (stages/prune_allocation.py)."""
     data = ctx.data.with_val_subset(config.allocation_images)
-    if any(True for _ in _attention_modules(state.model)):
+    if any(True for _ in attention_modules(state.model)):
         raise ValueError("prune: allocation: sensitivity on attention models is not yet supported")
     done = sensitivity_prune_(
-        state.model.cpu(), state.fixed, share=config.pruning_ratio, target=config.target,
+        state.model.cpu(), state.fixed, share=config.pruning_ratio, target=config.share_of,
         importance=config.importance, max_ratio=config.max_layer_ratio, loader=data.eval_loader("val"),
         input_size=ctx.data.input_size, round_to=config.channel_multiple(),
     )  # fmt: skip
     _check_forward(state.model, ctx.data.input_size)
     log.info("prune: allocated %s; removed %.1f%% of the %s; predicted drop %.2f points, measured %.2f before "
              "fine-tuning", ", ".join(f"{g} {r:.0%}" for g, r in done.ratios.items()), 100 * done.removed_share,
-             "MACs" if config.target == "macs" else "parameters", done.predicted_drop, done.measured_drop)  # fmt: skip
+             "MACs" if config.share_of == "macs" else "parameters", done.predicted_drop,
+             done.measured_drop)  # fmt: skip
     return done.metrics()
 
 
@@ -306,36 +362,6 @@ def _unstructured_step(state: ModelState, config: PruneConfig, ctx: StageContext
 # Structured: torch-pruning's dependency graph removes channels; fixed masks follow the surgery.
 
 
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    """timm attention blocks: a fused `qkv` Linear and `num_heads`."""
-    return [m for m in model.modules() if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "num_heads")]
-
-
-def _schedule(final_ratio: float, steps: int) -> list[float]:
-    """torch-pruning's scheduler protocol: the ratio after each of steps 0..steps, from `step_ratio`."""
-    return [step_ratio(final_ratio, step, steps) for step in range(steps + 1)]
-
-
-def _make_pruner(model: nn.Module, config: PruneConfig, input_size: tuple[int, ...]) -> tp.pruner.BasePruner:
-    model.cpu().eval()
-    example = torch.zeros(2, *input_size)
-    ignored = [classifier(model)]
-    try:
-        return RoundingPruner(
-            model, example, importance=IMPORTANCES[config.importance](), global_pruning=config.scope == "global",
-            pruning_ratio=config.pruning_ratio, max_pruning_ratio=config.max_layer_ratio,
-            iterative_steps=config.iterative_steps, ignored_layers=ignored, round_to=config.channel_multiple(),
-            iterative_pruning_ratio_scheduler=_schedule,
-            num_heads={m.qkv: m.num_heads for m in _attention_modules(model)},
-            prune_num_heads=config.prune_heads, prune_head_dims=not config.prune_heads,
-            head_pruning_ratio=config.pruning_ratio if config.prune_heads else 0.0,
-        )  # fmt: skip
-    except Exception as err:
-        raise RuntimeError(
-            f"torch-pruning could not trace {type(model).__name__} for structured pruning: {err}"
-        ) from err
-
-
 def _structured_step(state: ModelState, config: PruneConfig, ctx: StageContext, step: int, pruner) -> None:
     model = state.model.cpu()
     if config.importance == "taylor":
@@ -345,17 +371,8 @@ def _structured_step(state: ModelState, config: PruneConfig, ctx: StageContext, 
     for group in pruner.step(interactive=True):
         prune_group_(group, pruner.DG, names, state.fixed)
     model.zero_grad(set_to_none=True)
-    _sync_attention_(model, pruner)
+    sync_attention_(model, pruner)
     _check_forward(model, ctx.data.input_size)
-
-
-def _sync_attention_(model: nn.Module, pruner) -> None:
-    """timm attention reshapes with num_heads / head_dim: keep them true to the pruned weights."""
-    for attn in _attention_modules(model):
-        attn.num_heads = pruner.num_heads[attn.qkv]
-        attn.head_dim = attn.qkv.out_features // (3 * attn.num_heads)
-        if hasattr(attn, "attn_dim"):
-            attn.attn_dim = attn.num_heads * attn.head_dim
 
 
 @register_structural_change("prune_channels")

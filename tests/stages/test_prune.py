@@ -227,3 +227,19 @@ def test_round_to_auto_resolves_to_the_recipes_runtimes_when_it_loads(monkeypatc
     assert validate_recipe(tiny_recipe(stages=[{"prune": {"round_to": None}}])).stage_specs()[0].config.round_to is None
     with pytest.raises(ValueError, match="must be auto, null or 1..256"):
         PruneConfig(round_to=0)
+
+
+def test_uniform_pruning_of_a_share_of_the_macs_finds_its_channel_ratio():
+    from pipeline.core.metrics import count_macs
+
+    state = _state("mobilenetv2_050")
+    before = count_macs(state.model, BUNDLE32.input_size)
+    out = run_prune(state, PruneConfig(pruning_ratio=0.3, target="macs", epochs=0), _ctx(name="mobilenetv2_050"))
+    removed = 1 - count_macs(out.state.model, BUNDLE32.input_size) / before
+    assert 0.3 <= removed < 0.45 and out.metrics["uniform_removed_share"] == pytest.approx(removed)
+    assert 0 < out.metrics["uniform_channel_ratio"] < 0.3  # pointwise convolutions lose MACs on both sides
+    assert "target" not in PruneConfig().model_dump() and PruneConfig(target="macs").model_dump()["target"] == "macs"
+    with pytest.raises(ValueError, match="macs and params need method: structured"):
+        PruneConfig(method="unstructured", target="macs")
+    with pytest.raises(ValueError, match="not channels"):
+        PruneConfig(allocation="sensitivity", target="channels")
