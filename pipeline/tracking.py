@@ -14,6 +14,7 @@ Registry is written here too (`register_model`).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -339,9 +340,19 @@ class Tracker:
             mlflow.set_tracking_uri(previous)
 
     def download_artifact(self, run_id: str, path: str, dst_dir: Path) -> Path:
-        """Copy one artifact of a run (e.g. 'model/artifact.pt') into `dst_dir`; returns its local path."""
+        """Copy one artifact of a run (e.g. 'model/artifact.pt') into `dst_dir`; returns its local path. MLflow's
+        progress bar is drawn only on a terminal: redirected to a log, it printed a line per download, burying the
+        tool's own one line per epoch (an explicit MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR is kept)."""
         dst_dir.mkdir(parents=True, exist_ok=True)
-        return Path(self.client.download_artifacts(run_id, path, str(dst_dir)))
+        variable = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+        quiet = variable not in os.environ and not sys.stderr.isatty()
+        if quiet:
+            os.environ[variable] = "false"
+        try:
+            return Path(self.client.download_artifacts(run_id, path, str(dst_dir)))
+        finally:
+            if quiet:
+                os.environ.pop(variable, None)
 
 
 def _record(run) -> RunRecord:

@@ -95,3 +95,17 @@ def test_metrics_are_logged_under_names_apart_from_mlflows_params_and_read_back_
     records = {r.run_id: r for r in tracker.stage_runs()}
     assert records[new].metrics == {"param_count": 1000.0, "lr_epoch": 0.05, "top1": 50.0}
     assert records[old].metrics == {"param_count": 2000.0}
+
+
+def test_downloads_draw_no_progress_bar_into_a_redirected_log(tracker, tmp_path, capfd):
+    """Redirected (not a terminal), MLflow's 'Downloading artifacts' bar printed a line per download into run logs."""
+    import os
+
+    source = tmp_path / "model.txt"
+    source.write_text("weights")
+    with tracker.run("r", {}) as run_id:
+        tracker.log_artifact(run_id, source, "model")
+    got = tracker.download_artifact(run_id, "model/model.txt", tmp_path / "down")
+    assert got.read_text() == "weights"
+    assert "Downloading artifacts" not in capfd.readouterr().err
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR" not in os.environ  # set only around the download
