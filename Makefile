@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition bench-multifidelity
+.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition bench-multifidelity bench-int8 bench-int8-fidelity bench-families
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -88,9 +88,10 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null
 
 # One pytest-xdist worker per core (at most 4; a test module's tests stay on one worker, with its fixtures); a
-# single test file or test: `.venv/bin/python -m pytest tests/...` runs in one process as usual.
+# single test file or test: `.venv/bin/python -m pytest tests/...` runs in one process as usual. A worker that crashes
+# ends the run (--max-worker-restart 0): pytest-xdist's loadscope scheduler can hang for good after replacing one.
 test: $(STAMP) $(CHROMIUM)
-	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadscope
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadscope --max-worker-restart 0
 
 versions: $(STAMP)  ## record the code versions and source hashes tests/test_code_versions.py checks (see pipeline/run/keys.py)
 	$(PY) -m tests.code_versions --write
@@ -123,6 +124,19 @@ bench-allocation: $(STAMP)  ## per-layer allocation against one setting everywhe
 
 bench-inq: $(STAMP)
 	$(PY) bench/inq.py
+
+# Issue #37: int8 through PT2E against FX graph mode (against=a checkout from before PT2E, e.g. `git worktree add
+# ../fx-main b49c01d`), and the runtimes against torch int8 on the families users bring.
+bench-int8: $(STAMP)  ## PT2E int8 against=CHECKOUT's FX int8 on the qat recipe, 3 seeds; latency side by side
+	@test -n "$(against)" || { echo "make bench-int8 against=PATH: a checkout with the FX int8 flow (b49c01d)"; exit 1; }
+	$(PY) bench/int8_backends.py --against $(against)
+
+bench-int8-fidelity: $(STAMP)  ## every family through PTQ and QAT: runtime top-1 against torch int8 (CIFAR-10, 32 px)
+	$(PY) bench/int8_fidelity.py
+
+# Issue #38: every stage on the smallest real member of each family users fine-tune (ok, refused at load, or crash).
+bench-families: $(STAMP)
+	$(PY) bench/families.py --export
 
 bench-inq-levels: $(STAMP)
 	$(PY) bench/inq_levels.py

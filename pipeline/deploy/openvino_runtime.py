@@ -4,6 +4,7 @@ fp32 inference precision, because on CPUs with AVX512_BF16 or AMX it would silen
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pipeline.deploy.runtimes import ExportError, Predict, Runtime, register_runtime
@@ -23,10 +24,20 @@ def convert(onnx_path: Path, folder: Path) -> None:
         raise ExportError(f"OpenVINO conversion failed: {str(err).strip().splitlines()[0][:400]}") from err
 
 
+@functools.cache
+def _core():
+    """One OpenVINO Core per process, as OpenVINO advises: a Core per file loaded and unloaded the CPU plugin with
+    every measurement, and after a few dozen of those a later, unrelated call of the process crashed (SIGSEGV in
+    the test suite's pytest worker, reproduced with tests/pipeline/run/test_speed.py before other modules)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 def open_file(file: Path, threads: int, batch_size: int | None) -> Predict:
     import openvino as ov
 
-    core = ov.Core()
+    core = _core()
     model = core.read_model(str(file))
     if batch_size is not None:
         shape = list(model.input(0).get_partial_shape())

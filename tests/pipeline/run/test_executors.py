@@ -90,6 +90,10 @@ def test_a_ray_task_logs_the_pipeline_progress_to_its_stderr(monkeypatch, capsys
     monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh worker process
     monkeypatch.setattr(logger, "handlers", [])
     monkeypatch.setattr(logger, "level", logging.NOTSET)
+    # and the task's own logger as a fresh process has it (an earlier test in this worker may have configured it)
+    child = logging.getLogger("pipeline.core.training")
+    for attr, value in (("handlers", []), ("level", logging.NOTSET), ("propagate", True), ("disabled", False)):
+        monkeypatch.setattr(child, attr, value)
 
     def job(n: int) -> int:
         logging.getLogger("pipeline.core.training").info("train: epoch %d/2", n)

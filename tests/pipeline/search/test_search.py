@@ -428,7 +428,7 @@ def test_layer_allocation_options_are_search_dimensions(cifar_root):
     recipe = validate_recipe(tiny_recipe(name="tiny-search", stages=stages, search=search))
     settings = {"prune.allocation": "sensitivity", "qat.max_drop": 0.25, "inq.target_bits": 3.0}
     chain = {s.name: s.config for s in search_chain(recipe, ["prune", "inq", "qat"], settings).stage_specs()}
-    assert (chain["prune"].allocation, chain["prune"].target) == ("sensitivity", "macs")
+    assert (chain["prune"].allocation, chain["prune"].share_of) == ("sensitivity", "macs")
     assert (chain["qat"].fp32_layers, chain["qat"].max_drop) == ("auto", 0.25)
     assert (chain["inq"].bits, chain["inq"].target_bits) == ("auto", 3.0)
 
