@@ -131,7 +131,7 @@ bench-int8: $(STAMP)  ## PT2E int8 against=CHECKOUT's FX int8 on the qat recipe,
 	@test -n "$(against)" || { echo "make bench-int8 against=PATH: a checkout with the FX int8 flow (b49c01d)"; exit 1; }
 	$(PY) bench/int8_backends.py --against $(against)
 
-bench-int8-fidelity: $(STAMP)  ## every family through PTQ and QAT: runtime top-1 against torch int8 (CIFAR-10, 32 px)
+bench-int8-fidelity: $(STAMP)  ## 7 models users bring through PTQ and QAT: runtime top-1 against torch int8 (CIFAR-10, 32 px)
 	$(PY) bench/int8_fidelity.py
 
 # Issue #38: every stage on the smallest real member of each family users fine-tune (ok, refused at load, or crash).

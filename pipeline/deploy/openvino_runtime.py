@@ -27,8 +27,8 @@ def convert(onnx_path: Path, folder: Path) -> None:
 @functools.cache
 def _core():
     """One OpenVINO Core per process, as OpenVINO advises: a Core per file loaded and unloaded the CPU plugin with
-    every measurement, and after a few dozen of those a later, unrelated call of the process crashed (SIGSEGV in
-    the test suite's pytest worker, reproduced with tests/pipeline/run/test_speed.py before other modules)."""
+    every measurement, and after tests/pipeline/run/test_speed.py (eight files opened) and a few other test modules
+    in one process, a later, unrelated call crashed (SIGSEGV in the suite's pytest worker)."""
     import openvino as ov
 
     return ov.Core()
