@@ -56,9 +56,8 @@ validate: $(STAMP)
 stages: $(STAMP)
 	$(PY) -m pipeline stages
 
-ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store
-	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
-		--host 127.0.0.1 --port $(port)
+ui: $(STAMP)  ## MLflow UI on http://127.0.0.1:$(port) over the project's store; prints the latest sweep's page first
+	$(PY) -m pipeline ui --host 127.0.0.1 --port $(port)
 
 sweep: $(STAMP)  ## every ordering of recipes/$(recipe).yaml (its `orderings:`, else all), then its report
 	$(PY) -m pipeline sweep $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address))

@@ -1,5 +1,5 @@
 """Command line: `python -m pipeline run|sweep|search|sensitivity RECIPE [key=value ...]`, `report [SWEEP|SEARCH]`,
-`export SOURCE`, `validate`, `stages`.
+`export SOURCE`, `ui`, `validate`, `stages` (report and ui in cli_report and cli_ui).
 
 Exit codes: 0 success, 1 a stage (or a sweep's ordering) failed, 2 the recipe (or the command line) is
 invalid, 130 interrupted (rerun the same command to resume from the cache).
@@ -19,7 +19,7 @@ EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 def _parser() -> argparse.ArgumentParser:
     import stages  # noqa: F401  (stages, and plug-in runtimes listed in PIPELINE_PLUGINS, register themselves)
-    from pipeline import cli_sensitivity
+    from pipeline import cli_report, cli_sensitivity, cli_ui
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,9 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     for name, help_text in commands:
         _add_recipe_command(sub, name, help_text)
-    _add_report_command(sub)
+    cli_report.add_command(sub)
     _add_export_command(sub)
     cli_sensitivity.add_command(sub)
+    cli_ui.add_command(sub)
     sub.add_parser("stages", help="list the registered stages and their config fields")
     return parser
 
@@ -83,29 +84,6 @@ def _add_executor_options(cmd, name: str) -> None:
     cmd.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
 
 
-def _add_report_command(sub) -> None:
-    from pipeline.reporting.columns import report_runtimes
-
-    report = sub.add_parser("report", help="write a sweep's (or search's) report from MLflow into reports/<id>/")
-    report.add_argument(
-        "sweep", nargs="?", default=None, help="sweep or search id (tag `sweep` / `search`); default: the latest sweep"
-    )
-    report.add_argument("--search", action="store_true", help="report the latest search (when no id is given)")
-    report.add_argument("--against", default=None, help="a search report: the sweep id to compare frontiers with")
-    report.add_argument("--reports-dir", type=Path, default=None, help="where reports go (default reports/)")
-    report.add_argument(
-        "--remeasure-latency",
-        action="store_true",
-        help="time every distinct model again, side by side, instead of each stage's own figure",
-    )
-    report.add_argument(
-        "--runtime",
-        default=None,
-        choices=report_runtimes(),
-        help="whose latency and top-1 the frontiers use (default: the sweep's first deploy runtime, else torch)",
-    )
-
-
 def _add_export_command(sub) -> None:
     from pipeline.deploy import get_runtime, runtime_names
 
@@ -146,11 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "stages":
         return _list_stages()
     if args.command == "report":
-        if args.search or args.against or _is_search_id(args.sweep):
-            return _report_search(args.sweep, args.reports_dir, args.against)
-        return _report(args.sweep, args.reports_dir, remeasure=args.remeasure_latency, runtime=args.runtime)
+        from pipeline import cli_report
+
+        return cli_report.run(args)
     if args.command == "export":
         return _export(args)
+    if args.command == "ui":
+        from pipeline import cli_ui
+
+        return cli_ui.run(args)
     from pipeline.recipe import RecipeError, load_recipe
 
     try:
@@ -267,7 +249,9 @@ def _sweep(recipe, args) -> int:
             print(f"error: {len(summary.failed)} ordering(s) failed: {names} (errors in MLflow)", file=sys.stderr)
         finished = len(summary.results) - len(summary.failed) + len(summary.already_done)
         if not args.no_report and finished:
-            _report(summary.plan.sweep_id, args.reports_dir)
+            from pipeline import cli_report
+
+            cli_report.report_sweep(summary.plan.sweep_id, args.reports_dir)
         return EXIT_FAILED if summary.failed else EXIT_OK
 
     return _guarded(sweep)
@@ -335,54 +319,13 @@ def _search(recipe, args) -> int:
         if failed_workers or (totals["trials_failed"] and not totals["trials_complete"]):
             status = EXIT_FAILED
         if not args.no_report and totals["trials_complete"]:
-            reported = _report_search(summary.plan.search_id, args.reports_dir, args.against)
+            from pipeline import cli_report
+
+            reported = cli_report.report_search(summary.plan.search_id, args.reports_dir, args.against)
             status = status or reported
         return status
 
     return _guarded(search)
-
-
-def _is_search_id(run_id: str | None) -> bool:
-    if not run_id:
-        return False
-    from pipeline.tracking import Tracker
-
-    return bool(Tracker().search_runs(run_id))
-
-
-def _report_search(search_id: str | None, reports_dir: Path | None, against: str | None) -> int:
-    from pipeline.reporting.search import report_search
-    from pipeline.reporting.sweep_report import REPORTS_DIR
-    from pipeline.tracking import Tracker
-
-    def report() -> int:
-        try:
-            outcome, out_dir = report_search(Tracker(), search_id, reports_dir or REPORTS_DIR, against=against)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_INVALID
-        print(f"\nreport of search {outcome.search_id}: {out_dir}/report.md (also report.html, PNG plots, CSV)")
-        return EXIT_OK
-
-    return _guarded(report)
-
-
-def _report(sweep_id: str | None, reports_dir: Path | None, remeasure: bool = False, runtime: str | None = None) -> int:
-    from pipeline.reporting.sweep_report import REPORTS_DIR, report_sweep
-    from pipeline.tracking import Tracker
-
-    def report() -> int:
-        try:
-            done, out_dir = report_sweep(
-                Tracker(), sweep_id, reports_dir or REPORTS_DIR, remeasure=remeasure, runtime=runtime
-            )
-        except ValueError as err:  # no such sweep, nothing finished yet
-            print(f"error: {err}", file=sys.stderr)
-            return EXIT_INVALID
-        print(f"\nreport of sweep {done.sweep_id}: {out_dir}/report.md (also report.html, PNG plots, CSV tables)")
-        return EXIT_OK
-
-    return _guarded(report)
 
 
 def _export(args) -> int:

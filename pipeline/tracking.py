@@ -31,6 +31,9 @@ DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 # tag when a user picks the experiment type; MLflow 3.17's UI also has a global GenAI / Model training switch.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+# A run page opened from a link starts in MLflow 3.17's GenAI view unless its URL asks for the model-training one.
+UI_VIEW = "workflowType=machine_learning"
+UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves a local store
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Tags:
     pruned: str = "pruned"  # a search's chain runs its pruner stopped: why (epochs done, its score)
     early_stopped: str = "early_stopped"  # a chain a search ended early: why (the constraint out of reach)
     feasible: str = "feasible"  # a search's chain runs: 'true' when the final model meets every constraint
+    registered_model: str = "registered_model"  # a search's run: 'name version N' of the model it registered
     parent_run_id: str = "mlflow.parentRunId"  # MLflow's nesting: the sweep above a chain, the chain above a stage
     note: str = "mlflow.note.content"  # the run's Markdown description, shown on its page in the UI
 
@@ -232,6 +236,39 @@ class Tracker:
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str) -> None:
         """Copy every file under `local_dir` into the run's artifacts at `artifact_path`."""
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_table(self, run_id: str, frame, artifact_file: str) -> None:
+        """A pandas DataFrame as an MLflow table artifact (`artifact_file` ends in .json): the UI shows it as a
+        sortable table. Logged again, it replaces the table (MLflow's `log_table` would append the rows)."""
+        import tempfile
+
+        folder, _, name = artifact_file.rpartition("/")
+        if name not in {Path(f.path).name for f in self.client.list_artifacts(run_id, folder or None)}:
+            self.client.log_table(run_id, frame, artifact_file)
+            return
+        with tempfile.TemporaryDirectory() as tmp:  # the same file log_table writes, over the old one
+            frame.to_json(Path(tmp) / name, orient="split", index=False, date_format="iso")
+            self.client.log_artifact(run_id, str(Path(tmp) / name), folder or None)
+
+    def set_note(self, run_id: str, markdown: str) -> None:
+        """The run's Description in the UI (Markdown, shown on its page)."""
+        self.client.set_tag(run_id, TAGS.note, markdown)
+
+    # --- links into the MLflow UI --------------------------------------------------------------------
+
+    def run_link(self, run_id: str) -> str:
+        """A run's page as a link relative to the UI's root (`#/experiments/…`), in the model-training view: what a
+        run's Description links with (the UI resolves it against the page it is on)."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}?{UI_VIEW}"
+
+    def artifact_link(self, run_id: str, path: str) -> str:
+        """One artifact of a run opened in the UI's artifact viewer (an HTML file is rendered there)."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{path}?{UI_VIEW}"
+
+    def ui_url(self, run_id: str, ui_base: str = UI_BASE) -> str:
+        """A run's page as a full URL: on the tracking server when the store is one, else on `make ui`'s address."""
+        base = self.uri if self.uri.startswith(("http://", "https://")) else ui_base
+        return f"{base.rstrip('/')}/{self.run_link(run_id)}"
 
     # --- reading back ------------------------------------------------------------------------------
 

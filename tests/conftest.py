@@ -218,12 +218,14 @@ CHROMIUM_FLAGS = [
 ]  # fmt: skip
 
 
-def rendered_dom(page: Path, profile: Path) -> str:
-    """The DOM of a local HTML page after headless Chromium ran its scripts (`make test` installs Chromium)."""
+def rendered_dom(page: Path | str, profile: Path) -> str:
+    """The DOM of a local HTML page (or of a URL, e.g. a page of `mlflow ui`) after headless Chromium ran its scripts
+    (`make test` installs Chromium)."""
     found = shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
         pytest.fail("Chromium not found: `make test` installs it (Debian packages chromium, chromium-driver)")
-    command = [found, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()]
+    address = page.as_uri() if isinstance(page, Path) else page
+    command = [found, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", address]
     return subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
 
 

@@ -1,5 +1,7 @@
-"""The sweep report's documents: report.md (facts, the orderings table, the frontiers, the plots), report.html
-(the same, with interactive plots; self-contained, plotly.js inlined) and the CSV tables beside them."""
+"""The sweep report's documents: report.md (the verdict, facts, the orderings table, the frontiers, the plots),
+report.html (the same page with the plots as inline SVG: small, and it shows in MLflow's artifact viewer),
+report-interactive.html (interactive plotly plots; self-contained, plotly.js inlined once, a few MB) and the CSV
+tables beside them."""
 
 from __future__ import annotations
 
@@ -12,12 +14,18 @@ from pipeline.analysis.pareto import pair_column
 from pipeline.analysis.significance import best_or_tied, dominated_with_confidence, verdict_matrix
 from pipeline.core.formatting import format_bytes, format_number
 from pipeline.reporting.columns import latency_column, report_runtimes, runtime_name
-from pipeline.reporting.plots import plot_png, plotly_figure, plots
+from pipeline.reporting.markdown_html import inline_svg, markdown_page
+from pipeline.reporting.plots import plot_image, plotly_figure, plots
 from pipeline.reporting.sweep_tables import SweepReport
+from pipeline.reporting.verdict import verdict_markdown
+
+# The tables of report.html, by the heading above them (the ids tests and links use).
+TABLE_IDS = {"Which ordering wins": "verdict", "Orderings, best first": "orderings"}
 
 
 def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
-    """Write report.md, orderings.csv, models.csv, one PNG per plot and report.html into `out_dir`."""
+    """Write report.md, orderings.csv, models.csv, one PNG and one SVG per plot, report.html and
+    report-interactive.html into `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / "orderings.csv", out_dir / "models.csv"]
     report.orderings.to_csv(paths[0], index=False, float_format="%.6g")
@@ -26,10 +34,17 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
         paths.append(out_dir / "comparisons.csv")
         report.pairs.to_csv(paths[-1], index=False, float_format="%.6g")
     for name, (x, y) in plots(report.runtime, report.split).items():
-        paths.append(plot_png(report, x, y, out_dir / f"{name}.png"))
+        paths += [plot_image(report, x, y, out_dir / f"{name}.{suffix}") for suffix in ("png", "svg")]
+    text = markdown(report)
     paths.append(out_dir / "report.md")
-    paths[-1].write_text(markdown(report))
+    paths[-1].write_text(text)
     paths.append(out_dir / "report.html")
+
+    def svg(png: str) -> str:  # report.md's PNG, inlined as the SVG drawn beside it
+        return inline_svg((out_dir / png).with_suffix(".svg").read_text())
+
+    paths[-1].write_text(markdown_page(text, f"Sweep {report.sweep_id}", svg, TABLE_IDS))
+    paths.append(out_dir / "report-interactive.html")
     paths[-1].write_text(html_page(report))
     return paths
 
@@ -37,7 +52,8 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
 def markdown(report: SweepReport) -> str:
     """The report as Markdown: how the sweep ran, the orderings table, the frontiers, the plots."""
     s, top1 = report.sweep, report.top1
-    lines = [f"# Sweep `{report.sweep_id}`", ""]
+    lines = [f"# Sweep `{report.sweep_id}`", "", "## Which ordering wins", "", *verdict_markdown(report), ""]
+    lines += ["## How the sweep ran", ""]
     lines += [f"- {line}" for line in _facts(report)]
     lines += ["", "## Orderings, best first", "", _orderings_markdown(report), ""]
     lines += [
@@ -56,7 +72,8 @@ def markdown(report: SweepReport) -> str:
         )
     lines += ["", "## Plots", ""]
     lines += [f"![{name}]({name}.png)" for name in plots(report.runtime, report.split)]
-    lines += ["", f"Interactive version: [report.html](report.html). Sweep run in MLflow: `{s.get('run_id')}`.", ""]
+    lines += ["", "Interactive plots (plotly, a few MB): [report-interactive.html](report-interactive.html). "
+              f"Sweep run in MLflow: `{s.get('run_id')}`.", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -246,7 +263,8 @@ def _comparisons_html(report: SweepReport) -> str:
 
 
 def html_page(report: SweepReport) -> str:
-    """A self-contained page (plotly.js inlined, works offline): interactive plots and the tables."""
+    """report-interactive.html: a self-contained page (plotly.js inlined once, works offline), interactive plots and
+    the tables."""
     shown = plots(report.runtime, report.split)
     figures = [plotly_figure(report, x, y) for x, y in shown.values()]
     parts = [

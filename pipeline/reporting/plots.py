@@ -1,6 +1,6 @@
 """The report's plots, accuracy against batch-1 latency and against artifact size: one line per ordering from
-the baseline through its stages (marker = stage), the 2-D Pareto frontier dashed; as PNG (matplotlib) and as
-interactive plotly figures for report.html."""
+the baseline through its stages (marker = stage), the 2-D Pareto frontier dashed; as PNG and SVG (matplotlib: report.md
+and report.html) and as interactive plotly figures (report-interactive.html)."""
 
 from __future__ import annotations
 
@@ -41,12 +41,14 @@ def frontier_line(report: SweepReport, x: str, y: str) -> pd.DataFrame:
     return report.models[report.models[pair_column(x, y, report.objectives)]].sort_values(x)
 
 
-def plot_png(report: SweepReport, x: str, y: str, path: Path) -> Path:
-    """The plot of y against x as a PNG file at `path` (a log axis for sizes); returns `path`."""
+def plot_image(report: SweepReport, x: str, y: str, path: Path) -> Path:
+    """The plot of y against x as an image file at `path`, PNG or SVG by its suffix (a log axis for sizes); returns
+    `path`."""
     import matplotlib
     import matplotlib.ticker
 
     matplotlib.use("Agg")  # files only, no display
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text as text, not glyph paths: a few times smaller
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)

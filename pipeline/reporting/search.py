@@ -1,25 +1,25 @@
 """A search's report: `write_search_report` writes a search's outcome (`pipeline.search.outcome`) as report.md (with
-PNG plots), report.html (the same with interactive plots), trials.csv and pareto.csv. The plots are in
-`search_plots`.
+PNG plots), report.html (the same page, plots as inline SVG), report-interactive.html (plotly), trials.csv and
+pareto.csv. The plots are in `search_plots`; the Description of the search's MLflow run is `search_note`.
 """
 
 from __future__ import annotations
 
-import html
 import json
 import logging
-import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from pipeline.core.formatting import format_metric
 from pipeline.core.metrics import test_name
+from pipeline.reporting.markdown_html import inline_svg, markdown_page
 from pipeline.reporting.search_plots import frontier_figure, hypervolume_figure, plot_frontier, plot_hypervolume
 from pipeline.reporting.sweep_report import REPORTS_DIR, sweep_models
 from pipeline.search.outcome import Comparison, SearchOutcome, TrialRecord, repeat_of
+from pipeline.tracking import TAGS
 
 log = logging.getLogger("pipeline")
 
@@ -58,24 +58,38 @@ def shown_metrics(outcome: SearchOutcome) -> list[str]:
 
 
 def write_search_report(outcome: SearchOutcome, out_dir: Path, comparison: Comparison | None = None) -> list[Path]:
-    """report.md, report.html, trials.csv, pareto.csv, frontier.png and hypervolume.png in `out_dir`."""
+    """report.md, report.html, report-interactive.html, trials.csv, pareto.csv, and the frontier and hypervolume
+    plots (PNG and SVG) in `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
     frame = trials_frame(outcome)
     paths = [out_dir / "trials.csv", out_dir / "pareto.csv"]
     frame.to_csv(paths[0], index=False, float_format="%.6g")
     listed = frame["trial"].isin([t.number for t in outcome.pareto]) if len(frame) else []
     frame[listed].to_csv(paths[1], index=False, float_format="%.6g") if len(frame) else frame.to_csv(paths[1])
-    paths.append(plot_frontier(outcome, out_dir / "frontier.png", comparison))
-    paths.append(plot_hypervolume(outcome, out_dir / "hypervolume.png"))
+    for suffix in ("png", "svg"):
+        paths.append(plot_frontier(outcome, out_dir / f"frontier.{suffix}", comparison))
+        paths.append(plot_hypervolume(outcome, out_dir / f"hypervolume.{suffix}"))
     text = search_markdown(outcome, comparison)
     paths.append(out_dir / "report.md")
     paths[-1].write_text(text)
+    title = f"Search {outcome.search_id}"
+
+    def svg(png: str) -> str:  # report.md's PNG, inlined as the SVG drawn beside it
+        return inline_svg((out_dir / png).with_suffix(".svg").read_text())
+
     paths.append(out_dir / "report.html")
+    paths[-1].write_text(markdown_page(text, title, svg))
     figures = {
         "frontier.png": frontier_figure(outcome, shown_metrics(outcome), comparison),
         "hypervolume.png": hypervolume_figure(outcome),
     }
-    paths[-1].write_text(_html(text, figures))
+
+    def interactive(png: str) -> str:  # plotly.js inlined once, with the first figure
+        first = png == next(iter(figures))
+        return figures[png].to_html(full_html=False, include_plotlyjs=first, div_id="search-" + Path(png).stem)
+
+    paths.append(out_dir / "report-interactive.html")
+    paths[-1].write_text(markdown_page(text, title, interactive))
     return paths
 
 
@@ -134,7 +148,8 @@ def search_markdown(outcome: SearchOutcome, comparison: Comparison | None = None
     if stopped:
         lines += ["## Trials ended early", ""]
         lines += [f"- trial {t.number} (`{t.chain}`): {t.early_stopped}" for t in stopped] + [""]
-    lines += ["All trials: `trials.csv`; the Pareto set: `pareto.csv`; the plots, interactive: `report.html`.", ""]
+    lines += ["All trials: `trials.csv`; the Pareto set: `pareto.csv`; the plots, interactive (plotly, a few MB): "
+              "[report-interactive.html](report-interactive.html).", ""]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -199,15 +214,43 @@ def _reference(outcome: SearchOutcome) -> str:
     return ", ".join(f"{m} {format_metric(m, r)}" for m, r in pairs)
 
 
-def _table(trials: list[TrialRecord], outcome: SearchOutcome) -> list[str]:
+def _table(trials: list[TrialRecord], outcome: SearchOutcome, link: Callable[[str], str] | None = None) -> list[str]:
+    """Trials as a Markdown table; with `link` (run id -> URL), each trial's number links to its chain's run."""
     metrics = shown_metrics(outcome)
     head = ["trial", "ordering", "settings", *metrics]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t in trials:
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.settings.items())
-        cells = [str(t.number), f"`{t.chain}`", settings or "–", *[format_metric(m, t.metrics.get(m)) for m in metrics]]
+        number = f"[{t.number}]({link(t.run_id)})" if link and t.run_id else str(t.number)
+        cells = [number, f"`{t.chain}`", settings or "–", *[format_metric(m, t.metrics.get(m)) for m in metrics]]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def search_note(outcome: SearchOutcome, run_link: Callable[[str], str], report_link: Callable[[str], str],
+                registered: str | None = None) -> str:  # fmt: skip
+    """The Description of the search's MLflow run: the chosen model, what was registered, the Pareto set and the
+    confirmed seed means, each trial linked to its run (`run_link`), the report one click away (`report_link(file)`)."""
+    lines = [f"### Search `{outcome.search_id}`: the best model under the constraints", ""]
+    best = outcome.chosen
+    if best is None:
+        lines += ["**No trial met every constraint**: nothing is registered. Loosen a bound or search longer.", ""]
+    else:
+        how = "best mean over its seeds" if outcome.confirmed is not None else "best feasible trial"
+        metric, direction = outcome.selection
+        where = f"`{registered}` (alias `best`)" if registered else "nothing (registry off or failed)"
+        lines += [f"**Chosen: trial {best.number}, `{best.chain}`** ({how}: the "
+                  f"{'highest' if direction == 'max' else 'lowest'} {metric}); registered as {where}.", ""]  # fmt: skip
+        lines += _table([best], outcome, run_link) + [""]
+    lines += ["Every choice reads the validation split (`val_` metrics); the test split's figures are reported, never "
+              f"chosen on. Constraints: {'; '.join(map(str, outcome.constraints)) or 'none'}.", "",
+              "#### Pareto set (feasible trials; each number opens its run)", ""]  # fmt: skip
+    lines += _table(outcome.pareto, outcome, run_link) if outcome.pareto else ["No feasible trial yet."]
+    if outcome.confirmed is not None:
+        lines += ["", *("#" + line if line.startswith("## ") else line for line in _confirmed_markdown(outcome))]
+    lines += ["", f"**Full report**: [report.html]({report_link('report.html')}) (plots, every trial), also "
+              f"[report.md]({report_link('report.md')}), `trials.csv` and `pareto.csv`."]  # fmt: skip
+    return "\n".join(lines)
 
 
 def _comparison_markdown(outcome: SearchOutcome, c: Comparison) -> list[str]:
@@ -233,54 +276,6 @@ def _comparison_markdown(outcome: SearchOutcome, c: Comparison) -> list[str]:
     ]
     lines += _table(c.missed, outcome) if c.missed else ["none"]
     return [*lines, ""]
-
-
-def _inline(text: str) -> str:
-    """Markdown text as HTML: escaped, `code` spans as <code>."""
-    return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(text))
-
-
-def _html(markdown_text: str, figures: dict[str, Any]) -> str:
-    """A self-contained page that works offline: the Markdown's text and tables as HTML, each of its images replaced
-    by the interactive plotly figure of the same name (plotly.js inlined once, with the first)."""
-    body = []
-    table: list[str] = []
-    embedded = 0
-
-    def flush() -> None:
-        if table:
-            rows = [r.strip("|").split("|") for r in table if not set(r.replace("|", "")) <= {"-"}]
-            cells = []
-            for i, row in enumerate(rows):
-                tag = "th" if i == 0 else "td"
-                cells.append("<tr>" + "".join(f"<{tag}>{_inline(c.strip())}</{tag}>" for c in row) + "</tr>")
-            body.append("<table>" + "".join(cells) + "</table>")
-            table.clear()
-
-    for line in markdown_text.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush()
-        if line.startswith("!["):
-            name = line[line.index("(") + 1 : line.index(")")]
-            div_id = "search-" + Path(name).stem
-            body.append(figures[name].to_html(full_html=False, include_plotlyjs=embedded == 0, div_id=div_id))
-            embedded += 1
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            body.append(f"<li>{_inline(line[2:])}</li>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    flush()
-    style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:2em auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}"
-    )
-    head = f"<head><meta charset='utf-8'><style>{style}</style></head>"
-    return f"<!doctype html><html>{head}<body>{''.join(body)}</body></html>"
 
 
 def seed_means(models: pd.DataFrame) -> pd.DataFrame:
@@ -313,9 +308,13 @@ def report_search(
     write_search_report(outcome, out_dir, comparison)
     runs = tracker.search_runs(plan.search_id)
     if runs:
-        tracker.log_artifacts(runs[0].run_id, out_dir, "report")
+        run_id = runs[0].run_id
+        tracker.log_artifacts(run_id, out_dir, "report")
+        note = search_note(outcome, tracker.run_link, lambda name: tracker.artifact_link(run_id, f"report/{name}"),
+                           runs[0].tags.get(TAGS.registered_model))  # fmt: skip
+        tracker.set_note(run_id, note)
     log.info("report written to %s", out_dir)
     return outcome, out_dir
 
 
-__all__ = ["report_search", "search_markdown", "write_search_report"]
+__all__ = ["report_search", "search_markdown", "search_note", "write_search_report"]

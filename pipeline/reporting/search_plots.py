@@ -48,6 +48,7 @@ def plot_frontier(outcome: SearchOutcome, path: Path, comparison: Comparison | N
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text as text: a few times smaller
     import matplotlib.pyplot as plt
 
     pairs = objective_pairs(outcome)
@@ -90,6 +91,7 @@ def plot_hypervolume(outcome: SearchOutcome, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.fonttype"] = "none"  # SVG text as text: a few times smaller
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))

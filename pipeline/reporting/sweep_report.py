@@ -2,9 +2,10 @@
 
 It reads the sweep's runs back from MLflow (`Tracker.read_sweep`) into pandas and writes `reports/<sweep>/`:
 report.md and orderings.csv / models.csv (every ordering's final metrics, best first, with deltas vs the baseline;
-every distinct model with its frontier flags), one PNG per plot, and report.html (the same plots, interactive, with
-the tables). The same folder is logged as artifacts of the sweep's MLflow run. The jobs it is made of are the other
-modules of `pipeline.reporting` (sweep tables, plots, pages, the latency re-measure).
+every distinct model with its frontier flags), one PNG and SVG per plot, report.html (the same page, plots as inline
+SVG) and report-interactive.html (plotly). The same folder is logged as artifacts of the sweep's MLflow run,
+whose Description becomes the verdict table (`publish`). The jobs it is made of are the other modules of
+`pipeline.reporting` (sweep tables, plots, pages, the verdict, the latency re-measure).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pipeline.core.paths import PROJECT_ROOT
 from pipeline.reporting.latency import REMEASURE_CALLS, REMEASURE_ROUNDS, remeasure_latency
 from pipeline.reporting.pages import write_report
 from pipeline.reporting.sweep_tables import SweepReport, build_report, default_runtime
+from pipeline.reporting.verdict import Links, headline, sweep_note
 from pipeline.tracking import TAGS
 
 log = logging.getLogger("pipeline")
@@ -72,9 +74,22 @@ def report_sweep(
     out_dir = Path(out_root) / sweep_id
     write_report(report, out_dir)
     if report.sweep.get("run_id"):
-        tracker.log_artifacts(str(report.sweep["run_id"]), out_dir, "report")
+        publish(tracker, report, out_dir)
     log.info("report written to %s", out_dir)
     return report, out_dir
+
+
+def publish(tracker, report: SweepReport, out_dir: Path) -> None:
+    """The report on the sweep's MLflow run: its files under `report/`, the verdict table as the run's Description
+    (each ordering linked to its run, the report one click away), the orderings as an MLflow table and the best
+    ordering's figures as the run's metrics."""
+    run_id = str(report.sweep["run_id"])
+    tracker.log_artifacts(run_id, out_dir, "report")
+    chains = report.points.sort_values("seed").drop_duplicates(["ordering", "seed"])
+    runs = {name: list(group.chain_run_id) for name, group in chains.groupby("ordering", sort=False)}
+    tracker.set_note(run_id, sweep_note(report, Links(tracker.run_link, tracker.artifact_link, runs)))
+    tracker.log_table(run_id, report.orderings, "orderings.json")
+    tracker.log_metrics(run_id, headline(report))
 
 
 def sweep_models(tracker, sweep_id: str, metrics: list[str]):

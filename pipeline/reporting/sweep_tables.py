@@ -83,7 +83,8 @@ def build_report(
     stages = [run for run in runs.stages if run.parent_id in chains]
     points = _points(stages, chains)
     by_id = {run.run_id: run for run in runs.chains}
-    parents = [by_id[run_id] for run_id in _parents(stages, points)]
+    points["chain_run_id"] = _parents(stages, points)
+    parents = [by_id[run_id] for run_id in points.chain_run_id]
     points["chain_epochs"] = [_chain_epochs(chain) for chain in parents]
     points["control"] = [chain.tags.get(TAGS.control_epochs) is not None for chain in parents]
     if runtime != "torch" and points[latency_column(runtime)].isna().all():

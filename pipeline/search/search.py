@@ -163,6 +163,8 @@ def _conclude(plan: SearchPlan, ctx: TrialContext):
                         type(err).__name__, first_line)  # fmt: skip
     tracker.log_metrics(run_id, outcome.totals())
     tracker.set_tags(run_id, {"best_trial": outcome.chosen.number} if outcome.chosen is not None else {})
+    if registered is not None:
+        tracker.set_tags(run_id, {TAGS.registered_model: f"{registered[0]} version {registered[1]}"})
     return outcome, registered
 
 

@@ -35,19 +35,25 @@ ORDERINGS = {"a>b": ["base", "a", "ab"], "b>a": ["base", "b", "ba"], "a": ["base
 OPENVINO_MS = {"base": 1.0, "a": 0.9, "ab": 0.5, "b": 0.3, "ba": 0.35}
 
 
-def write_toy_sweep(tracker: Tracker, openvino: bool = False) -> str:
+def write_toy_sweep(
+    tracker: Tracker,
+    openvino: bool = False,
+    orderings: dict[str, list[str]] = ORDERINGS,
+    models: dict[str, tuple[float, float, float]] = MODELS,
+) -> str:
     """A finished sweep of three orderings sharing the baseline (and `a` as a prefix), as the runner logs it
     (its stage runs tagged `ordering` as before `chain_ordering`: reports read a stage's ordering from its chain);
-    `openvino`: the stages were also measured in OpenVINO (OPENVINO_MS)."""
+    `openvino`: the stages were also measured in OpenVINO (OPENVINO_MS). Other `orderings` and `models` (same
+    shapes as ORDERINGS and MODELS) write another sweep under the same id."""
     with tracker.run("sweep toy", {"sweep": SWEEP, "run_type": "sweep", "recipe": "toy"}) as sweep_run:
         tracker.log_params(sweep_run, {"model": "toy_net", "dataset": "cifar10", "executor": "local"})
         seen: set[str] = set()
-        for ordering, path in ORDERINGS.items():
+        for ordering, path in orderings.items():
             tags = {"sweep": SWEEP, "ordering": ordering, "recipe": "toy"}
             with tracker.run(ordering, {**tags, "run_type": "chain"}, parent_id=sweep_run) as chain_run:
                 for index, model in enumerate(path):
                     stage = "train" if index == 0 else ordering.split(">")[index - 1]
-                    top1, size, latency = MODELS[model]
+                    top1, size, latency = models[model]
                     stage_tags = {**tags, "run_type": "stage", "stage": stage, "stage_index": str(index),
                                   "cache_key": model, "cached": str(model in seen).lower(),
                                   "deploy_runtimes": "openvino" if openvino else "none"}  # fmt: skip
@@ -61,12 +67,6 @@ def write_toy_sweep(tracker: Tracker, openvino: bool = False) -> str:
                         tracker.log_metrics(chain_run, metrics, step=index)
         tracker.log_metrics(sweep_run, {"stage_runs_executed": 5, "stage_runs_reused": 3, "sweep_seconds": 60})
     return sweep_run
-
-
-@pytest.fixture
-def toy_store(tmp_path):
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return tracker, write_toy_sweep(tracker)
 
 
 def test_report_tables_and_frontiers_from_mlflow(toy_store):
@@ -132,10 +132,13 @@ def test_report_writes_files_and_logs_them_to_the_sweep_run(toy_store, tmp_path)
     names = {
         "report.md",
         "report.html",
+        "report-interactive.html",
         "orderings.csv",
         "models.csv",
         "accuracy_vs_latency.png",
         "accuracy_vs_size.png",
+        "accuracy_vs_latency.svg",
+        "accuracy_vs_size.svg",
     }
     assert {p.name for p in out.iterdir()} == names
     for png in out.glob("*.png"):
@@ -159,10 +162,10 @@ def test_report_of_unknown_or_missing_sweep_is_an_error(tmp_path):
 def test_html_report_renders_in_headless_chromium(toy_store, tmp_path):
     tracker, _ = toy_store
     _, out = report_sweep(tracker, SWEEP, tmp_path / "reports")
-    dom = rendered_dom(out / "report.html", tmp_path / "chromium-profile")
+    dom = rendered_dom(out / "report-interactive.html", tmp_path / "chromium-profile")
     # plotly.js ran in the browser: each figure drew one SVG trace and legend entry per ordering plus the frontier
     # (none of these elements is in the HTML file itself; plotly.js creates them).
-    assert 'class="trace scatter' not in (out / "report.html").read_text()
+    assert 'class="trace scatter' not in (out / "report-interactive.html").read_text()
     assert dom.count('class="plotly-graph-div') == 2, dom[:500]
     assert dom.count('class="trace scatter') == 2 * (len(ORDERINGS) + 1)
     legend = re.findall(r'class="legendtext"[^>]*>([^<]*)<', dom)

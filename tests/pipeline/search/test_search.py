@@ -28,10 +28,11 @@ from pipeline.search.outcome import TrialRecord, compare_with_sweep, summarize
 from pipeline.search.space import search_orderings
 from pipeline.search.study import plan_search
 from pipeline.search.trial import search_chain, unreachable_constraint
+from pipeline.tracking import Tracker
 from stages.distill import DistillConfig
 from stages.prune import PruneConfig
 from stages.qat import QATConfig
-from tests.conftest import TINY_MODEL, rendered_dom, tiny_recipe, write_recipe
+from tests.conftest import TINY_MODEL, mlflow_process, rendered_dom, tiny_recipe, write_recipe
 
 TWO = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
 
@@ -374,6 +375,25 @@ def test_tiny_search_through_the_cli(tmp_path, isolated, cifar_root, monkeypatch
     model = load_artifact(f"{folder}/model")
     assert sum(p.numel() for p in model.parameters()) <= bound
 
+    # The search's run page holds the answer: the chosen trial, what was registered, the Pareto set, each trial
+    # linked to its run, the report one click away; as a browser shows it over `mlflow ui`.
+    search_run = client.get_run(search_runs[0].info.run_id)
+    note = search_run.data.tags["mlflow.note.content"]
+    assert f"**Chosen: trial {int(best.trial)}, `" in note
+    assert f"registered as `tiny-search version {version.version}` (alias `best`)" in note
+    by_number = {int(r.data.tags["trial"]): r.info.run_id for r in finished}
+    for trial in pareto.trial:
+        assert (
+            f"| [{trial}](#/experiments/{exp.experiment_id}/runs/{by_number[trial]}?workflowType=machine_learning)"
+            in note
+        )
+    assert "/artifacts/report/report.html?workflowType=machine_learning)" in note
+    tracker = Tracker(isolated["MLFLOW_TRACKING_URI"])
+    with mlflow_process("ui", "--backend-store-uri", tracker.uri) as base:
+        dom = rendered_dom(f"{base}/{tracker.run_link(search_run.info.run_id)}", tmp_path / "profile")
+    shown = dom.split('data-testid="note-editor-preview-content"', 1)[1]
+    assert f"Chosen: trial {int(best.trial)}" in shown and shown.count("<table>") >= 2  # the best, the Pareto set
+
 
 def _trained_keys(env) -> list[str]:
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
@@ -391,20 +411,24 @@ def test_report_documents_from_hand_made_trials(tmp_path):
     sweep = pd.DataFrame({"top1": [85.0, 78.0], "artifact_bytes": [70.0, 60.0]}, index=["a (seed 0)", "b (seed 0)"])
     paths = write_search_report(out, tmp_path, compare_with_sweep(out, "sw", sweep))
     assert {p.name for p in paths} == {"trials.csv", "pareto.csv", "frontier.png", "hypervolume.png", "report.md",
-                                       "report.html"}  # fmt: skip
+                                       "frontier.svg", "hypervolume.svg", "report.html",
+                                       "report-interactive.html"}  # fmt: skip
     text = (tmp_path / "report.md").read_text()
     assert "Trial 1, `prune`" in text and "trial 2 (`prune`): bytes out of reach" in text
     assert "## Against sweep `sw`" in text and "Sweep models a search Pareto point dominates (1): b (seed 0)" in text
     assert "point equals (the same model, from the shared stage cache, or the same metrics) (1): a (seed 0)" in text
     assert "Sweep models neither dominated nor equalled: 0." in text
-    page = (tmp_path / "report.html").read_text()
+    static = (tmp_path / "report.html").read_text()  # what MLflow's artifact viewer shows: plots as inline SVG
+    assert "<script" not in static and static.count("<svg") == 2 and len(static) < 1_000_000
+    assert "Trial 1, <code>prune</code>" in static and "`" not in static  # Markdown code spans
+    page = (tmp_path / "report-interactive.html").read_text()
     assert "<table>" in page and 'id="search-frontier"' in page and 'id="search-hypervolume"' in page
     assert "Trial 1, <code>prune</code>" in page and "`" not in page.split("<script", 1)[0]  # Markdown code spans
     assert page.count("<img") == 0 and page.count("plotly.js v") == 1  # interactive plots, plotly.js inlined once
 
     # Rendered: plotly.js drew, in the one frontier panel, the Pareto set, the trial that ended early and the sweep's
     # models (no trial is feasible but dominated, or infeasible at its end: no trace); the hypervolume curve.
-    dom = rendered_dom(tmp_path / "report.html", tmp_path / "chromium-profile")
+    dom = rendered_dom(tmp_path / "report-interactive.html", tmp_path / "chromium-profile")
     assert dom.count('class="plotly-graph-div') == 2, dom[:500]
     legend = sorted(html.unescape(t) for t in re.findall(r'class="legendtext"[^>]*>([^<]*)<', dom))
     assert legend == ["Pareto set", "ended early", "sweep sw"]

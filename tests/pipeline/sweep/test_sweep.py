@@ -3,6 +3,7 @@ one nested run per ordering, an interrupted sweep resumes, a failing ordering do
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -241,7 +242,22 @@ def test_seeds_repeat_each_chain_the_report_tests_differences_and_a_new_seed_tra
     by_name = orderings.set_index("ordering").val_top1
     assert pairs.top1_a[0] == pytest.approx(by_name[pairs.a[0]])  # the tests read the same (validation) predictions
     assert pairs.top1_b[0] == pytest.approx(by_name[pairs.b[0]])
-    assert "verdicts" in (reports / sweep_id / "report.html").read_text()  # the heatmap
+    assert "verdicts" in (reports / sweep_id / "report-interactive.html").read_text()  # the heatmap
+    # The sweep run's Description: each ordering's mean [interval] as in orderings.csv, its paired test against the
+    # most accurate compressed ordering (the control is a reference, marked, never the best).
+    sweep_run = _sweep_runs(isolated, sweep_id)["sweep"][0]
+    note = sweep_run.data.tags["mlflow.note.content"]
+    rows = {r.split("|")[2]: r for r in note.splitlines() if r.startswith("| ") and "[`" in r}
+    assert len(rows) == 3
+    for ordering, row in by_ordering.iterrows():
+        cell = f" {row.val_top1:.2f} [{row.top1_ci_low:.2f}, {row.top1_ci_high:.2f}] "
+        assert cell in next(r for name, r in rows.items() if f"`{ordering}`" in name)
+    best = by_ordering.drop("control(2 ep)").val_top1.idxmax()
+    assert "★" in next(r for name, r in rows.items() if f"`{best}`" in name)
+    assert "(equal-training control)" in next(r for name, r in rows.items() if "control" in name)
+    verdicts = sorted(r.rsplit("|", 2)[1].strip() for r in rows.values())
+    assert verdicts[0] == "**best**" and all(re.fullmatch(r"(better|tied|worse) \(p = \S+\)", v) for v in verdicts[1:])
+    assert sweep_run.data.metrics["best.val_top1"] == by_ordering.val_top1[best]
 
     # A third seed: a new sweep id (its chains differ), and only the new seed's stages train.
     path = write_recipe(tmp_path / "seeds.yaml", {**two, "seeds": [0, 1, 2]})
