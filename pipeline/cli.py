@@ -11,10 +11,9 @@ import argparse
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+from pipeline.cli_exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK, guarded
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -197,31 +196,11 @@ def _describe(recipe) -> str:
     return text + (f"; skipped {len(skipped)}: " + "; ".join(r for _, r in skipped) if skipped else "")
 
 
-def _guarded(action, invalid: tuple[type[Exception], ...] = ()):
-    """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages; `invalid`: the command's own
-    errors that mean a request that cannot run as asked (exit 2, like a missing model source or data)."""
-    from pipeline.core.data import DataNotFoundError
-    from pipeline.core.models import ModelSourceError
-
-    try:
-        return action()
-    except (ModelSourceError, DataNotFoundError, *invalid) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_INVALID
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished stages are cached; rerun the same command to resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Exception as err:  # a stage failed: show where, the MLflow runs are marked FAILED
-        traceback.print_exc()
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_FAILED
-
-
 def _sensitivity(recipe, args) -> int:
     from pipeline import cli_sensitivity
     from pipeline.sensitivity.config import SensitivityError
 
-    return _guarded(lambda: cli_sensitivity.run(recipe, args), invalid=(SensitivityError,))
+    return guarded(lambda: cli_sensitivity.run(recipe, args), invalid=(SensitivityError,))
 
 
 def _sweep(recipe, args) -> int:
@@ -254,7 +233,7 @@ def _sweep(recipe, args) -> int:
             cli_report.report_sweep(summary.plan.sweep_id, args.reports_dir)
         return EXIT_FAILED if summary.failed else EXIT_OK
 
-    return _guarded(sweep)
+    return guarded(sweep)
 
 
 def _executor(recipe, args):
@@ -325,7 +304,7 @@ def _search(recipe, args) -> int:
             status = status or reported
         return status
 
-    return _guarded(search)
+    return guarded(search)
 
 
 def _export(args) -> int:
@@ -355,7 +334,7 @@ def _export(args) -> int:
             print(f"  {runtime}: {file} ({runtime_file_bytes(file):,} bytes)")
         return EXIT_OK
 
-    return _guarded(export)
+    return guarded(export)
 
 
 def _run(recipe, args) -> int:
@@ -373,7 +352,7 @@ def _run(recipe, args) -> int:
                 print(summary_table(summary))
         return EXIT_OK
 
-    return _guarded(run)
+    return guarded(run)
 
 
 def _list_stages() -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.cli import EXIT_INVALID, EXIT_OK, _guarded
+from pipeline.cli_exits import EXIT_INVALID, EXIT_OK, guarded
 
 
 def add_command(sub) -> None:
@@ -64,7 +64,7 @@ def report_search(search_id: str | None, reports_dir: Path | None, against: str 
             print(in_mlflow(tracker, runs[0].run_id))
         return EXIT_OK
 
-    return _guarded(report)
+    return guarded(report)
 
 
 def report_sweep(
@@ -88,7 +88,7 @@ def report_sweep(
             print(in_mlflow(tracker, str(done.sweep["run_id"])))
         return EXIT_OK
 
-    return _guarded(report)
+    return guarded(report)
 
 
 def in_mlflow(tracker, run_id: str) -> str:

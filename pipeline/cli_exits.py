@@ -1,0 +1,29 @@
+"""The command line's exit codes and the one wrapper that maps the pipeline's errors to them (every command module
+uses it): 0 success, 1 a stage (or a sweep's ordering) failed, 2 the request cannot run as asked, 130 interrupted."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def guarded(action, invalid: tuple[type[Exception], ...] = ()):
+    """Run `action()`, mapping the pipeline's errors to exit codes and one-line messages; `invalid`: the command's own
+    errors that mean a request that cannot run as asked (exit 2, like a missing model source or data)."""
+    from pipeline.core.data import DataNotFoundError
+    from pipeline.core.models import ModelSourceError
+
+    try:
+        return action()
+    except (ModelSourceError, DataNotFoundError, *invalid) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are cached; rerun the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:  # a stage failed: show where, the MLflow runs are marked FAILED
+        traceback.print_exc()
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
