@@ -25,7 +25,7 @@ CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition bench-multifidelity bench-int8 bench-int8-fidelity bench-families
+.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition bench-multifidelity bench-int8 bench-int8-fidelity bench-int8-scheme bench-families
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -132,6 +132,9 @@ bench-int8: $(STAMP)  ## PT2E int8 against=CHECKOUT's FX int8 on the qat recipe,
 
 bench-int8-fidelity: $(STAMP)  ## 7 models users bring through PTQ and QAT: runtime top-1 against torch int8 (CIFAR-10, 32 px)
 	$(PY) bench/int8_fidelity.py
+
+bench-int8-scheme: $(STAMP)  ## PTQ of recipe= (default transfer/baseline, cached) under both int8 schemes: runtimes side by side
+	$(PY) bench/int8_scheme.py --recipe $(if $(filter prune-inq-distill,$(recipe)),transfer/baseline,$(recipe))
 
 # Issue #38: every stage on the smallest real member of each family users fine-tune (ok, refused at load, or crash).
 bench-families: $(STAMP)

@@ -43,7 +43,7 @@ from pipeline.core.int8 import (
     get_backend,
     is_fake_quantized,
 )
-from pipeline.core.int8.pow2 import POW2_OCTAVES
+from pipeline.core.int8.pow2 import pow2_octaves
 from pipeline.core.models import ModelState
 from pipeline.core.structure import StructuralChange, register_structural_change
 from pipeline.core.training import TrainConfig
@@ -334,8 +334,9 @@ def int8_metrics(
         if inexact:
             log.warning(
                 "qat: %d of %d INQ layers are not exact in int8 (levels span more than %d octaves in a channel; "
-                "+2^n1 clamps to 127/128 of its value): %s",
-                len(inexact), len(mismatches), POW2_OCTAVES,
+                "+2^n1 clamps to %d/%d of its value): %s",
+                len(inexact), len(mismatches), pow2_octaves(backend.scheme.weight_qmax), backend.scheme.weight_qmax,
+                backend.scheme.weight_qmax + 1,
                 ", ".join(f"{n} ({c} weights)" for n, c in list(inexact.items())[:8]),
             )  # fmt: skip
         else:
@@ -358,10 +359,12 @@ def inq_int8_mismatches(int8_weights: dict[str, torch.Tensor], inq_weights: dict
             continue
         q = int8_weights[name].double().flatten(1)
         w = w.double().flatten(1)
-        # The factor is read off the channel's largest or its smallest non-zero weight, whichever explains more.
+        # The factor is read off the channel's largest, smallest or median non-zero weight, whichever explains more
+        # (a channel whose two ends did not fit has its factor in the middle).
         largest = w.abs().argmax(1, keepdim=True)
         smallest = torch.where(w != 0, w.abs(), torch.inf).argmin(1, keepdim=True)
-        wrong = torch.stack([_mismatches_with_factor(q, w, anchor) for anchor in (largest, smallest)])
+        median = torch.where(w != 0, w.abs(), torch.nan).nanmedian(1, keepdim=True).indices
+        wrong = torch.stack([_mismatches_with_factor(q, w, anchor) for anchor in (largest, smallest, median)])
         out[name] = int(wrong.amin(0).sum())
     return out
 

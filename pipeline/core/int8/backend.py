@@ -54,14 +54,19 @@ class Int8Plan:
 
 @dataclass(frozen=True)
 class Int8Scheme:
-    """The numbers an int8 model uses. Weights: int8 in [-128, 127], symmetric, one scale per output channel.
-    Activations: uint8 per tensor with a zero point, in [0, `activation_qmax`] (127: the 7-bit range x86 int8 kernels
-    need on CPUs without VNNI, where 8 bits can saturate their 16-bit accumulation). The observers are torchao's, as
+    """The numbers an int8 model uses. Activations: uint8 per tensor with a zero point, in [0, `activation_qmax`].
+    Weights: int8 in [`weight_qmin`, `weight_qmax`], symmetric, one scale per output channel. The default is ONNX
+    Runtime's `reduce_range` convention, 8-bit activations and 7-bit weights: x86 int8 kernels without VNNI (AVX2)
+    sum pairs of u8 x s8 products in 16 bits, which 255 x 64 x 2 cannot overflow; and the full uint8 range lets the
+    runtimes drop a ReLU6 before a quantize (ONNX Runtime removes a Clip only when the QuantizeLinear's whole uint8
+    range lies inside it), so conv + ReLU6 units (MobileNetV2, EfficientNet-Lite) fuse into int8 kernels. The former
+    scheme (7-bit activations, 8-bit weights: PyTorch fbgemm's) left every conv + ReLU6 of tf_efficientnet_lite0 in
+    float in ONNX Runtime, 2.7x slower than fp32 (BENCHMARKS.md, "int8 on PT2E"). The observers are torchao's, as
     PyTorch's x86 post-training defaults configure them (a histogram for activations, min / max for weights)."""
 
-    activation_qmax: int = 127
-    weight_qmin: int = -128
-    weight_qmax: int = 127
+    activation_qmax: int = 255
+    weight_qmin: int = -64
+    weight_qmax: int = 63
 
     def activation_observer(self) -> nn.Module:
         """An observer of one tensor's range for post-training calibration (`calculate_qparams()` after calls)."""

@@ -1,25 +1,35 @@
 """int8 scales that keep INQ's powers of two exact: per output channel, a power-of-two step below the channel's
-largest magnitude, so that every power-of-two weight within `POW2_OCTAVES` octaves of it is an exact integer.
+largest magnitude, so that every power-of-two weight within `pow2_octaves(qmax)` octaves of it is an exact integer
+(5 with the default scheme's 7-bit weights: 2^5 = 32 <= 63).
 
-INQ with b bits spans 2^(b-2) - 1 octaves: up to 4 bits every channel fits; at 5 bits a channel that uses both its
-largest and its smallest level is put on step max/128 instead, and its +2^n1 weights clamp to 127/128 of their
-value (the qat stage counts them). The BatchNorm scale folded into a channel multiplies the whole channel, so it does
-not change which weights are exact. A rule of the current weights, not a running statistic: never frozen.
+INQ with b bits spans 2^(b-2) - 1 octaves: up to 4 bits every channel fits; at 5 bits (7 octaves) a channel that uses
+both its largest and its smallest level is put on the next step down instead: its +2^n1 weights clamp to
+qmax/(qmax + 1) of their value and, with 7-bit weights (5 octaves), its smallest level sits half a step above zero
+(the qat stage counts them). The BatchNorm scale folded into a channel multiplies the whole channel,
+so it does not change which weights are exact. A rule of the current weights, not a running statistic: never frozen.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
 
-POW2_OCTAVES = 6
-"""Octaves below a channel's largest magnitude that int8 holds exactly on a power-of-two step (2^6 = 64 <= 127)."""
+
+def pow2_octaves(qmax: int) -> int:
+    """Octaves below a channel's largest magnitude that weights in [-qmax - 1, qmax] hold exactly on a power-of-two
+    step: the largest n with 2^n <= qmax (6 for 127, 5 for 63)."""
+    return int(math.floor(math.log2(qmax)))
 
 
-def pow2_weight_qparams(amax: torch.Tensor, min_nonzero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pow2_weight_qparams(
+    amax: torch.Tensor, min_nonzero: torch.Tensor, qmax: int = 63
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) per channel from its largest and smallest non-zero magnitude (see the module)."""
-    fits = min_nonzero * 2.0**POW2_OCTAVES >= amax
-    scale = torch.where(fits, amax / 2.0**POW2_OCTAVES, amax / 2.0 ** (POW2_OCTAVES + 1))
+    octaves = pow2_octaves(qmax)
+    fits = min_nonzero * 2.0**octaves >= amax
+    scale = torch.where(fits, amax / 2.0**octaves, amax / 2.0 ** (octaves + 1))
     scale = torch.where(amax > 0, scale, torch.ones_like(scale))  # an all-zero channel: any scale is exact
     return scale, torch.zeros_like(scale, dtype=torch.int32)
 
@@ -44,7 +54,7 @@ class PowerOfTwoWeightObserver(PerChannelMinMaxObserver):
         return x
 
     def calculate_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return pow2_weight_qparams(torch.maximum(-self.min_val, self.max_val), self.min_nonzero_abs)
+        return pow2_weight_qparams(torch.maximum(-self.min_val, self.max_val), self.min_nonzero_abs, self.quant_max)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "min_nonzero_abs"

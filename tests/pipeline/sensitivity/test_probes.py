@@ -89,10 +89,11 @@ def test_int8_rounds_weights_per_channel_and_inputs_per_tensor_then_restores(mod
         # registered after the probe's own hook, so it sees what the layer gets
         hook = changed.get_submodule(name).register_forward_pre_hook(lambda _m, inputs: seen.append(inputs[0]))
         w = changed.get_submodule(name).weight.detach()
-        step = w.abs().amax(dim=(1, 2, 3)) / 127.5  # symmetric: the channel's largest magnitude at about +-127
+        levels = ctx.int8_scheme.weight_qmax - ctx.int8_scheme.weight_qmin + 1  # 128: 7-bit weights by default
+        step = w.abs().amax(dim=(1, 2, 3)) / (levels / 2 - 0.5)  # symmetric: the largest magnitude at about +-qmax
         codes = w / step.view(-1, 1, 1, 1)
-        assert torch.allclose(codes, codes.round(), atol=0.02 * 128)  # on a per-channel grid
-        assert len(torch.unique(w[0])) <= 256
+        assert torch.allclose(codes, codes.round(), atol=0.02 * levels / 2)  # on a per-channel grid
+        assert len(torch.unique(w[0])) <= levels
         changed(torch.rand(2, *INPUT))
         assert effect.bytes_saved == 3 * w.numel()
     hook.remove()
