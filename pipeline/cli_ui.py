@@ -17,15 +17,16 @@ def add_command(sub) -> None:
 
 
 def latest_answer(tracker) -> tuple[str, str] | None:
-    """(what, run id) of the newest sweep or search run in the experiment, e.g. ('sweep ui-sweep-1a2b', id)."""
+    """(what, run id) of the newest sweep or search run in the experiment, e.g. ('sweep ui-sweep-1a2b', id); with
+    neither, of the newest recipe run ('run transfer-ptq')."""
     from pipeline.tracking import TAGS
 
-    runs = [*tracker.sweep_runs(), *tracker.search_runs()]
+    runs = [*tracker.sweep_runs(), *tracker.search_runs()] or tracker.plain_runs()
     if not runs:
         return None
     run = max(runs, key=lambda r: r.start_time)
-    kind = "sweep" if TAGS.sweep in run.tags else "search"
-    return f"{kind} {run.tags.get(TAGS.sweep) or run.tags.get(TAGS.search)}", run.run_id
+    kind = "sweep" if TAGS.sweep in run.tags else "search" if TAGS.search in run.tags else "run"
+    return f"{kind} {run.tags.get(TAGS.sweep) or run.tags.get(TAGS.search) or run.tags.get(TAGS.recipe)}", run.run_id
 
 
 def run(args) -> int:
@@ -35,10 +36,11 @@ def run(args) -> int:
     base = f"http://{args.host}:{args.port}"
     found = latest_answer(tracker)
     if found is None:
-        print(f"MLflow UI: {base} (no sweep or search in {tracker.uri} yet: `make sweep recipe=NAME`)")
+        print(f"MLflow UI: {base} (no run in {tracker.uri} yet: `make recipe=NAME` or `make sweep recipe=NAME`)")
     else:
         what, run_id = found
-        print(f"the latest {what}, its verdict on the run's page: {tracker.ui_url(run_id, base)}")
+        where = "its verdict on the run's page" if what.startswith(("sweep", "search")) else "its stages on its page"
+        print(f"the latest {what}, {where}: {tracker.ui_url(run_id, base)}")
     server = tracker.uri.startswith(("http://", "https://"))
     if args.print_only or server:
         return 0

@@ -306,6 +306,10 @@ class Tracker:
             self.client.set_terminated(run.run_id, "FAILED")
         return len(open_runs)
 
+    def plain_runs(self) -> list[RunRecord]:
+        """The chain runs of `run` (a recipe's own chain: no sweep or search above it), newest first."""
+        return [r for r in self._search({TAGS.run_type: RunType.CHAIN}) if not r.parent_id]
+
     def search_runs(self, search_id: str | None = None) -> list[RunRecord]:
         """The top-level runs of search `search_id` (of every search when None), newest first."""
         return self._search({TAGS.search: search_id, TAGS.run_type: RunType.SEARCH})

@@ -10,8 +10,13 @@ from tests.pipeline.reporting.test_report import write_toy_sweep
 
 def test_ui_names_the_latest_sweeps_page(isolated, capsys):
     assert cli.main(["ui", "--print-only"]) == 0
-    assert "no sweep or search in" in capsys.readouterr().out
+    assert "no run in" in capsys.readouterr().out
     tracker = Tracker(isolated["MLFLOW_TRACKING_URI"])
+    with tracker.run("tiny", {"run_type": "chain", "recipe": "tiny", "ordering": "prune"}) as run_id:
+        pass  # a recipe's own run: the page `make ui` names while there is no sweep
+    assert cli.main(["ui", "--print-only"]) == 0
+    page = f"http://127.0.0.1:5000/#/experiments/{tracker.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    assert capsys.readouterr().out.strip() == f"the latest run tiny, its stages on its page: {page}"
     sweep_run = write_toy_sweep(tracker)
     assert cli.main(["ui", "--print-only", "--port", "5123"]) == 0
     page = f"http://127.0.0.1:5123/#/experiments/{tracker.experiment_id}/runs/{sweep_run}?workflowType=machine_learning"
