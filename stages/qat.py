@@ -175,7 +175,7 @@ def training_images(ctx: StageContext, batches: int):
     may_follow={"distill", "train", "prune"},
     lowers={"bytes", "compute"},
     fake_quant=True,
-    version=3,
+    version=4,  # 4: the int8 scheme of 8-bit activations and 7-bit weights (was 7-bit activations)
 )
 def run_qat(state: ModelState | None, config: QATConfig, ctx: StageContext) -> StageOutput:
     """INT8 quantization-aware training (or post-training quantization), shipped as an int8 model."""
