@@ -93,5 +93,5 @@ def report_sweep(
 
 def in_mlflow(tracker, run_id: str) -> str:
     """Where the verdict is in the MLflow UI: the run's page (on the tracking server, else where `make ui` serves)."""
-    local = not tracker.uri.startswith(("http://", "https://"))
-    return f"the verdict in MLflow: {tracker.ui_url(run_id)}" + (" (start the UI with `make ui`)" if local else "")
+    local = "" if tracker.is_server else " (start the UI with `make ui`)"
+    return f"the verdict in MLflow: {tracker.ui_url(run_id)}{local}"

@@ -41,8 +41,7 @@ def run(args) -> int:
         what, run_id = found
         where = "its verdict on the run's page" if what.startswith(("sweep", "search")) else "its stages on its page"
         print(f"the latest {what}, {where}: {tracker.ui_url(run_id, base)}")
-    server = tracker.uri.startswith(("http://", "https://"))
-    if args.print_only or server:
+    if args.print_only or tracker.is_server:
         return 0
     sys.stdout.flush()
     mlflow = str(Path(sys.executable).with_name("mlflow"))

@@ -238,8 +238,7 @@ class Tracker:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
     def log_table(self, run_id: str, frame, artifact_file: str) -> None:
-        """A pandas DataFrame as an MLflow table artifact (`artifact_file` ends in .json): the UI shows it as a
-        sortable table. Logged again, it replaces the table (MLflow's `log_table` would append the rows)."""
+        """A DataFrame as an MLflow table artifact (.json), replaced when logged again (log_table would append)."""
         import tempfile
 
         folder, _, name = artifact_file.rpartition("/")
@@ -257,17 +256,20 @@ class Tracker:
     # --- links into the MLflow UI --------------------------------------------------------------------
 
     def run_link(self, run_id: str) -> str:
-        """A run's page as a link relative to the UI's root (`#/experiments/…`), in the model-training view: what a
-        run's Description links with (the UI resolves it against the page it is on)."""
+        """A run's page relative to the UI's root, in the model-training view (what Descriptions link with)."""
         return f"#/experiments/{self.experiment_id}/runs/{run_id}?{UI_VIEW}"
 
     def artifact_link(self, run_id: str, path: str) -> str:
         """One artifact of a run opened in the UI's artifact viewer (an HTML file is rendered there)."""
         return f"#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{path}?{UI_VIEW}"
 
+    @property
+    def is_server(self) -> bool:  # an http(s) tracking server rather than a local database
+        return self.uri.startswith(("http://", "https://"))
+
     def ui_url(self, run_id: str, ui_base: str = UI_BASE) -> str:
         """A run's page as a full URL: on the tracking server when the store is one, else on `make ui`'s address."""
-        base = self.uri if self.uri.startswith(("http://", "https://")) else ui_base
+        base = self.uri if self.is_server else ui_base
         return f"{base.rstrip('/')}/{self.run_link(run_id)}"
 
     # --- reading back ------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 STYLE = (
     "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
@@ -70,3 +71,8 @@ def inline_svg(svg_text: str) -> str:
     """An SVG file's text for embedding in HTML (its XML prologue and DOCTYPE dropped)."""
     start = svg_text.find("<svg")
     return f"<figure>{svg_text[start:]}</figure>" if start >= 0 else ""
+
+
+def svg_beside(out_dir: Path) -> Callable[[str], str]:
+    """`markdown_page`'s `figure` for report.html: each PNG the Markdown names, inlined as the SVG drawn beside it."""
+    return lambda png: inline_svg((out_dir / png).with_suffix(".svg").read_text())

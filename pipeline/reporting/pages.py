@@ -14,10 +14,10 @@ from pipeline.analysis.pareto import pair_column
 from pipeline.analysis.significance import best_or_tied, dominated_with_confidence, verdict_matrix
 from pipeline.core.formatting import format_bytes, format_number
 from pipeline.reporting.columns import latency_column, report_runtimes, runtime_name
-from pipeline.reporting.markdown_html import inline_svg, markdown_page
+from pipeline.reporting.markdown_html import markdown_page, svg_beside
 from pipeline.reporting.plots import plot_image, plotly_figure, plots
 from pipeline.reporting.sweep_tables import SweepReport
-from pipeline.reporting.verdict import verdict_markdown
+from pipeline.reporting.verdict import control_orderings, verdict_markdown
 
 # The tables of report.html, by the heading above them (the ids tests and links use).
 TABLE_IDS = {"Which ordering wins": "verdict", "Orderings, best first": "orderings"}
@@ -40,10 +40,7 @@ def write_report(report: SweepReport, out_dir: Path) -> list[Path]:
     paths[-1].write_text(text)
     paths.append(out_dir / "report.html")
 
-    def svg(png: str) -> str:  # report.md's PNG, inlined as the SVG drawn beside it
-        return inline_svg((out_dir / png).with_suffix(".svg").read_text())
-
-    paths[-1].write_text(markdown_page(text, f"Sweep {report.sweep_id}", svg, TABLE_IDS))
+    paths[-1].write_text(markdown_page(text, f"Sweep {report.sweep_id}", svg_beside(out_dir), TABLE_IDS))
     paths.append(out_dir / "report-interactive.html")
     paths[-1].write_text(html_page(report))
     return paths
@@ -183,7 +180,7 @@ def _comparisons_markdown(report: SweepReport) -> list[str]:
         return [report.pairs_how[0].upper() + report.pairs_how[1:] + "."]
     pairs = report.pairs
     names = [n for n in report.orderings.ordering if n in set(pairs.a) | set(pairs.b)]
-    controls = set(report.points.ordering[report.points.control]) if "control" in report.points else set()
+    controls = control_orderings(report)
     compressed = pairs[~pairs.a.isin(controls) & ~pairs.b.isin(controls)]  # the control is a reference, not a rival
     if compressed.empty:
         return [f"How: {report.pairs_how}.", "", "Only one ordering besides the control: nothing to rank."]

@@ -15,7 +15,7 @@ import pandas as pd
 
 from pipeline.core.formatting import format_metric
 from pipeline.core.metrics import test_name
-from pipeline.reporting.markdown_html import inline_svg, markdown_page
+from pipeline.reporting.markdown_html import markdown_page, svg_beside
 from pipeline.reporting.search_plots import frontier_figure, hypervolume_figure, plot_frontier, plot_hypervolume
 from pipeline.reporting.sweep_report import REPORTS_DIR, sweep_models
 from pipeline.search.outcome import Comparison, SearchOutcome, TrialRecord, repeat_of
@@ -74,11 +74,8 @@ def write_search_report(outcome: SearchOutcome, out_dir: Path, comparison: Compa
     paths[-1].write_text(text)
     title = f"Search {outcome.search_id}"
 
-    def svg(png: str) -> str:  # report.md's PNG, inlined as the SVG drawn beside it
-        return inline_svg((out_dir / png).with_suffix(".svg").read_text())
-
     paths.append(out_dir / "report.html")
-    paths[-1].write_text(markdown_page(text, title, svg))
+    paths[-1].write_text(markdown_page(text, title, svg_beside(out_dir)))
     figures = {
         "frontier.png": frontier_figure(outcome, shown_metrics(outcome), comparison),
         "hypervolume.png": hypervolume_figure(outcome),

@@ -39,14 +39,14 @@ def final_latencies(report: SweepReport) -> pd.DataFrame:
     return finals.groupby("ordering")[columns].mean()
 
 
-def controls(report: SweepReport) -> set[str]:
+def control_orderings(report: SweepReport) -> set[str]:
     """The orderings that are equal-training controls (the baseline trained as long): references, not rivals."""
     return set(report.points.ordering[report.points.control]) if "control" in report.points else set()
 
 
 def best_ordering(report: SweepReport) -> str:
     """The most accurate compressed ordering on the choice split (the control is a reference, not a candidate)."""
-    rivals = report.orderings[~report.orderings.ordering.isin(controls(report))]
+    rivals = report.orderings[~report.orderings.ordering.isin(control_orderings(report))]
     rivals = rivals if len(rivals) else report.orderings
     return str(rivals.sort_values(report.top1, ascending=False).ordering.iloc[0])
 
@@ -76,7 +76,8 @@ def verdict_sentence(report: SweepReport, best: str) -> str:
     if report.pairs is None:
         return (f"**`{best}` has the highest {split} top-1**; no paired tests (per-image predictions were not "
                 "stored), so whether it is really ahead is not known.")  # fmt: skip
-    rivals = report.pairs[~report.pairs.a.isin(controls(report)) & ~report.pairs.b.isin(controls(report))]
+    controls = control_orderings(report)
+    rivals = report.pairs[~report.pairs.a.isin(controls) & ~report.pairs.b.isin(controls)]
     if rivals.empty:
         return f"**`{best}`** is the only compressed ordering with paired tests."
     verdict = best_or_tied(rivals)
@@ -91,7 +92,7 @@ def verdict_markdown(report: SweepReport, links: Links | None = None) -> list[st
     """The verdict sentence and table as Markdown lines; with `links`, each ordering links to its MLflow run."""
     best = best_ordering(report)
     verdicts, latencies = against_best(report, best), final_latencies(report)
-    runtimes, seeded = measured_runtimes(report), bool(report.sweep.get("seeds"))
+    runtimes, seeded, controls = measured_runtimes(report), bool(report.sweep.get("seeds")), control_orderings(report)
     split = "val" if report.split == "val" else "test"
     top1_head = f"{split} top-1 %" + (f" (mean of {len(report.sweep['seeds'])} seeds [95 % CI])" if seeded else "")
     head = ["#", "ordering", top1_head]
@@ -101,7 +102,7 @@ def verdict_markdown(report: SweepReport, links: Links | None = None) -> list[st
     lines.append("| ---: | --- | " + " | ".join(["---:"] * (len(head) - 4)) + " | :---: | --- |")
     for rank, row in enumerate(report.orderings.to_dict("records"), 1):
         name = row["ordering"]
-        cells = [str(rank), _ordering_cell(name, best, controls(report), links), _top1(row, report.top1, seeded)]
+        cells = [str(rank), _ordering_cell(name, best, controls, links), _top1(row, report.top1, seeded)]
         if report.split == "val":
             cells.append(format_number(row[report.test_top1], ".2f"))
         cells.append(format_bytes(row["artifact_bytes"]))
