@@ -19,18 +19,26 @@ out ?= export/$(notdir $(basename $(recipe)))
 executor ?=
 address ?=
 host ?= 127.0.0.1
-server_db ?= sqlite:///$(CURDIR)/server/mlflow.db
+# The team server: db=postgresql (a cluster in server/postgres, the default), sqlite, or a database URL; auth=true
+# turns on MLflow's basic-auth app. (server_db=URL, from before, still works.)
+db ?= $(or $(server_db),postgresql)
+auth ?= false
+pg_host ?= 127.0.0.1
+pg_port ?= 5432
+name ?=
+role ?= writer
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
 # The report test renders HTML in a real browser: Debian's Chromium, installed on first `make test`.
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := run
-.PHONY: run validate stages ui server test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition bench-multifidelity bench-int8 bench-int8-fidelity bench-int8-scheme bench-families
+.PHONY: run validate stages ui server server-stop server-user postgresql test lint format lock versions sweep search sensitivity report export clean-cache bench bench-prune bench-inq bench-inq-levels bench-distill bench-qat bench-deploy bench-significance bench-data bench-data-memory bench-data-stream bench-cifar-epoch bench-search-selection bench-allocation bench-converged bench-inq-partition bench-multifidelity bench-int8 bench-int8-fidelity bench-int8-scheme bench-families bench-team-server
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
-	$(PY) -m pip install -c constraints.txt -e '.[dev,ray]'
+	$(PY) -m pip install -c constraints.txt -e '.[dev,ray,server]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -69,10 +77,21 @@ search: $(STAMP)  ## search orderings and stage settings of recipes/$(recipe).ya
 	$(PY) -m pipeline search $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address)) \
 		$(if $(against),--against $(against))
 
-server: $(STAMP)  ## MLflow tracking server on http://$(host):$(port): SQLite backend, artifacts served by it
-	mkdir -p server
-	$(VENV)/bin/mlflow server --backend-store-uri $(server_db) --artifacts-destination $(CURDIR)/server/artifacts \
-		--host $(host) --port $(port)
+server: $(STAMP) postgresql  ## team server on http://$(host):$(port): MLflow on PostgreSQL (db=), Optuna's studies beside it, auth=true for users
+	$(PY) -m pipeline server start --db $(db) --host $(host) --port $(port) --pg-host $(pg_host) --pg-port $(pg_port) \
+		$(if $(filter true,$(auth)),--auth)
+
+server-stop: $(STAMP)  ## stop the team server's PostgreSQL (Ctrl-C stops MLflow's server)
+	$(PY) -m pipeline server stop --pg-port $(pg_port)
+
+server-user: $(STAMP)  ## add a user to the team server (auth=true): name=NAME role=writer|reader; asks for the password
+	$(PY) -m pipeline server add-user $(name) --role $(role) --host $(host) --port $(port)
+
+# PostgreSQL's server binaries (Debian's package) for `make server` and the team-server tests.
+postgresql:
+	@[ -n "$(PG_INITDB)" ] || command -v initdb >/dev/null || { \
+		command -v apt-get >/dev/null || { echo "install PostgreSQL's server (Debian: postgresql) for make server"; exit 1; }; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
 
 report: $(STAMP)  ## Pareto report of sweep=ID (default: the latest sweep) or search=ID into reports/<id>/, in runtime=
 	$(PY) -m pipeline report $(sweep)$(search) $(if $(search),--search) $(if $(against),--against $(against)) \
@@ -89,7 +108,7 @@ $(CHROMIUM):
 # One pytest-xdist worker per core (at most 4; a test module's tests stay on one worker, with its fixtures); a
 # single test file or test: `.venv/bin/python -m pytest tests/...` runs in one process as usual. A worker that crashes
 # ends the run (--max-worker-restart 0): pytest-xdist's loadscope scheduler can hang for good after replacing one.
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(CHROMIUM) postgresql
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadscope --max-worker-restart 0
 
 versions: $(STAMP)  ## record the code versions and source hashes tests/test_code_versions.py checks (see pipeline/run/keys.py)
@@ -132,6 +151,9 @@ bench-int8: $(STAMP)  ## PT2E int8 against=CHECKOUT's FX int8 on the qat recipe,
 
 bench-int8-fidelity: $(STAMP)  ## 7 models users bring through PTQ and QAT: runtime top-1 against torch int8 (CIFAR-10, 32 px)
 	$(PY) bench/int8_fidelity.py
+
+bench-team-server: $(STAMP) postgresql  ## the team server under a sweep (12 orderings x 2 seeds, 4 Ray workers) and a search (2 workers), then with faults
+	$(PY) bench/team_server_load.py --out team-server-load.json
 
 bench-int8-scheme: $(STAMP)  ## PTQ of recipe= (default transfer/baseline, cached) under both int8 schemes: runtimes side by side
 	$(PY) bench/int8_scheme.py --recipe $(if $(filter prune-inq-distill,$(recipe)),transfer/baseline,$(recipe))

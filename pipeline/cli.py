@@ -1,5 +1,5 @@
 """Command line: `python -m pipeline run|sweep|search|sensitivity RECIPE [key=value ...]`, `report [SWEEP|SEARCH]`,
-`export SOURCE`, `ui`, `validate`, `stages` (report and ui in cli_report and cli_ui).
+`export SOURCE`, `ui`, `server`, `validate`, `stages` (report, ui and server in cli_report, cli_ui and cli_server).
 
 Exit codes: 0 success, 1 a stage (or a sweep's ordering) failed, 2 the recipe (or the command line) is
 invalid, 130 interrupted (rerun the same command to resume from the cache).
@@ -18,7 +18,7 @@ from pipeline.cli_exits import EXIT_FAILED, EXIT_INVALID, EXIT_OK, guarded
 
 def _parser() -> argparse.ArgumentParser:
     import stages  # noqa: F401  (stages, and plug-in runtimes listed in PIPELINE_PLUGINS, register themselves)
-    from pipeline import cli_report, cli_sensitivity, cli_ui
+    from pipeline import cli_report, cli_sensitivity, cli_server, cli_ui
 
     parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_export_command(sub)
     cli_sensitivity.add_command(sub)
     cli_ui.add_command(sub)
+    cli_server.add_command(sub)
     sub.add_parser("stages", help="list the registered stages and their config fields")
     return parser
 
@@ -122,16 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.command == "stages":
         return _list_stages()
-    if args.command == "report":
-        from pipeline import cli_report
+    if args.command in ("report", "ui", "server"):  # commands of their own modules, without a recipe
+        from pipeline import cli_report, cli_server, cli_ui
 
-        return cli_report.run(args)
+        return {"report": cli_report, "ui": cli_ui, "server": cli_server}[args.command].run(args)
     if args.command == "export":
         return _export(args)
-    if args.command == "ui":
-        from pipeline import cli_ui
-
-        return cli_ui.run(args)
     from pipeline.recipe import RecipeError, load_recipe
 
     try:

@@ -1,5 +1,6 @@
 """The command line's exit codes and the one wrapper that maps the pipeline's errors to them (every command module
-uses it): 0 success, 1 a stage (or a sweep's ordering) failed, 2 the request cannot run as asked, 130 interrupted."""
+uses it): 0 success, 1 a stage (or a sweep's ordering) failed or the
+tracking server / study database stayed unreachable, 2 the request cannot run as asked, 130 interrupted."""
 
 from __future__ import annotations
 
@@ -24,6 +25,19 @@ def guarded(action, invalid: tuple[type[Exception], ...] = ()):
         print("\ninterrupted: finished stages are cached; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as err:  # a stage failed: show where, the MLflow runs are marked FAILED
+        if server_away(err):  # nothing to debug in a traceback: say what happened and how to go on
+            print(f"error: {server_away(err)}", file=sys.stderr)
+            return EXIT_FAILED
         traceback.print_exc()
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def server_away(err: BaseException) -> str | None:
+    """The message for a tracking server or study database that stayed unreachable through every retry, else None."""
+    from pipeline.tracking import faults, tracking_uri
+
+    if type(err).__name__ == "StorageUnreachable":  # pipeline.search.storage's (not imported: the search is optional)
+        return str(err)
+    away = faults.unreachable(err) and not faults.server_answers(tracking_uri())
+    return faults.unreachable_message(tracking_uri()) if away else None

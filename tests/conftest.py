@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,114 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TeamServerForTests:
+    """The team server as `make server auth=true` runs it (PostgreSQL, MLflow's basic-auth app, the artifact proxy),
+    with a writer and a reader; `client_env()` is what a team member's shell exports."""
+
+    server: object  # pipeline.server.mlflow_server.TeamServer
+    users: dict[str, str]  # name -> password
+
+    WRITER, READER = "alice", "bob"
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def client_env(self, base: dict[str, str], user: str = WRITER) -> dict[str, str]:
+        cluster = self.server.cluster
+        return dict(
+            base, MLFLOW_TRACKING_URI=self.url, MLFLOW_TRACKING_USERNAME=user,
+            MLFLOW_TRACKING_PASSWORD=self.users[user], OPTUNA_STORAGE=cluster.url("optuna"),
+            PGPASSWORD=cluster.password(),
+        )  # fmt: skip
+
+    def admin_env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": self.server.admin_password()}
+
+    def secrets(self) -> list[str]:
+        """Every password the server and its users hold: none may appear in a run, a log or an artifact."""
+        return [*self.users.values(), self.server.admin_password(), self.server.cluster.password()]
+
+
+def require_postgres() -> None:
+    """Skip, with the reason, where PostgreSQL's server binaries are missing (`make test` installs them)."""
+    from pipeline.server.postgres import PostgresUnavailable, bindir
+
+    try:
+        bindir()
+    except PostgresUnavailable as err:
+        pytest.skip(str(err))
+
+
+def server_folder(prefix: str) -> Path:
+    """A fresh folder the postgres user can reach (as root, a cluster runs as that user; pytest's tmp_path is not
+    reachable by other users)."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    root.chmod(0o755)
+    return root
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator:
+    """A PostgreSQL cluster of the project's on a free loopback port, not started yet; stopped and removed after."""
+    from pipeline.server.postgres import Cluster
+
+    require_postgres()
+    root = server_folder("pipeline-pg-")
+    cluster = Cluster(root / "pg", port=free_port())
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def team_server() -> Iterator[TeamServerForTests]:
+    """A PostgreSQL cluster and an authenticated MLflow server on free loopback ports, in a fresh folder; skipped only
+    where PostgreSQL's binaries are missing (`make test` installs them)."""
+    from pipeline.server.mlflow_server import TeamServer
+    from pipeline.tracking.users import add_user
+
+    require_postgres()
+    root = server_folder("pipeline-team-server-")
+    server = TeamServer(root, port=free_port(), pg_port=free_port(), auth=True)
+    server.start()
+    users = {
+        TeamServerForTests.WRITER: "alice-" + os.urandom(9).hex(),
+        TeamServerForTests.READER: "bob-" + os.urandom(9).hex(),
+    }
+    try:
+        with _environ(TeamServerForTests(server, users).admin_env()):
+            for name, role in ((TeamServerForTests.WRITER, "writer"), (TeamServerForTests.READER, "reader")):
+                add_user(server.url, name, users[name], role)
+        yield TeamServerForTests(server, users)
+    finally:
+        server.stop()
+        server.cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

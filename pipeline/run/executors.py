@@ -16,6 +16,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol, TypeVar
 
 log = logging.getLogger("pipeline")
+# Environment variables that hold secrets: never copied into a Ray job's runtime_env.
+SECRET_VARIABLES = frozenset(
+    (
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_AUTH_ADMIN_PASSWORD",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY",
+    )
+)
 
 
 class Job(Protocol):
@@ -61,8 +70,16 @@ class RayExecutor:
         import ray  # optional extra: pip install -e '.[ray]'
 
         if not ray.is_initialized():
-            # Workers inherit the tracking URI and cache location from this process's environment.
-            env = {k: v for k, v in os.environ.items() if k.startswith(("MLFLOW_", "PIPELINE_")) or k == "PYTHONPATH"}
+            # Workers inherit the tracking URI, the study storage and the cache location from this process's
+            # environment; never a password (Ray keeps a job's runtime_env in its logs and control store): a local
+            # instance's workers inherit them from this process anyway, a cluster's nodes read their own credentials
+            # files (~/.mlflow/credentials, ~/.pgpass).
+            env = {
+                k: v
+                for k, v in os.environ.items()
+                if (k.startswith(("MLFLOW_", "PIPELINE_")) or k in ("PYTHONPATH", "OPTUNA_STORAGE"))
+                and k not in SECRET_VARIABLES
+            }
             ray.init(
                 address=self.address,
                 include_dashboard=False,

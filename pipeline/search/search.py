@@ -34,6 +34,7 @@ from pipeline.search.study import (
     open_study,
     plan_search,
     requeue_interrupted,
+    safe_url,
     search_storage,
 )
 from pipeline.search.trial import TrialContext, run_trial
@@ -130,7 +131,7 @@ def _prepare_study(plan: SearchPlan, executor: str) -> None:
     log.info(
         "search %s: %d orderings, %d fields sampled, %d of %s trials already counted%s; storage %s; executor %s",
         plan.search_id, len(plan.orderings), len(cfg.space), counted_trials(study), cfg.trials or "unlimited",
-        f", {requeued} interrupted trial(s) requeued" if requeued else "", plan.storage, executor,
+        f", {requeued} interrupted trial(s) requeued" if requeued else "", safe_url(plan.storage), executor,
     )  # fmt: skip
 
 

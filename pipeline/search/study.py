@@ -74,7 +74,9 @@ def search_storage(plan: SearchPlan, *, create: bool = True, heartbeat: bool = T
     beating is failed and retried), without for the studies run by ask and tell (its pruner's fidelity studies, its
     confirmations). A missing SQLite file is a ValueError unless `create`."""
     import optuna
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from pipeline.search.storage import RetryingRDBStorage
 
     engine = {}
     if plan.storage.startswith("sqlite:///"):
@@ -86,8 +88,8 @@ def search_storage(plan: SearchPlan, *, create: bool = True, heartbeat: bool = T
     with warnings.catch_warnings():  # heartbeats are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if not heartbeat:
-            return RDBStorage(plan.storage, engine_kwargs=engine)
-        return RDBStorage(
+            return RetryingRDBStorage(plan.storage, engine_kwargs=engine)
+        return RetryingRDBStorage(
             plan.storage,
             engine_kwargs=engine,
             heartbeat_interval=HEARTBEAT_S,

@@ -1,6 +1,7 @@
-"""Executors: a sweep on a local Ray instance logging to an `mlflow server` over HTTP on 127.0.0.1, with two
-orderings running at once (shared prefixes still trained once, through the cache's per-key lock) and one
-ordering whose worker dies mid-stage (reported failed; the others finish)."""
+"""Executors: a sweep on a local Ray instance logging to the team server (`make server auth=true`: MLflow on
+PostgreSQL, signed in as a writer) over HTTP on 127.0.0.1, with two orderings running at once (shared prefixes still
+trained once, through the cache's per-key lock) and one ordering whose worker dies mid-stage (reported failed; the
+others finish); a search's two Ray workers sharing one Optuna study in the server's PostgreSQL."""
 
 from __future__ import annotations
 
@@ -14,22 +15,21 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline.run.cache import StageCache
-from tests.conftest import PROJECT_ROOT, mlflow_process, run_cli, tiny_recipe, write_recipe
+from tests.conftest import PROJECT_ROOT, run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """`mlflow server` (what `make server` starts) on a free loopback port; yields its URI."""
-    backend = f"sqlite:///{tmp_path / 'server.db'}"
-    with mlflow_process(
-        "server", "--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "art")
-    ) as uri:
-        yield uri
+def mlflow_server(team_server, monkeypatch):
+    """The team server's URL; this test process reads it back as the admin."""
+    for key, value in team_server.admin_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("PGPASSWORD", team_server.server.cluster.password())
+    return team_server.url
 
 
-def test_ray_sweep_into_a_tracking_server(tmp_path, isolated, mlflow_server, cifar_root):
+def test_ray_sweep_into_a_tracking_server(tmp_path, isolated, team_server, mlflow_server, cifar_root):
     stages = [
         {"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}},
         {"distill": {"epochs": 1, "lr": 0.01}},
@@ -38,7 +38,7 @@ def test_ray_sweep_into_a_tracking_server(tmp_path, isolated, mlflow_server, cif
     orderings = [["prune", "distill"], ["distill", "prune"], ["prune"], ["prune", "crash"]]
     raw = tiny_recipe(name="tiny-ray", stages=stages, orderings=orderings, executor={"name": "ray", "cpus": 1})
     path = write_recipe(tmp_path / "ray.yaml", raw)
-    env = dict(isolated, MLFLOW_TRACKING_URI=mlflow_server, PIPELINE_PLUGINS="tests.stages.crashing_stage",
+    env = dict(team_server.client_env(isolated), PIPELINE_PLUGINS="tests.stages.crashing_stage",
                PYTHONPATH=str(PROJECT_ROOT), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")  # fmt: skip
     result = run_cli(["sweep", str(path), "--quiet", "--no-report"], env)  # the recipe's `executor:` picks Ray
     # The crashing ordering fails the sweep (exit 1); the three others finish.
@@ -104,8 +104,8 @@ def test_a_ray_task_logs_the_pipeline_progress_to_its_stderr(monkeypatch, capsys
     assert capsys.readouterr().err == "[pipeline] train: epoch 1/2\n[pipeline] train: epoch 2/2\n"
 
 
-def test_ray_search_workers_share_one_study(tmp_path, isolated, mlflow_server, cifar_root):
-    """Two search workers as Ray tasks, one Optuna study (SQLite beside the cache), trials logged to the server."""
+def test_ray_search_workers_share_one_study(tmp_path, isolated, team_server, mlflow_server, cifar_root):
+    """Two search workers as Ray tasks, one Optuna study (in the server's PostgreSQL), trials logged to the server."""
     stages = [{"prune": {"pruning_ratio": 0.3, "epochs": 1, "lr": 0.01}}, {"distill": {"epochs": 1, "lr": 0.01}}]
     search = {"orderings": [["prune"], ["prune", "distill"]], "space": {"prune.pruning_ratio": {"choices": [0.3, 0.5]}},
               "objectives": {"val_top1": "max", "artifact_bytes": "min"}, "trials": 3, "workers": 2,
@@ -115,8 +115,7 @@ def test_ray_search_workers_share_one_study(tmp_path, isolated, mlflow_server, c
     raw = tiny_recipe(name="tiny-ray-search", stages=stages, search=search, executor={"name": "ray", "cpus": 1})
     raw["data"]["train_subset"] = 160
     path = write_recipe(tmp_path / "search.yaml", raw)
-    env = dict(isolated, MLFLOW_TRACKING_URI=mlflow_server, PYTHONPATH=str(PROJECT_ROOT),
-               RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")  # fmt: skip
+    env = dict(team_server.client_env(isolated), PYTHONPATH=str(PROJECT_ROOT), RAY_ENABLE_UV_RUN_RUNTIME_ENV="0")
     result = run_cli(["search", str(path), "--quiet", "--no-report"], env)
     assert result.returncode == 0, result.stderr[-3000:]
     search_id = re.search(r"^search (\S+): (\d+) trials finished", result.stdout, re.M)
@@ -132,7 +131,7 @@ def test_ray_search_workers_share_one_study(tmp_path, isolated, mlflow_server, c
     assert len(trained) == len(set(trained))  # a prefix two trials share was trained once
     # Both workers reported every trial's epochs to the one fidelity study in the shared storage.
     fidelity = optuna.load_study(study_name=f"{search_id.group(1)}:fidelity:all",
-                                 storage=f"sqlite:///{tmp_path / 'cache' / 'optuna.db'}")  # fmt: skip
+                                 storage=team_server.server.cluster.url("optuna"))  # fmt: skip
     reported = [t for t in fidelity.trials if t.intermediate_values]
     assert {t.user_attrs["search_trial"] for t in fidelity.trials} == {int(r.data.tags["trial"]) for r in trials}
     assert reported and all(t.state.name == "COMPLETE" for t in fidelity.trials)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core.paths import PROJECT_ROOT
+from pipeline.tracking import faults
+from pipeline.tracking.tags import TAGS, RunType, Tags  # noqa: F401  (re-exported: the pipeline names tags through here)
 
 DEFAULT_EXPERIMENT = "compression"
 DEFAULT_TRACKING_URI = f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
@@ -34,56 +36,6 @@ MODEL_TRAINING_KIND = "custom_model_development"
 # A run page opened from a link starts in MLflow 3.17's GenAI view unless its URL asks for the model-training one.
 UI_VIEW = "workflowType=machine_learning"
 UI_BASE = "http://127.0.0.1:5000"  # where `make ui` serves a local store
-
-
-@dataclass(frozen=True)
-class Tags:
-    """Names of the run tags the pipeline writes and reads back (MLflow's own keys among them)."""
-
-    run_type: str = "run_type"  # RunType.SWEEP, CHAIN or STAGE
-    sweep: str = "sweep"  # the sweep's id, on every run of a sweep
-    recipe: str = "recipe"  # the recipe's name
-    ordering: str = "ordering"  # chain runs only: stage names joined by '>', e.g. 'prune>inq>distill'
-    ordering_detail: str = "ordering_detail"  # chain runs: the ordering with variants, 'prune[structured]>inq[5-bit]'
-    control_epochs: str = "control_epochs"  # chain runs of an equal-training control: the epochs it matches
-    seed: str = "seed"  # chain runs: the seed that tells repetitions of one ordering apart (its stages' seed)
-    chain_ordering: str = "chain_ordering"  # stage runs: their chain's ordering (grouping by `ordering` shows chains)
-    stage: str = "stage"  # stage runs: the registered stage name
-    stage_index: str = "stage_index"  # stage runs: position in the chain, the baseline being 0
-    cached: str = "cached"  # stage runs: 'true' when the stage's output was reused from the cache
-    trained: str = "trained"  # stage runs: 'true' once this run trained the stage and cached its output
-    cache_key: str = "cache_key"  # stage runs: the stage cache's key of the output (same key, same model)
-    numerics: str = "numerics"  # stage runs: what it trained in (precision, memory format, why), `;`-separated
-    resumed: str = "resumed"  # stage runs: where it went on from a killed run's checkpoints, `;`-separated
-    input_size: str = "input_size"  # stage runs: the model's input, CxHxW
-    pipeline_version: str = "pipeline_version"
-    cpu_capability: str = "cpu_capability"  # the CPU's instruction set as torch sees it (AVX2, AVX512, ...)
-    deploy_runtimes: str = "deploy_runtimes"  # runtimes measured, comma-separated, or 'none'
-    error: str = "error"  # a FAILED or KILLED run's error
-    stopped_at_stage: str = "stopped_at_stage"  # a FAILED or KILLED chain run: the stage it stopped in, '2 (inq)'
-    deploy_error: str = "deploy_error"  # a stage whose export failed with deploy.required false
-    search: str = "search"  # the search's id (its Optuna study name), on the search's run and its trials' runs
-    trial: str = "trial"  # a search's chain runs: the Optuna trial number
-    confirms_trial: str = "confirms_trial"  # a search's confirmation runs: the trial whose configuration it repeats
-    pruned: str = "pruned"  # a search's chain runs its pruner stopped: why (epochs done, its score)
-    early_stopped: str = "early_stopped"  # a chain a search ended early: why (the constraint out of reach)
-    feasible: str = "feasible"  # a search's chain runs: 'true' when the final model meets every constraint
-    registered_model: str = "registered_model"  # a search's run: 'name version N' of the model it registered
-    parent_run_id: str = "mlflow.parentRunId"  # MLflow's nesting: the sweep above a chain, the chain above a stage
-    note: str = "mlflow.note.content"  # the run's Markdown description, shown on its page in the UI
-
-
-TAGS = Tags()
-
-
-class RunType:
-    """Values of the `run_type` tag."""
-
-    SWEEP = "sweep"
-    SEARCH = "search"
-    CHAIN = "chain"
-    STAGE = "stage"
-    SENSITIVITY = "sensitivity"  # a per-layer sensitivity analysis (pipeline.sensitivity)
 
 
 # Metrics whose name in MLflow differs from the pipeline's: `params` (the parameter count) would sit beside MLflow's
@@ -160,8 +112,10 @@ class Tracker:
     def __init__(self, uri: str | None = None, experiment: str | None = None, experiment_id: str | None = None) -> None:
         from mlflow.tracking import MlflowClient  # imported late: MLflow is slow to import
 
+        faults.install_retry_line()
         self.uri = uri or tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
+        faults.close_remembered(self.client, self.uri, TAGS.error)
         if experiment_id is not None:  # a worker joining a sweep logs where the sweep does
             self.experiment_id = experiment_id
             return
@@ -198,6 +152,9 @@ class Tracker:
             self.client.set_terminated(run_id, "KILLED")
             raise
         except BaseException as err:
+            if faults.unreachable(err) and not faults.server_answers(self.uri):  # the next command closes it
+                faults.remember_unclosed(self.uri, run_id)
+                raise
             self.client.set_tag(run_id, TAGS.error, f"{type(err).__name__}: {err}"[:5000])
             # An exception may say how the run ended otherwise (a search's pruned trial: KILLED, not FAILED).
             self.client.set_terminated(run_id, getattr(err, "run_status", "FAILED"))
