@@ -79,6 +79,8 @@ class _InterruptWithoutTraceback(logging.Filter):
 
 def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     """Run trials of the study until `search.trials` have finished (over every worker) or the deadline passes."""
+    from optuna.trial import TrialState
+
     cfg = job.plan.config
     storage = search_storage(job.plan)
     study = open_study(job.plan, job.worker, storage=storage)
@@ -87,15 +89,19 @@ def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     ctx = TrialContext(job.plan, job.search_run_id, job.cache_dir, tracker, job.progress, job.worker, plain)
     ran = 0
 
+    def trials_spent(study) -> bool:
+        """The budget counts the trials other workers are running: without them, two workers finishing together
+        would each start one more than `search.trials` allows."""
+        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        return cfg.trials is not None and counted_trials(study) + running >= cfg.trials
+
     def budget_spent(study, _trial) -> None:
         nonlocal ran
         ran += 1
-        if (cfg.trials is not None and counted_trials(study) >= cfg.trials) or (
-            job.deadline is not None and time.time() >= job.deadline
-        ):
+        if trials_spent(study) or (job.deadline is not None and time.time() >= job.deadline):
             study.stop()
 
-    if cfg.trials is not None and counted_trials(study) >= cfg.trials:
+    if trials_spent(study):
         return WorkerResult(job.worker, 0)
     timeout = None if job.deadline is None else max(1.0, job.deadline - time.time())
     optimize_log, quiet = logging.getLogger("optuna.study._optimize"), _InterruptWithoutTraceback()

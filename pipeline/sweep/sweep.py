@@ -148,6 +148,13 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
     """Run one ordering's chain under the sweep's run. A failing stage fails this ordering, not the sweep."""
     start = time.perf_counter()
     tracker = Tracker(job.tracking_uri, experiment_id=job.experiment_id)
+    # A retried attempt (Ray runs a task again when its worker died): close the runs the dead attempt left RUNNING.
+    # Attempts of one chain never overlap, so a RUNNING run of this chain here is a dead attempt's.
+    retried = tracker.fail_open_ordering_runs(
+        job.sweep_id, job.chain.ordering, "its worker died; the chain was run again", seed=job.chain.chain_seed
+    )
+    if retried:
+        log.warning("ordering %s: closed %d run(s) its earlier, dead attempt left RUNNING", job.name, retried)
     tags = {TAGS.sweep: job.sweep_id}
     runner = Runner(
         job.chain,

@@ -264,3 +264,30 @@ def test_seeds_repeat_each_chain_the_report_tests_differences_and_a_new_seed_tra
     again = run_cli(["sweep", str(path), "--no-report"], isolated)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stage runs: 5 executed, 19 reused from the cache" in again.stdout
+
+
+def test_a_retried_ordering_closes_the_runs_its_dead_attempt_left_running(tmp_path, isolated, cifar_root):
+    """Ray runs a task again when its worker died: the new attempt closes the chain and stage runs the dead one left
+    RUNNING (found by the team-server load benchmark, where a killed worker's retry succeeded)."""
+    from pipeline.sweep.sweep import OrderingJob, run_ordering
+    from pipeline.tracking import TAGS, RunType
+
+    recipe = validate_recipe(tiny_recipe(name="tiny-retry", stages=[{"prune": {"pruning_ratio": 0.3, "epochs": 1}}]))
+    plan = plan_sweep(recipe)
+    (chain,) = plan.chains
+    tracker = Tracker(isolated["MLFLOW_TRACKING_URI"])
+    sweep_tags = {TAGS.sweep: plan.sweep_id}
+    create = tracker.client.create_run
+    sweep_run = create(tracker.experiment_id, tags={**sweep_tags, TAGS.run_type: RunType.SWEEP}).info.run_id
+    dead_chain = create(tracker.experiment_id, tags={
+        **sweep_tags, TAGS.run_type: RunType.CHAIN, TAGS.ordering: chain.ordering, TAGS.seed: str(chain.chain_seed),
+        TAGS.parent_run_id: sweep_run}).info.run_id  # fmt: skip
+    dead_stage = create(tracker.experiment_id, tags={
+        **sweep_tags, TAGS.run_type: RunType.STAGE, TAGS.parent_run_id: dead_chain}).info.run_id  # fmt: skip
+
+    job = OrderingJob(chain, plan.sweep_id, sweep_run, tmp_path / "cache", tracker.uri, tracker.experiment_id, False)
+    assert run_ordering(job).status == "FINISHED"
+    for run_id in (dead_chain, dead_stage):
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == "FAILED" and "worker died" in run.data.tags[TAGS.error]
+    assert not [r for r in tracker.chain_runs(plan.sweep_id) if r.status == "RUNNING"]
