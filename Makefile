@@ -24,7 +24,7 @@ host ?= 127.0.0.1
 db ?= $(or $(server_db),postgresql)
 auth ?= false
 pg_host ?= 127.0.0.1
-pg_port ?= 5432
+pg_port ?= 5433
 name ?=
 role ?= writer
 PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb))
@@ -77,7 +77,7 @@ search: $(STAMP)  ## search orderings and stage settings of recipes/$(recipe).ya
 	$(PY) -m pipeline search $(recipe) $(set) $(if $(executor),--executor $(executor)) $(if $(address),--address $(address)) \
 		$(if $(against),--against $(against))
 
-server: $(STAMP) postgresql  ## team server on http://$(host):$(port): MLflow on PostgreSQL (db=), Optuna's studies beside it, auth=true for users
+server: $(STAMP) $(if $(filter postgresql,$(db)),postgresql)  ## team server on http://$(host):$(port): MLflow on PostgreSQL (db=), Optuna's studies beside it, auth=true for users
 	$(PY) -m pipeline server start --db $(db) --host $(host) --port $(port) --pg-host $(pg_host) --pg-port $(pg_port) \
 		$(if $(filter true,$(auth)),--auth)
 
@@ -87,7 +87,8 @@ server-stop: $(STAMP)  ## stop the team server's PostgreSQL (Ctrl-C stops MLflow
 server-user: $(STAMP)  ## add a user to the team server (auth=true): name=NAME role=writer|reader; asks for the password
 	$(PY) -m pipeline server add-user $(name) --role $(role) --host $(host) --port $(port)
 
-# PostgreSQL's server binaries (Debian's package) for `make server` and the team-server tests.
+# PostgreSQL's server binaries (Debian's package) for `make server` and the team-server tests; `make test` goes on
+# without them where they cannot be installed (those tests then skip, saying why).
 postgresql:
 	@[ -n "$(PG_INITDB)" ] || command -v initdb >/dev/null || { \
 		command -v apt-get >/dev/null || { echo "install PostgreSQL's server (Debian: postgresql) for make server"; exit 1; }; \
@@ -108,7 +109,8 @@ $(CHROMIUM):
 # One pytest-xdist worker per core (at most 4; a test module's tests stay on one worker, with its fixtures); a
 # single test file or test: `.venv/bin/python -m pytest tests/...` runs in one process as usual. A worker that crashes
 # ends the run (--max-worker-restart 0): pytest-xdist's loadscope scheduler can hang for good after replacing one.
-test: $(STAMP) $(CHROMIUM) postgresql
+test: $(STAMP) $(CHROMIUM)
+	-@$(MAKE) --no-print-directory postgresql
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadscope --max-worker-restart 0
 
 versions: $(STAMP)  ## record the code versions and source hashes tests/test_code_versions.py checks (see pipeline/run/keys.py)
@@ -152,7 +154,7 @@ bench-int8: $(STAMP)  ## PT2E int8 against=CHECKOUT's FX int8 on the qat recipe,
 bench-int8-fidelity: $(STAMP)  ## 7 models users bring through PTQ and QAT: runtime top-1 against torch int8 (CIFAR-10, 32 px)
 	$(PY) bench/int8_fidelity.py
 
-bench-team-server: $(STAMP) postgresql  ## the team server under a sweep (12 orderings x 2 seeds, 4 Ray workers) and a search (2 workers), then with faults
+bench-team-server: $(STAMP) $(if $(filter postgresql,$(db)),postgresql)  ## the team server under a sweep (12 orderings x 2 seeds, 4 Ray workers) and a search (2 workers), then with faults
 	$(PY) bench/team_server_load.py --out team-server-load.json
 
 bench-int8-scheme: $(STAMP)  ## PTQ of recipe= (default transfer/baseline, cached) under both int8 schemes: runtimes side by side

@@ -188,8 +188,8 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="pipeline-team-load-"))
     folder.chmod(0o755)
     server = TeamServer(folder / "server", port=free_port(), pg_port=free_port(), auth=True)
-    server.start()
     try:
+        server.start()
         password = "load-" + os.urandom(12).hex()
         admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": server.admin_password()}
         os.environ.update(admin)

@@ -35,9 +35,10 @@ def guarded(action, invalid: tuple[type[Exception], ...] = ()):
 
 def server_away(err: BaseException) -> str | None:
     """The message for a tracking server or study database that stayed unreachable through every retry, else None."""
+    from pipeline.search.storage import StorageUnreachable
     from pipeline.tracking import faults, tracking_uri
 
-    if type(err).__name__ == "StorageUnreachable":  # pipeline.search.storage's (not imported: the search is optional)
+    if isinstance(err, StorageUnreachable):
         return str(err)
     away = faults.unreachable(err) and not faults.server_answers(tracking_uri())
     return faults.unreachable_message(tracking_uri()) if away else None

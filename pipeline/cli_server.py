@@ -23,7 +23,7 @@ def add_command(sub) -> None:
     cmd.add_argument("--host", default="127.0.0.1", help="0.0.0.0 serves other machines (put TLS in front)")
     cmd.add_argument("--port", type=int, default=5000)
     cmd.add_argument("--pg-host", default="127.0.0.1", help="where PostgreSQL listens (Optuna's clients connect)")
-    cmd.add_argument("--pg-port", type=int, default=5432)
+    cmd.add_argument("--pg-port", type=int, default=5433, help="not 5432: a distribution's own cluster often holds it")
     cmd.add_argument("--root", type=Path, default=PROJECT_ROOT / "server", help="the server's folder")
     cmd.add_argument("--role", default="writer", choices=["writer", "reader"], help="add-user: what they may do")
     cmd.add_argument("--url", help="add-user: the server (default $MLFLOW_TRACKING_URI if http(s), else --host/--port)")
@@ -36,10 +36,14 @@ def _server(args):
 
 
 def _client_lines(server) -> list[str]:
-    lines = [f"export MLFLOW_TRACKING_URI={server.url}"]
+    import socket
+
+    lines = [f"export MLFLOW_TRACKING_URI={server.public_url}"]
     if server.cluster is not None:
+        everywhere = server.pg_host in ("0.0.0.0", "*", "::")
+        storage = server.cluster.url("optuna", client_host=socket.getfqdn() if everywhere else None)
         lines += [
-            f"export OPTUNA_STORAGE={server.cluster.url('optuna')}",
+            f"export OPTUNA_STORAGE={storage}",
             f'export PGPASSWORD="$(cat {server.cluster.password_file})"   # Optuna\'s database role',
         ]
     if server.auth:
@@ -50,14 +54,15 @@ def _client_lines(server) -> list[str]:
 
 
 def _stop_on_signals() -> None:
-    """Ctrl-C and a service manager's SIGTERM both stop the server: SIGINT's handler is set explicitly, since a
-    process started in the background by a script (or a test runner) inherits it ignored."""
+    """Ctrl-C, a service manager's SIGTERM and a closed terminal's SIGHUP stop the server (MLflow's runs in a session
+    of its own, so it would outlive us): SIGINT's handler is set explicitly, since a process started in the
+    background by a script (or a test runner) inherits it ignored."""
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(signum, interrupt)
 
 
 def _start(args) -> int:
@@ -128,10 +133,9 @@ def _add_user(args) -> int:
 
 
 def run(args) -> int:
+    from pipeline.cli_exits import guarded
+    from pipeline.server.mlflow_server import ServerError
     from pipeline.server.postgres import PostgresUnavailable
 
-    try:
-        return {"start": _start, "stop": _stop, "add-user": _add_user}[args.action](args)
-    except (PostgresUnavailable, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    action = {"start": _start, "stop": _stop, "add-user": _add_user}[args.action]
+    return guarded(lambda: action(args), invalid=(PostgresUnavailable, ServerError, ValueError))

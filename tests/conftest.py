@@ -321,12 +321,12 @@ def team_server() -> Iterator[TeamServerForTests]:
     require_postgres()
     root = server_folder("pipeline-team-server-")
     server = TeamServer(root, port=free_port(), pg_port=free_port(), auth=True)
-    server.start()
     users = {
         TeamServerForTests.WRITER: "alice-" + os.urandom(9).hex(),
         TeamServerForTests.READER: "bob-" + os.urandom(9).hex(),
     }
     try:
+        server.start()  # inside: a start that fails half-way still stops what it started
         with _environ(TeamServerForTests(server, users).admin_env()):
             for name, role in ((TeamServerForTests.WRITER, "writer"), (TeamServerForTests.READER, "reader")):
                 add_user(server.url, name, users[name], role)

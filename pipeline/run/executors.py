@@ -27,6 +27,12 @@ SECRET_VARIABLES = frozenset(
 )
 
 
+def _carries_password(value: str) -> bool:
+    """A URL with a password in it (`scheme://user:password@host`): kept out of Ray's runtime_env like the rest."""
+    head, sep, _ = value.partition("@")
+    return bool(sep) and "://" in head and ":" in head.split("://", 1)[1]
+
+
 class Job(Protocol):
     def failed(self, error: str): ...
 
@@ -79,6 +85,7 @@ class RayExecutor:
                 for k, v in os.environ.items()
                 if (k.startswith(("MLFLOW_", "PIPELINE_")) or k in ("PYTHONPATH", "OPTUNA_STORAGE"))
                 and k not in SECRET_VARIABLES
+                and not _carries_password(v)
             }
             ray.init(
                 address=self.address,

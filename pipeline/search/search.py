@@ -79,6 +79,7 @@ class _InterruptWithoutTraceback(logging.Filter):
 
 def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     """Run trials of the study until `search.trials` have finished (over every worker) or the deadline passes."""
+    from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
     cfg = job.plan.config
@@ -92,8 +93,11 @@ def run_search_worker(job: SearchWorkerJob) -> WorkerResult:
     def trials_spent(study) -> bool:
         """The budget counts the trials other workers are running: without them, two workers finishing together
         would each start one more than `search.trials` allows."""
+        if cfg.trials is None:
+            return False
+        fail_stale_trials(study)  # a dead worker's trial is failed (and retried), not counted as running
         running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        return cfg.trials is not None and counted_trials(study) + running >= cfg.trials
+        return counted_trials(study) + running >= cfg.trials
 
     def budget_spent(study, _trial) -> None:
         nonlocal ran

@@ -4,9 +4,10 @@ exponential backoff, each retry said on one line, for up to `PIPELINE_STORAGE_TI
 then `StorageUnreachable` stops the command (exit 1; a rerun resumes the study). Connections are checked before
 use (`pool_pre_ping`), so a pool holding connections from before a restart reconnects instead of failing.
 
-A retried write is safe: a transaction cut by a lost connection is rolled back by the database, so it is either
-committed once or not at all (the rare commit whose acknowledgement is lost is the exception; Optuna's own
-integrity checks then refuse the duplicate)."""
+A retried write is safe when the connection was lost before its commit (the database rolls the transaction back).
+When the commit went through and only its acknowledgement was lost, the retry finds the write done: a retried
+state update of a trial that is already finished is taken as done; a retried `create_new_trial` would add a second
+trial (rare: the window is the acknowledgement of one commit). Refused logins (a wrong password) are not retried."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import os
 import sys
 import time
 
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, RDBStorage
 
 DEFAULT_TIMEOUT_S = 300.0
@@ -36,6 +38,8 @@ def connection_lost(err: BaseException) -> bool:
     seen: set[int] = set()
     while err is not None and id(err) not in seen and not isinstance(err, StorageUnreachable):  # retried already
         seen.add(id(err))
+        if "authentication failed" in str(err) or "no password supplied" in str(err):
+            return False  # refused, not lost: retrying would not change the answer
         if isinstance(err, exc.DBAPIError) and err.connection_invalidated:
             return True
         if isinstance(err, exc.OperationalError | exc.InterfaceError | exc.DisconnectionError):
@@ -52,6 +56,10 @@ def with_retries(call, what: str):
     while True:
         try:
             return call()
+        except UpdateFinishedTrialError:
+            if attempt == 0:
+                raise
+            return None  # the attempt whose connection was lost had committed it
         except Exception as err:  # Optuna wraps SQLAlchemy's errors in StorageInternalError: read the cause
             if not connection_lost(err):
                 raise
@@ -81,8 +89,9 @@ class RetryingRDBStorage(RDBStorage):
 
     def __init__(self, url: str, **kwargs) -> None:
         engine = dict(kwargs.pop("engine_kwargs", None) or {})
-        if not url.startswith("sqlite"):
+        if url.startswith("postgresql"):  # an attempt that hangs on a dead connection must not outlive the timeout
             engine.setdefault("pool_pre_ping", True)
+            engine.setdefault("connect_args", {"connect_timeout": 10, "keepalives_idle": 30})
         with_retries(lambda: RDBStorage.__init__(self, url, engine_kwargs=engine, **kwargs), "connect")
 
 

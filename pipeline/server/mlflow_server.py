@@ -38,6 +38,7 @@ def _secret_file(path: Path) -> str:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
+        path.chmod(0o600)  # a file from before may have been readable by others
         path.write_text(secrets.token_urlsafe(18) + "\n")
     return path.read_text().strip()
 
@@ -53,7 +54,7 @@ class TeamServer:
     port: int = 5000
     db: str = "postgresql"
     auth: bool = False
-    pg_port: int = 5432
+    pg_port: int = 5433
     pg_host: str = "127.0.0.1"
     workers: int = 2
 
@@ -67,8 +68,16 @@ class TeamServer:
 
     @property
     def url(self) -> str:
+        """Where this machine reaches it (loopback when it listens on every interface)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def public_url(self) -> str:
+        """Where other machines reach it: this machine's name when it listens on every interface."""
+        import socket
+
+        return f"http://{socket.getfqdn()}:{self.port}" if self.host in ("0.0.0.0", "::") else self.url
 
     @property
     def log(self) -> Path:
@@ -80,18 +89,20 @@ class TeamServer:
             return self.cluster.url(name)
         if self.db == "sqlite":
             return f"sqlite:///{self.root / ('mlflow.db' if name == 'mlflow' else 'basic_auth.db')}"
-        if name == "mlflow":
-            return self.db
         from sqlalchemy.engine import make_url
 
-        url = make_url(self.db)
-        return url.set(database=f"{url.database}_auth").render_as_string(hide_password=False)
+        url = make_url(self.db).set(password=None)  # its password goes to the server as PGPASSWORD (env())
+        if name != "mlflow":
+            url = url.set(database=f"{url.database}_auth")
+        return url.render_as_string(hide_password=False)
 
     def admin_password(self) -> str:
         return os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") or _secret_file(self.root / "admin-password")
 
     def write_auth_config(self) -> Path:
         path = self.root / "basic_auth.ini"
+        path.touch(mode=0o600)
+        path.chmod(0o600)  # a file from before may have been readable by others
         path.write_text(
             "[mlflow]\n"
             f"default_permission = {DEFAULT_PERMISSION}\n"
@@ -119,6 +130,11 @@ class TeamServer:
         env = dict(os.environ)
         if self.cluster is not None:
             env.update(self.cluster.client_env())
+        elif self.db != "sqlite":
+            from sqlalchemy.engine import make_url
+
+            if make_url(self.db).password:  # never on the command line, where `ps` shows it
+                env["PGPASSWORD"] = str(make_url(self.db).password)
         if self.auth:
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.write_auth_config())
             env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.admin_password()
@@ -131,6 +147,10 @@ class TeamServer:
     def start(self, timeout: float = 120) -> None:
         """Start the database (if ours) and the server, and wait until it answers /health."""
         self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "artifacts").mkdir(exist_ok=True)
+        (self.root / "artifacts").chmod(0o700)  # read through the server, signed in
+        if self.healthy():
+            raise ServerError(f"something already answers on {self.url}: stop it, or choose another port")
         if self.cluster is not None:
             self.cluster.start()
         with open(self.log, "ab") as log:
@@ -138,7 +158,7 @@ class TeamServer:
                 self.command(), env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout
-        while not self.healthy():
+        while self._process.poll() is not None or not self.healthy():
             if self._process.poll() is not None:
                 raise ServerError(f"mlflow server exited with {self._process.returncode}: see {self.log}")
             if time.monotonic() > deadline:

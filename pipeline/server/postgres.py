@@ -51,8 +51,17 @@ def _as_service_user() -> list[str]:
 
 
 def _chown_to_service_user(path: Path) -> None:
-    if os.geteuid() == 0:
-        shutil.chown(path, SERVICE_USER, SERVICE_USER)
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    try:
+        pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        raise PostgresUnavailable(
+            f"running as root, PostgreSQL needs the `{SERVICE_USER}` system user (Debian's package creates it)"
+        ) from None
+    shutil.chown(path, SERVICE_USER, SERVICE_USER)
 
 
 @dataclass(frozen=True)
@@ -61,7 +70,7 @@ class Cluster:
     `root/password` (mode 600), listening on `host:port`."""
 
     root: Path
-    port: int = 5432
+    port: int = 5433  # not 5432: a distribution's own cluster often holds it
     host: str = "127.0.0.1"
 
     @property
@@ -115,9 +124,10 @@ class Cluster:
                 "every folder above it must be searchable by others (chmod o+x), or choose a folder that is"
             )
         pwfile = self.root / ".initdb-password"
-        pwfile.write_text(self.password() + "\n")
+        pwfile.touch(mode=0o600)  # readable by its owner only, before the password goes in
         for path in (self.root, pwfile):
             _chown_to_service_user(path)
+        pwfile.write_text(self.password() + "\n")
         try:
             self._pg(
                 "initdb", "-D", str(self.data), "-U", ROLE, f"--pwfile={pwfile}", "--auth-host=scram-sha-256",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from pipeline.run.executors import Executor, get_executor
 from pipeline.run.keys import data_fingerprint, evaluation_key, plan_chain
 from pipeline.run.runner import Runner, default_cache_dir, termination_as_interrupt, training_epochs
 from pipeline.sweep.orderings import sweep_orderings
-from pipeline.tracking import TAGS, RunType, Tracker
+from pipeline.tracking import TAGS, RunType, Tracker, faults
 
 log = logging.getLogger("pipeline")
 
@@ -118,6 +119,7 @@ class OrderingJob:
     experiment_id: str
     progress: bool
     label: str = ""  # the chain's name in the sweep (`chain_label`); the ordering when empty
+    invocation: str = ""  # this invocation of the sweep (a retried job closes its own dead attempt's runs only)
 
     @property
     def name(self) -> str:
@@ -149,13 +151,14 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
     start = time.perf_counter()
     tracker = Tracker(job.tracking_uri, experiment_id=job.experiment_id)
     # A retried attempt (Ray runs a task again when its worker died): close the runs the dead attempt left RUNNING.
-    # Attempts of one chain never overlap, so a RUNNING run of this chain here is a dead attempt's.
+    # Attempts of one chain in one invocation never overlap: a RUNNING run of it here is a dead attempt's.
+    died = "its worker died; the chain was run again"
     retried = tracker.fail_open_ordering_runs(
-        job.sweep_id, job.chain.ordering, "its worker died; the chain was run again", seed=job.chain.chain_seed
+        job.sweep_id, job.chain.ordering, died, seed=job.chain.chain_seed, invocation=job.invocation
     )
     if retried:
         log.warning("ordering %s: closed %d run(s) its earlier, dead attempt left RUNNING", job.name, retried)
-    tags = {TAGS.sweep: job.sweep_id}
+    tags = {TAGS.sweep: job.sweep_id, TAGS.sweep_invocation: job.invocation}
     runner = Runner(
         job.chain,
         cache_dir=job.cache_dir,
@@ -167,6 +170,8 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
     try:
         summary = runner.run()
     except Exception as err:  # the Runner marked its MLflow runs FAILED; the other orderings go on
+        if faults.unreachable(err) and not faults.server_answers(job.tracking_uri):
+            raise  # unless the tracking server is away: each of them would wait through the same retries
         log.error("ordering %s failed: %s: %s", job.name, type(err).__name__, err)
         return OrderingResult(job.name, "FAILED", seconds=time.perf_counter() - start,
                               error=f"{type(err).__name__}: {err}", seed=job.chain.chain_seed,
@@ -246,14 +251,14 @@ def run_sweep(
         if resume_id is None:
             _log_plan(tracker, sweep_run_id, plan, runner.name)
         where = (Path(cache_dir or default_cache_dir()), tracker.uri, tracker.experiment_id)
-        jobs = [OrderingJob(chain, plan.sweep_id, sweep_run_id, *where, progress, chain_label(chain, plan.recipe))
-                for chain in todo]  # fmt: skip
+        invocation = uuid.uuid4().hex[:12]
+        jobs = [OrderingJob(chain, plan.sweep_id, sweep_run_id, *where, progress, chain_label(chain, plan.recipe),
+                            invocation) for chain in todo]  # fmt: skip
         results = _run_jobs(runner, jobs)
         for result in results:
             if result.run_id is None:  # its worker died: close the runs it left RUNNING
-                tracker.fail_open_ordering_runs(
-                    plan.sweep_id, result.chain_ordering, result.error or "worker died", seed=result.seed
-                )
+                tracker.fail_open_ordering_runs(plan.sweep_id, result.chain_ordering, result.error or "worker died",
+                                                seed=result.seed, invocation=invocation)  # fmt: skip
         summary = _summarize(plan, sweep_run_id, results, list(done), time.perf_counter() - start)
         _log_totals(tracker, sweep_run_id, summary)
     return summary

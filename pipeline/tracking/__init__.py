@@ -148,18 +148,27 @@ class Tracker:
         try:
             yield run_id
         except KeyboardInterrupt:
-            self.client.set_tag(run_id, TAGS.error, "interrupted (KeyboardInterrupt)")
-            self.client.set_terminated(run_id, "KILLED")
+            self._end_early(run_id, "KILLED", "interrupted (KeyboardInterrupt)")
             raise
         except BaseException as err:
-            if faults.unreachable(err) and not faults.server_answers(self.uri):  # the next command closes it
-                faults.remember_unclosed(self.uri, run_id)
-                raise
-            self.client.set_tag(run_id, TAGS.error, f"{type(err).__name__}: {err}"[:5000])
             # An exception may say how the run ended otherwise (a search's pruned trial: KILLED, not FAILED).
-            self.client.set_terminated(run_id, getattr(err, "run_status", "FAILED"))
+            self._end_early(run_id, getattr(err, "run_status", "FAILED"), f"{type(err).__name__}: {err}")
             raise
-        self.client.set_terminated(run_id, "FINISHED")
+        try:
+            self.client.set_terminated(run_id, "FINISHED")
+        except Exception as err:  # the server went away at the very end: the next command closes it
+            if faults.unreachable(err):
+                faults.remember_unclosed(self.uri, run_id)
+            raise
+
+    def _end_early(self, run_id: str, status: str, error: str) -> None:
+        """Close a failed or interrupted run; a server that does not answer its health check now is not waited for
+        (MLflow's retries take minutes): the run is remembered, and the next command that reaches it closes it."""
+        if not faults.server_answers(self.uri):
+            faults.remember_unclosed(self.uri, run_id)
+            return
+        self.client.set_tag(run_id, TAGS.error, error[:5000])
+        self.client.set_terminated(run_id, status)
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -252,11 +261,15 @@ class Tracker:
         kinds = (RunType.SWEEP, RunType.CHAIN, RunType.STAGE)
         return SweepRuns(sweep_id, *(by_type.get(kind, []) for kind in kinds))
 
-    def fail_open_ordering_runs(self, sweep_id: str, ordering: str, error: str, seed: int | None = None) -> int:
-        """Mark an ordering's chain run (of `seed`, when given) and its stage runs still RUNNING as FAILED with
-        `error` (their process died); returns how many."""
+    def fail_open_ordering_runs(
+        self, sweep_id: str, ordering: str, error: str, seed: int | None = None, invocation: str | None = None
+    ) -> int:
+        """Mark an ordering's chain run (of `seed`, and of the sweep `invocation`, when given: another invocation of
+        the same sweep, a colleague's, is left alone) and its stage runs still RUNNING as FAILED with `error` (their
+        process died); returns how many."""
         chains = [run for run in self.chain_runs(sweep_id) if run.tags.get(TAGS.ordering) == ordering
-                  and (seed is None or run.tags.get(TAGS.seed) in (None, str(seed)))]  # fmt: skip
+                  and (seed is None or run.tags.get(TAGS.seed) in (None, str(seed)))
+                  and (invocation is None or run.tags.get(TAGS.sweep_invocation) == invocation)]  # fmt: skip
         chain_ids = {run.run_id for run in chains}
         stages = [run for run in self.stage_runs(sweep_id, status="RUNNING") if run.parent_id in chain_ids]
         open_runs = [run for run in chains if run.status == "RUNNING"] + stages

@@ -7,10 +7,13 @@ the URL."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.core.paths import default_cache_dir
@@ -116,37 +119,53 @@ def _read(path: Path) -> dict[str, list[str]]:
         return {}
 
 
+@contextmanager
+def _locked(path: Path) -> Iterator[dict[str, list[str]]]:
+    """The ledger, read and written back under an exclusive lock (the driver and every Ray worker share it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ledger = _read(path)
+        before = json.dumps(ledger)
+        yield ledger
+        if json.dumps(ledger) != before:
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(ledger, indent=1))
+            tmp.replace(path)
+
+
 def remember_unclosed(uri: str, run_id: str, cache_dir: Path | None = None) -> None:
     """Note a run the server was not there to close (one file per cache folder, by tracking URI)."""
-    path = _ledger(cache_dir)
-    ledger = _read(path)
-    runs = ledger.setdefault(uri, [])
-    if run_id not in runs:
-        runs.append(run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(ledger, indent=1))
-    tmp.replace(path)
+    with _locked(_ledger(cache_dir)) as ledger:
+        runs = ledger.setdefault(uri, [])
+        if run_id not in runs:
+            runs.append(run_id)
 
 
 def close_remembered(client, uri: str, error_tag: str, cache_dir: Path | None = None) -> list[str]:
-    """Close as FAILED the runs remembered for `uri` that are still RUNNING; returns their ids."""
+    """Close as FAILED the runs remembered for `uri` that are still RUNNING; returns their ids. Stops at the first
+    that cannot be reached (the server is away again: the rest wait for the next command, not for the retries of
+    each); keeps any it could not close for another reason."""
     path = _ledger(cache_dir)
-    ledger = _read(path)
-    closed = []
-    for run_id in ledger.pop(uri, []):
-        try:
-            if client.get_run(run_id).info.status == "RUNNING":
-                client.set_tag(run_id, error_tag, UNCLOSED_ERROR)
-                client.set_terminated(run_id, "FAILED")
-                closed.append(run_id)
-        except Exception as err:  # deleted meanwhile, or the server is away again: keep it for next time
-            if unreachable(err):
-                ledger.setdefault(uri, []).append(run_id)
-    if closed or path.exists():
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(ledger, indent=1))
-        tmp.replace(path)
+    if not path.exists():
+        return []
+    closed: list[str] = []
+    with _locked(path) as ledger:
+        remembered, kept = ledger.pop(uri, []), []
+        for i, run_id in enumerate(remembered):
+            try:
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_tag(run_id, error_tag, UNCLOSED_ERROR)
+                    client.set_terminated(run_id, "FAILED")
+                    closed.append(run_id)
+            except Exception as err:
+                if unreachable(err):
+                    kept += remembered[i:]
+                    break
+                if "RESOURCE_DOES_NOT_EXIST" not in str(err):  # deleted meanwhile: nothing to close
+                    kept.append(run_id)
+        if kept:
+            ledger[uri] = kept
     if closed:
         print(f"closed {len(closed)} run(s) left RUNNING when the tracking server was unreachable", file=sys.stderr)
     return closed

@@ -15,6 +15,7 @@ class Tags:
     ordering: str = "ordering"  # chain runs only: stage names joined by '>', e.g. 'prune>inq>distill'
     ordering_detail: str = "ordering_detail"  # chain runs: the ordering with variants, 'prune[structured]>inq[5-bit]'
     control_epochs: str = "control_epochs"  # chain runs of an equal-training control: the epochs it matches
+    sweep_invocation: str = "sweep_invocation"  # a sweep's chain and stage runs: the invocation that ran them
     seed: str = "seed"  # chain runs: the seed that tells repetitions of one ordering apart (its stages' seed)
     chain_ordering: str = "chain_ordering"  # stage runs: their chain's ordering (grouping by `ordering` shows chains)
     stage: str = "stage"  # stage runs: the registered stage name

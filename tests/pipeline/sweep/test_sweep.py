@@ -279,15 +279,18 @@ def test_a_retried_ordering_closes_the_runs_its_dead_attempt_left_running(tmp_pa
     sweep_tags = {TAGS.sweep: plan.sweep_id}
     create = tracker.client.create_run
     sweep_run = create(tracker.experiment_id, tags={**sweep_tags, TAGS.run_type: RunType.SWEEP}).info.run_id
-    dead_chain = create(tracker.experiment_id, tags={
-        **sweep_tags, TAGS.run_type: RunType.CHAIN, TAGS.ordering: chain.ordering, TAGS.seed: str(chain.chain_seed),
-        TAGS.parent_run_id: sweep_run}).info.run_id  # fmt: skip
+    chain_tags = {**sweep_tags, TAGS.run_type: RunType.CHAIN, TAGS.ordering: chain.ordering,
+                  TAGS.seed: str(chain.chain_seed), TAGS.parent_run_id: sweep_run}  # fmt: skip
+    dead_chain = create(tracker.experiment_id, tags={**chain_tags, TAGS.sweep_invocation: "ours"}).info.run_id
     dead_stage = create(tracker.experiment_id, tags={
         **sweep_tags, TAGS.run_type: RunType.STAGE, TAGS.parent_run_id: dead_chain}).info.run_id  # fmt: skip
+    # The same sweep run at the same time by a colleague (same recipe, same sweep id): not ours to close.
+    theirs = create(tracker.experiment_id, tags={**chain_tags, TAGS.sweep_invocation: "theirs"}).info.run_id
 
-    job = OrderingJob(chain, plan.sweep_id, sweep_run, tmp_path / "cache", tracker.uri, tracker.experiment_id, False)
+    job = OrderingJob(chain, plan.sweep_id, sweep_run, tmp_path / "cache", tracker.uri, tracker.experiment_id, False,
+                      invocation="ours")  # fmt: skip
     assert run_ordering(job).status == "FINISHED"
     for run_id in (dead_chain, dead_stage):
         run = tracker.client.get_run(run_id)
         assert run.info.status == "FAILED" and "worker died" in run.data.tags[TAGS.error]
-    assert not [r for r in tracker.chain_runs(plan.sweep_id) if r.status == "RUNNING"]
+    assert tracker.client.get_run(theirs).info.status == "RUNNING"
