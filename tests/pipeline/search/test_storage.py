@@ -26,8 +26,10 @@ def test_a_study_goes_on_through_a_database_restart(cluster, capsys):
     cluster.stop()
     restarted = threading.Thread(target=lambda: (time.sleep(3), cluster.start()))
     restarted.start()
-    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # waits for the database, then goes on
-    restarted.join()
+    try:
+        study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)  # waits for the database, then goes on
+    finally:
+        restarted.join()  # before the fixture stops the cluster: it must not start again after that
     assert [t.number for t in study.trials] == [0, 1, 2, 3]
     assert {t.state for t in study.trials} == {optuna.trial.TrialState.COMPLETE}
     assert "study database unreachable" in capsys.readouterr().err
