@@ -40,5 +40,4 @@ def server_away(err: BaseException) -> str | None:
 
     if isinstance(err, StorageUnreachable):
         return str(err)
-    away = faults.unreachable(err) and not faults.server_answers(tracking_uri())
-    return faults.unreachable_message(tracking_uri()) if away else None
+    return faults.unreachable_message(tracking_uri()) if faults.away(err, tracking_uri()) else None

@@ -186,9 +186,7 @@ def run_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.Comple
 def mlflow_process(command: str, *args: str) -> Iterator[str]:
     """`mlflow ui` or `mlflow server` on a free 127.0.0.1 port, up (its /health answers) until the block ends;
     yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen(
         [str(mlflow_cli), command, "--host", "127.0.0.1", "--port", str(port), *args],

@@ -11,16 +11,15 @@ a command line (where `ps` would show it) or written into a URL."""
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.server.postgres import Cluster
+from pipeline.server.postgres import Cluster, secret_file
+from pipeline.tracking.faults import server_answers
 
 ADMIN_USER = "admin"
 # Who can do what once auth is on: every signed-in user reads every experiment and model (default_permission);
@@ -31,16 +30,6 @@ AUTH_CACHE_S = 60
 
 class ServerError(RuntimeError):
     """The server did not start or stop as asked; the message names its log."""
-
-
-def _secret_file(path: Path) -> str:
-    """The secret in `path`, generated on first use (mode 600)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.chmod(0o600)  # a file from before may have been readable by others
-        path.write_text(secrets.token_urlsafe(18) + "\n")
-    return path.read_text().strip()
 
 
 @dataclass
@@ -97,7 +86,7 @@ class TeamServer:
         return url.render_as_string(hide_password=False)
 
     def admin_password(self) -> str:
-        return os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") or _secret_file(self.root / "admin-password")
+        return os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD") or secret_file(self.root / "admin-password")
 
     def write_auth_config(self) -> Path:
         path = self.root / "basic_auth.ini"
@@ -139,7 +128,7 @@ class TeamServer:
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(self.write_auth_config())
             env["MLFLOW_AUTH_ADMIN_PASSWORD"] = self.admin_password()
             # Flask's CSRF key: one per server folder, kept across restarts (a browser's session survives them).
-            env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", _secret_file(self.root / "flask-secret-key"))
+            env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secret_file(self.root / "flask-secret-key"))
         for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # a client's, not the server's
             env.pop(name, None)
         return env
@@ -167,11 +156,7 @@ class TeamServer:
             time.sleep(0.5)
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return server_answers(self.url, timeout=2)
 
     def stop(self, timeout: float = 30) -> None:
         """Stop the server (its whole process group: the workers too); the database keeps running."""

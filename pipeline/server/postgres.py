@@ -50,6 +50,15 @@ def _as_service_user() -> list[str]:
     return ["runuser", "-u", SERVICE_USER, "--"]
 
 
+def secret_file(path: Path, nbytes: int = 18) -> str:
+    """The secret in `path`, generated on first use into a file only its owner reads (mode 600)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(nbytes) + "\n")
+    return path.read_text().strip()
+
+
 def _chown_to_service_user(path: Path) -> None:
     if os.geteuid() != 0:
         return
@@ -115,9 +124,7 @@ class Cluster:
         if self.initialised():
             return
         self.root.mkdir(parents=True, exist_ok=True)
-        if not self.password_file.exists():
-            self.password_file.touch(mode=0o600)
-            self.password_file.write_text(secrets.token_urlsafe(24) + "\n")
+        secret_file(self.password_file, nbytes=24)
         if os.geteuid() == 0 and subprocess.run([*_as_service_user(), "test", "-x", str(self.root)]).returncode != 0:
             raise PostgresUnavailable(
                 f"the {SERVICE_USER} user cannot reach {self.root}: as root, the cluster runs as {SERVICE_USER}, so "

@@ -170,7 +170,7 @@ def run_ordering(job: OrderingJob) -> OrderingResult:
     try:
         summary = runner.run()
     except Exception as err:  # the Runner marked its MLflow runs FAILED; the other orderings go on
-        if faults.unreachable(err) and not faults.server_answers(job.tracking_uri):
+        if faults.away(err, job.tracking_uri):
             raise  # unless the tracking server is away: each of them would wait through the same retries
         log.error("ordering %s failed: %s: %s", job.name, type(err).__name__, err)
         return OrderingResult(job.name, "FAILED", seconds=time.perf_counter() - start,

@@ -101,6 +101,11 @@ def server_answers(uri: str, timeout: float = 5) -> bool:
         return False
 
 
+def away(err: BaseException, uri: str) -> bool:
+    """Whether `err` is MLflow giving up on the server at `uri` and that server is still not answering."""
+    return unreachable(err) and not server_answers(uri)
+
+
 def unreachable_message(uri: str) -> str:
     return (
         f"the tracking server at {uri} did not answer through all of MLflow's retries ({RETRY_VARIABLES} set how "
